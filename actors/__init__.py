@@ -1,0 +1,1 @@
+"""What runs on one GPU: the Ray worker actor and its Ray-free model math (`actors.shard`)."""

@@ -1,0 +1,196 @@
+"""Megatron-style parallel layers; each allocates only its shard and loads it with `weight_loader`."""
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from actors.shard.spec import HeadSplit
+from actors.shard.tp import TPGroup
+
+
+class LazySlice(Protocol):
+    """A checkpoint tensor read on demand: safetensors' `get_slice` result or an in-memory stand-in."""
+
+    def get_shape(self) -> list[int]: ...
+
+    def __getitem__(self, index: object) -> torch.Tensor: ...
+
+
+def check_shape(key: str, src: LazySlice, expected: Sequence[int]) -> None:
+    """Fail loudly, naming the key, when a checkpoint tensor's full shape is not what the config implies."""
+    got = list(src.get_shape())
+    if got != list(expected):
+        raise ValueError(f"checkpoint tensor {key!r} has shape {got}, expected {list(expected)} "
+                         "from config.json; the checkpoint and its config do not match")
+
+
+def read_rows(src: LazySlice, start: int, stop: int) -> torch.Tensor:
+    """Read rows [start, stop) of dim 0 only: the rest of the tensor is never materialized."""
+    return src[start:stop]
+
+
+def read_cols(src: LazySlice, start: int, stop: int) -> torch.Tensor:
+    """Read columns [start, stop) of a 2-D tensor only."""
+    return src[:, start:stop]
+
+
+class ReplicatedParam(nn.Module):
+    """Loader for parameters every rank holds whole (norm weights)."""
+
+    @staticmethod
+    def weight_loader(param: nn.Parameter, src: LazySlice, key: str) -> None:
+        """Copy the full tensor into `param`."""
+        check_shape(key, src, param.shape)
+        param.data.copy_(src[:])
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square layer norm, computed in float32 like the reference."""
+
+    def __init__(self, size: int, eps: float, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(size, dtype=dtype), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalize the last dim of `x`."""
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+    weight_loader = staticmethod(ReplicatedParam.weight_loader)
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x W^T with W split by output rows over ranks; the output stays sharded (no communication)."""
+
+    def __init__(self, in_features: int, out_sizes: Sequence[int], tp: TPGroup, bias: bool,
+                 dtype: torch.dtype) -> None:
+        super().__init__()
+        self.tp = tp
+        self.in_features = in_features
+        self.out_sizes = list(out_sizes)  # full output size of each merged part (e.g. gate, up)
+        for size in self.out_sizes:
+            if size % tp.size:
+                raise ValueError(f"output size {size} does not divide by tensor_parallel_size={tp.size}")
+        local = sum(self.out_sizes) // tp.size
+        self.weight = nn.Parameter(torch.empty(local, in_features, dtype=dtype), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(local, dtype=dtype), requires_grad=False) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[T, in] -> [T, local_out]."""
+        return F.linear(x, self.weight, self.bias)
+
+    def part_rows(self, part: int) -> tuple[int, int, int]:
+        """(offset in the local weight, start row in the checkpoint tensor, row count) for merged part `part`."""
+        local = self.out_sizes[part] // self.tp.size
+        offset = sum(s // self.tp.size for s in self.out_sizes[:part])
+        return offset, self.tp.rank * local, local
+
+    def weight_loader(self, param: nn.Parameter, src: LazySlice, key: str, part: int = 0) -> None:
+        """Load this rank's rows of checkpoint tensor `key` into merged part `part`."""
+        offset, start, rows = self.part_rows(part)
+        full = [self.out_sizes[part]] + list(param.shape[1:])
+        check_shape(key, src, full)
+        param.data[offset:offset + rows].copy_(read_rows(src, start, start + rows))
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """Fused q/k/v projection split by KV-head groups; KV heads are replicated when tp > num_kv_heads."""
+
+    PARTS = {"q": 0, "k": 1, "v": 2}
+
+    def __init__(self, hidden: int, head_dim: int, total_heads: int, total_kv_heads: int,
+                 split: HeadSplit, tp: TPGroup, bias: bool, dtype: torch.dtype) -> None:
+        self.head_dim = head_dim
+        self.split = split
+        self.full_sizes = [total_heads * head_dim, total_kv_heads * head_dim, total_kv_heads * head_dim]
+        # Local sizes times tp, so the base class allocates exactly this rank's q + k + v rows.
+        scaled = [split.num_heads * head_dim * tp.size, split.num_kv_heads * head_dim * tp.size,
+                  split.num_kv_heads * head_dim * tp.size]
+        super().__init__(hidden, scaled, tp, bias, dtype)
+
+    def part_rows(self, part: int) -> tuple[int, int, int]:
+        """Rows of q (by query heads) or of k/v (by this rank's KV-head group) in the checkpoint."""
+        d, s = self.head_dim, self.split
+        if part == 0:
+            return 0, self.tp.rank * s.num_heads * d, s.num_heads * d
+        offset = (s.num_heads + (part - 1) * s.num_kv_heads) * d
+        return offset, s.kv_head_start * d, s.num_kv_heads * d
+
+    def weight_loader(self, param: nn.Parameter, src: LazySlice, key: str, part: int = 0) -> None:
+        """Load this rank's heads of the q, k or v checkpoint tensor."""
+        offset, start, rows = self.part_rows(part)
+        check_shape(key, src, [self.full_sizes[part]] + list(param.shape[1:]))
+        param.data[offset:offset + rows].copy_(read_rows(src, start, start + rows))
+
+
+class RowParallelLinear(nn.Module):
+    """y = x W^T with W split by input columns; partial sums are all-reduced in `forward`."""
+
+    def __init__(self, in_features: int, out_features: int, tp: TPGroup, bias: bool,
+                 dtype: torch.dtype) -> None:
+        super().__init__()
+        if in_features % tp.size:
+            raise ValueError(f"input size {in_features} does not divide by tensor_parallel_size={tp.size}")
+        self.tp = tp
+        self.in_features = in_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features // tp.size, dtype=dtype),
+                                   requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[T, local_in] -> [T, out], summed over the TP group."""
+        y = self.tp.all_reduce(F.linear(x, self.weight))
+        return y if self.bias is None else y + self.bias
+
+    def weight_loader(self, param: nn.Parameter, src: LazySlice, key: str) -> None:
+        """Load this rank's input columns (the bias is whole on every rank)."""
+        if param.dim() == 1:
+            return ReplicatedParam.weight_loader(param, src, key)
+        check_shape(key, src, [param.shape[0], self.in_features])
+        cols = param.shape[1]
+        param.data.copy_(read_cols(src, self.tp.rank * cols, (self.tp.rank + 1) * cols))
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding split by vocabulary rows (padded to a multiple of tp); one all-reduce joins the parts."""
+
+    def __init__(self, vocab_size: int, hidden: int, tp: TPGroup, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.tp = tp
+        self.vocab_size = vocab_size
+        self.hidden = hidden
+        self.rows = -(-vocab_size // tp.size)  # ceil: the padded vocab splits evenly
+        self.start = tp.rank * self.rows
+        self.weight = nn.Parameter(torch.zeros(self.rows, hidden, dtype=dtype), requires_grad=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """[T] token ids -> [T, hidden]."""
+        if self.tp.size == 1:
+            return F.embedding(ids, self.weight)
+        local = ids - self.start
+        outside = (local < 0) | (local >= self.rows)
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        out = out.masked_fill(outside.unsqueeze(-1), 0.0)
+        return self.tp.all_reduce(out)
+
+    def weight_loader(self, param: nn.Parameter, src: LazySlice, key: str) -> None:
+        """Load this rank's vocabulary rows; the padding rows past the real vocab stay zero."""
+        check_shape(key, src, [self.vocab_size, self.hidden])
+        stop = min(self.start + self.rows, self.vocab_size)
+        if stop > self.start:
+            param.data[:stop - self.start].copy_(read_rows(src, self.start, stop))
+
+
+class ParallelLMHead(VocabParallelEmbedding):
+    """Output projection split by vocabulary rows; logits are gathered and trimmed to the real vocab."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        """[T, hidden] -> [T, vocab] float32 logits on every rank."""
+        local = F.linear(x, self.weight).float()  # [T, rows]
+        full = self.tp.all_gather(local, dim=-1)  # [T, rows * tp]
+        return full[:, :self.vocab_size]

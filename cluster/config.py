@@ -1,0 +1,71 @@
+"""The one config schema: `ray_config.yaml` args, CLI flags and Python callers all go through it."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from actors.shard.spec import ModelSpec
+
+DEFAULT_MODEL = "models/tiny-llama"
+
+
+class GridServeConfig(BaseModel):
+    """Everything that shapes one model replica (a TP x PP grid of Ray actors) and how it serves."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(DEFAULT_MODEL, description="Local Hugging Face model folder (config.json + safetensors).")
+    served_model_name: str | None = Field(None, description="Name clients use in requests; default: the folder name.")
+    tensor_parallel_size: int = Field(1, ge=1, description="Workers per pipeline stage; they shard every layer.")
+    pipeline_parallel_size: int = Field(1, ge=1, description="Pipeline stages; each owns a contiguous run of layers.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Compute dtype; 'auto' keeps the checkpoint's (float16 needs CUDA).")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where workers compute: 'auto' uses CUDA when the worker sees a GPU, else CPU.")
+    resource: Literal["auto", "GPU", "CPU"] = Field(
+        "auto", description="What each worker's placement bundle asks for: 'auto' = GPU if the cluster has any.")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs a worker's bundle asks for when resource is CPU.")
+    max_model_len: int = Field(1024, ge=2, description="Longest prompt + completion, in tokens.")
+    max_num_seqs: int = Field(32, ge=1, description="Most sequences in one running batch.")
+    max_num_batched_tokens: int = Field(2048, ge=1, description="Token budget of one engine step (prefill chunk).")
+    block_size: int = Field(16, ge=1, le=1024, description="Tokens per KV-cache block.")
+    kv_cache_memory_bytes: int = Field(256 * 2**20, ge=1, description="KV-cache budget per worker on CPU, in bytes.")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="Share of GPU memory a worker may use (CUDA).")
+    placement_timeout_s: float = Field(60.0, gt=0, description="Give up waiting for the grid's resources after this.")
+    allow_tp_across_nodes: bool = Field(False, description="Let one TP group span nodes (slow: all-reduce crosses the network).")
+    seed: int = Field(0, description="Seed of the sampler for requests that do not set their own.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "GridServeConfig":
+        """Cross-field checks that need the model's own config."""
+        if self.max_num_batched_tokens < self.max_model_len:
+            raise ValueError(f"max_num_batched_tokens={self.max_num_batched_tokens} must be >= max_model_len="
+                             f"{self.max_model_len} so a full-length prompt fits in one step; raise it")
+        spec = self.spec()
+        spec.check_tp(self.tensor_parallel_size)
+        spec.check_pp(self.pipeline_parallel_size)
+        if self.max_model_len > spec.max_position_embeddings:
+            raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's max_position_embeddings="
+                             f"{spec.max_position_embeddings}; lower max_model_len")
+        return self
+
+    def spec(self) -> ModelSpec:
+        """The model's architecture numbers (raises ValueError naming `model` if the folder is wrong)."""
+        return ModelSpec.from_dir(self.model)
+
+    @property
+    def world_size(self) -> int:
+        """Workers in one replica."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    @property
+    def model_name(self) -> str:
+        """The name clients address the model by."""
+        return self.served_model_name or Path(self.model).name
+
+    @property
+    def torch_dtype_name(self) -> str | None:
+        """The dtype to build the model in, or None for the checkpoint's."""
+        return None if self.dtype == "auto" else self.dtype

@@ -1,0 +1,1 @@
+"""The faces of gridserve: Ray Serve app, batch job, CLI and the bundled demo model."""

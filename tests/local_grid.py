@@ -1,0 +1,73 @@
+"""An in-process TP x PP grid for unit tests: TP ranks are threads, collectives go through shared memory."""
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from actors.shard.runner import ShardPlan, StageRunner, StepInput, StepOutput
+from actors.shard.tp import TPGroup
+
+
+class ThreadCollectives:
+    """Shared state through which the threads of one TP group sum and gather tensors."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.barrier = threading.Barrier(size)
+        self.slots: list[torch.Tensor | None] = [None] * size
+
+
+class ThreadTPGroup(TPGroup):
+    """A TPGroup whose collectives run between threads of one process (no torch.distributed)."""
+
+    def __init__(self, rank: int, shared: ThreadCollectives) -> None:
+        super().__init__(rank, shared.size, process_group=object())
+        self.shared = shared
+
+    def _exchange(self, x: torch.Tensor) -> list[torch.Tensor]:
+        self.shared.slots[self.rank] = x.clone()
+        self.shared.barrier.wait()
+        parts = [t for t in self.shared.slots]  # type: ignore[misc]
+        self.shared.barrier.wait()
+        self.num_collectives += 1
+        return parts  # type: ignore[return-value]
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        parts = self._exchange(x)
+        total = parts[0].clone()
+        for p in parts[1:]:
+            total += p  # same order on every rank: identical results
+        x.copy_(total)
+        return x
+
+    def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        return torch.cat(self._exchange(x), dim=dim)
+
+
+class LocalGrid:
+    """tp x pp StageRunners in one process, driven like the Ray grid (same StepInput / StepOutput)."""
+
+    def __init__(self, model_dir: str, tp: int, pp: int, num_blocks: int = 64, block_size: int = 4,
+                 dtype: str | None = None, max_model_len: int = 256) -> None:
+        self.tp, self.pp = tp, pp
+        self.stages: list[list[StageRunner]] = []
+        for pp_rank in range(pp):
+            shared = ThreadCollectives(tp)
+            groups = [ThreadTPGroup(r, shared) if tp > 1 else TPGroup.single() for r in range(tp)]
+            plans = [ShardPlan(model_dir, r, tp, pp_rank, pp, dtype, max_model_len, block_size) for r in range(tp)]
+            with ThreadPoolExecutor(tp) as pool:
+                stage = list(pool.map(lambda a: StageRunner(a[0], a[1], torch.device("cpu")), zip(plans, groups)))
+            for runner in stage:
+                runner.allocate_cache(num_blocks)
+            self.stages.append(stage)
+        self.pool = ThreadPoolExecutor(tp)
+
+    def execute(self, step: StepInput) -> StepOutput:
+        hidden = None
+        for stage in self.stages:
+            outs = list(self.pool.map(lambda r: r.execute(step, hidden), stage))
+            hidden = outs[0]
+        assert isinstance(hidden, StepOutput)
+        return hidden
