@@ -69,3 +69,14 @@ class GridServeConfig(BaseModel):
     def torch_dtype_name(self) -> str | None:
         """The dtype to build the model in, or None for the checkpoint's."""
         return None if self.dtype == "auto" else self.dtype
+
+
+def args_from_serve_config(path: str | Path, app: int = 0) -> dict:
+    """The `args` of application `app` in a Ray Serve config file such as ray_config.yaml."""
+    import yaml
+
+    doc = yaml.safe_load(Path(path).read_text()) or {}
+    apps = doc.get("applications") or []
+    if not apps:
+        raise ValueError(f"{path}: no `applications` list; expected a Ray Serve config file")
+    return dict(apps[app].get("args") or {})

@@ -16,8 +16,9 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}
                  "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
 PRESETS: dict[str, dict[str, Any]] = {
     # The bundled demo: fits tp in {1, 2, 4} and pp in {1, 2, 4}, generates in milliseconds on a CPU.
+    # Its vocabulary is the bundled tokenizer's, so every sampled id decodes to text.
     "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
-                 num_key_value_heads=4, vocab_size=1024, max_position_embeddings=2048),
+                 num_key_value_heads=4, vocab_size=None, max_position_embeddings=2048),
     # The ~125M-parameter benchmark model of BENCHMARKS.md.
     "bench-125m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
                        num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048),
@@ -25,8 +26,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 FAMILIES = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config"}
 
 
-def write_tokenizer(out: Path, vocab_size: int) -> None:
-    """Train a byte-level BPE on the built-in corpus and save it with a chat template."""
+def write_tokenizer(out: Path, vocab_size: int) -> int:
+    """Train a byte-level BPE on the built-in corpus, save it with a chat template; returns its size."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -46,6 +47,7 @@ def write_tokenizer(out: Path, vocab_size: int) -> None:
     cfg["chat_template"] = CHAT_TEMPLATE
     cfg["tokenizer_class"] = "PreTrainedTokenizerFast"  # the name every transformers version knows
     cfg_path.write_text(json.dumps(cfg, indent=2))
+    return len(fast)
 
 
 def write_model(out: str | Path, family: str = "llama", preset: str = "tiny", seed: int = 0,
@@ -60,6 +62,11 @@ def write_model(out: str | Path, family: str = "llama", preset: str = "tiny", se
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     fields = {**PRESETS[preset], "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": None, **overrides}
+    if tokenizer:
+        size = write_tokenizer(out, fields["vocab_size"] or 1024)
+        fields["vocab_size"] = fields["vocab_size"] or size
+    elif fields["vocab_size"] is None:
+        fields["vocab_size"] = 1024
     config = getattr(transformers, FAMILIES[family])(**fields)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
@@ -68,8 +75,6 @@ def write_model(out: str | Path, family: str = "llama", preset: str = "tiny", se
             p.normal_(0.0, 0.05)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(out, safe_serialization=True, **kwargs)
-    if tokenizer:
-        write_tokenizer(out, config.vocab_size)
     return out
 
 

@@ -51,7 +51,7 @@ class LocalGrid:
 
     def __init__(self, model_dir: str, tp: int, pp: int, num_blocks: int = 64, block_size: int = 4,
                  dtype: str | None = None, max_model_len: int = 256) -> None:
-        self.tp, self.pp = tp, pp
+        self.tp, self.pp, self.num_blocks = tp, pp, num_blocks
         self.stages: list[list[StageRunner]] = []
         for pp_rank in range(pp):
             shared = ThreadCollectives(tp)

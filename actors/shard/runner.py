@@ -111,13 +111,13 @@ class StageRunner:
         start = time.perf_counter()
         comm_before = self.tp.comm_seconds
         if self.is_first:
-            inputs = torch.from_numpy(step.token_ids).to(self.device)
+            inputs = torch.tensor(step.token_ids, device=self.device)  # small: copy, never alias the store
         else:
             assert hidden is not None, f"stage {self.plan.pp_rank} needs the previous stage's hidden states"
             inputs = from_wire(hidden, self.dtype, self.device)  # [T, hidden]
         meta = AttnMeta.build(step.query_lens, step.context_lens, step.block_tables, self.plan.block_size,
                               self.spec.sliding_window, self.device)
-        positions = torch.from_numpy(step.positions).to(self.device)
+        positions = torch.tensor(step.positions, device=self.device)
         out = self.model(inputs, positions, self.cache, meta)  # [T, hidden]
         if not self.is_last:
             return to_wire(out)

@@ -1,0 +1,84 @@
+"""The Ray actor that owns one GPU (or CPU slot) of the grid: the only Ray code under actors/."""
+from __future__ import annotations
+
+import os
+import socket
+from datetime import timedelta
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+import torch.distributed as dist
+
+from actors.shard.runner import ShardPlan, StageRunner, StepInput, StepOutput
+from actors.shard.tp import TPGroup
+
+
+@ray.remote
+class Worker:
+    """One (pp_rank, tp_rank) shard: joins its stage's process group, loads its slices, runs steps."""
+
+    def __init__(self, plan: ShardPlan, device: str, num_threads: int) -> None:
+        self.plan = plan
+        use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+        self.device = torch.device("cuda", 0) if use_cuda else torch.device("cpu")
+        if use_cuda:
+            torch.cuda.set_device(self.device)
+        torch.set_num_threads(num_threads)
+        self.runner: StageRunner | None = None
+
+    def where(self) -> dict[str, Any]:
+        """Node, address and devices of this worker (for the layout report and rendezvous)."""
+        ctx = ray.get_runtime_context()
+        return {"node_id": ctx.get_node_id(), "ip": ray.util.get_node_ip_address(), "pid": os.getpid(),
+                "gpu_ids": [str(g) for g in ray.get_gpu_ids()], "device": str(self.device),
+                "pp_rank": self.plan.pp_rank, "tp_rank": self.plan.tp_rank}
+
+    def free_port(self) -> int:
+        """A port that is free on this node right now (rank 0 of a stage hosts the rendezvous)."""
+        with socket.socket() as s:
+            s.bind((ray.util.get_node_ip_address(), 0))
+            return int(s.getsockname()[1])
+
+    def load(self, master: str, port: int, timeout_s: float) -> dict[str, Any]:
+        """Join the stage's TP process group, build and load this shard; report its memory needs."""
+        tp = TPGroup.single()
+        if self.plan.tp_size > 1:
+            if master.startswith("127."):
+                os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback-only clusters (tests)
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            dist.init_process_group(backend, init_method=f"tcp://{master}:{port}", rank=self.plan.tp_rank,
+                                    world_size=self.plan.tp_size, timeout=timedelta(seconds=timeout_s))
+            tp = TPGroup(self.plan.tp_rank, self.plan.tp_size, dist.group.WORLD)
+        self.runner = StageRunner(self.plan, tp, self.device)
+        return {"weight_bytes": self.runner.weight_bytes(), "block_bytes": self.runner.block_bytes(),
+                "load_s": self.runner.load_seconds}
+
+    def cache_budget(self, cpu_bytes: int, gpu_utilization: float) -> int:
+        """Bytes this worker can give the KV cache: a fixed budget on CPU, a share of free memory on CUDA."""
+        if self.device.type != "cuda":
+            return cpu_bytes
+        free, total = torch.cuda.mem_get_info(self.device)
+        used = total - free
+        return max(0, int(total * gpu_utilization) - used)
+
+    def allocate_cache(self, num_blocks: int) -> None:
+        """Allocate the KV cache (same block count on every worker of the replica)."""
+        assert self.runner is not None
+        self.runner.allocate_cache(num_blocks)
+
+    def execute(self, step: StepInput, hidden: np.ndarray | None) -> np.ndarray | StepOutput | None:
+        """Run one step of this stage; `hidden` arrives as an object ref resolved by Ray, never via the driver."""
+        assert self.runner is not None, "load() must run before execute()"
+        return self.runner.execute(step, hidden)
+
+    def comm_stats(self) -> dict[str, float]:
+        """Collective count and seconds spent in them since start."""
+        assert self.runner is not None
+        return {"comm_s": self.runner.tp.comm_seconds, "collectives": self.runner.tp.num_collectives}
+
+    def shutdown(self) -> None:
+        """Leave the process group so the actor can exit cleanly."""
+        if dist.is_initialized():
+            dist.destroy_process_group()

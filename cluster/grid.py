@@ -1,0 +1,104 @@
+"""One replica: tp x pp worker actors in one placement group, driven one step at a time."""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import ray
+from ray.util.placement_group import PlacementGroup, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from actors.shard.runner import ShardPlan, StepInput, StepOutput
+from actors.worker import Worker
+from cluster.config import GridServeConfig
+from cluster.placement import Layout, create_replica_group
+
+log = logging.getLogger("gridserve")
+
+
+class WorkerGrid:
+    """The TP x PP actors of one model replica; stage k's outputs feed stage k+1 as object refs."""
+
+    def __init__(self, cfg: GridServeConfig) -> None:
+        self.cfg = cfg
+        self.tp, self.pp = cfg.tensor_parallel_size, cfg.pipeline_parallel_size
+        self.pg: PlacementGroup | None = None
+        self.stages: list[list[Any]] = []
+        try:
+            self.pg, self.layout = create_replica_group(cfg)
+            self._start_workers()
+            self.num_blocks = self._load()
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _start_workers(self) -> None:
+        """One actor per bundle, stage-major, pinned to its bundle."""
+        gpu = self.layout.resource == "GPU"
+        threads = 1 if gpu else max(1, int(self.cfg.cpus_per_worker))
+        for pp_rank in range(self.pp):
+            stage = []
+            for tp_rank in range(self.tp):
+                plan = ShardPlan(self.cfg.model, tp_rank, self.tp, pp_rank, self.pp, self.cfg.torch_dtype_name,
+                                 self.cfg.max_model_len, self.cfg.block_size)
+                strategy = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=pp_rank * self.tp
+                                                            + tp_rank)
+                options = {"num_gpus": 1, "num_cpus": 0} if gpu else {"num_cpus": self.cfg.cpus_per_worker}
+                stage.append(Worker.options(scheduling_strategy=strategy, **options).remote(
+                    plan, self.cfg.device, threads))
+            self.stages.append(stage)
+
+    def _load(self) -> int:
+        """Rendezvous each stage, load every shard in parallel, size and allocate the KV cache."""
+        timeout = self.cfg.placement_timeout_s
+        self.where = ray.get([w.where.remote() for stage in self.stages for w in stage], timeout=timeout)
+        loads = []
+        for pp_rank, stage in enumerate(self.stages):
+            master = self.where[pp_rank * self.tp]["ip"]
+            port = ray.get(stage[0].free_port.remote())
+            loads += [w.load.remote(master, port, timeout) for w in stage]
+        self.reports = ray.get(loads)
+        budgets = ray.get([w.cache_budget.remote(self.cfg.kv_cache_memory_bytes, self.cfg.gpu_memory_utilization)
+                           for stage in self.stages for w in stage])
+        num_blocks = min(b // r["block_bytes"] for b, r in zip(budgets, self.reports))
+        if num_blocks < 1:
+            raise ValueError("no memory left for the KV cache after loading weights; raise kv_cache_memory_bytes "
+                             "or gpu_memory_utilization, or spread the model over more workers")
+        ray.get([w.allocate_cache.remote(num_blocks) for stage in self.stages for w in stage])
+        log.info("grid tp=%d pp=%d ready: %d KV blocks of %d tokens, weights %.1f MiB per worker (max)",
+                 self.tp, self.pp, num_blocks, self.cfg.block_size,
+                 max(r["weight_bytes"] for r in self.reports) / 2**20)
+        return num_blocks
+
+    def submit(self, step: StepInput) -> list[ray.ObjectRef]:
+        """Launch one step through every stage; returns the last stage's refs (rank 0 holds the tokens)."""
+        step_ref = ray.put(step)  # one copy in the object store, read by every worker
+        hidden: list[Any] = [None] * self.tp
+        for stage in self.stages:
+            # Rank i of stage k feeds rank i of stage k+1: the refs go actor to actor, not via the driver.
+            hidden = [w.execute.remote(step_ref, h) for w, h in zip(stage, hidden)]
+        return hidden
+
+    def execute(self, step: StepInput) -> StepOutput:
+        """Run one step and return the sampled tokens."""
+        out = ray.get(self.submit(step))[0]
+        assert isinstance(out, StepOutput)
+        return out
+
+    def layout_table(self) -> list[dict[str, Any]]:
+        """Where each worker ended up: stage, TP rank, node, devices, weight bytes."""
+        return [{**w, "weight_bytes": r["weight_bytes"]} for w, r in zip(self.where, self.reports)]
+
+    def shutdown(self) -> None:
+        """Leave process groups, kill the actors and free the placement group."""
+        workers = [w for stage in self.stages for w in stage]
+        try:
+            ray.get([w.shutdown.remote() for w in workers], timeout=10)
+        except Exception:  # a dead or stuck worker must not block teardown
+            pass
+        for w in workers:
+            ray.kill(w)
+        self.stages = []
+        if self.pg is not None:
+            remove_placement_group(self.pg)
+            self.pg = None

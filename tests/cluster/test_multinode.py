@@ -1,0 +1,42 @@
+"""Placement on a simulated 2-node cluster (2 logical GPUs per node)."""
+from __future__ import annotations
+
+import time
+
+import pytest
+from ray.cluster_utils import Cluster
+
+from tests.cluster.test_grid import make_grid
+from tests.reference import PROMPTS, grid_greedy, hf_greedy
+
+
+def test_stages_on_different_nodes_tp_groups_packed(two_nodes: Cluster, model_dirs: dict) -> None:
+    """tp=2, pp=2: each stage's TP group shares a node, the two stages sit on different nodes."""
+    grid = make_grid(str(model_dirs["llama_gqa"]), 2, 2)
+    try:
+        nodes = {(w["pp_rank"], w["tp_rank"]): w["node_id"] for w in grid.layout_table()}
+        assert nodes[(0, 0)] == nodes[(0, 1)]
+        assert nodes[(1, 0)] == nodes[(1, 1)]
+        assert nodes[(0, 0)] != nodes[(1, 0)]
+        ref = [hf_greedy(model_dirs["llama_gqa"], p, 6)[0] for p in PROMPTS]
+        assert grid_greedy(grid, PROMPTS, 6, block_size=4) == ref
+    finally:
+        grid.shutdown()
+
+
+def test_tp_wider_than_a_node_is_refused(two_nodes: Cluster, model_dirs: dict) -> None:
+    """tp=4 on 2-GPU nodes: refused up front, pointing at pipeline parallelism or the explicit opt-in."""
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=4 needs 4 GPU on one node.*largest node has 2"):
+        make_grid(str(model_dirs["llama_gqa"]), 4, 1)
+
+
+def test_grid_larger_than_cluster_fails_fast(two_nodes: Cluster, model_dirs: dict, tmp_path) -> None:
+    """5 workers on a 4-GPU cluster: a clear error at once, not a pending placement group."""
+    from deployments.make_model import write_model
+
+    d = write_model(tmp_path / "m5", hidden_size=40, intermediate_size=80, num_hidden_layers=5,
+                    num_attention_heads=4, num_key_value_heads=2, vocab_size=64, tokenizer=False)
+    start = time.monotonic()
+    with pytest.raises(ValueError, match=r"needs 5 GPU .* cluster has 4 GPU in total"):
+        make_grid(str(d), 1, 5)
+    assert time.monotonic() - start < 5
