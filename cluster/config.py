@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from actors.shard.spec import ModelSpec
 
@@ -36,6 +36,16 @@ class GridServeConfig(BaseModel):
     placement_timeout_s: float = Field(60.0, gt=0, description="Give up waiting for the grid's resources after this.")
     allow_tp_across_nodes: bool = Field(False, description="Let one TP group span nodes (slow: all-reduce crosses the network).")
     seed: int = Field(0, description="Seed of the sampler for requests that do not set their own.")
+    api_key: str | None = Field(None, description="If set, HTTP clients must send `Authorization: Bearer <key>`.")
+    max_waiting_requests: int = Field(256, ge=1, description="Queue limit per replica; beyond it HTTP 503 + Retry-After.")
+    replica_cpus: float = Field(1.0, ge=0, description="CPUs of the Serve replica actor (bundle 0 of its placement group).")
+
+    @field_validator("model")
+    @classmethod
+    def _absolute(cls, value: str) -> str:
+        """Resolve the folder now, so workers with another working directory find it too."""
+        path = Path(value).expanduser()
+        return str(path.resolve()) if path.exists() else value
 
     @model_validator(mode="after")
     def _check(self) -> "GridServeConfig":

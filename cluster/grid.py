@@ -11,7 +11,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from actors.shard.runner import ShardPlan, StepInput, StepOutput
 from actors.worker import Worker
 from cluster.config import GridServeConfig
-from cluster.placement import Layout, create_replica_group
+from cluster.placement import create_replica_group
 
 log = logging.getLogger("gridserve")
 
@@ -19,30 +19,39 @@ log = logging.getLogger("gridserve")
 class WorkerGrid:
     """The TP x PP actors of one model replica; stage k's outputs feed stage k+1 as object refs."""
 
-    def __init__(self, cfg: GridServeConfig) -> None:
+    def __init__(self, cfg: GridServeConfig, placement_group: PlacementGroup | None = None,
+                 bundle_offset: int = 0) -> None:
+        """Reserve (or reuse, e.g. Serve's replica group from `bundle_offset` on) the bundles and start."""
         self.cfg = cfg
         self.tp, self.pp = cfg.tensor_parallel_size, cfg.pipeline_parallel_size
-        self.pg: PlacementGroup | None = None
+        self.owns_pg = placement_group is None
+        self.pg: PlacementGroup | None = placement_group
+        self.offset = bundle_offset
         self.stages: list[list[Any]] = []
         try:
-            self.pg, self.layout = create_replica_group(cfg)
+            if self.pg is None:
+                self.pg, layout = create_replica_group(cfg)
+                self.resource = layout.resource
+            else:
+                self.resource = "GPU" if self.pg.bundle_specs[bundle_offset].get("GPU") else "CPU"
             self._start_workers()
             self.num_blocks = self._load()
+            self._check_tp_groups_packed()
         except BaseException:
             self.shutdown()
             raise
 
     def _start_workers(self) -> None:
         """One actor per bundle, stage-major, pinned to its bundle."""
-        gpu = self.layout.resource == "GPU"
+        gpu = self.resource == "GPU"
         threads = 1 if gpu else max(1, int(self.cfg.cpus_per_worker))
         for pp_rank in range(self.pp):
             stage = []
             for tp_rank in range(self.tp):
                 plan = ShardPlan(self.cfg.model, tp_rank, self.tp, pp_rank, self.pp, self.cfg.torch_dtype_name,
                                  self.cfg.max_model_len, self.cfg.block_size)
-                strategy = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=pp_rank * self.tp
-                                                            + tp_rank)
+                strategy = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=self.offset
+                                                            + pp_rank * self.tp + tp_rank)
                 options = {"num_gpus": 1, "num_cpus": 0} if gpu else {"num_cpus": self.cfg.cpus_per_worker}
                 stage.append(Worker.options(scheduling_strategy=strategy, **options).remote(
                     plan, self.cfg.device, threads))
@@ -69,6 +78,17 @@ class WorkerGrid:
                  self.tp, self.pp, num_blocks, self.cfg.block_size,
                  max(r["weight_bytes"] for r in self.reports) / 2**20)
         return num_blocks
+
+    def _check_tp_groups_packed(self) -> None:
+        """Refuse a layout where a TP group straddles nodes unless the user asked for it."""
+        if self.cfg.allow_tp_across_nodes:
+            return
+        for pp_rank in range(self.pp):
+            nodes = {w["node_id"] for w in self.where[pp_rank * self.tp:(pp_rank + 1) * self.tp]}
+            if len(nodes) > 1:
+                raise ValueError(f"stage {pp_rank}'s TP group landed on {len(nodes)} nodes; a TP group must sit on "
+                                 "one node (set placement strategy STRICT_PACK, lower tensor_parallel_size, or set "
+                                 "allow_tp_across_nodes=true)")
 
     def submit(self, step: StepInput) -> list[ray.ObjectRef]:
         """Launch one step through every stage; returns the last stage's refs (rank 0 holds the tokens)."""
@@ -99,6 +119,6 @@ class WorkerGrid:
         for w in workers:
             ray.kill(w)
         self.stages = []
-        if self.pg is not None:
+        if self.pg is not None and self.owns_pg:
             remove_placement_group(self.pg)
-            self.pg = None
+        self.pg = None

@@ -93,3 +93,13 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def ensure_default_model(args: dict[str, Any]) -> dict[str, Any]:
+    """Write the bundled demo model on first use when `args` point at the default folder and it is absent."""
+    from cluster.config import DEFAULT_MODEL
+
+    model = args.setdefault("model", DEFAULT_MODEL)
+    if model == DEFAULT_MODEL and not (Path(model) / "config.json").is_file():
+        write_model(model)
+    return args

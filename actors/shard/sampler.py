@@ -56,6 +56,6 @@ class Sampler:
             gen = self.generator
             if p.seed is not None:
                 # Seed from (request seed, output index) so a token never depends on batch neighbours.
-                gen = torch.Generator().manual_seed(p.seed * 1_000_003 + step)
+                gen = torch.Generator().manual_seed((p.seed * 1_000_003 + step) % 2**63)  # any int seed, no overflow
             out[row] = int(torch.multinomial(probs, 1, generator=gen))
         return out

@@ -220,6 +220,8 @@ def test_qwen2_biases_and_window() -> None:
     assert (s.qkv_bias, s.o_bias, s.mlp_bias) == (True, False, False)
     assert s.sliding_window is None
     assert spec_of(arch="Qwen2ForCausalLM", sliding_window=4096, use_sliding_window=True).sliding_window == 4096
+    odd = spec_of(arch="Qwen2ForCausalLM", attention_bias=True, mlp_bias=True)  # keys Qwen2 itself ignores
+    assert (odd.qkv_bias, odd.o_bias, odd.mlp_bias) == (True, False, False)
 
 
 def test_llama_attention_and_mlp_bias_flags() -> None:

@@ -1,0 +1,31 @@
+"""`gridserve` command: serve, batch, make-model."""
+from __future__ import annotations
+
+import os
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Dispatch `gridserve serve|batch|make-model ...`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    usage = "usage: gridserve {serve [CONFIG] | batch ARGS... | make-model [OUT] ...}"
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage)
+        return 0
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "serve":
+        config = rest[0] if rest else "ray_config.yaml"
+        os.execvp("serve", ["serve", "run", config, *rest[1:]])  # Serve starts local Ray when none runs
+    if cmd == "batch":
+        from deployments.batch import main as batch_main
+        return batch_main(rest)
+    if cmd == "make-model":
+        from deployments.make_model import main as make_main
+        make_main(rest)
+        return 0
+    print(f"gridserve: unknown command {cmd!r}\n{usage}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

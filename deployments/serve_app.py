@@ -1,0 +1,225 @@
+"""Ray Serve app: an OpenAI-compatible HTTP endpoint; each replica owns one TP x PP grid."""
+# No `from __future__ import annotations` here: FastAPI must see real types on the route signatures.
+
+import json
+import logging
+from typing import Any, AsyncIterator, TypeVar
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+from ray.serve import Application
+from ray.util import get_current_placement_group
+
+from cluster.config import GridServeConfig
+from pydantic import BaseModel, ValidationError
+
+from deployments.openai_schema import ChatRequest, CompletionRequest, SamplingFields, error_body, new_id, now
+
+log = logging.getLogger("gridserve.serve")
+T = TypeVar("T", bound=BaseModel)
+MAX_BODY_BYTES = 4 * 2**20
+api = FastAPI(title="gridserve", description="OpenAI-compatible API over a TP x PP grid of Ray actors")
+
+
+class APIError(Exception):
+    """An error answered as OpenAI's error envelope."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.headers = status, message, type_, param, headers
+
+
+@api.exception_handler(APIError)
+async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+    """Render APIError."""
+    return JSONResponse(error_body(exc.message, exc.type, exc.param), exc.status, headers=exc.headers)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    """Bad JSON or bad fields: 400 naming the field, like OpenAI."""
+    first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+    param = ".".join(str(p) for p in first["loc"] if p != "body") or None
+    message = "; ".join(f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}"
+                        for e in exc.errors()[:5])
+    return JSONResponse(error_body(message, param=param), 400)
+
+
+async def parse_body(request: Request, schema: type[T]) -> T:
+    """Read and validate a JSON body; malformed JSON and bad fields become HTTP 400 naming the field."""
+    raw = await request.body()
+    if len(raw) > MAX_BODY_BYTES:
+        raise APIError(413, f"request body is {len(raw)} bytes; the limit is {MAX_BODY_BYTES}")
+    try:
+        return schema.model_validate_json(raw)
+    except ValidationError as exc:
+        errors = exc.errors()
+        if errors and errors[0]["type"] == "json_invalid":
+            raise APIError(400, f"request body is not valid JSON: {errors[0]['msg']}") from None
+        first = ".".join(str(p) for p in errors[0]["loc"]) if errors else None
+        message = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in errors[:5])
+        raise APIError(400, message, param=first) from None
+
+
+def _event(payload: dict) -> str:
+    """One SSE frame."""
+    return f"data: {json.dumps(payload)}\n\n"
+
+
+# Helpers above this line: serve.ingress snapshots the module globals the routes can see.
+@serve.deployment
+@serve.ingress(api)
+class LLMServer:
+    """One replica: tokenizer, async engine and the grid of worker actors in the replica's placement group."""
+
+    def __init__(self, args: dict[str, Any]) -> None:
+        from transformers import AutoTokenizer
+
+        from cluster.engine import AsyncEngine
+        from cluster.grid import WorkerGrid
+
+        self.cfg = GridServeConfig(**args)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.cfg.model)
+        spec = self.cfg.spec()
+        self.vocab_size = spec.vocab_size
+        pg = get_current_placement_group()
+        # Bundle 0 holds this replica actor; bundles 1.. hold the workers.
+        self.grid = WorkerGrid(self.cfg, placement_group=pg, bundle_offset=1 if pg is not None else 0)
+        self.engine = AsyncEngine(self.grid, self.cfg.block_size, self.cfg.max_num_seqs,
+                                  self.cfg.max_num_batched_tokens, self.cfg.max_model_len, spec.eos_token_ids)
+
+    def __del__(self) -> None:
+        grid = getattr(self, "grid", None)
+        if grid is not None:
+            grid.shutdown()
+
+    async def check_health(self) -> None:
+        """Serve's health check: a replica whose grid failed is replaced."""
+        if self.engine.dead:
+            raise RuntimeError(f"grid failed: {self.engine.dead}")
+
+    def _authorize(self, request: Request) -> None:
+        """Enforce the optional API key."""
+        if self.cfg.api_key and request.headers.get("authorization") != f"Bearer {self.cfg.api_key}":
+            raise APIError(401, "missing or wrong API key; send `Authorization: Bearer <key>`",
+                           "authentication_error")
+
+    @api.get("/health")
+    async def health(self) -> dict[str, str]:
+        """Liveness for load balancers (no API key needed)."""
+        if self.engine.dead:
+            raise APIError(503, f"grid failed: {self.engine.dead}", "server_error")
+        return {"status": "ok"}
+
+    @api.get("/v1/models")
+    async def models(self, request: Request) -> dict[str, Any]:
+        """The one served model."""
+        self._authorize(request)
+        return {"object": "list", "data": [{"id": self.cfg.model_name, "object": "model", "created": now(),
+                                            "owned_by": "gridserve", "max_model_len": self.cfg.max_model_len}]}
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request) -> Any:
+        """Text completion, streamed as SSE when `stream` is true."""
+        self._authorize(request)
+        body = await parse_body(request, CompletionRequest)
+        if isinstance(body.prompt, str):
+            ids = self.tokenizer.encode(body.prompt)
+        else:
+            ids = list(body.prompt)
+        return await self._respond(body, ids, chat=False)
+
+    @api.post("/v1/chat/completions")
+    async def chat(self, request: Request) -> Any:
+        """Chat completion using the tokenizer's chat template."""
+        self._authorize(request)
+        body = await parse_body(request, ChatRequest)
+        messages = [m.model_dump(exclude_none=True) for m in body.messages]
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+        return await self._respond(body, list(ids), chat=True)
+
+    def _check(self, body: SamplingFields, ids: list[int]) -> int:
+        """Validate the request against this model; returns the effective max_tokens."""
+        if body.model != self.cfg.model_name:
+            raise APIError(404, f"model {body.model!r} does not exist; this server serves {self.cfg.model_name!r}",
+                           param="model")
+        if not ids:
+            raise APIError(400, "prompt is empty", param="prompt")
+        if min(ids) < 0 or max(ids) >= self.vocab_size:
+            raise APIError(400, f"prompt token ids must lie in [0, {self.vocab_size})", param="prompt")
+        room = self.cfg.max_model_len - len(ids)
+        if room < 1:
+            raise APIError(400, f"prompt has {len(ids)} tokens; max_model_len is {self.cfg.max_model_len}, which "
+                           "leaves no room to generate; shorten the prompt", param="prompt")
+        if body.max_tokens is not None and body.max_tokens > room:
+            raise APIError(400, f"max_tokens={body.max_tokens} plus the prompt's {len(ids)} tokens exceeds "
+                           f"max_model_len={self.cfg.max_model_len}; lower max_tokens to at most {room}",
+                           param="max_tokens")
+        if self.engine.dead:
+            raise APIError(503, f"this replica's grid failed ({self.engine.dead}); retry", "server_error")
+        if self.engine.num_waiting >= self.cfg.max_waiting_requests:
+            raise APIError(503, f"server overloaded: {self.engine.num_waiting} requests queued; retry shortly",
+                           "server_error", headers={"Retry-After": "1"})
+        return body.max_tokens or room
+
+    async def _respond(self, body: SamplingFields, ids: list[int], chat: bool) -> Any:
+        """Run the request; build the streaming or the whole response."""
+        from deployments.streaming import TextStream
+
+        max_tokens = self._check(body, ids)
+        try:
+            events = self.engine.generate(ids, body.sampling(), max_tokens, ignore_eos=body.ignore_eos)
+        except ValueError as exc:
+            raise APIError(400, str(exc), param="prompt") from None
+        stream = TextStream(events, self.tokenizer, body.stop_list())
+        rid = new_id("chatcmpl" if chat else "cmpl")
+        if body.stream:
+            return StreamingResponse(self._sse(stream, rid, body.model, chat, len(ids)),
+                                     media_type="text/event-stream")
+        text, reason = "", None
+        async for delta, reason in stream:
+            text += delta
+        if reason == "error":
+            raise APIError(503, f"generation failed: {stream.error}; retry", "server_error")
+        usage = {"prompt_tokens": len(ids), "completion_tokens": stream.num_tokens,
+                 "total_tokens": len(ids) + stream.num_tokens}
+        choice: dict[str, Any] = {"index": 0, "finish_reason": reason, "logprobs": None}
+        choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
+        return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": now(),
+                "model": body.model, "choices": [choice], "usage": usage}
+
+    async def _sse(self, stream: Any, rid: str, model: str, chat: bool, prompt_len: int) -> AsyncIterator[str]:
+        """Server-sent events: one chunk per text delta, then `data: [DONE]`."""
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        if chat:
+            yield _event({"id": rid, "object": obj, "created": now(), "model": model,
+                          "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                       "finish_reason": None}]})
+        async for delta, reason in stream:
+            if reason == "error":
+                yield _event(error_body(f"generation failed: {stream.error}; retry", "server_error"))
+                break
+            part = {"delta": {"content": delta} if delta else {}} if chat else {"text": delta, "logprobs": None}
+            yield _event({"id": rid, "object": obj, "created": now(), "model": model,
+                          "choices": [{"index": 0, **part, "finish_reason": reason}]})
+        yield "data: [DONE]\n\n"
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    """Serve app builder (`import_path: deployments.serve_app:build_app`): validates args, sizes the replica group."""
+    import ray
+
+    from deployments.make_model import ensure_default_model
+
+    cfg = GridServeConfig(**ensure_default_model(dict(args)))
+    gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
+    resource = cfg.resource if cfg.resource != "auto" else ("GPU" if gpus else "CPU")
+    worker = {"GPU": 1.0} if resource == "GPU" else {"CPU": cfg.cpus_per_worker}
+    bundles = [{"CPU": cfg.replica_cpus}] + [dict(worker) for _ in range(cfg.world_size)]
+    return LLMServer.options(placement_group_bundles=bundles, placement_group_strategy="PACK",
+                             ray_actor_options={"num_cpus": cfg.replica_cpus}).bind(cfg.model_dump())

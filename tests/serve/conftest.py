@@ -1,0 +1,53 @@
+"""A real Serve app on a free loopback port, shared by the HTTP tests of a module."""
+from __future__ import annotations
+
+import socket
+import time
+from typing import Iterator
+
+import httpx
+import pytest
+import ray
+from ray import serve
+
+
+def free_port() -> int:
+    """A free TCP port on loopback."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def chat_model(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A small Llama whose vocabulary is its tokenizer's, so any text prompt is in range."""
+    from deployments.make_model import write_model
+
+    return str(write_model(tmp_path_factory.mktemp("chat") / "tiny", hidden_size=64, intermediate_size=128,
+                           num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, seed=3))
+
+
+@pytest.fixture(scope="module")
+def server(chat_model: str) -> Iterator[str]:
+    """Serve the tiny Llama with tp=2, pp=2 on CPU bundles; yields the base URL."""
+    from deployments.serve_app import build_app
+
+    port = free_port()
+    ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1")
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    args = {"model": chat_model, "served_model_name": "tiny", "tensor_parallel_size": 2,
+            "pipeline_parallel_size": 2, "cpus_per_worker": 0.5, "replica_cpus": 0.5, "max_model_len": 128,
+            "max_num_batched_tokens": 256, "block_size": 4, "kv_cache_memory_bytes": 2**20}
+    serve.run(build_app(args), name="gridserve", route_prefix="/")
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    yield url
+    serve.shutdown()
+    ray.shutdown()

@@ -1,0 +1,67 @@
+"""The OpenAI-compatible endpoint, spoken to with the official `openai` client and raw HTTP."""
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from tests.reference import hf_greedy
+
+
+@pytest.fixture(scope="module")
+def client(server: str) -> openai.OpenAI:
+    """An OpenAI client pointed at the test server."""
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def test_models_lists_the_served_name(client: openai.OpenAI) -> None:
+    """GET /v1/models names the served model."""
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+
+
+def test_completion_token_ids_equal_hf_greedy(client: openai.OpenAI, chat_model: str) -> None:
+    """A token-id prompt through HTTP gives HF's greedy continuation (as text), with usage."""
+    from transformers import AutoTokenizer
+
+    prompt = [3, 17, 5, 42, 8]
+    ref, _ = hf_greedy(chat_model, prompt, 6)
+    out = client.completions.create(model="tiny", prompt=prompt, max_tokens=6, temperature=0,
+                                    extra_body={"ignore_eos": True})
+    tok = AutoTokenizer.from_pretrained(chat_model)
+    assert out.choices[0].text == tok.decode(ref, skip_special_tokens=True)
+    assert out.usage.prompt_tokens == 5 and out.usage.completion_tokens == 6
+    assert out.choices[0].finish_reason == "length"
+
+
+def test_streaming_chat_reassembles_to_the_whole_answer(client: openai.OpenAI) -> None:
+    """Streamed chat deltas concatenate to the non-streamed answer (same seed)."""
+    kwargs = dict(model="tiny", messages=[{"role": "user", "content": "hello there"}], max_tokens=12,
+                  temperature=0.8, seed=7, extra_body={"ignore_eos": True})
+    whole = client.chat.completions.create(**kwargs)
+    parts = [c.choices[0].delta.content or "" for c in client.chat.completions.create(stream=True, **kwargs)
+             if c.choices]
+    assert "".join(parts) == whole.choices[0].message.content
+    assert whole.usage.completion_tokens == 12
+
+
+@pytest.mark.parametrize("body,status,param", [
+    ({"model": "tiny", "prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
+    ({"model": "tiny", "prompt": "hi", "temperature": -1}, 400, "temperature"),
+    ({"model": "tiny", "prompt": "hi", "max_tokens": 100000}, 400, "max_tokens"),
+    ({"model": "other", "prompt": "hi"}, 404, "model"),
+    ({"model": "tiny", "prompt": [1, 2, 999999]}, 400, "prompt"),
+    ({"model": "tiny", "prompt": "hi", "bogus": 1}, 400, "bogus"),
+])
+def test_bad_requests_get_openai_errors(server: str, body: dict, status: int, param: str) -> None:
+    """Bad fields answer 4xx with an OpenAI error body naming the field."""
+    r = httpx.post(f"{server}/v1/completions", json=body, timeout=30)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and err["message"] and err["type"] == "invalid_request_error"
+
+
+def test_invalid_json_is_a_400(server: str) -> None:
+    """Malformed JSON is a 400, not a 500; the server keeps serving afterwards."""
+    r = httpx.post(f"{server}/v1/completions", content=b"{bad", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+    assert httpx.get(f"{server}/health").status_code == 200
