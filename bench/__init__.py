@@ -1,0 +1,1 @@
+"""Benchmarks (not tests): each prints a table comparing gridserve with a reference in the same run."""

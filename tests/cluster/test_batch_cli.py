@@ -1,0 +1,34 @@
+"""`python -m deployments.batch` end to end in a subprocess (starts and stops its own local Ray)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.reference import hf_greedy
+
+
+def test_batch_job_writes_one_line_per_input_in_order(model_dirs: dict, tmp_path: Path) -> None:
+    """Greedy lines equal HF; a malformed line gets an error record with its line number; exit code 1."""
+    d = model_dirs["llama_gqa"]
+    lines = [json.dumps({"id": "a", "prompt_token_ids": [3, 17, 5, 42], "max_tokens": 6, "temperature": 0}),
+             "{not json",
+             json.dumps({"id": 3, "prompt_token_ids": [7, 7, 1], "max_tokens": 4, "temperature": 0}),
+             json.dumps({"id": 4, "prompt": "x", "unknown_field": 1})]
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("\n".join(lines) + "\n")
+    proc = subprocess.run([sys.executable, "-m", "deployments.batch", "--model", str(d), "--tensor-parallel-size",
+                           "2", "--pipeline-parallel-size", "2", "--max-model-len", "128", "--input", str(src),
+                           "--output", str(dst)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    out = [json.loads(x) for x in dst.read_text().splitlines()]
+    assert [o.get("id") for o in out] == ["a", None, 3, 4]
+    assert out[1]["line"] == 2 and "JSON" in out[1]["error"]
+    assert out[3]["line"] == 4 and "unknown_field" in out[3]["error"]
+    for o, prompt, n in ((out[0], [3, 17, 5, 42], 6), (out[2], [7, 7, 1], 4)):
+        ref, _ = hf_greedy(d, prompt, n)
+        assert o["token_ids"] == ref[:len(o["token_ids"])]
+        assert o["usage"] == {"prompt_tokens": len(prompt), "completion_tokens": len(o["token_ids"])}
+        assert o["finish_reason"] in ("length", "stop")
+    assert "4 requests, 2 failed" in proc.stderr
