@@ -1,15 +1,26 @@
 """Real Ray grids (gloo TP groups, object-ref hand-off between stages) against transformers."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
+from actors.shard.runner import StepInput
+from actors.shard.sampler import SamplingParams
 from cluster.config import GridServeConfig
 from cluster.grid import WorkerGrid
 from tests.reference import PROMPTS, grid_greedy, hf_greedy
 
 NEW = 10
-CASES = [("llama_gqa", 1, 1), ("llama_gqa", 2, 1), ("llama_gqa", 1, 2), ("llama_gqa", 2, 2), ("llama_gqa", 4, 1),
-         ("qwen2_bias", 2, 2), ("llama_tied_mqa", 2, 2)]
+LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2), (4, 1)]
+CASES = [(v, tp, pp) for v in ("llama_gqa", "qwen2_bias", "llama_tied_mqa") for tp, pp in LAYOUTS]
+
+
+def prefill_step(prompt: list[int]) -> StepInput:
+    """A one-sequence prefill step that also returns the last-position logits (blocks 100.. are unused)."""
+    n = len(prompt)
+    return StepInput(np.asarray(prompt, dtype=np.int64), np.arange(n, dtype=np.int64), [n], [n],
+                     [list(range(100, 100 + -(-n // 4)))], [SamplingParams(temperature=0.0)], [0],
+                     return_logits=True)
 
 
 def make_grid(model_dir: str, tp: int, pp: int, **extra: object) -> WorkerGrid:
@@ -21,13 +32,15 @@ def make_grid(model_dir: str, tp: int, pp: int, **extra: object) -> WorkerGrid:
 
 @pytest.mark.parametrize("variant,tp,pp", CASES)
 def test_grid_greedy_matches_hf(local_ray: None, model_dirs: dict, variant: str, tp: int, pp: int) -> None:
-    """Every layout generates exactly HF's greedy tokens, one actor per logical GPU."""
-    refs = [hf_greedy(model_dirs[variant], p, NEW)[0] for p in PROMPTS]
+    """Every layout generates exactly HF's greedy tokens (fp32 logits within 1e-3), one actor per logical GPU."""
+    refs = [hf_greedy(model_dirs[variant], p, NEW) for p in PROMPTS]
     grid = make_grid(str(model_dirs[variant]), tp, pp)
     try:
+        logits = grid.execute(prefill_step(PROMPTS[0])).logits
+        assert logits is not None and np.abs(logits[0] - refs[0][1].numpy()).max() < 1e-3
         assert len({(w["node_id"], w["pid"]) for w in grid.layout_table()}) == tp * pp  # one process per worker
         assert all(len(w["gpu_ids"]) == 1 for w in grid.layout_table())
-        assert grid_greedy(grid, PROMPTS, NEW, block_size=4) == refs
+        assert grid_greedy(grid, PROMPTS, NEW, block_size=4) == [tokens for tokens, _ in refs]
     finally:
         grid.shutdown()
 
