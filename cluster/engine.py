@@ -1,13 +1,16 @@
-"""Async serving engine: many requests in flight, one step loop, tokens streamed per request."""
+"""Async serving engine: many requests in flight, pipelined steps, tokens streamed per request."""
 from __future__ import annotations
 
 import asyncio
 import itertools
 import logging
+import math
+import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
-from actors.shard.sampler import SamplingParams
+from actors.shard.runner import StepOutput
+from actors.shard.sampler import Logprobs, SamplingParams
 from cluster.blocks import BlockManager
 from cluster.scheduler import Scheduler, Sequence
 
@@ -16,23 +19,40 @@ log = logging.getLogger("gridserve.engine")
 
 @dataclass
 class TokenEvent:
-    """One streamed item: a new token, and the finish reason on the last one (or an error)."""
+    """One streamed item: a new token (with logprobs if asked), the finish reason on the last one, or an error."""
 
     token_id: int | None
     finish_reason: str | None = None
     error: str | None = None
+    logprobs: Logprobs | None = None
+
+
+@dataclass
+class EngineStats:
+    """Counters the metrics exporter and benchmarks read."""
+
+    steps: int = 0
+    busy_s: float = 0.0  # wall time with at least one step in flight
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
 
 
 class AsyncEngine:
-    """Owns the scheduler of one replica and drives its grid from a single asyncio task."""
+    """Owns one replica's scheduler and drives its grid from one asyncio task.
+
+    With pipeline parallelism it keeps up to `max_inflight` steps (micro-batches over disjoint sequences)
+    in flight, so stage 0 works on micro-batch i+1 while stage 1 works on micro-batch i.
+    """
 
     def __init__(self, grid: Any, block_size: int, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int, eos_token_ids: tuple[int, ...] = ()) -> None:
+                 max_model_len: int, eos_token_ids: tuple[int, ...] = (), max_inflight: int | None = None) -> None:
         self.grid = grid
         self.eos = frozenset(eos_token_ids)
+        self.max_inflight = max_inflight or getattr(grid, "pp", 1)
         self.scheduler = Scheduler(BlockManager(grid.num_blocks, block_size), max_num_seqs,
                                    max_num_batched_tokens, max_model_len)
         self.streams: dict[int, asyncio.Queue[TokenEvent]] = {}
+        self.stats = EngineStats()
         self._ids = itertools.count()
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -77,28 +97,58 @@ class AsyncEngine:
             self._task = asyncio.get_running_loop().create_task(self._loop())
         self._wakeup.set()
 
+    def _micro_batch(self) -> int:
+        """Sequences per decode step: the running batch split into `max_inflight` micro-batches."""
+        return max(1, math.ceil(len(self.scheduler.running) / self.max_inflight))
+
     async def _loop(self) -> None:
-        """Schedule, run one step on the grid (awaiting its object ref), hand tokens to their streams."""
+        """Keep the pipeline full: launch steps while slots and ready sequences exist, finish them as they land."""
+        inflight: dict[asyncio.Future, list[Sequence]] = {}
         while True:
-            if not self.scheduler.has_work():
-                self._wakeup.clear()
+            while len(inflight) < self.max_inflight:
+                seqs = self.scheduler.schedule(self._micro_batch())
+                if not seqs:
+                    break
+                self.stats.prompt_tokens += sum(len(s.tokens) - s.num_cached for s in seqs if s.num_cached == 0)
+                step = self.scheduler.build_step(seqs)
+                inflight[asyncio.ensure_future(self._submit(step))] = seqs
+            self._wakeup.clear()
+            if not inflight:
                 await self._wakeup.wait()
                 continue
-            seqs = self.scheduler.schedule()
-            try:
-                out = await self.grid.submit(self.scheduler.build_step(seqs))[0]
-            except Exception as exc:  # a worker died or a step failed: fail every request, never hang them
-                self._fail_all(f"{type(exc).__name__}: {exc}")
-                return
-            live = [(s, t) for s, t in zip(seqs, out.token_ids) if s.finish_reason != "abort"]
-            if not live:
+            waker = asyncio.ensure_future(self._wakeup.wait())
+            start = time.perf_counter()
+            done, _ = await asyncio.wait([*inflight, waker], return_when=asyncio.FIRST_COMPLETED)
+            self.stats.busy_s += time.perf_counter() - start
+            waker.cancel()
+            for fut in done:
+                if fut is waker:
+                    continue
+                seqs = inflight.pop(fut)
+                try:
+                    self._finish_step(seqs, fut.result())
+                except Exception as exc:  # a worker died or a step failed: fail every request, never hang
+                    self._fail_all(f"{type(exc).__name__}: {exc}")
+                    for other in inflight:
+                        other.cancel()
+                    return
+
+    async def _submit(self, step: Any) -> StepOutput:
+        """Run one step on the grid; the last stage's TP rank 0 answers."""
+        return await self.grid.submit(step)[0]
+
+    def _finish_step(self, seqs: list[Sequence], out: StepOutput) -> None:
+        """Hand the step's tokens to the scheduler and to each live request's stream."""
+        self.stats.steps += 1
+        self.scheduler.update(seqs, out)
+        logprobs = out.logprobs or [None] * len(seqs)
+        for seq, lp in zip(seqs, logprobs):
+            if seq.finish_reason == "abort":
                 continue
-            live_seqs, tokens = zip(*live)
-            self.scheduler.update(list(live_seqs), type(out)(list(tokens)))
-            for seq in live_seqs:
-                queue = self.streams.get(seq.seq_id)
-                if queue is not None:
-                    queue.put_nowait(TokenEvent(seq.output_ids[-1], seq.finish_reason))
+            self.stats.generation_tokens += 1
+            queue = self.streams.get(seq.seq_id)
+            if queue is not None:
+                queue.put_nowait(TokenEvent(seq.output_ids[-1], seq.finish_reason, logprobs=lp))
 
     def _fail_all(self, reason: str) -> None:
         """End every in-flight and queued request with an error and mark the engine dead."""
@@ -106,6 +156,7 @@ class AsyncEngine:
         self.dead = reason
         for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
             seq.finish("error")
+            seq.in_flight = False
             self.scheduler.retire(seq)
             queue = self.streams.get(seq.seq_id)
             if queue is not None:

@@ -25,6 +25,7 @@ class Sequence:
     num_cached: int = 0  # tokens whose K/V already sit in the cache
     finish_reason: str | None = None
     num_preemptions: int = 0
+    in_flight: bool = False  # part of a step the grid has not answered yet (pipelined steps)
 
     @property
     def tokens(self) -> list[int]:
@@ -66,21 +67,30 @@ class Scheduler:
         """Whether any sequence is waiting or running."""
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> list[Sequence]:
-        """The sequences of the next step: newly admitted prefills if any fit, else one decode of all."""
-        admitted = self._admit()
-        if admitted:
-            return admitted
+    def schedule(self, max_seqs: int | None = None) -> list[Sequence]:
+        """The next step: newly admitted prefills if any fit, else a decode of up to `max_seqs` ready sequences.
+
+        Sequences already in an unanswered step are skipped, so with pipeline parallelism several steps
+        (micro-batches over disjoint sequences) can be in flight at once.
+        """
+        batch = self._admit()
+        if not batch:
+            ready = [s for s in self.running if not s.in_flight]
+            batch = self._grow(ready[:max_seqs] if max_seqs else ready)
+        for seq in batch:
+            seq.in_flight = True
+        return batch
+
+    def _grow(self, ready: list[Sequence]) -> list[Sequence]:
+        """Give each ready sequence room for its next token, preempting the newest idle ones if blocks run out."""
         scheduled: list[Sequence] = []
-        for seq in list(self.running):
-            if seq not in self.running:
-                continue  # preempted as a victim below
-            while not self.blocks.can_grow(seq.block_table, len(seq.tokens)):
-                victim = self.running[-1]
-                self._preempt(victim)
-                if victim is seq:
-                    break
-            if seq in self.running:
+        for seq in ready:
+            while seq in self.running and not self.blocks.can_grow(seq.block_table, len(seq.tokens)):
+                victims = [v for v in reversed(self.running) if not v.in_flight and v not in scheduled]
+                if not victims:
+                    break  # everything else is mid-step; retry once those steps return
+                self._preempt(victims[0])
+            if seq in self.running and self.blocks.can_grow(seq.block_table, len(seq.tokens)):
                 self.blocks.grow(seq.block_table, len(seq.tokens))
                 scheduled.append(seq)
         return scheduled
@@ -122,12 +132,18 @@ class Scheduler:
             token_ids=np.asarray(ids, dtype=np.int64), positions=np.asarray(pos, dtype=np.int64),
             query_lens=qlens, context_lens=[len(s.tokens) for s in seqs],
             block_tables=[list(s.block_table) for s in seqs], sampling=[s.params for s in seqs],
-            output_index=[len(s.output_ids) for s in seqs])
+            output_index=[len(s.output_ids) for s in seqs],
+            histories=[(s.prompt_ids, s.output_ids) if s.params.needs_history else None for s in seqs]
+            if any(s.params.needs_history for s in seqs) else None)
 
     def update(self, seqs: list[Sequence], out: StepOutput) -> list[Sequence]:
         """Append each sampled token, apply stop rules, retire finished sequences; returns the finished."""
         done = []
         for seq, token in zip(seqs, out.token_ids):
+            seq.in_flight = False
+            if seq.finish_reason is not None:  # aborted while its step ran: its blocks are free to go now
+                self.blocks.release(seq.block_table)
+                continue
             seq.num_cached = len(seq.tokens)
             seq.output_ids.append(token)
             if token in seq.stop_ids:
@@ -141,9 +157,10 @@ class Scheduler:
         return done
 
     def retire(self, seq: Sequence) -> None:
-        """Drop a sequence from the batch (finished or aborted) and free its blocks."""
+        """Drop a sequence from the batch (finished or aborted); blocks of a mid-step one are freed by update()."""
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self.blocks.release(seq.block_table)
+        if not seq.in_flight:
+            self.blocks.release(seq.block_table)

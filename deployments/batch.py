@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 import sys
@@ -13,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from actors.shard.sampler import SamplingParams
 from cluster.config import GridServeConfig, args_from_serve_config
-from cluster.generate import Generator, Request
+from cluster.generate import Request
 
 log = logging.getLogger("gridserve.batch")
 
@@ -67,51 +68,67 @@ def build_config(args: argparse.Namespace) -> GridServeConfig:
     return GridServeConfig(**fields)
 
 
+def read_requests(lines: list[str], tokenizer: Any, vocab_size: int) -> tuple[list[Request], dict[int, dict]]:
+    """Parse every line: valid ones become requests (id = line index), bad ones error records."""
+    requests, records = [], {}
+    for n, text in enumerate(lines):
+        if not text.strip():
+            continue
+        try:
+            line = parse_line(text)
+            ids = line.prompt_token_ids or tokenizer.encode(line.prompt)
+            if max(ids) >= vocab_size or min(ids) < 0:
+                raise ValueError(f"prompt_token_ids must lie in [0, {vocab_size})")
+            stop = [line.stop] if isinstance(line.stop, str) else (line.stop or [])
+            requests.append(Request(n, ids, line.sampling(), line.max_tokens, stop))
+            records[n] = {"id": line.id}
+        except ValueError as exc:
+            records[n] = {"id": _best_effort_id(text), "line": n + 1, "error": str(exc)}
+            log.warning("line %d: %s", n + 1, exc)
+    return requests, records
+
+
 def run(cfg: GridServeConfig, input_path: Path, output_path: Path, address: str | None) -> int:
     """Generate for every line of `input_path`; returns the number of failed lines."""
     from transformers import AutoTokenizer
 
+    from cluster.engine import AsyncEngine
+    from cluster.generate import Result, generate_all
     from cluster.grid import WorkerGrid
     from cluster.runtime import connect
 
-    lines = input_path.read_text().splitlines()
     spec = cfg.spec()
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
-    records: list[dict[str, Any] | None] = [None] * len(lines)
+    requests, records = read_requests(input_path.read_text().splitlines(), tokenizer, spec.vocab_size)
     started = connect(cfg, address)
     grid = WorkerGrid(cfg)
+
+    def record(res: Result) -> None:
+        rec = records[res.request_id]
+        if res.error is not None:
+            rec.update(line=res.request_id + 1, error=res.error)
+            return
+        rec.update(text=res.text, token_ids=res.token_ids, finish_reason=res.finish_reason,
+                   usage={"prompt_tokens": len(res.prompt_ids), "completion_tokens": len(res.token_ids)})
+
+    async def main() -> None:
+        engine = AsyncEngine(grid, cfg.block_size, cfg.max_num_seqs, cfg.max_num_batched_tokens,
+                             cfg.max_model_len, spec.eos_token_ids)
+        await generate_all(engine, requests, tokenizer, record)
+
+    start = time.perf_counter()
     try:
-        gen = Generator(grid, tokenizer, cfg.block_size, cfg.max_num_seqs, cfg.max_num_batched_tokens,
-                        cfg.max_model_len, spec.eos_token_ids)
-        for n, text in enumerate(lines):
-            if not text.strip():
-                continue
-            try:
-                line = parse_line(text)
-                ids = line.prompt_token_ids or tokenizer.encode(line.prompt)
-                if max(ids) >= spec.vocab_size or min(ids) < 0:
-                    raise ValueError(f"prompt_token_ids must lie in [0, {spec.vocab_size})")
-                stop = [line.stop] if isinstance(line.stop, str) else (line.stop or [])
-                gen.add(Request(n, ids, line.sampling(), line.max_tokens, stop))
-                records[n] = {"id": line.id}
-            except ValueError as exc:
-                records[n] = {"id": _best_effort_id(text), "line": n + 1, "error": str(exc)}
-                log.warning("line %d: %s", n + 1, exc)
-        start, completion = time.perf_counter(), 0
-        for res in gen.run():
-            records[res.request_id].update(text=res.text, token_ids=res.token_ids, finish_reason=res.finish_reason,
-                                           usage={"prompt_tokens": len(res.prompt_ids),
-                                                  "completion_tokens": len(res.token_ids)})
-            completion += len(res.token_ids)
-        elapsed = time.perf_counter() - start
+        asyncio.run(main())
     finally:
         grid.shutdown()
         if started:
             import ray
             ray.shutdown()
-    done = [r for r in records if r is not None]
+    elapsed = time.perf_counter() - start
+    done = [records[n] for n in sorted(records)]
     output_path.write_text("".join(json.dumps(r) + "\n" for r in done))
     failed = sum("error" in r for r in done)
+    completion = sum(r.get("usage", {}).get("completion_tokens", 0) for r in done)
     print(f"gridserve batch: {len(done)} requests, {failed} failed, {completion} completion tokens, "
           f"{elapsed:.2f} s, {completion / max(elapsed, 1e-9):.1f} tokens/s", file=sys.stderr)
     return failed

@@ -169,7 +169,7 @@ class LLMServer:
 
     async def _respond(self, body: SamplingFields, ids: list[int], chat: bool) -> Any:
         """Run the request; build the streaming or the whole response."""
-        from deployments.streaming import TextStream
+        from cluster.detokenize import TextStream
 
         max_tokens = self._check(body, ids)
         try:

@@ -1,6 +1,7 @@
 """An in-process TP x PP grid for unit tests: TP ranks are threads, collectives go through shared memory."""
 from __future__ import annotations
 
+import asyncio
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -63,6 +64,11 @@ class LocalGrid:
                 runner.allocate_cache(num_blocks)
             self.stages.append(stage)
         self.pool = ThreadPoolExecutor(tp)
+        self.steps = ThreadPoolExecutor(1)  # steps run one after another, as on one actor per worker
+
+    def submit(self, step: StepInput) -> list[asyncio.Future]:
+        """Async counterpart of execute(): one awaitable for the last stage's answer."""
+        return [asyncio.wrap_future(self.steps.submit(self.execute, step))]
 
     def execute(self, step: StepInput) -> StepOutput:
         hidden = None

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from actors.shard.sampler import SamplingParams
-from cluster.generate import Executor, Generator, Request
+from cluster.generate import Request, generate_sync
 
 PROMPTS = [[3, 17, 5, 42, 8, 11, 2, 60, 33, 9], [7, 7, 1, 30], [50, 12, 4, 19, 25, 26, 27]]
 
@@ -17,19 +18,16 @@ def hf_greedy(model_dir: Path, prompt: list[int], new_tokens: int) -> tuple[list
 
     hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     hf.eval()
+    hf.generation_config.eos_token_id = None  # run to the full length, like ignore_eos
     ids = torch.tensor([prompt])
     with torch.no_grad():
         logits = hf(ids).logits[0, -1].float()
-        out = hf.generate(ids, max_new_tokens=new_tokens, do_sample=False, min_new_tokens=new_tokens,
-                          pad_token_id=0)
+        out = hf.generate(ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
     return out[0, len(prompt):].tolist(), logits
 
 
-def grid_greedy(grid: Executor, prompts: list[list[int]], new_tokens: int, block_size: int,
+def grid_greedy(grid: Any, prompts: list[list[int]], new_tokens: int, block_size: int,
                 max_model_len: int = 256) -> list[list[int]]:
     """Greedy continuations of all prompts run together through `grid` (EOS ignored)."""
-    gen = Generator(grid, None, block_size, 8, max_model_len, max_model_len)
-    for i, p in enumerate(prompts):
-        gen.add(Request(i, p, SamplingParams(temperature=0.0), new_tokens))
-    results = {r.request_id: r.token_ids for r in gen.run()}
-    return [results[i] for i in range(len(prompts))]
+    reqs = [Request(i, p, SamplingParams(temperature=0.0), new_tokens, ignore_eos=True) for i, p in enumerate(prompts)]
+    return [r.token_ids for r in generate_sync(grid, reqs, block_size, 8, max_model_len)]

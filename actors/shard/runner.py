@@ -12,7 +12,7 @@ import torch
 from actors.shard.kv_cache import AttnMeta, PagedKVCache
 from actors.shard.loader import CheckpointReader, load_stage
 from actors.shard.model import StageModel
-from actors.shard.sampler import Sampler, SamplingParams
+from actors.shard.sampler import Logprobs, Sampler, SamplingParams
 from actors.shard.spec import HeadSplit, ModelSpec
 from actors.shard.tp import TPGroup
 
@@ -29,6 +29,7 @@ class StepInput:
     sampling: list[SamplingParams]  # per sequence, used by the last stage
     output_index: list[int]  # tokens already generated per sequence (feeds seeded sampling)
     return_logits: bool = False  # also send back the last-position logits (tests, debugging)
+    histories: list[tuple[list[int], list[int]] | None] | None = None  # (prompt, output) where penalties apply
 
 
 @dataclass
@@ -37,6 +38,7 @@ class StepOutput:
 
     token_ids: list[int]
     logits: np.ndarray | None = None
+    logprobs: list[Logprobs | None] | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -125,6 +127,8 @@ class StageRunner:
         logits = self.model.logits(out[last])  # [B, vocab] on every TP rank
         if self.tp.rank != 0:
             return None  # only TP rank 0 samples and answers
-        tokens = self.sampler(logits, step.sampling, step.output_index)
+        histories = step.histories or [None] * len(step.sampling)
+        tokens, logprobs = self.sampler.sample(logits, step.sampling, step.output_index, histories)
         timings = {"step_s": time.perf_counter() - start, "comm_s": self.tp.comm_seconds - comm_before}
-        return StepOutput(tokens, logits.cpu().numpy() if step.return_logits else None, timings)
+        return StepOutput(tokens, logits.cpu().numpy() if step.return_logits else None,
+                          logprobs if any(lp is not None for lp in logprobs) else None, timings)

@@ -1,4 +1,4 @@
-"""Token sampling on the last stage: greedy, temperature, top-k, top-p, min-p, per-request seeds."""
+"""Token sampling on the last stage: penalties, greedy, temperature, top-k/p, min-p, seeds, logprobs."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -15,6 +15,15 @@ class SamplingParams:
     top_k: int = 0  # 0 = off
     min_p: float = 0.0
     seed: int | None = None
+    repetition_penalty: float = 1.0  # > 1 discourages tokens already in prompt or output
+    presence_penalty: float = 0.0  # subtracted once from tokens already generated
+    frequency_penalty: float = 0.0  # subtracted per occurrence in the generated tokens
+    logprobs: int | None = None  # also return the sampled token's log-probability and this many top ones
+
+    @property
+    def needs_history(self) -> bool:
+        """Whether sampling reads the sequence's previous tokens (penalties)."""
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
     @property
     def greedy(self) -> bool:
@@ -40,6 +49,22 @@ def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     return logits
 
 
+Logprobs = tuple[float, list[tuple[int, float]]]  # (sampled token's logprob, [(token, logprob)] top-n)
+
+
+def apply_penalties(logits: torch.Tensor, p: SamplingParams, prompt: list[int], output: list[int]) -> torch.Tensor:
+    """Repetition penalty over prompt + output, presence/frequency penalties over the output, on one row [V]."""
+    logits = logits.clone()
+    if p.repetition_penalty != 1.0 and (prompt or output):
+        seen = torch.tensor(sorted(set(prompt) | set(output)), dtype=torch.long)
+        vals = logits[seen]
+        logits[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+    if output and (p.presence_penalty or p.frequency_penalty):
+        counts = torch.bincount(torch.tensor(output, dtype=torch.long), minlength=logits.numel()).float()
+        logits -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
+    return logits
+
+
 class Sampler:
     """Draws one token per row; seeded rows are reproducible whatever the batch or grid layout."""
 
@@ -48,6 +73,30 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, params: list[SamplingParams], steps: list[int]) -> list[int]:
         """Float32 logits [B, V], one params and one output index per row -> token ids."""
+        return self.sample(logits, params, steps, [None] * len(params))[0]
+
+    def sample(self, logits: torch.Tensor, params: list[SamplingParams], steps: list[int],
+               histories: list[tuple[list[int], list[int]] | None]) -> tuple[list[int], list[Logprobs | None]]:
+        """Token ids and (where asked) logprobs; `histories` holds (prompt, output) for rows with penalties."""
+        raw = logits
+        if any(h is not None for h in histories):
+            logits = logits.clone()
+            for row, (p, h) in enumerate(zip(params, histories)):
+                if h is not None:
+                    logits[row] = apply_penalties(logits[row], p, h[0], h[1])
+        out = self._draw(logits, params, steps)
+        return out, [self._logprobs(raw[row], tok, p.logprobs) if p.logprobs is not None else None
+                     for row, (p, tok) in enumerate(zip(params, out))]
+
+    @staticmethod
+    def _logprobs(row: torch.Tensor, token: int, top: int) -> Logprobs:
+        """The model's log-probability of `token` and of its `top` likeliest tokens."""
+        lp = torch.log_softmax(row.float(), -1)
+        vals, ids = torch.topk(lp, top) if top > 0 else (lp[:0], lp[:0].long())
+        return float(lp[token]), list(zip(ids.tolist(), vals.tolist()))
+
+    def _draw(self, logits: torch.Tensor, params: list[SamplingParams], steps: list[int]) -> list[int]:
+        """Argmax for greedy rows, a (seeded where asked) draw from the filtered distribution otherwise."""
         out = logits.argmax(-1).tolist()
         for row, (p, step) in enumerate(zip(params, steps)):
             if p.greedy:

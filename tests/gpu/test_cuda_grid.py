@@ -18,8 +18,9 @@ def test_cuda_grid_bf16_matches_hf_greedy(model_dirs: dict) -> None:
 
     d = model_dirs["llama_gqa"]
     hf = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.bfloat16).cuda().eval()
+    hf.generation_config.eos_token_id = None  # full length, like the grid's ignore_eos
     ids = torch.tensor([PROMPTS[0]], device="cuda")
-    ref = hf.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)[0, ids.shape[1]:]
+    ref = hf.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)[0, ids.shape[1]:]
     ray.init(include_dashboard=False, _node_ip_address="127.0.0.1")
     try:
         grid = WorkerGrid(GridServeConfig(model=str(d), dtype="bfloat16", max_model_len=256,

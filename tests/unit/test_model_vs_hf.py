@@ -53,16 +53,22 @@ def test_bfloat16_runs_close_to_fp32(model_dirs: dict) -> None:
 
 def test_preemption_under_tiny_cache_keeps_tokens(model_dirs: dict, references: dict) -> None:
     """With too few KV blocks for all sequences, preempted ones are recomputed and still match HF."""
-    from cluster.generate import Generator, Request
+    import asyncio
+
+    from cluster.engine import AsyncEngine
+    from cluster.generate import Request, generate_all
 
     grid = LocalGrid(str(model_dirs["llama_gqa"]), 1, 1, num_blocks=9, block_size=4)
-    gen = Generator(grid, None, 4, 8, 256, 256)
-    for i, p in enumerate(PROMPTS):
-        gen.add(Request(i, p, SamplingParams(temperature=0.0), NEW))
-    results = {r.request_id: r.token_ids for r in gen.run()}
-    assert gen.scheduler.num_preemptions > 0
-    assert [results[i] for i in range(3)] == [t for t, _ in references["llama_gqa"]]
-    assert len(gen.scheduler.blocks.free) == 9  # every block came back
+
+    async def run() -> tuple[list, AsyncEngine]:
+        engine = AsyncEngine(grid, 4, 8, 256, 256)
+        reqs = [Request(i, p, SamplingParams(temperature=0.0), NEW) for i, p in enumerate(PROMPTS)]
+        return await generate_all(engine, reqs), engine
+
+    results, engine = asyncio.run(run())
+    assert engine.scheduler.num_preemptions > 0
+    assert [r.token_ids for r in results] == [t for t, _ in references["llama_gqa"]]
+    assert len(engine.scheduler.blocks.free) == 9  # every block came back
 
 
 def test_all_reduces_per_layer_is_two(model_dirs: dict) -> None:
