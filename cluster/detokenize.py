@@ -15,6 +15,7 @@ class TextStream:
         self.sent = ""  # text already handed out
         self.num_tokens = 0
         self.error: str | None = None
+        self.logprobs: list[tuple[int, Any]] = []  # (token id, (logprob, top-n)) when the request asked
 
     def __aiter__(self) -> AsyncIterator[tuple[str, str | None]]:
         return self._run()
@@ -30,6 +31,8 @@ class TextStream:
                 self.num_tokens += 1
                 if ev.token_id is not None:
                     self.ids.append(ev.token_id)
+                    if ev.logprobs is not None:
+                        self.logprobs.append((ev.token_id, ev.logprobs))
                 text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
                 cut = min((text.find(s) for s in self.stop if s in text), default=-1)
                 if cut >= 0:

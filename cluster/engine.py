@@ -58,17 +58,24 @@ class AsyncEngine:
         self._task: asyncio.Task | None = None
         self.dead: str | None = None  # set when the grid failed; new requests are refused
 
-    async def generate(self, prompt_ids: list[int], sampling: SamplingParams, max_tokens: int,
-                       stop_token_ids: tuple[int, ...] = (), ignore_eos: bool = False) -> AsyncIterator[TokenEvent]:
-        """Stream the tokens of one request; leaving the iterator early aborts it and frees its blocks."""
+    def generate(self, prompt_ids: list[int], sampling: SamplingParams, max_tokens: int,
+                 stop_token_ids: tuple[int, ...] = (), ignore_eos: bool = False) -> AsyncIterator[TokenEvent]:
+        """Queue one request now (ValueError at once if it can never fit) and return its token stream.
+
+        Leaving the stream early aborts the request and frees its blocks. Call from the event loop.
+        """
         if self.dead:
             raise RuntimeError(f"this replica's grid failed ({self.dead}); retry on another replica")
         stops = (frozenset() if ignore_eos else self.eos) | frozenset(stop_token_ids)
         seq = Sequence(next(self._ids), list(prompt_ids), sampling, max_tokens, stops)
-        self.scheduler.add(seq)  # ValueError for prompts that can never fit
+        self.scheduler.add(seq)
         queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
         self.streams[seq.seq_id] = queue
         self._start()
+        return self._stream(seq, queue)
+
+    async def _stream(self, seq: Sequence, queue: asyncio.Queue[TokenEvent]) -> AsyncIterator[TokenEvent]:
+        """Yield the request's events until its last; abort it if the consumer leaves first."""
         try:
             while True:
                 event = await queue.get()

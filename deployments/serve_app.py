@@ -1,7 +1,6 @@
 """Ray Serve app: an OpenAI-compatible HTTP endpoint; each replica owns one TP x PP grid."""
 # No `from __future__ import annotations` here: FastAPI must see real types on the route signatures.
 
-import json
 import logging
 from typing import Any, AsyncIterator, TypeVar
 
@@ -15,7 +14,9 @@ from ray.util import get_current_placement_group
 from cluster.config import GridServeConfig
 from pydantic import BaseModel, ValidationError
 
+from cluster.detokenize import TextStream
 from deployments.openai_schema import ChatRequest, CompletionRequest, SamplingFields, error_body, new_id, now
+from deployments.responses import collect, sse
 
 log = logging.getLogger("gridserve.serve")
 T = TypeVar("T", bound=BaseModel)
@@ -62,11 +63,6 @@ async def parse_body(request: Request, schema: type[T]) -> T:
         first = ".".join(str(p) for p in errors[0]["loc"]) if errors else None
         message = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in errors[:5])
         raise APIError(400, message, param=first) from None
-
-
-def _event(payload: dict) -> str:
-    """One SSE frame."""
-    return f"data: {json.dumps(payload)}\n\n"
 
 
 # Helpers above this line: serve.ingress snapshots the module globals the routes can see.
@@ -168,46 +164,23 @@ class LLMServer:
         return body.max_tokens or room
 
     async def _respond(self, body: SamplingFields, ids: list[int], chat: bool) -> Any:
-        """Run the request; build the streaming or the whole response."""
-        from cluster.detokenize import TextStream
-
+        """Run the request's n choices; answer as one body or as an SSE stream."""
         max_tokens = self._check(body, ids)
+        stops = body.stop_list()
         try:
-            events = self.engine.generate(ids, body.sampling(), max_tokens, ignore_eos=body.ignore_eos)
+            streams = [TextStream(self.engine.generate(ids, body.sampling(i), max_tokens, tuple(body.stop_token_ids),
+                                                       body.ignore_eos), self.tokenizer, stops)
+                       for i in range(body.n)]
         except ValueError as exc:
             raise APIError(400, str(exc), param="prompt") from None
-        stream = TextStream(events, self.tokenizer, body.stop_list())
         rid = new_id("chatcmpl" if chat else "cmpl")
         if body.stream:
-            return StreamingResponse(self._sse(stream, rid, body.model, chat, len(ids)),
+            return StreamingResponse(sse(streams, self.tokenizer, rid, body.model, chat),
                                      media_type="text/event-stream")
-        text, reason = "", None
-        async for delta, reason in stream:
-            text += delta
-        if reason == "error":
-            raise APIError(503, f"generation failed: {stream.error}; retry", "server_error")
-        usage = {"prompt_tokens": len(ids), "completion_tokens": stream.num_tokens,
-                 "total_tokens": len(ids) + stream.num_tokens}
-        choice: dict[str, Any] = {"index": 0, "finish_reason": reason, "logprobs": None}
-        choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
-        return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": now(),
-                "model": body.model, "choices": [choice], "usage": usage}
-
-    async def _sse(self, stream: Any, rid: str, model: str, chat: bool, prompt_len: int) -> AsyncIterator[str]:
-        """Server-sent events: one chunk per text delta, then `data: [DONE]`."""
-        obj = "chat.completion.chunk" if chat else "text_completion"
-        if chat:
-            yield _event({"id": rid, "object": obj, "created": now(), "model": model,
-                          "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                       "finish_reason": None}]})
-        async for delta, reason in stream:
-            if reason == "error":
-                yield _event(error_body(f"generation failed: {stream.error}; retry", "server_error"))
-                break
-            part = {"delta": {"content": delta} if delta else {}} if chat else {"text": delta, "logprobs": None}
-            yield _event({"id": rid, "object": obj, "created": now(), "model": model,
-                          "choices": [{"index": 0, **part, "finish_reason": reason}]})
-        yield "data: [DONE]\n\n"
+        result, error = await collect(streams, self.tokenizer, rid, body.model, chat, len(ids))
+        if error is not None:
+            raise APIError(503, f"generation failed: {error}; retry", "server_error")
+        return result
 
 
 def build_app(args: dict[str, Any]) -> Application:

@@ -65,3 +65,25 @@ def test_invalid_json_is_a_400(server: str) -> None:
     r = httpx.post(f"{server}/v1/completions", content=b"{bad", headers={"content-type": "application/json"})
     assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
     assert httpx.get(f"{server}/health").status_code == 200
+
+
+def test_n_choices_logprobs_and_penalties(client: openai.OpenAI) -> None:
+    """n=3 seeded choices differ, each with per-token logprobs; penalties are accepted."""
+    out = client.completions.create(model="tiny", prompt="hello", max_tokens=5, temperature=1.0, seed=1, n=3,
+                                    logprobs=2, presence_penalty=0.5, frequency_penalty=0.5,
+                                    extra_body={"ignore_eos": True, "repetition_penalty": 1.2})
+    assert [c.index for c in out.choices] == [0, 1, 2]
+    assert len({c.text for c in out.choices}) > 1
+    for c in out.choices:
+        assert len(c.logprobs.token_logprobs) == 5 and all(lp <= 0 for lp in c.logprobs.token_logprobs)
+        assert all(1 <= len(top) <= 2 for top in c.logprobs.top_logprobs)  # ids decoding alike merge
+    assert out.usage.completion_tokens == 15
+
+
+def test_chat_logprobs_streamed(client: openai.OpenAI) -> None:
+    """Streaming chat with logprobs carries one logprob entry per token."""
+    chunks = list(client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                                 max_tokens=4, logprobs=True, top_logprobs=1, stream=True,
+                                                 extra_body={"ignore_eos": True}))
+    entries = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert len(entries) == 4 and all(len(e.top_logprobs) == 1 for e in entries)

@@ -148,3 +148,24 @@ def test_large_api_seed_does_not_crash(seed: int) -> None:
     """Every seed the OpenAI schema accepts (0..2**63-1) samples without raising."""
     token = Sampler()(torch.zeros(1, 10), [SamplingParams(seed=seed)], [0])[0]
     assert 0 <= token < 10
+
+
+def test_penalties_follow_their_definitions() -> None:
+    """Repetition divides positive / multiplies negative seen logits; presence and frequency subtract per output."""
+    from actors.shard.sampler import apply_penalties
+
+    logits = torch.tensor([2.0, -2.0, 1.0, 0.5])
+    rep = apply_penalties(logits, SamplingParams(repetition_penalty=2.0), prompt=[0], output=[1])
+    assert rep.tolist() == [1.0, -4.0, 1.0, 0.5]
+    pf = apply_penalties(logits, SamplingParams(presence_penalty=0.5, frequency_penalty=0.25), [], [2, 2, 3])
+    assert pf.tolist() == [2.0, -2.0, 1.0 - 0.5 - 0.5, 0.5 - 0.5 - 0.25]
+
+
+def test_greedy_with_repetition_penalty_avoids_repeats() -> None:
+    """A strong repetition penalty moves greedy off an already-seen top token; logprobs are the raw model's."""
+    logits = torch.tensor([[3.0, 2.9, -1.0]])
+    params = [SamplingParams(temperature=0.0, repetition_penalty=2.0, logprobs=1)]
+    tokens, lps = Sampler().sample(logits, params, [1], [([0], [])])
+    assert tokens == [1]
+    lp, top = lps[0]
+    assert abs(lp - float(torch.log_softmax(logits[0], -1)[1])) < 1e-6 and top[0][0] == 0
