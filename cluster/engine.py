@@ -142,7 +142,7 @@ class AsyncEngine:
 
     async def _submit(self, step: Any) -> StepOutput:
         """Run one step on the grid; the last stage's TP rank 0 answers."""
-        return await self.grid.submit(step)[0]
+        return await self.grid.step_async(step)
 
     def _finish_step(self, seqs: list[Sequence], out: StepOutput) -> None:
         """Hand the step's tokens to the scheduler and to each live request's stream."""

@@ -1,6 +1,7 @@
 """One replica: tp x pp worker actors in one placement group, driven one step at a time."""
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -28,6 +29,8 @@ class WorkerGrid:
         self.pg: PlacementGroup | None = placement_group
         self.offset = bundle_offset
         self.stages: list[list[Any]] = []
+        self.dag: Any = None  # compiled on the first async step, inside the caller's event loop
+        self.dag_loop: asyncio.AbstractEventLoop | None = None
         try:
             if self.pg is None:
                 self.pg, layout = create_replica_group(cfg)
@@ -99,6 +102,31 @@ class WorkerGrid:
             hidden = [w.execute.remote(step_ref, h) for w, h in zip(stage, hidden)]
         return hidden
 
+    async def step_async(self, step: StepInput) -> StepOutput:
+        """Run one step from an event loop: through the compiled graph if enabled, else plain actor calls."""
+        if not self.cfg.compiled_graph:
+            return await self.submit(step)[0]
+        loop = asyncio.get_running_loop()
+        if self.dag is not None and self.dag_loop is not loop:
+            self.dag.teardown()  # its channel readers live on a loop that is gone; rebuild on this one
+            self.dag = None
+        if self.dag is None:
+            self.dag, self.dag_loop = self._compile(), loop
+        refs = await self.dag.execute_async(step)
+        outs = [await ref for ref in refs]  # every output channel must be drained before it is reused
+        return outs[0]
+
+    def _compile(self) -> Any:
+        """The step as a Ray Compiled Graph: input -> stage 0 TP group -> ... -> last stage (rank i feeds rank i)."""
+        from ray.dag import InputNode, MultiOutputNode
+
+        with InputNode() as step:
+            hidden: list[Any] = [None] * self.tp
+            for stage in self.stages:
+                hidden = [w.execute.bind(step, h) for w, h in zip(stage, hidden)]
+            dag = MultiOutputNode(hidden)
+        return dag.experimental_compile(enable_asyncio=True)
+
     def execute(self, step: StepInput) -> StepOutput:
         """Run one step and return the sampled tokens."""
         out = ray.get(self.submit(step))[0]
@@ -112,6 +140,12 @@ class WorkerGrid:
     def shutdown(self) -> None:
         """Leave process groups, kill the actors and free the placement group."""
         workers = [w for stage in self.stages for w in stage]
+        if self.dag is not None:
+            try:
+                self.dag.teardown()
+            except Exception:  # a dead actor makes teardown raise; the actors are killed below anyway
+                pass
+            self.dag = None
         try:
             ray.get([w.shutdown.remote() for w in workers], timeout=10)
         except Exception:  # a dead or stuck worker must not block teardown

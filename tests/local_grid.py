@@ -66,9 +66,9 @@ class LocalGrid:
         self.pool = ThreadPoolExecutor(tp)
         self.steps = ThreadPoolExecutor(1)  # steps run one after another, as on one actor per worker
 
-    def submit(self, step: StepInput) -> list[asyncio.Future]:
-        """Async counterpart of execute(): one awaitable for the last stage's answer."""
-        return [asyncio.wrap_future(self.steps.submit(self.execute, step))]
+    async def step_async(self, step: StepInput) -> StepOutput:
+        """Async counterpart of execute(), as the engine calls it."""
+        return await asyncio.wrap_future(self.steps.submit(self.execute, step))
 
     def execute(self, step: StepInput) -> StepOutput:
         hidden = None
