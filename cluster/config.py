@@ -35,8 +35,9 @@ class GridServeConfig(BaseModel):
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="Share of GPU memory a worker may use (CUDA).")
     placement_timeout_s: float = Field(60.0, gt=0, description="Give up waiting for the grid's resources after this.")
     allow_tp_across_nodes: bool = Field(False, description="Let one TP group span nodes (slow: all-reduce crosses the network).")
-    compiled_graph: bool = Field(True, description="Drive engine steps through a Ray Compiled Graph (shared-memory "
-                                 "channels, ~2x less dispatch time); false = plain actor calls.")
+    compiled_graph: bool = Field(False, description="Drive engine steps through a Ray Compiled Graph (shared-memory "
+                                 "channels, less dispatch time) when the whole grid sits on one node; off by default "
+                                 "because Ray 2.60's channels crashed the raylet across nodes in our tests.")
     seed: int = Field(0, description="Seed of the sampler for requests that do not set their own.")
     api_key: str | None = Field(None, description="If set, HTTP clients must send `Authorization: Bearer <key>`.")
     max_waiting_requests: int = Field(256, ge=1, description="Queue limit per replica; beyond it HTTP 503 + Retry-After.")

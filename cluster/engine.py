@@ -98,6 +98,11 @@ class AsyncEngine:
         """Sequences queued for admission."""
         return len(self.scheduler.waiting)
 
+    def pending_tokens(self) -> int:
+        """Work left: prompt tokens not yet in the cache plus tokens still to generate, over all sequences."""
+        seqs = list(self.scheduler.running) + list(self.scheduler.waiting)
+        return sum(len(s.tokens) - s.num_cached + s.max_tokens - len(s.output_ids) for s in seqs)
+
     def _start(self) -> None:
         """Start the step loop on first use and wake it."""
         if self._task is None or self._task.done():

@@ -74,6 +74,10 @@ def generate_sync(grid: Any, requests: list[Request], block_size: int, max_num_s
     async def main() -> list[Result]:
         engine = AsyncEngine(grid, block_size, max_num_seqs, max(max_model_len, 1), max_model_len, eos_token_ids,
                              max_inflight)
-        return await generate_all(engine, requests, tokenizer)
+        try:
+            return await generate_all(engine, requests, tokenizer)
+        finally:
+            if hasattr(grid, "close_dag"):
+                grid.close_dag()  # inside the loop that ran it: its channel tasks end cleanly
 
     return asyncio.run(main())

@@ -40,6 +40,8 @@ class WorkerGrid:
             self._start_workers()
             self.num_blocks = self._load()
             self._check_tp_groups_packed()
+            # Compiled-graph channels only where they proved reliable: every worker on one node.
+            self.use_compiled = self.cfg.compiled_graph and len({w["node_id"] for w in self.where}) == 1
         except BaseException:
             self.shutdown()
             raise
@@ -104,17 +106,25 @@ class WorkerGrid:
 
     async def step_async(self, step: StepInput) -> StepOutput:
         """Run one step from an event loop: through the compiled graph if enabled, else plain actor calls."""
-        if not self.cfg.compiled_graph:
+        if not self.use_compiled:
             return await self.submit(step)[0]
         loop = asyncio.get_running_loop()
         if self.dag is not None and self.dag_loop is not loop:
-            self.dag.teardown()  # its channel readers live on a loop that is gone; rebuild on this one
-            self.dag = None
+            self.close_dag()  # its channel readers live on a loop that is gone; rebuild on this one
         if self.dag is None:
             self.dag, self.dag_loop = self._compile(), loop
         refs = await self.dag.execute_async(step)
         outs = [await ref for ref in refs]  # every output channel must be drained before it is reused
         return outs[0]
+
+    def close_dag(self) -> None:
+        """Tear the compiled graph down; call it from the event loop that ran it, before that loop ends."""
+        if self.dag is not None:
+            try:
+                self.dag.teardown()
+            except Exception:  # a dead actor makes teardown raise; nothing is left to release then
+                pass
+            self.dag, self.dag_loop = None, None
 
     def _compile(self) -> Any:
         """The step as a Ray Compiled Graph: input -> stage 0 TP group -> ... -> last stage (rank i feeds rank i)."""
@@ -140,12 +150,7 @@ class WorkerGrid:
     def shutdown(self) -> None:
         """Leave process groups, kill the actors and free the placement group."""
         workers = [w for stage in self.stages for w in stage]
-        if self.dag is not None:
-            try:
-                self.dag.teardown()
-            except Exception:  # a dead actor makes teardown raise; the actors are killed below anyway
-                pass
-            self.dag = None
+        self.close_dag()
         try:
             ray.get([w.shutdown.remote() for w in workers], timeout=10)
         except Exception:  # a dead or stuck worker must not block teardown

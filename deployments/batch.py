@@ -114,7 +114,10 @@ def run(cfg: GridServeConfig, input_path: Path, output_path: Path, address: str 
     async def main() -> None:
         engine = AsyncEngine(grid, cfg.block_size, cfg.max_num_seqs, cfg.max_num_batched_tokens,
                              cfg.max_model_len, spec.eos_token_ids)
-        await generate_all(engine, requests, tokenizer, record)
+        try:
+            await generate_all(engine, requests, tokenizer, record)
+        finally:
+            grid.close_dag()
 
     start = time.perf_counter()
     try:

@@ -92,6 +92,12 @@ class LLMServer:
         if grid is not None:
             grid.shutdown()
 
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Load as LLM work, for deployments.autoscaling.TokenLoadPolicy."""
+        return {"pending_tokens": float(self.engine.pending_tokens()),
+                "kv_cache_usage": float(self.engine.scheduler.blocks.usage),
+                "running": float(self.engine.num_running), "waiting": float(self.engine.num_waiting)}
+
     async def check_health(self) -> None:
         """Serve's health check: a replica whose grid failed is replaced."""
         if self.engine.dead:

@@ -26,16 +26,21 @@ def run(engine: AsyncEngine, reqs: list[Request], stagger: float = 0.0) -> list:
         async def later(r: Request, delay: float) -> list:
             await asyncio.sleep(delay)
             return await generate_all(engine, [r])
-        return [x[0] for x in await asyncio.gather(*(later(r, stagger * i) for i, r in enumerate(reqs)))]
+        try:
+            return [x[0] for x in await asyncio.gather(*(later(r, stagger * i) for i, r in enumerate(reqs)))]
+        finally:
+            engine.grid.close_dag()
     return asyncio.run(main())
 
 
-@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 2)])
-def test_32_concurrent_requests_equal_each_alone(local_ray: None, model_dirs: dict, tp: int, pp: int) -> None:
+@pytest.mark.parametrize("tp,pp,compiled", [(1, 1, False), (2, 2, False), (2, 2, True)])
+def test_32_concurrent_requests_equal_each_alone(local_ray: None, model_dirs: dict, tp: int, pp: int,
+                                                 compiled: bool) -> None:
     """Requests arriving while others run (continuous batching, pp micro-batches) get HF's greedy tokens."""
     d = model_dirs["llama_gqa"]
     reqs = mixed_requests(32)
-    grid = make_grid(str(d), tp, pp)
+    grid = make_grid(str(d), tp, pp, compiled_graph=compiled)
+    assert grid.use_compiled == compiled
     try:
         engine = AsyncEngine(grid, 4, 8, 256, 256)
         assert engine.max_inflight == pp
@@ -60,6 +65,7 @@ def test_abort_frees_blocks_and_others_continue(local_ray: None, model_dirs: dic
                 break
         await long.aclose()
         done = await other
+        engine.grid.close_dag()
         return len(engine.scheduler.blocks.free), done[0].token_ids
 
     try:
