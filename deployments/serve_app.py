@@ -6,7 +6,7 @@ from typing import Any, AsyncIterator, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from ray import serve
 from ray.serve import Application
 from ray.util import get_current_placement_group
@@ -115,6 +115,24 @@ class LLMServer:
         if self.engine.dead:
             raise APIError(503, f"grid failed: {self.engine.dead}", "server_error")
         return {"status": "ok"}
+
+    @api.get("/metrics")
+    async def metrics(self) -> PlainTextResponse:
+        """Prometheus text for the replica that answers (Ray's own exporter also carries Serve's metrics)."""
+        e, replica = self.engine, serve.get_replica_context().replica_tag
+        values = [("requests_running", "gauge", "Sequences in the running batch.", e.num_running),
+                  ("requests_waiting", "gauge", "Sequences waiting for admission.", e.num_waiting),
+                  ("kv_cache_usage", "gauge", "Share of KV-cache blocks in use.", e.scheduler.blocks.usage),
+                  ("kv_cache_blocks", "gauge", "KV-cache blocks of this replica.", e.scheduler.blocks.num_blocks),
+                  ("preemptions_total", "counter", "Sequences preempted for KV space.", e.scheduler.num_preemptions),
+                  ("steps_total", "counter", "Engine steps run.", e.stats.steps),
+                  ("prompt_tokens_total", "counter", "Prompt tokens prefilled.", e.stats.prompt_tokens),
+                  ("generation_tokens_total", "counter", "Tokens generated.", e.stats.generation_tokens)]
+        lines = []
+        for name, kind, help_, value in values:
+            lines += [f"# HELP gridserve_{name} {help_}", f"# TYPE gridserve_{name} {kind}",
+                      f'gridserve_{name}{{replica="{replica}"}} {float(value)}']
+        return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
     @api.get("/v1/models")
     async def models(self, request: Request) -> dict[str, Any]:

@@ -87,3 +87,13 @@ def test_chat_logprobs_streamed(client: openai.OpenAI) -> None:
                                                  extra_body={"ignore_eos": True}))
     entries = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
     assert len(entries) == 4 and all(len(e.top_logprobs) == 1 for e in entries)
+
+
+def test_metrics_endpoint_counts_tokens(server: str, client: openai.OpenAI) -> None:
+    """GET /metrics is Prometheus text whose token counters moved after a request."""
+    client.completions.create(model="tiny", prompt=[5, 6, 7], max_tokens=3, extra_body={"ignore_eos": True})
+    text = httpx.get(f"{server}/metrics").text
+    values = {line.split("{")[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+              if line and not line.startswith("#")}
+    assert values["gridserve_generation_tokens_total"] >= 3 and values["gridserve_kv_cache_blocks"] > 0
+    assert "# TYPE gridserve_requests_running gauge" in text
