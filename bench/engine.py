@@ -62,11 +62,11 @@ def prompts(n: int, length: int, model: str) -> list[list[int]]:
     return [[(7 * i + 13 * r + 3) % (vocab - 10) + 10 for i in range(length)] for r in range(n)]
 
 
-def make_grid(model: str, tp: int = 1, pp: int = 1, kv_mib: int = 512) -> WorkerGrid:
+def make_grid(model: str, tp: int = 1, pp: int = 1, kv_mib: int = 512, compiled: bool = False) -> WorkerGrid:
     """A CPU grid whose tp*pp workers split the machine's cores equally (one torch thread at least)."""
     cfg = GridServeConfig(model=model, tensor_parallel_size=tp, pipeline_parallel_size=pp, resource="CPU",
                           cpus_per_worker=CORES / (tp * pp), max_model_len=512, max_num_batched_tokens=BUDGET,
-                          kv_cache_memory_bytes=kv_mib * 2**20)
+                          kv_cache_memory_bytes=kv_mib * 2**20, compiled_graph=compiled)
     return WorkerGrid(cfg)
 
 
@@ -175,11 +175,11 @@ class Recorder:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.grid, name)
 
-    def submit(self, step: StepInput) -> list[ray.ObjectRef]:
-        """Launch the step on the real grid and remember the ref that answers it."""
-        refs = self.grid.submit(step)
-        self.refs.append(refs[0])
-        return refs
+    async def step_async(self, step: StepInput) -> StepOutput:
+        """Launch the step with plain actor calls on the real grid and remember the ref that answers it."""
+        ref = self.grid.submit(step)[0]
+        self.refs.append(ref)
+        return await ref
 
     def compute_s(self, skip: int) -> float:
         """Summed last-stage step_s of the recorded steps after the first `skip` (the warm-up)."""
@@ -236,9 +236,14 @@ def part_dispatch(quick: bool) -> None:
     """Per-step overhead of driving a tp=2 pp=2 grid one single-sequence decode step at a time."""
     n = 200
     model = ensure_model(TINY_MODEL, preset="tiny", **TINY)
-    grid = make_grid(model, tp=2, pp=2, kv_mib=8)
-    # Hook: a compiled-graph executor (StepInput -> StepOutput) can be added here as another variant.
-    variants: dict[str, Callable[[StepInput], StepOutput]] = {"plain actor calls": grid.execute}
+    grid = make_grid(model, tp=2, pp=2, kv_mib=8, compiled=True)
+    loop = asyncio.new_event_loop()  # the compiled graph's channel readers live on this loop
+
+    def compiled(step: StepInput) -> StepOutput:
+        return loop.run_until_complete(grid.step_async(step))
+
+    variants: dict[str, Callable[[StepInput], StepOutput]] = {"plain actor calls": grid.execute,
+                                                               "Ray Compiled Graph": compiled}
     rows = []
     try:
         for name, execute in variants.items():
@@ -249,6 +254,11 @@ def part_dispatch(quick: bool) -> None:
             rows.append([name, n, ms.mean(), np.median(ms), np.percentile(ms, 99), cms.mean(), ms.mean() - cms.mean(),
                          ms.sum() / 1000, cms.sum() / 1000])
     finally:
+        async def close() -> None:
+            grid.close_dag()
+
+        loop.run_until_complete(close())
+        loop.close()
         grid.shutdown()
     table(f"dispatch: tp=2 pp=2, batch 1 decode, {model_info(model)}",
           ["executor", "steps", "mean ms", "p50 ms", "p99 ms", "compute ms", "overhead ms", "wall s", "compute s"],
@@ -294,7 +304,7 @@ def main() -> None:
     ensure_model(BENCH_MODEL)
     print(f"machine: {platform.machine()} {CORES} cores (grids on CPU); torch {torch.__version__}, Ray {ray.__version__}, "
           f"transformers {transformers.__version__}; model {model_info(BENCH_MODEL)}{'; --quick' if args.quick else ''}")
-    ray.init(num_cpus=max(CORES, 4), include_dashboard=False, _node_ip_address="127.0.0.1")
+    ray.init(address="local", num_cpus=max(CORES, 4), include_dashboard=False, _node_ip_address="127.0.0.1")
     try:
         for name in args.only:
             start = time.perf_counter()

@@ -18,5 +18,5 @@ def connect(cfg: GridServeConfig, address: str | None = None) -> bool:
         return False
     # A CPU box runs one worker per logical CPU slot; declare enough slots for the grid (they time-share cores).
     cpus = max(os.cpu_count() or 1, int(cfg.world_size * cfg.cpus_per_worker) + 1)
-    ray.init(num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1")
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1")
     return True

@@ -2,6 +2,7 @@
 # No `from __future__ import annotations` here: FastAPI must see real types on the route signatures.
 
 import logging
+import time
 from typing import Any, AsyncIterator, TypeVar
 
 from fastapi import FastAPI, Request
@@ -9,11 +10,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from ray import serve
 from ray.serve import Application
+from pydantic import BaseModel, ValidationError
 from ray.util import get_current_placement_group
 
 from cluster.config import GridServeConfig
-from pydantic import BaseModel, ValidationError
-
 from cluster.detokenize import TextStream
 from deployments.openai_schema import ChatRequest, CompletionRequest, SamplingFields, error_body, new_id, now
 from deployments.responses import collect, sse
@@ -201,22 +201,30 @@ class LLMServer:
         if body.stream:
             return StreamingResponse(sse(streams, self.tokenizer, rid, body.model, chat),
                                      media_type="text/event-stream")
+        start = time.perf_counter()
         result, error = await collect(streams, self.tokenizer, rid, body.model, chat, len(ids))
         if error is not None:
             raise APIError(503, f"generation failed: {error}; retry", "server_error")
-        return result
+        # Engine time (queue + steps + detokenize) lets clients split latency into engine vs Serve/HTTP.
+        engine_ms = f"{1000 * (time.perf_counter() - start):.3f}"
+        return JSONResponse(result, headers={"x-gridserve-engine-ms": engine_ms})
 
 
 def build_app(args: dict[str, Any]) -> Application:
     """Serve app builder (`import_path: deployments.serve_app:build_app`): validates args, sizes the replica group."""
-    import ray
-
     from deployments.make_model import ensure_default_model
 
-    cfg = GridServeConfig(**ensure_default_model(dict(args)))
+    return make_app(GridServeConfig(**ensure_default_model(dict(args))))
+
+
+def make_app(cfg: GridServeConfig, **deployment_options: Any) -> Application:
+    """The deployment with one placement group per replica: bundle 0 for the replica, one bundle per worker."""
+    import ray
+
     gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
     resource = cfg.resource if cfg.resource != "auto" else ("GPU" if gpus else "CPU")
     worker = {"GPU": 1.0} if resource == "GPU" else {"CPU": cfg.cpus_per_worker}
     bundles = [{"CPU": cfg.replica_cpus}] + [dict(worker) for _ in range(cfg.world_size)]
     return LLMServer.options(placement_group_bundles=bundles, placement_group_strategy="PACK",
-                             ray_actor_options={"num_cpus": cfg.replica_cpus}).bind(cfg.model_dump())
+                             ray_actor_options={"num_cpus": cfg.replica_cpus},
+                             **deployment_options).bind(cfg.model_dump())

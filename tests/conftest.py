@@ -7,6 +7,9 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tests start (and stop) their own loopback clusters; a RAY_ADDRESS from the host (a CI box running Ray, a
+# `ray job` driver) would make them join someone else's cluster, and subprocesses inherit it.
+os.environ.pop("RAY_ADDRESS", None)
 
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
              max_position_embeddings=256)

@@ -13,7 +13,7 @@ LOOPBACK = "127.0.0.1"
 @pytest.fixture(scope="module")
 def local_ray() -> Iterator[None]:
     """One local Ray node with 4 logical GPUs (workers compute on the CPU, one actor per 'GPU')."""
-    ray.init(num_cpus=2, num_gpus=4, include_dashboard=False, _node_ip_address=LOOPBACK,
+    ray.init(address="local", num_cpus=2, num_gpus=4, include_dashboard=False, _node_ip_address=LOOPBACK,
              runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
     yield
     ray.shutdown()

@@ -21,7 +21,7 @@ def test_cuda_grid_bf16_matches_hf_greedy(model_dirs: dict) -> None:
     hf.generation_config.eos_token_id = None  # full length, like the grid's ignore_eos
     ids = torch.tensor([PROMPTS[0]], device="cuda")
     ref = hf.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)[0, ids.shape[1]:]
-    ray.init(include_dashboard=False, _node_ip_address="127.0.0.1")
+    ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1")
     try:
         grid = WorkerGrid(GridServeConfig(model=str(d), dtype="bfloat16", max_model_len=256,
                                           max_num_batched_tokens=256, block_size=4))

@@ -33,7 +33,7 @@ def server(chat_model: str) -> Iterator[str]:
     from deployments.serve_app import build_app
 
     port = free_port()
-    ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1")
+    ray.init(address="local", num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1")
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = {"model": chat_model, "served_model_name": "tiny", "tensor_parallel_size": 2,
             "pipeline_parallel_size": 2, "cpus_per_worker": 0.5, "replica_cpus": 0.5, "max_model_len": 128,

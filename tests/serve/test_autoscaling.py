@@ -1,0 +1,90 @@
+"""Autoscaling on a simulated 2-node cluster: load scales 1 -> 2 grids, quiet scales back, no request fails."""
+from __future__ import annotations
+
+import threading
+import time
+from typing import Iterator
+
+import httpx
+import pytest
+import ray
+from ray import serve
+from ray.cluster_utils import Cluster
+
+from tests.serve.conftest import free_port
+
+
+@pytest.fixture(scope="module")
+def cluster_url(chat_model: str) -> Iterator[tuple[str, str]]:
+    """Two loopback nodes with 2 logical GPUs each; Serve on a free port."""
+    import ray._private.services as services
+
+    original = services.node_ip_address_from_perspective
+    services.node_ip_address_from_perspective = lambda address=None: "127.0.0.1"
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 2, "include_dashboard": False,
+                                                           "node_ip_address": "127.0.0.1"})
+    cluster.add_node(num_cpus=2, num_gpus=2, node_ip_address="127.0.0.1")
+    ray.init(address=cluster.address)
+    cluster.wait_for_nodes()
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield f"http://127.0.0.1:{port}", chat_model
+    serve.shutdown()
+    ray.shutdown()
+    cluster.shutdown()
+    services.node_ip_address_from_perspective = original
+
+
+def replicas() -> list:
+    """Running replicas of the LLMServer deployment."""
+    status = serve.status().applications["gridserve"].deployments["LLMServer"]
+    return [r for r in status.replica_states.items() if r[0] == "RUNNING" for _ in range(r[1])]
+
+
+def test_load_scales_out_to_a_second_grid_and_back(cluster_url: tuple[str, str]) -> None:
+    """Sustained streams push pending tokens past the target: a second tp=2 grid starts; idle, it goes away."""
+    from cluster.config import GridServeConfig
+    from deployments.serve_app import make_app
+
+    url, model = cluster_url
+    cfg = GridServeConfig(model=model, served_model_name="tiny", tensor_parallel_size=2, max_model_len=256,
+                          max_num_batched_tokens=256, block_size=8, kv_cache_memory_bytes=2**22, replica_cpus=0.5)
+    autoscaling = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1000, "upscale_delay_s": 1,
+                   "downscale_delay_s": 4, "look_back_period_s": 2, "metrics_interval_s": 0.5,
+                   "policy": {"policy_function": "deployments.autoscaling:TokenLoadPolicy",
+                              "policy_kwargs": {"target_pending_tokens": 400, "target_kv_usage": 0.9}}}
+    serve.run(make_app(cfg, autoscaling_config=autoscaling, max_ongoing_requests=64), name="gridserve",
+              route_prefix="/")
+    assert len(replicas()) == 1
+    failures: list[str] = []
+    done = threading.Event()
+    served = [0]
+
+    def client() -> None:
+        with httpx.Client(timeout=120) as http:
+            while not done.is_set():
+                r = http.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 60,
+                                                            "ignore_eos": True})
+                if r.status_code != 200 or r.json()["usage"]["completion_tokens"] != 60:
+                    failures.append(f"{r.status_code}: {r.text[:200]}")
+                served[0] += 1
+
+    threads = [threading.Thread(target=client) for _ in range(12)]
+    for t in threads:
+        t.start()
+    peak, deadline = 1, time.monotonic() + 120
+    while time.monotonic() < deadline and peak < 2:
+        peak = max(peak, len(replicas()))
+        time.sleep(0.5)
+    time.sleep(3)  # keep serving through the new replica's first requests
+    done.set()
+    for t in threads:
+        t.join()
+    assert peak == 2, "never scaled to 2 replicas"
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and len(replicas()) > 1:
+        time.sleep(0.5)
+    assert len(replicas()) == 1, "did not scale back to 1 replica"
+    assert not failures and served[0] > 12
+    r = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": [5], "max_tokens": 2}, timeout=60)
+    assert r.status_code == 200
