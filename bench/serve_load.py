@@ -129,6 +129,7 @@ def main() -> None:
     try:
         ready, first = cold_start(url, args)
         wall, results = asyncio.run(load(url, prompts, a.max_tokens, a.concurrency))
+        _, alone = asyncio.run(load(url, prompts[:20], a.max_tokens, 1))  # overhead without CPU contention
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -148,6 +149,10 @@ def main() -> None:
     print(f"| gridserve over HTTP | {rate:.1f} | {a.requests / wall:.2f} | {np.median(client):.0f} | "
           f"{np.percentile(client, 99):.0f} | {np.median(engine):.0f} | {np.median(over):.1f} | "
           f"{np.percentile(over, 99):.1f} |")
+    over1 = np.array([r[0] - r[1] for r in alone])
+    print(f"\none request at a time (20 requests): latency p50 {np.median([r[0] for r in alone]):.0f} ms, "
+          f"engine p50 {np.median([r[1] for r in alone]):.0f} ms, Serve overhead p50 {np.median(over1):.1f} ms, "
+          f"p99 {np.percentile(over1, 99):.1f} ms")
     if wrong:
         raise SystemExit(f"{wrong} answers differ from HF greedy")
 

@@ -225,6 +225,8 @@ def make_app(cfg: GridServeConfig, **deployment_options: Any) -> Application:
     resource = cfg.resource if cfg.resource != "auto" else ("GPU" if gpus else "CPU")
     worker = {"GPU": 1.0} if resource == "GPU" else {"CPU": cfg.cpus_per_worker}
     bundles = [{"CPU": cfg.replica_cpus}] + [dict(worker) for _ in range(cfg.world_size)]
+    # Serve's default of 5 ongoing requests would hold requests at the proxy, outside our batch; let the replica
+    # take what its engine can run or queue (beyond that it answers 503 itself).
+    options = {"max_ongoing_requests": cfg.max_num_seqs + cfg.max_waiting_requests, **deployment_options}
     return LLMServer.options(placement_group_bundles=bundles, placement_group_strategy="PACK",
-                             ray_actor_options={"num_cpus": cfg.replica_cpus},
-                             **deployment_options).bind(cfg.model_dump())
+                             ray_actor_options={"num_cpus": cfg.replica_cpus}, **options).bind(cfg.model_dump())

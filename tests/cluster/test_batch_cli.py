@@ -31,4 +31,24 @@ def test_batch_job_writes_one_line_per_input_in_order(model_dirs: dict, tmp_path
         assert o["token_ids"] == ref[:len(o["token_ids"])]
         assert o["usage"] == {"prompt_tokens": len(prompt), "completion_tokens": len(o["token_ids"])}
         assert o["finish_reason"] in ("length", "stop")
-    assert "4 requests, 2 failed" in proc.stderr
+    assert "4 requests (0 already done, skipped), 2 failed" in proc.stderr
+
+
+def test_replicas_auto_spreads_lines_over_every_grid_that_fits(local_ray: None, model_dirs: dict,
+                                                               tmp_path: Path) -> None:
+    """4 logical GPUs hold two tp=1 pp=2 grids: both take work, every line equals HF, input order kept."""
+    from cluster.config import GridServeConfig
+    from deployments.batch import run
+
+    d = model_dirs["llama_gqa"]
+    prompts = [[3 + i, 17, 5, 42][: 2 + i % 3] for i in range(12)]
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("".join(json.dumps({"prompt_token_ids": p, "max_tokens": 5, "temperature": 0,
+                                       "ignore_eos": True}) + "\n" for p in prompts))
+    cfg = GridServeConfig(model=str(d), pipeline_parallel_size=2, max_model_len=64, max_num_seqs=2)
+    summary = run(cfg, src, dst, replicas=None)
+    assert len(summary.per_grid) == 2 and min(summary.per_grid) > 0 and summary.failed == 0
+    out = [json.loads(x) for x in dst.read_text().splitlines()]
+    assert [o["line"] for o in out] == list(range(1, 13))
+    for o, p in zip(out, prompts):
+        assert o["token_ids"] == hf_greedy(d, p, 5)[0]

@@ -1,0 +1,168 @@
+"""Batch job input and output: validated JSONL lines in, an append-only result log out that a rerun resumes."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from actors.shard.sampler import SamplingParams
+from cluster.generate import Request
+
+
+class BatchLine(BaseModel):
+    """One input line."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str | int | None = Field(None, description="Caller's id, copied to the output line; a rerun skips "
+                                 "ids already finished (default key: the line number).")
+    prompt: str | None = Field(None, min_length=1, description="Text prompt (tokenized with the model's tokenizer).")
+    prompt_token_ids: list[int] | None = Field(None, min_length=1, description="Prompt as token ids.")
+    max_tokens: int = Field(16, ge=1, description="Most tokens to generate.")
+    temperature: float = Field(1.0, ge=0.0, le=100.0, description="0 = greedy.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    top_k: int = Field(0, ge=0, description="Sample among the k likeliest tokens; 0 = off.")
+    min_p: float = Field(0.0, ge=0.0, le=1.0, description="Drop tokens below min_p x the top probability.")
+    seed: int | None = Field(None, description="Per-request seed: the same seed gives the same tokens.")
+    stop: str | list[str] | None = Field(None, description="Stop string(s); the text ends before them.")
+    ignore_eos: bool = Field(False, description="Keep generating past the end-of-sequence token.")
+
+    @model_validator(mode="after")
+    def _one_prompt(self) -> "BatchLine":
+        """Exactly one of prompt / prompt_token_ids."""
+        if (self.prompt is None) == (self.prompt_token_ids is None):
+            raise ValueError("give exactly one of `prompt` and `prompt_token_ids`")
+        return self
+
+    def sampling(self) -> SamplingParams:
+        """The sampler's view of this line."""
+        return SamplingParams(self.temperature, self.top_p, self.top_k, self.min_p, self.seed)
+
+
+def parse_line(raw: bytes) -> BatchLine:
+    """Parse and validate one JSONL line; raises ValueError with a readable message."""
+    try:
+        return BatchLine.model_validate(json.loads(raw.decode("utf-8")))
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"not UTF-8 text: {exc.reason} at byte {exc.start}") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not valid JSON: {exc.msg} at column {exc.colno}") from None
+    except ValidationError as exc:
+        parts = [f"{'.'.join(map(str, e['loc'])) or 'line'}: {e['msg']}" for e in exc.errors()]
+        raise ValueError("; ".join(parts)) from None
+
+
+def record_key(record: dict[str, Any]) -> str:
+    """What a rerun matches finished work by: the caller's id, else the 1-based line number."""
+    return f"id:{json.dumps(record['id'])}" if record.get("id") is not None else f"line:{record['line']}"
+
+
+def best_effort_id(raw: bytes) -> Any:
+    """The line's `id` if the line is at least a JSON object with a scalar id, else None."""
+    try:
+        obj = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    value = obj.get("id") if isinstance(obj, dict) else None
+    return value if isinstance(value, (str, int)) else None
+
+
+def read_requests(raw_lines: list[bytes], tokenizer: Any, vocab_size: int, max_model_len: int,
+                  done: set[str]) -> tuple[list[Request], dict[int, dict], int]:
+    """Validate every line; returns requests to run (id = line index), error records, lines skipped as done."""
+    requests: list[Request] = []
+    records: dict[int, dict] = {}
+    seen: dict[str, int] = {}
+    skipped = 0
+    for n, raw in enumerate(raw_lines):
+        if not raw.strip():
+            continue
+        record = {"id": best_effort_id(raw), "line": n + 1}
+        try:
+            line = parse_line(raw)
+            record["id"] = line.id
+            key = record_key(record)
+            if key in seen:
+                raise ValueError(f"id {line.id!r} repeats line {seen[key]}; ids must be unique so a rerun can skip "
+                                 "finished lines")
+            seen[key] = n + 1
+            if key in done:
+                skipped += 1
+                continue
+            ids = line.prompt_token_ids or tokenizer.encode(line.prompt)
+            if not ids:
+                raise ValueError("prompt: tokenizes to no tokens")
+            if max(ids) >= vocab_size or min(ids) < 0:
+                raise ValueError(f"prompt_token_ids: must lie in [0, {vocab_size})")
+            if len(ids) + line.max_tokens > max_model_len:
+                raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({line.max_tokens}) exceeds "
+                                 f"max_model_len={max_model_len}; shorten the prompt or lower max_tokens")
+            stop = [line.stop] if isinstance(line.stop, str) else (line.stop or [])
+            requests.append(Request(n, ids, line.sampling(), line.max_tokens, stop, ignore_eos=line.ignore_eos))
+            records[n] = record
+        except ValueError as exc:
+            records[n] = {**record, "error": str(exc)}
+    return requests, records, skipped
+
+
+class ResultLog:
+    """Append-only JSONL of finished records: written as results land, read back by a rerun, ordered at the end."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.repair()
+        self.file = open(path, "a", encoding="utf-8")
+        self.last_sync = time.monotonic()
+
+    def repair(self) -> None:
+        """Cut a torn last line (the job was killed mid-write) so appends start on a fresh line."""
+        if not self.path.exists():
+            return
+        data = self.path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            keep = data.rfind(b"\n") + 1
+            with open(self.path, "r+b") as f:
+                f.truncate(keep)
+
+    def records(self) -> list[dict[str, Any]]:
+        """Every intact record in the file, oldest first."""
+        out = []
+        if self.path.exists():
+            for raw in self.path.read_bytes().splitlines():
+                try:
+                    obj = json.loads(raw)
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    continue
+                if isinstance(obj, dict) and "line" in obj:
+                    out.append(obj)
+        return out
+
+    def finished(self) -> set[str]:
+        """Keys of records that succeeded (failed ones are redone by a rerun)."""
+        return {record_key(r) for r in self.records() if "error" not in r}
+
+    def append(self, record: dict[str, Any]) -> None:
+        """Write one record now; flushed at once (a killed job keeps it), fsynced at most once a second."""
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if time.monotonic() - self.last_sync > 1.0:
+            os.fsync(self.file.fileno())
+            self.last_sync = time.monotonic()
+
+    def finalize(self, ordered: bool) -> list[dict[str, Any]]:
+        """Rewrite the file with one record per key (a success beats an error), in input order if `ordered`."""
+        self.file.close()
+        best: dict[str, dict[str, Any]] = {}
+        for r in self.records():
+            key = record_key(r)
+            if key not in best or "error" in best[key] or "error" not in r:
+                best[key] = r
+        final = sorted(best.values(), key=lambda r: r["line"]) if ordered else list(best.values())
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in final), encoding="utf-8")
+        os.replace(tmp, self.path)
+        return final
