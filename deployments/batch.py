@@ -56,6 +56,14 @@ def build_config(args: argparse.Namespace) -> GridServeConfig:
     return GridServeConfig(**fields)
 
 
+def load_tokenizer(model: str) -> Any:
+    """The model's tokenizer, or None for a folder without one (then lines must give prompt_token_ids)."""
+    from transformers import AutoTokenizer
+
+    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+    return AutoTokenizer.from_pretrained(model) if any((Path(model) / n).exists() for n in names) else None
+
+
 def grids_that_fit(cfg: GridServeConfig) -> int:
     """How many grids the connected cluster can hold right now (`--replicas auto`)."""
     import ray
@@ -115,13 +123,11 @@ async def drain(queue: asyncio.Queue[Request], engines: list[Any], tokenizer: An
 def run(cfg: GridServeConfig, input_path: Path, output_path: Path, address: str | None = None,
         replicas: int | None = 1, ordered: bool = True) -> Summary:
     """Generate for every unfinished line of `input_path` over `replicas` grids (None: as many as fit)."""
-    from transformers import AutoTokenizer
-
     from cluster.engine import AsyncEngine
     from cluster.grid import WorkerGrid
     from cluster.runtime import connect
 
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+    tokenizer = load_tokenizer(cfg.model)
     results = ResultLog(output_path)
     requests, records, skipped = read_requests(input_path.read_bytes().splitlines(), tokenizer,
                                                cfg.spec().vocab_size, cfg.max_model_len, results.finished())
@@ -146,7 +152,8 @@ def run(cfg: GridServeConfig, input_path: Path, output_path: Path, address: str 
             if res.error is not None:
                 rec["error"] = res.error
             else:
-                rec.update(text=res.text, token_ids=res.token_ids, finish_reason=res.finish_reason,
+                rec.update(text=res.text if tokenizer is not None else None, token_ids=res.token_ids,
+                           finish_reason=res.finish_reason,
                            usage={"prompt_tokens": len(res.prompt_ids), "completion_tokens": len(res.token_ids)})
             results.append(rec)
             progress.add(res, grid)

@@ -93,6 +93,8 @@ def read_requests(raw_lines: list[bytes], tokenizer: Any, vocab_size: int, max_m
             if key in done:
                 skipped += 1
                 continue
+            if tokenizer is None and (line.prompt is not None or line.stop):
+                raise ValueError("prompt/stop: the model folder has no tokenizer; send prompt_token_ids (no stop)")
             ids = line.prompt_token_ids or tokenizer.encode(line.prompt)
             if not ids:
                 raise ValueError("prompt: tokenizes to no tokens")

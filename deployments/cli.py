@@ -1,4 +1,4 @@
-"""`gridserve` command: serve, batch, make-model."""
+"""`gridserve` command: serve, batch, plan, make-model."""
 from __future__ import annotations
 
 import os
@@ -6,9 +6,9 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Dispatch `gridserve serve|batch|make-model ...`."""
+    """Dispatch `gridserve serve|batch|plan|make-model ...`."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    usage = "usage: gridserve {serve [CONFIG] | batch ARGS... | make-model [OUT] ...}"
+    usage = "usage: gridserve {serve [CONFIG] | batch ARGS... | plan MODEL ... | make-model [OUT] ...}"
     if not argv or argv[0] in ("-h", "--help"):
         print(usage)
         return 0
@@ -19,6 +19,9 @@ def main(argv: list[str] | None = None) -> int:
     if cmd == "batch":
         from deployments.batch import main as batch_main
         return batch_main(rest)
+    if cmd == "plan":
+        from deployments.plan import main as plan_main
+        return plan_main(rest)
     if cmd == "make-model":
         from deployments.make_model import main as make_main
         make_main(rest)
