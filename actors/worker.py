@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from datetime import timedelta
 from typing import Any
 
@@ -13,6 +14,7 @@ import torch.distributed as dist
 
 from actors.shard.runner import ShardPlan, StageRunner, StepInput, StepOutput
 from actors.shard.tp import TPGroup
+from actors.shard.usage import StepWindow, memory_bytes
 
 
 @ray.remote
@@ -27,6 +29,7 @@ class Worker:
             torch.cuda.set_device(self.device)
         torch.set_num_threads(num_threads)
         self.runner: StageRunner | None = None
+        self.window = StepWindow()
 
     def where(self) -> dict[str, Any]:
         """Node, address and devices of this worker (for the layout report and rendezvous)."""
@@ -71,7 +74,17 @@ class Worker:
     def execute(self, step: StepInput, hidden: np.ndarray | None) -> np.ndarray | StepOutput | None:
         """Run one step of this stage; `hidden` arrives as an object ref resolved by Ray, never via the driver."""
         assert self.runner is not None, "load() must run before execute()"
-        return self.runner.execute(step, hidden)
+        start, comm = time.perf_counter(), self.runner.tp.comm_seconds
+        out = self.runner.execute(step, hidden)
+        self.window.record(start, time.perf_counter(), self.runner.tp.comm_seconds - comm)
+        return out
+
+    def stats(self) -> dict[str, Any]:
+        """Where this worker runs, its memory, and its utilization over recent steps (for /status, /metrics)."""
+        assert self.runner is not None
+        kv = self.runner.cache.num_blocks * self.runner.block_bytes() if self.runner.cache is not None else 0
+        return {**self.where(), **memory_bytes(self.device), **self.window.summary(),
+                "weight_bytes": self.runner.weight_bytes(), "kv_bytes": kv}
 
     def comm_stats(self) -> dict[str, float]:
         """Collective count and seconds spent in them since start."""

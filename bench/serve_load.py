@@ -4,7 +4,7 @@ Every answer is checked against Hugging Face greedy output for its prompt; HF `g
 (static batches of C) runs in the same process as the reference rate. Serve's own overhead per request is the
 client's latency minus the engine time the replica reports in the `x-gridserve-engine-ms` header.
 
-python -m bench.serve_load [--requests 200] [--concurrency 32] [--max-tokens 32] [--tp 2] [--pp 2]
+python -m bench.serve_load [--requests 200] [--concurrency 32] [--max-tokens 32] [--tp 2] [--pp 2] [--proxy grpc]
 """
 from __future__ import annotations
 
@@ -112,7 +112,11 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--tp", type=int, default=2)
     ap.add_argument("--pp", type=int, default=2)
+    ap.add_argument("--proxy", choices=["grpc", "actor"], default="grpc",
+                    help="how Serve's HTTP proxy reaches the replica (RAY_SERVE_PROXY_USE_GRPC; `gridserve serve` "
+                    "uses grpc)")
     a = ap.parse_args()
+    os.environ["RAY_SERVE_PROXY_USE_GRPC"] = "1" if a.proxy == "grpc" else "0"  # read when Ray starts the proxy
     args = ensure_default_model({"model": DEFAULT_MODEL, "served_model_name": "gridserve",
                                  "tensor_parallel_size": a.tp, "pipeline_parallel_size": a.pp,
                                  "cpus_per_worker": 0.25, "replica_cpus": 0.5, "max_model_len": 256,
@@ -121,7 +125,7 @@ def main() -> None:
     texts, hf_rate = hf_reference(args["model"], prompts, a.max_tokens, a.concurrency)
     cores = os.cpu_count() or 1
     print(f"machine: {platform.machine()} {cores} cores, no GPU; torch {torch.__version__}, Ray {ray.__version__}, "
-          f"transformers {transformers.__version__}; model {args['model']}; tp={a.tp} pp={a.pp}")
+          f"transformers {transformers.__version__}; model {args['model']}; tp={a.tp} pp={a.pp}; proxy->replica: {a.proxy}")
     ray.init(address="local", num_cpus=max(cores, 4), include_dashboard=False, _node_ip_address="127.0.0.1")
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -34,6 +34,8 @@ class GridServeConfig(BaseModel):
     kv_cache_memory_bytes: int = Field(256 * 2**20, ge=1, description="KV-cache budget per worker on CPU, in bytes.")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="Share of GPU memory a worker may use (CUDA).")
     placement_timeout_s: float = Field(60.0, gt=0, description="Give up waiting for the grid's resources after this.")
+    step_timeout_s: float = Field(30.0, gt=0, description="A grid step slower than this fails the replica's "
+                                  "in-flight requests (a stuck or dead worker) instead of hanging them.")
     allow_tp_across_nodes: bool = Field(False, description="Let one TP group span nodes (slow: all-reduce crosses the network).")
     compiled_graph: bool = Field(False, description="Drive engine steps through a Ray Compiled Graph (shared-memory "
                                  "channels, less dispatch time) when the whole grid sits on one node; off by default "

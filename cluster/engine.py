@@ -5,8 +5,10 @@ import asyncio
 import itertools
 import logging
 import math
+import statistics
 import time
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 from actors.shard.runner import StepOutput
@@ -29,12 +31,20 @@ class TokenEvent:
 
 @dataclass
 class EngineStats:
-    """Counters the metrics exporter and benchmarks read."""
+    """Counters the metrics exporter and benchmarks read, and latencies of recent requests."""
 
     steps: int = 0
     busy_s: float = 0.0  # wall time with at least one step in flight
     prompt_tokens: int = 0
     generation_tokens: int = 0
+    ttft_s: deque[float] = field(default_factory=lambda: deque(maxlen=2048))
+    itl_s: deque[float] = field(default_factory=lambda: deque(maxlen=2048))
+    e2e_s: deque[float] = field(default_factory=lambda: deque(maxlen=2048))
+
+    def latency_p50(self) -> dict[str, float]:
+        """Median TTFT, inter-token and end-to-end latency of recent requests, in seconds (0 before any)."""
+        return {f"{name}_seconds_p50": statistics.median(values) if values else 0.0
+                for name, values in (("ttft", self.ttft_s), ("itl", self.itl_s), ("e2e", self.e2e_s))}
 
 
 class AsyncEngine:
@@ -45,8 +55,10 @@ class AsyncEngine:
     """
 
     def __init__(self, grid: Any, block_size: int, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int, eos_token_ids: tuple[int, ...] = (), max_inflight: int | None = None) -> None:
+                 max_model_len: int, eos_token_ids: tuple[int, ...] = (), max_inflight: int | None = None,
+                 step_timeout_s: float | None = None) -> None:
         self.grid = grid
+        self.step_timeout_s = step_timeout_s  # a step slower than this means a stuck or dead worker
         self.eos = frozenset(eos_token_ids)
         self.max_inflight = max_inflight or getattr(grid, "pp", 1)
         self.scheduler = Scheduler(BlockManager(grid.num_blocks, block_size), max_num_seqs,
@@ -72,15 +84,23 @@ class AsyncEngine:
         queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
         self.streams[seq.seq_id] = queue
         self._start()
-        return self._stream(seq, queue)
+        return self._stream(seq, queue, time.perf_counter())
 
-    async def _stream(self, seq: Sequence, queue: asyncio.Queue[TokenEvent]) -> AsyncIterator[TokenEvent]:
+    async def _stream(self, seq: Sequence, queue: asyncio.Queue[TokenEvent],
+                      submitted: float) -> AsyncIterator[TokenEvent]:
         """Yield the request's events until its last; abort it if the consumer leaves first."""
+        last = submitted
         try:
             while True:
                 event = await queue.get()
+                now = time.perf_counter()
+                (self.stats.ttft_s if last == submitted else self.stats.itl_s).append(now - last)
+                last = now
+                final = event.finish_reason is not None or event.error is not None
+                if final and event.error is None:
+                    self.stats.e2e_s.append(now - submitted)  # before yielding: the consumer may stop here
                 yield event
-                if event.finish_reason is not None or event.error is not None:
+                if final:
                     return
         finally:
             self.streams.pop(seq.seq_id, None)
@@ -145,9 +165,19 @@ class AsyncEngine:
                         other.cancel()
                     return
 
+    @classmethod
+    def from_config(cls, grid: Any, cfg: Any, eos_token_ids: tuple[int, ...] = ()) -> "AsyncEngine":
+        """An engine over `grid` with the limits of a GridServeConfig."""
+        return cls(grid, cfg.block_size, cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.max_model_len,
+                   eos_token_ids, step_timeout_s=cfg.step_timeout_s)
+
     async def _submit(self, step: Any) -> StepOutput:
-        """Run one step on the grid; the last stage's TP rank 0 answers."""
-        return await self.grid.step_async(step)
+        """Run one step on the grid; the last stage's TP rank 0 answers (or the step times out)."""
+        try:
+            return await asyncio.wait_for(self.grid.step_async(step), self.step_timeout_s)
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"a grid step took over step_timeout_s={self.step_timeout_s} s: a worker is stuck "
+                               "or dead") from None
 
     def _finish_step(self, seqs: list[Sequence], out: StepOutput) -> None:
         """Hand the step's tokens to the scheduler and to each live request's stream."""

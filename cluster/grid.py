@@ -143,6 +143,10 @@ class WorkerGrid:
         assert isinstance(out, StepOutput)
         return out
 
+    def worker_stats(self, timeout_s: float = 10.0) -> list[dict[str, Any]]:
+        """Each worker's place, memory and recent utilization, stage-major."""
+        return ray.get([w.stats.remote() for stage in self.stages for w in stage], timeout=timeout_s)
+
     def layout_table(self) -> list[dict[str, Any]]:
         """Where each worker ended up: stage, TP rank, node, devices, weight bytes."""
         return [{**w, "weight_bytes": r["weight_bytes"]} for w, r in zip(self.where, self.reports)]

@@ -160,8 +160,7 @@ def run(cfg: GridServeConfig, input_path: Path, output_path: Path, address: str 
 
         async def main() -> None:
             spec = cfg.spec()
-            engines = [AsyncEngine(g, cfg.block_size, cfg.max_num_seqs, cfg.max_num_batched_tokens,
-                                   cfg.max_model_len, spec.eos_token_ids) for g in grids]
+            engines = [AsyncEngine.from_config(g, cfg, spec.eos_token_ids) for g in grids]
             queue: asyncio.Queue[Request] = asyncio.Queue()
             for req in requests:
                 queue.put_nowait(req)

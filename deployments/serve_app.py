@@ -1,21 +1,26 @@
 """Ray Serve app: an OpenAI-compatible HTTP endpoint; each replica owns one TP x PP grid."""
 # No `from __future__ import annotations` here: FastAPI must see real types on the route signatures.
 
+import asyncio
 import logging
+import os
 import time
 from typing import Any, AsyncIterator, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import BaseModel, ValidationError
 from ray import serve
 from ray.serve import Application
-from pydantic import BaseModel, ValidationError
 from ray.util import get_current_placement_group
 
 from cluster.config import GridServeConfig
 from cluster.detokenize import TextStream
+from cluster.engine import AsyncEngine
+from cluster.metrics import grid_flags, prometheus_text
 from deployments.openai_schema import ChatRequest, CompletionRequest, SamplingFields, error_body, new_id, now
+from deployments.ray_metrics import RayMetrics
 from deployments.responses import collect, sse
 
 log = logging.getLogger("gridserve.serve")
@@ -74,18 +79,36 @@ class LLMServer:
     def __init__(self, args: dict[str, Any]) -> None:
         from transformers import AutoTokenizer
 
-        from cluster.engine import AsyncEngine
-        from cluster.grid import WorkerGrid
-
         self.cfg = GridServeConfig(**args)
         self.tokenizer = AutoTokenizer.from_pretrained(self.cfg.model)
-        spec = self.cfg.spec()
-        self.vocab_size = spec.vocab_size
-        pg = get_current_placement_group()
-        # Bundle 0 holds this replica actor; bundles 1.. hold the workers.
-        self.grid = WorkerGrid(self.cfg, placement_group=pg, bundle_offset=1 if pg is not None else 0)
-        self.engine = AsyncEngine(self.grid, self.cfg.block_size, self.cfg.max_num_seqs,
-                                  self.cfg.max_num_batched_tokens, self.cfg.max_model_len, spec.eos_token_ids)
+        self.spec = self.cfg.spec()
+        self.vocab_size = self.spec.vocab_size
+        self.pg = get_current_placement_group()
+        self.rebuild: asyncio.Task | None = None
+        self.rebuilds = 0
+        self.grid = self._new_grid()
+        self.engine = AsyncEngine.from_config(self.grid, self.cfg, self.spec.eos_token_ids)
+        self.ray_metrics = RayMetrics()
+
+    def _new_grid(self) -> Any:
+        """Workers in this replica's placement group: bundle 0 holds the replica actor, bundles 1.. the workers."""
+        from cluster.grid import WorkerGrid
+
+        return WorkerGrid(self.cfg, placement_group=self.pg, bundle_offset=1 if self.pg is not None else 0)
+
+    def _heal(self) -> None:
+        """After a grid failure, start (once) replacing the grid inside the same placement group."""
+        if self.engine.dead and (self.rebuild is None or self.rebuild.done()):
+            self.rebuild = asyncio.get_running_loop().create_task(self._rebuild())
+
+    async def _rebuild(self) -> None:
+        """Kill the broken grid and start a fresh one; requests meanwhile get 503 + Retry-After."""
+        log.warning("grid failed (%s); rebuilding it", self.engine.dead)
+        await asyncio.to_thread(self.grid.shutdown)
+        self.grid = await asyncio.to_thread(self._new_grid)
+        self.engine = AsyncEngine.from_config(self.grid, self.cfg, self.spec.eos_token_ids)
+        self.rebuilds += 1
+        log.warning("grid rebuilt (%d so far)", self.rebuilds)
 
     def __del__(self) -> None:
         grid = getattr(self, "grid", None)
@@ -99,9 +122,12 @@ class LLMServer:
                 "running": float(self.engine.num_running), "waiting": float(self.engine.num_waiting)}
 
     async def check_health(self) -> None:
-        """Serve's health check: a replica whose grid failed is replaced."""
-        if self.engine.dead:
-            raise RuntimeError(f"grid failed: {self.engine.dead}")
+        """Serve's health check: a failed grid is rebuilt here; if rebuilding fails, Serve replaces the replica."""
+        if self.rebuild is not None and self.rebuild.done() and self.rebuild.exception() is not None:
+            raise RuntimeError(f"grid rebuild failed: {self.rebuild.exception()}")
+        self._heal()
+        if not self.engine.dead:  # Serve calls this every health_check_period_s: refresh the Ray gauges too
+            self.ray_metrics.update(await asyncio.to_thread(self._status))
 
     def _authorize(self, request: Request) -> None:
         """Enforce the optional API key."""
@@ -113,26 +139,36 @@ class LLMServer:
     async def health(self) -> dict[str, str]:
         """Liveness for load balancers (no API key needed)."""
         if self.engine.dead:
-            raise APIError(503, f"grid failed: {self.engine.dead}", "server_error")
+            self._heal()
+            raise APIError(503, f"grid failed ({self.engine.dead}); rebuilding it", "server_error",
+                           headers={"Retry-After": "5"})
         return {"status": "ok"}
 
+    def _status(self) -> dict[str, Any]:
+        """This replica's engine counters and its grid's per-worker place, memory and utilization."""
+        e = self.engine
+        engine = {"requests_running": e.num_running, "requests_waiting": e.num_waiting, "kv_cache_usage": e.scheduler.blocks.usage,
+                  "kv_cache_blocks": e.scheduler.blocks.num_blocks, "preemptions_total": e.scheduler.num_preemptions,
+                  "steps_total": e.stats.steps, "prompt_tokens_total": e.stats.prompt_tokens,
+                  "generation_tokens_total": e.stats.generation_tokens, **e.stats.latency_p50()}
+        workers = [] if e.dead else self.grid.worker_stats()
+        return {"replica": serve.get_replica_context().replica_tag, "pid": os.getpid(), "tp": self.grid.tp,
+                "pp": self.grid.pp, "rebuilds": self.rebuilds, "dead": e.dead, "engine": engine,
+                "workers": workers, "flags": grid_flags(workers)}
+
+    @api.get("/status")
+    async def status(self, request: Request) -> dict[str, Any]:
+        """The replica's grid (stage x TP rank -> node, device, memory, busy %, all-reduce %) and flags."""
+        self._authorize(request)
+        return await asyncio.to_thread(self._status)
+
     @api.get("/metrics")
-    async def metrics(self) -> PlainTextResponse:
+    async def metrics(self, request: Request) -> PlainTextResponse:
         """Prometheus text for the replica that answers (Ray's own exporter also carries Serve's metrics)."""
-        e, replica = self.engine, serve.get_replica_context().replica_tag
-        values = [("requests_running", "gauge", "Sequences in the running batch.", e.num_running),
-                  ("requests_waiting", "gauge", "Sequences waiting for admission.", e.num_waiting),
-                  ("kv_cache_usage", "gauge", "Share of KV-cache blocks in use.", e.scheduler.blocks.usage),
-                  ("kv_cache_blocks", "gauge", "KV-cache blocks of this replica.", e.scheduler.blocks.num_blocks),
-                  ("preemptions_total", "counter", "Sequences preempted for KV space.", e.scheduler.num_preemptions),
-                  ("steps_total", "counter", "Engine steps run.", e.stats.steps),
-                  ("prompt_tokens_total", "counter", "Prompt tokens prefilled.", e.stats.prompt_tokens),
-                  ("generation_tokens_total", "counter", "Tokens generated.", e.stats.generation_tokens)]
-        lines = []
-        for name, kind, help_, value in values:
-            lines += [f"# HELP gridserve_{name} {help_}", f"# TYPE gridserve_{name} {kind}",
-                      f'gridserve_{name}{{replica="{replica}"}} {float(value)}']
-        return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+        self._authorize(request)
+        st = await asyncio.to_thread(self._status)
+        return PlainTextResponse(prometheus_text(st["replica"], st["engine"], st["workers"]),
+                                 media_type="text/plain; version=0.0.4")
 
     @api.get("/v1/models")
     async def models(self, request: Request) -> dict[str, Any]:
@@ -181,7 +217,9 @@ class LLMServer:
                            f"max_model_len={self.cfg.max_model_len}; lower max_tokens to at most {room}",
                            param="max_tokens")
         if self.engine.dead:
-            raise APIError(503, f"this replica's grid failed ({self.engine.dead}); retry", "server_error")
+            self._heal()
+            raise APIError(503, f"this replica's grid failed ({self.engine.dead}) and is being rebuilt; retry",
+                           "server_error", headers={"Retry-After": "5"})
         if self.engine.num_waiting >= self.cfg.max_waiting_requests:
             raise APIError(503, f"server overloaded: {self.engine.num_waiting} requests queued; retry shortly",
                            "server_error", headers={"Retry-After": "1"})

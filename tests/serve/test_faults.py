@@ -1,0 +1,81 @@
+"""Fault injection on a real Serve app: a worker process killed mid-stream, then the replica heals itself."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from typing import Iterator
+
+import httpx
+import pytest
+import ray
+from ray import serve
+
+from tests.serve.conftest import free_port
+
+
+@pytest.fixture(scope="module")
+def faulty_server(chat_model: str) -> Iterator[str]:
+    """tp=2 pp=2 on CPU bundles, a short step timeout; yields the base URL."""
+    from deployments.serve_app import build_app
+
+    port = free_port()
+    ray.init(address="local", num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1")
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    args = {"model": chat_model, "served_model_name": "tiny", "tensor_parallel_size": 2,
+            "pipeline_parallel_size": 2, "cpus_per_worker": 0.5, "replica_cpus": 0.5, "max_model_len": 256,
+            "max_num_batched_tokens": 256, "block_size": 8, "kv_cache_memory_bytes": 2**21, "step_timeout_s": 20}
+    serve.run(build_app(args), name="gridserve", route_prefix="/")
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+    ray.shutdown()
+
+
+def test_status_shows_the_grid(faulty_server: str) -> None:
+    """/status lists 2 x 2 workers with memory and utilization after some steps; /metrics carries worker gauges."""
+    httpx.post(f"{faulty_server}/v1/completions", json={"model": "tiny", "prompt": [5, 6], "max_tokens": 8},
+               timeout=60).raise_for_status()
+    st = httpx.get(f"{faulty_server}/status", timeout=30).json()
+    assert sorted((w["pp_rank"], w["tp_rank"]) for w in st["workers"]) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert all(w["weight_bytes"] > 0 and w["kv_bytes"] > 0 and w["host_rss_bytes"] > 0 for w in st["workers"])
+    assert all(w["steps"] >= 8 and 0 < w["busy_pct"] <= 100 for w in st["workers"])
+    assert st["engine"]["ttft_seconds_p50"] > 0 and st["engine"]["e2e_seconds_p50"] > 0
+    text = httpx.get(f"{faulty_server}/metrics", timeout=30).text
+    assert 'gridserve_worker_busy_percent{replica="' in text and 'stage="1",tp_rank="1"' in text
+
+
+def test_killed_worker_fails_stream_fast_then_replica_rebuilds(faulty_server: str) -> None:
+    """SIGKILL a stage-1 worker mid-stream: the stream ends with an error event in < 30 s; new requests then work."""
+    victim = next(w for w in httpx.get(f"{faulty_server}/status", timeout=30).json()["workers"]
+                  if (w["pp_rank"], w["tp_rank"]) == (1, 1))
+    body = {"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 240, "ignore_eos": True, "stream": True}
+    events: list[dict] = []
+    with httpx.stream("POST", f"{faulty_server}/v1/completions", json=body, timeout=60) as r:
+        lines = r.iter_lines()
+        for line in lines:
+            if line.startswith("data: {"):
+                events.append(json.loads(line[6:]))
+                if len(events) == 3:
+                    break
+        os.kill(victim["pid"], signal.SIGKILL)  # a worker process of the cluster this test started
+        killed = time.monotonic()
+        for line in lines:
+            if line.startswith("data: {"):
+                events.append(json.loads(line[6:]))
+    assert time.monotonic() - killed < 30
+    assert "error" in events[-1] and events[-1]["error"]["type"] == "server_error", events[-1]
+    assert sum(len(e.get("choices", [{}])[0].get("text", "")) > 0 for e in events[:-1]) < 240  # cut short
+
+    deadline, status = time.monotonic() + 120, None
+    while time.monotonic() < deadline:
+        r = httpx.post(f"{faulty_server}/v1/completions", json={"model": "tiny", "prompt": [5, 6], "max_tokens": 4},
+                       timeout=60)
+        status = r.status_code
+        if status == 200:
+            break
+        assert status == 503 and r.json()["error"]["type"] == "server_error" and "Retry-After" in r.headers
+        time.sleep(1)
+    assert status == 200, "the replica did not serve again after its worker died"
+    st = httpx.get(f"{faulty_server}/status", timeout=30).json()
+    assert st["rebuilds"] == 1 and victim["pid"] not in {w["pid"] for w in st["workers"]}
