@@ -91,6 +91,18 @@ async def load(url: str, prompts: list[str], new: int, concurrency: int) -> tupl
     return time.perf_counter() - start, results
 
 
+def health_ms(url: str, n: int) -> list[float]:
+    """Latency of `n` sequential GET /health calls (a route that does no work), after 5 warm-ups."""
+    out = []
+    with httpx.Client(timeout=30) as http:
+        for i in range(n + 5):
+            start = time.perf_counter()
+            http.get(f"{url}/health").raise_for_status()
+            if i >= 5:
+                out.append(1000 * (time.perf_counter() - start))
+    return out
+
+
 def cold_start(url: str, args: dict[str, Any]) -> tuple[float, float]:
     """Deploy the app; returns (seconds until Serve reports it running, seconds until the first streamed token)."""
     start = time.perf_counter()
@@ -134,6 +146,7 @@ def main() -> None:
         ready, first = cold_start(url, args)
         wall, results = asyncio.run(load(url, prompts, a.max_tokens, a.concurrency))
         _, alone = asyncio.run(load(url, prompts[:20], a.max_tokens, 1))  # overhead without CPU contention
+        floor = health_ms(url, 50)
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -156,7 +169,8 @@ def main() -> None:
     over1 = np.array([r[0] - r[1] for r in alone])
     print(f"\none request at a time (20 requests): latency p50 {np.median([r[0] for r in alone]):.0f} ms, "
           f"engine p50 {np.median([r[1] for r in alone]):.0f} ms, Serve overhead p50 {np.median(over1):.1f} ms, "
-          f"p99 {np.percentile(over1, 99):.1f} ms")
+          f"p99 {np.percentile(over1, 99):.1f} ms; GET /health (Serve's floor: proxy + replica, no work) p50 "
+          f"{np.median(floor):.1f} ms")
     if wrong:
         raise SystemExit(f"{wrong} answers differ from HF greedy")
 

@@ -1,4 +1,4 @@
-"""`gridserve` command: serve, batch, plan, make-model."""
+"""`gridserve` command: serve, batch, plan, status, make-model."""
 from __future__ import annotations
 
 import os
@@ -6,9 +6,9 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Dispatch `gridserve serve|batch|plan|make-model ...`."""
+    """Dispatch `gridserve serve|batch|plan|status|make-model ...`."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    usage = "usage: gridserve {serve [CONFIG] | batch ARGS... | plan MODEL ... | make-model [OUT] ...}"
+    usage = "usage: gridserve {serve [CONFIG] | batch ARGS... | plan MODEL ... | status [--url URL] [--png F] | make-model [OUT] ...}"
     if not argv or argv[0] in ("-h", "--help"):
         print(usage)
         return 0
@@ -24,6 +24,9 @@ def main(argv: list[str] | None = None) -> int:
     if cmd == "plan":
         from deployments.plan import main as plan_main
         return plan_main(rest)
+    if cmd == "status":
+        from deployments.status import main as status_main
+        return status_main(rest)
     if cmd == "make-model":
         from deployments.make_model import main as make_main
         make_main(rest)

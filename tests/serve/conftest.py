@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import socket
-import time
 from typing import Iterator
 
 import httpx
@@ -27,27 +26,30 @@ def chat_model(tmp_path_factory: pytest.TempPathFactory) -> str:
                            num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, seed=3))
 
 
-@pytest.fixture(scope="module")
-def server(chat_model: str) -> Iterator[str]:
-    """Serve the tiny Llama with tp=2, pp=2 on CPU bundles; yields the base URL."""
+def start_server(args: dict) -> str:
+    """Start local Ray and Serve on a free loopback port, deploy the app with `args`; returns the base URL."""
     from deployments.serve_app import build_app
 
     port = free_port()
     ray.init(address="local", num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1")
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    args = {"model": chat_model, "served_model_name": "tiny", "tensor_parallel_size": 2,
-            "pipeline_parallel_size": 2, "cpus_per_worker": 0.5, "replica_cpus": 0.5, "max_model_len": 128,
-            "max_num_batched_tokens": 256, "block_size": 4, "kv_cache_memory_bytes": 2**20}
-    serve.run(build_app(args), name="gridserve", route_prefix="/")
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    yield url
+    serve.run(build_app(args), name="gridserve", route_prefix="/")  # returns once the replica is running
+    return f"http://127.0.0.1:{port}"
+
+
+def stop_server() -> None:
+    """Tear down what start_server started."""
     serve.shutdown()
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def server(chat_model: str) -> Iterator[str]:
+    """Serve the tiny Llama with tp=2, pp=2 on CPU bundles; yields the base URL."""
+    url = start_server({"model": chat_model, "served_model_name": "tiny", "tensor_parallel_size": 2,
+                        "pipeline_parallel_size": 2, "cpus_per_worker": 0.5, "replica_cpus": 0.5,
+                        "max_model_len": 128, "max_num_batched_tokens": 256, "block_size": 4,
+                        "kv_cache_memory_bytes": 2**20})
+    httpx.get(f"{url}/health", timeout=30).raise_for_status()
+    yield url
+    stop_server()

@@ -5,35 +5,30 @@ import json
 import os
 import signal
 import time
+from pathlib import Path
 from typing import Iterator
 
 import httpx
 import pytest
-import ray
-from ray import serve
 
-from tests.serve.conftest import free_port
+from tests.serve.conftest import start_server, stop_server
 
 
 @pytest.fixture(scope="module")
 def faulty_server(chat_model: str) -> Iterator[str]:
     """tp=2 pp=2 on CPU bundles, a short step timeout; yields the base URL."""
-    from deployments.serve_app import build_app
-
-    port = free_port()
-    ray.init(address="local", num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1")
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    args = {"model": chat_model, "served_model_name": "tiny", "tensor_parallel_size": 2,
-            "pipeline_parallel_size": 2, "cpus_per_worker": 0.5, "replica_cpus": 0.5, "max_model_len": 256,
-            "max_num_batched_tokens": 256, "block_size": 8, "kv_cache_memory_bytes": 2**21, "step_timeout_s": 20}
-    serve.run(build_app(args), name="gridserve", route_prefix="/")
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
-    ray.shutdown()
+    yield start_server({"model": chat_model, "served_model_name": "tiny", "tensor_parallel_size": 2,
+                        "pipeline_parallel_size": 2, "cpus_per_worker": 0.5, "replica_cpus": 0.5,
+                        "max_model_len": 256, "max_num_batched_tokens": 256, "block_size": 8,
+                        "kv_cache_memory_bytes": 2**21, "step_timeout_s": 20})
+    stop_server()
 
 
-def test_status_shows_the_grid(faulty_server: str) -> None:
-    """/status lists 2 x 2 workers with memory and utilization after some steps; /metrics carries worker gauges."""
+def test_status_shows_the_grid(faulty_server: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """/status lists 2 x 2 workers with memory and utilization after some steps; /metrics carries worker gauges;
+    `gridserve status` prints the grid and draws it."""
+    from deployments.status import main as status_main
+
     httpx.post(f"{faulty_server}/v1/completions", json={"model": "tiny", "prompt": [5, 6], "max_tokens": 8},
                timeout=60).raise_for_status()
     st = httpx.get(f"{faulty_server}/status", timeout=30).json()
@@ -43,6 +38,9 @@ def test_status_shows_the_grid(faulty_server: str) -> None:
     assert st["engine"]["ttft_seconds_p50"] > 0 and st["engine"]["e2e_seconds_p50"] > 0
     text = httpx.get(f"{faulty_server}/metrics", timeout=30).text
     assert 'gridserve_worker_busy_percent{replica="' in text and 'stage="1",tp_rank="1"' in text
+    assert status_main(["--url", faulty_server, "--samples", "2", "--png", str(tmp_path / "grid.png")]) == 0
+    printed = capsys.readouterr().out
+    assert "tp=2 pp=2" in printed and printed.count("cpu") == 4 and (tmp_path / "grid.png").stat().st_size > 1000
 
 
 def test_killed_worker_fails_stream_fast_then_replica_rebuilds(faulty_server: str) -> None:

@@ -5,6 +5,8 @@ import json
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from deployments.batch_io import ResultLog, parse_line, read_requests
 
@@ -66,3 +68,20 @@ def test_parse_line_names_the_field() -> None:
         parse_line(b'{"prompt": "x", "max_tokens": 0}')
     with pytest.raises(ValueError, match="exactly one"):
         parse_line(b'{"prompt": "x", "prompt_token_ids": [1]}')
+
+
+OBJECTS = st.dictionaries(st.sampled_from(["id", "prompt", "prompt_token_ids", "max_tokens", "temperature", "stop", "x"]),
+                          st.none() | st.integers(-2**70, 2**70) | st.text(max_size=10)
+                          | st.lists(st.integers(-3, 80), max_size=5))
+LINES = st.lists(st.binary(max_size=80) | OBJECTS.map(lambda d: json.dumps(d).encode()), max_size=8)
+
+
+@settings(max_examples=200, deadline=None)
+@given(raw=LINES)
+def test_any_input_lines_become_requests_or_error_records(raw: list[bytes]) -> None:
+    """Random bytes and random objects never raise: each non-blank line is a request or an error record."""
+    reqs, records, _ = read_requests(raw, Words(), vocab_size=50, max_model_len=64, done=set())
+    ran = {r.request_id for r in reqs}
+    for n, line in enumerate(raw):
+        if line.strip():
+            assert n in records and (n in ran) != ("error" in records[n])
