@@ -13,6 +13,8 @@ import torch
 import torch.distributed as dist
 
 from actors.shard.runner import ShardPlan, StageRunner, StepInput, StepOutput
+from actors.shard.shm import ShmGroup
+from actors.shard.shm import supported as shm_supported
 from actors.shard.tp import TPGroup
 from actors.shard.usage import StepWindow, memory_bytes
 
@@ -44,8 +46,12 @@ class Worker:
             s.bind((ray.util.get_node_ip_address(), 0))
             return int(s.getsockname()[1])
 
-    def load(self, master: str, port: int, timeout_s: float) -> dict[str, Any]:
-        """Join the stage's TP process group, build and load this shard; report its memory needs."""
+    def load(self, master: str, port: int, timeout_s: float, shm_path: str | None = None,
+             slot_bytes: int = 0) -> dict[str, Any]:
+        """Join the stage's TP process group, build and load this shard; report its memory needs.
+
+        With `shm_path` (every rank of the stage on this host, CPU), collectives go through shared memory.
+        """
         tp = TPGroup.single()
         if self.plan.tp_size > 1:
             if master.startswith("127."):
@@ -53,10 +59,23 @@ class Worker:
             backend = "nccl" if self.device.type == "cuda" else "gloo"
             dist.init_process_group(backend, init_method=f"tcp://{master}:{port}", rank=self.plan.tp_rank,
                                     world_size=self.plan.tp_size, timeout=timedelta(seconds=timeout_s))
-            tp = TPGroup(self.plan.tp_rank, self.plan.tp_size, dist.group.WORLD)
+            use_shm = shm_path is not None and self.device.type == "cpu" and shm_supported()
+            shm = self._open_shm(shm_path, slot_bytes, timeout_s) if use_shm else None
+            tp = TPGroup(self.plan.tp_rank, self.plan.tp_size, dist.group.WORLD, shm)
         self.runner = StageRunner(self.plan, tp, self.device)
         return {"weight_bytes": self.runner.weight_bytes(), "block_bytes": self.runner.block_bytes(),
                 "load_s": self.runner.load_seconds}
+
+    def _open_shm(self, path: str, slot_bytes: int, timeout_s: float) -> ShmGroup:
+        """Rank 0 creates the segment, the others map it, then its name is removed (nothing left on a crash)."""
+        rank = self.plan.tp_rank
+        shm = ShmGroup(path, rank, self.plan.tp_size, slot_bytes, timeout_s, create=True) if rank == 0 else None
+        dist.barrier()
+        shm = shm or ShmGroup(path, rank, self.plan.tp_size, slot_bytes, timeout_s, create=False)
+        dist.barrier()
+        if rank == 0:
+            os.unlink(path)
+        return shm
 
     def cache_budget(self, cpu_bytes: int, gpu_utilization: float) -> int:
         """Bytes this worker can give the KV cache: a fixed budget on CPU, a share of free memory on CUDA."""

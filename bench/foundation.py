@@ -36,8 +36,8 @@ def hf_decode(model_dir: str, prompt: list[int], new_tokens: int, repeats: int) 
     return statistics.median(rates), tokens
 
 
-def grid_decode(model_dir: str, tp: int, prompt: list[int], new_tokens: int,
-                repeats: int) -> tuple[float, list[int], float, float]:
+def grid_decode(model_dir: str, tp: int, prompt: list[int], new_tokens: int, repeats: int,
+                **overrides: object) -> tuple[float, list[int], float, float]:
     """Median decode tokens/s of a tp x 1 grid, the tokens, step ms and all-reduce share of step time."""
     from actors.shard.sampler import SamplingParams
     from cluster.blocks import BlockManager
@@ -48,7 +48,8 @@ def grid_decode(model_dir: str, tp: int, prompt: list[int], new_tokens: int,
     # On CPU each worker gets an equal share of the cores (2 cores, tp=2: one thread each).
     cores = os.cpu_count() or 1
     cfg = GridServeConfig(model=model_dir, tensor_parallel_size=tp, resource="CPU", cpus_per_worker=max(1, cores // tp),
-                          max_model_len=512, max_num_batched_tokens=512, kv_cache_memory_bytes=64 * 2**20)
+                          max_model_len=512, max_num_batched_tokens=512, kv_cache_memory_bytes=64 * 2**20,
+                          **overrides)
     grid = WorkerGrid(cfg)
     try:
         rates, tokens, steps, shares = [], [], [], []

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from typing import Any
 
 import ray
@@ -70,7 +71,8 @@ class WorkerGrid:
         for pp_rank, stage in enumerate(self.stages):
             master = self.where[pp_rank * self.tp]["ip"]
             port = ray.get(stage[0].free_port.remote())
-            loads += [w.load.remote(master, port, timeout) for w in stage]
+            shm = self._shm_path(pp_rank)
+            loads += [w.load.remote(master, port, timeout, shm, self._slot_bytes()) for w in stage]
         self.reports = ray.get(loads)
         budgets = ray.get([w.cache_budget.remote(self.cfg.kv_cache_memory_bytes, self.cfg.gpu_memory_utilization)
                            for stage in self.stages for w in stage])
@@ -83,6 +85,19 @@ class WorkerGrid:
                  self.tp, self.pp, num_blocks, self.cfg.block_size,
                  max(r["weight_bytes"] for r in self.reports) / 2**20)
         return num_blocks
+
+    def _shm_path(self, pp_rank: int) -> str | None:
+        """A fresh /dev/shm name for a stage whose CPU TP ranks share a host (None: use the process group)."""
+        group = self.where[pp_rank * self.tp:(pp_rank + 1) * self.tp]
+        if not self.cfg.shm_allreduce or self.tp == 1 or len({w["node_id"] for w in group}) > 1:
+            return None
+        return f"/dev/shm/gridserve-{uuid.uuid4().hex[:16]}-stage{pp_rank}"
+
+    def _slot_bytes(self) -> int:
+        """Largest collective of a step: a full prefill chunk's hidden states, or the batch's logit shards."""
+        spec = self.cfg.spec()
+        rows = -(-spec.vocab_size // self.tp)
+        return 4 * max(self.cfg.max_num_batched_tokens * spec.hidden_size, self.cfg.max_num_seqs * rows)
 
     def _check_tp_groups_packed(self) -> None:
         """Refuse a layout where a TP group straddles nodes unless the user asked for it."""

@@ -7,18 +7,21 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from actors.shard.shm import ShmGroup
+
 
 class TPGroup:
     """One stage's tensor-parallel group: rank, size and the collectives layers call in `forward`."""
 
-    def __init__(self, rank: int, size: int, process_group: Any = None) -> None:
+    def __init__(self, rank: int, size: int, process_group: Any = None, shm: ShmGroup | None = None) -> None:
         if not 0 <= rank < size:
             raise ValueError(f"tp rank {rank} is outside a group of size {size}")
-        if size > 1 and process_group is None:
-            raise ValueError(f"a TP group of size {size} needs a torch.distributed process group")
+        if size > 1 and process_group is None and shm is None:
+            raise ValueError(f"a TP group of size {size} needs a torch.distributed process group or a ShmGroup")
         self.rank = rank
         self.size = size
         self.process_group = process_group
+        self.shm = shm  # same-host ranks: collectives through shared memory, the process group as fallback
         self.comm_seconds = 0.0  # wall time spent inside collectives, read by metrics
         self.num_collectives = 0
 
@@ -32,7 +35,10 @@ class TPGroup:
         if self.size == 1:
             return x
         start = time.perf_counter()
-        dist.all_reduce(x, group=self.process_group)
+        if self.shm is not None and self.shm.fits(x):
+            self.shm.all_reduce(x)
+        else:
+            dist.all_reduce(x, group=self.process_group)
         self._account(start)
         return x
 
@@ -41,10 +47,14 @@ class TPGroup:
         if self.size == 1:
             return x
         start = time.perf_counter()
-        parts = [torch.empty_like(x) for _ in range(self.size)]
-        dist.all_gather(parts, x.contiguous(), group=self.process_group)
+        if self.shm is not None and self.shm.fits(x):
+            out = self.shm.all_gather(x, dim)
+        else:
+            parts = [torch.empty_like(x) for _ in range(self.size)]
+            dist.all_gather(parts, x.contiguous(), group=self.process_group)
+            out = torch.cat(parts, dim=dim)
         self._account(start)
-        return torch.cat(parts, dim=dim)
+        return out
 
     def _account(self, start: float) -> None:
         """Record one collective's wall time (CPU gloo is synchronous, so this is its true cost)."""
