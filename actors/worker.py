@@ -90,13 +90,21 @@ class Worker:
         assert self.runner is not None
         self.runner.allocate_cache(num_blocks)
 
-    def execute(self, step: StepInput, hidden: np.ndarray | None) -> np.ndarray | StepOutput | None:
-        """Run one step of this stage; `hidden` arrives as an object ref resolved by Ray, never via the driver."""
+    def execute(self, step: StepInput, hidden: tuple[np.ndarray, float] | None,
+                ) -> tuple[np.ndarray, float] | StepOutput | None:
+        """Run one step of this stage; `hidden` arrives as an object ref resolved by Ray, never via the driver.
+
+        Inner stages hand on (hidden states, wall time they finished), so the next stage can time the hand-off.
+        """
         assert self.runner is not None, "load() must run before execute()"
+        handoff = None
+        if hidden is not None:
+            hidden, done_at = hidden
+            handoff = time.time() - done_at  # wall clocks: comparable across hosts to NTP precision
         start, comm = time.perf_counter(), self.runner.tp.comm_seconds
         out = self.runner.execute(step, hidden)
-        self.window.record(start, time.perf_counter(), self.runner.tp.comm_seconds - comm)
-        return out
+        self.window.record(start, time.perf_counter(), self.runner.tp.comm_seconds - comm, handoff)
+        return (out, time.time()) if isinstance(out, np.ndarray) else out
 
     def stats(self) -> dict[str, Any]:
         """Where this worker runs, its memory, and its utilization over recent steps (for /status, /metrics)."""

@@ -192,6 +192,11 @@ class AsyncEngine:
             if queue is not None:
                 queue.put_nowait(TokenEvent(seq.output_ids[-1], seq.finish_reason, logprobs=lp))
 
+    def fail(self, reason: str) -> None:
+        """Declare the grid broken from outside (a health probe found a dead worker): fail everything queued."""
+        if not self.dead:
+            self._fail_all(reason)
+
     def _fail_all(self, reason: str) -> None:
         """End every in-flight and queued request with an error and mark the engine dead."""
         log.error("grid step failed, failing all requests: %s", reason)

@@ -38,12 +38,12 @@ def status_table(status: dict[str, Any]) -> str:
             f"{status['engine']['requests_waiting']} waiting, KV {100 * status['engine']['kv_cache_usage']:.0f}% used, "
             f"grid rebuilds {status['rebuilds']}",
             f"  {'stage':>5} {'rank':>4} {'node':>10} {'device':>8} {'weights MiB':>11} {'KV MiB':>8} {'RSS MiB':>8} "
-            f"{'GPU MiB':>8} {'busy %':>6} {'all-reduce %':>12} {'step ms':>8}"]
+            f"{'GPU MiB':>8} {'busy %':>6} {'all-reduce %':>12} {'step ms':>8} {'hand-off ms':>11}"]
     for w in status["workers"]:
         rows.append(f"  {w['pp_rank']:>5} {w['tp_rank']:>4} {w['node_id'][:10]:>10} {w['device']:>8} "
                     f"{w['weight_bytes'] / mib:>11.1f} {w['kv_bytes'] / mib:>8.1f} {w['host_rss_bytes'] / mib:>8.0f} "
                     f"{w['device_bytes'] / mib:>8.0f} {w['busy_pct']:>6.1f} {w['allreduce_pct']:>12.1f} "
-                    f"{w['step_ms']:>8.2f}")
+                    f"{w['step_ms']:>8.2f} {w['handoff_ms']:>11.2f}")
     rows += [f"  ! {flag}" for flag in status["flags"]] or ["  no imbalance or all-reduce flags"]
     return "\n".join(rows)
 
@@ -86,4 +86,6 @@ WORKER_METRICS = {
     "worker_busy_percent": ("busy_pct", "Share of wall time the worker spent in steps (recent steps)."),
     "worker_allreduce_percent": ("allreduce_pct", "Share of step time spent in TP collectives (recent steps)."),
     "worker_step_milliseconds": ("step_ms", "Mean step time of the worker (recent steps)."),
+    "worker_handoff_milliseconds": ("handoff_ms", "Median time from the previous stage finishing a step to this "
+                                    "worker starting it: activation transfer + dispatch + queueing (stage > 0)."),
 }

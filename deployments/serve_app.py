@@ -11,6 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
+import ray
 from ray import serve
 from ray.serve import Application
 from ray.util import get_current_placement_group
@@ -125,9 +126,17 @@ class LLMServer:
         """Serve's health check: a failed grid is rebuilt here; if rebuilding fails, Serve replaces the replica."""
         if self.rebuild is not None and self.rebuild.done() and self.rebuild.exception() is not None:
             raise RuntimeError(f"grid rebuild failed: {self.rebuild.exception()}")
+        if not self.engine.dead:  # Serve calls this every health_check_period_s: probe the workers, refresh gauges
+            try:
+                status = await asyncio.to_thread(self._status)
+            except ray.exceptions.RayError as exc:  # a worker died while the replica was idle
+                self.engine.fail(f"worker unreachable: {type(exc).__name__}")
+            else:
+                try:
+                    self.ray_metrics.update(status)
+                except Exception:  # metrics must never fail the health check
+                    log.exception("could not export Ray metrics")
         self._heal()
-        if not self.engine.dead:  # Serve calls this every health_check_period_s: refresh the Ray gauges too
-            self.ray_metrics.update(await asyncio.to_thread(self._status))
 
     def _authorize(self, request: Request) -> None:
         """Enforce the optional API key."""
@@ -263,8 +272,9 @@ def make_app(cfg: GridServeConfig, **deployment_options: Any) -> Application:
     resource = cfg.resource if cfg.resource != "auto" else ("GPU" if gpus else "CPU")
     worker = {"GPU": 1.0} if resource == "GPU" else {"CPU": cfg.cpus_per_worker}
     bundles = [{"CPU": cfg.replica_cpus}] + [dict(worker) for _ in range(cfg.world_size)]
-    # Serve's default of 5 ongoing requests would hold requests at the proxy, outside our batch; let the replica
-    # take what its engine can run or queue (beyond that it answers 503 itself).
-    options = {"max_ongoing_requests": cfg.max_num_seqs + cfg.max_waiting_requests, **deployment_options}
+    # Serve's default of 5 ongoing requests would hold requests at the proxy, outside our batch. Let more reach
+    # the replica than its engine runs or queues, so the excess gets our prompt 503 + Retry-After instead of
+    # waiting in an unbounded proxy queue.
+    options = {"max_ongoing_requests": 2 * (cfg.max_num_seqs + cfg.max_waiting_requests), **deployment_options}
     return LLMServer.options(placement_group_bundles=bundles, placement_group_strategy="PACK",
                              ray_actor_options={"num_cpus": cfg.replica_cpus}, **options).bind(cfg.model_dump())

@@ -46,8 +46,12 @@ class CheckpointReader:
             raise ValueError(f"model: no *.safetensors files in {self.dir}")
         mapping: dict[str, str] = {}
         for name in files:
-            with safe_open(self.dir / name, framework="pt") as f:
-                mapping.update({key: name for key in f.keys()})
+            try:
+                with safe_open(self.dir / name, framework="pt") as f:
+                    mapping.update({key: name for key in f.keys()})
+            except Exception as exc:  # safetensors raises its own error types for truncated or corrupt files
+                raise ValueError(f"checkpoint file {self.dir / name} is unreadable ({exc}); re-download or "
+                                 "re-export it") from exc
         return mapping
 
     def keys(self) -> list[str]:

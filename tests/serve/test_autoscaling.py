@@ -52,7 +52,7 @@ def test_load_scales_out_to_a_second_grid_and_back(cluster_url: tuple[str, str])
     autoscaling = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1000, "upscale_delay_s": 1,
                    "downscale_delay_s": 4, "look_back_period_s": 2, "metrics_interval_s": 0.5,
                    "policy": {"policy_function": "deployments.autoscaling:TokenLoadPolicy",
-                              "policy_kwargs": {"target_pending_tokens": 400, "target_kv_usage": 0.9}}}
+                              "policy_kwargs": {"target_pending_tokens": 200, "target_kv_usage": 0.9}}}
     serve.run(make_app(cfg, autoscaling_config=autoscaling, max_ongoing_requests=64), name="gridserve",
               route_prefix="/")
     assert len(replicas()) == 1

@@ -35,6 +35,7 @@ def test_status_shows_the_grid(faulty_server: str, tmp_path: Path, capsys: pytes
     assert sorted((w["pp_rank"], w["tp_rank"]) for w in st["workers"]) == [(0, 0), (0, 1), (1, 0), (1, 1)]
     assert all(w["weight_bytes"] > 0 and w["kv_bytes"] > 0 and w["host_rss_bytes"] > 0 for w in st["workers"])
     assert all(w["steps"] >= 8 and 0 < w["busy_pct"] <= 100 for w in st["workers"])
+    assert all((w["handoff_ms"] > 0) == (w["pp_rank"] == 1) for w in st["workers"])  # stage 1 times its input
     assert st["engine"]["ttft_seconds_p50"] > 0 and st["engine"]["e2e_seconds_p50"] > 0
     text = httpx.get(f"{faulty_server}/metrics", timeout=30).text
     assert 'gridserve_worker_busy_percent{replica="' in text and 'stage="1",tp_rank="1"' in text

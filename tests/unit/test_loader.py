@@ -279,6 +279,16 @@ def test_empty_or_missing_folder_refused(tmp_path: Path) -> None:
         CheckpointReader(tmp_path / "nope")
 
 
+def test_truncated_file_is_named(copy_dir: Path) -> None:
+    """A checkpoint cut short (interrupted download) fails with the file's name, not a safetensors traceback."""
+    path = next(copy_dir.glob("*.safetensors"))
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ValueError, match=f"{path.name} is unreadable"):
+        reader = CheckpointReader(copy_dir)
+        for key in reader.keys():
+            reader.get_slice(key)[:]
+
+
 # ----------------------------------------------------------------------------- (e) pipeline stages
 
 def test_pipeline_stages_hold_their_parts(single_dir: Path) -> None:
