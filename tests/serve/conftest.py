@@ -26,14 +26,16 @@ def chat_model(tmp_path_factory: pytest.TempPathFactory) -> str:
                            num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, seed=3))
 
 
-def start_server(args: dict) -> str:
+def start_server(args: dict, **deployment_options: object) -> str:
     """Start local Ray and Serve on a free loopback port, deploy the app with `args`; returns the base URL."""
-    from deployments.serve_app import build_app
+    from cluster.config import GridServeConfig
+    from deployments.serve_app import make_app
 
     port = free_port()
     ray.init(address="local", num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1")
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(args), name="gridserve", route_prefix="/")  # returns once the replica is running
+    app = make_app(GridServeConfig(**args), **deployment_options)
+    serve.run(app, name="gridserve", route_prefix="/")  # returns once the replicas are running
     return f"http://127.0.0.1:{port}"
 
 
