@@ -26,13 +26,15 @@ def chat_model(tmp_path_factory: pytest.TempPathFactory) -> str:
                            num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, seed=3))
 
 
-def start_server(args: dict, **deployment_options: object) -> str:
-    """Start local Ray and Serve on a free loopback port, deploy the app with `args`; returns the base URL."""
+def start_server(args: dict, metrics_port: int | None = None, **deployment_options: object) -> str:
+    """Start local Ray (Ray's metrics exporter on `metrics_port` if given) and Serve on a free loopback port,
+    deploy the app with `args`; returns the base URL."""
     from cluster.config import GridServeConfig
     from deployments.serve_app import make_app
 
     port = free_port()
-    ray.init(address="local", num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1")
+    extra = {"_metrics_export_port": metrics_port} if metrics_port else {}
+    ray.init(address="local", num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", **extra)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     app = make_app(GridServeConfig(**args), **deployment_options)
     serve.run(app, name="gridserve", route_prefix="/")  # returns once the replicas are running

@@ -11,22 +11,29 @@ from typing import Iterator
 import httpx
 import pytest
 
-from tests.serve.conftest import start_server, stop_server
+from tests.serve.conftest import free_port, start_server, stop_server
 
 
 @pytest.fixture(scope="module")
-def faulty_server(chat_model: str) -> Iterator[str]:
+def ray_metrics_port() -> int:
+    """Where Ray's own Prometheus exporter listens for this module's cluster."""
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def faulty_server(chat_model: str, ray_metrics_port: int) -> Iterator[str]:
     """tp=2 pp=2 on CPU bundles, a short step timeout; yields the base URL."""
     yield start_server({"model": chat_model, "served_model_name": "tiny", "tensor_parallel_size": 2,
                         "pipeline_parallel_size": 2, "cpus_per_worker": 0.5, "replica_cpus": 0.5,
                         "max_model_len": 256, "max_num_batched_tokens": 256, "block_size": 8,
-                        "kv_cache_memory_bytes": 2**21, "step_timeout_s": 20})
+                        "kv_cache_memory_bytes": 2**21, "step_timeout_s": 20}, metrics_port=ray_metrics_port)
     stop_server()
 
 
-def test_status_shows_the_grid(faulty_server: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    """/status lists 2 x 2 workers with memory and utilization after some steps; /metrics carries worker gauges;
-    `gridserve status` prints the grid and draws it."""
+def test_status_shows_the_grid(faulty_server: str, ray_metrics_port: int, tmp_path: Path,
+                               capsys: pytest.CaptureFixture) -> None:
+    """/status lists 2 x 2 workers with memory and utilization after some steps; /metrics and Ray's exporter
+    carry the worker gauges; `gridserve status` prints the grid and draws it."""
     from deployments.status import main as status_main
 
     httpx.post(f"{faulty_server}/v1/completions", json={"model": "tiny", "prompt": [5, 6], "max_tokens": 8},
@@ -39,6 +46,11 @@ def test_status_shows_the_grid(faulty_server: str, tmp_path: Path, capsys: pytes
     assert st["engine"]["ttft_seconds_p50"] > 0 and st["engine"]["e2e_seconds_p50"] > 0
     text = httpx.get(f"{faulty_server}/metrics", timeout=30).text
     assert 'gridserve_worker_busy_percent{replica="' in text and 'stage="1",tp_rank="1"' in text
+    deadline, ray_text = time.monotonic() + 60, ""  # Serve's health check (every 10 s) refreshes Ray's gauges
+    while time.monotonic() < deadline and 'ray_gridserve_worker_busy_percent{' not in ray_text:
+        time.sleep(2)
+        ray_text = httpx.get(f"http://127.0.0.1:{ray_metrics_port}/metrics", timeout=10).text
+    assert 'ray_gridserve_worker_busy_percent{' in ray_text and 'ray_gridserve_ttft_seconds_p50{' in ray_text
     assert status_main(["--url", faulty_server, "--samples", "2", "--png", str(tmp_path / "grid.png")]) == 0
     printed = capsys.readouterr().out
     assert "tp=2 pp=2" in printed and printed.count("cpu") == 4 and (tmp_path / "grid.png").stat().st_size > 1000
