@@ -78,7 +78,8 @@ def main() -> None:
         rows.append((name, rate, step_ms, share, tokens == ref))
     ray.shutdown()
     collectives = collectives_per_step(args.model)
-    print(f"\nmachine: {platform.machine()} {cores} cores, read bandwidth {bandwidth / 1e9:.1f} GB/s ({cores} threads); "
+    print(f"\nmachine: {platform.machine()} {cores} cores, read bandwidth {bandwidth / 1e9:.1f} GB/s "
+          f"({cores} threads); "
           f"torch {torch.__version__}; model {args.model}, fp32, batch 1, prompt {args.prompt_len}, "
           f"{args.new_tokens} new tokens, median of {args.repeats}; floor {floor_ms:.2f} ms/token")
     print("| layout | tokens/s | step ms | floor ms | step / floor | all-reduce % of step | µs per all-reduce | "

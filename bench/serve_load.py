@@ -137,7 +137,8 @@ def main() -> None:
     texts, hf_rate = hf_reference(args["model"], prompts, a.max_tokens, a.concurrency)
     cores = os.cpu_count() or 1
     print(f"machine: {platform.machine()} {cores} cores, no GPU; torch {torch.__version__}, Ray {ray.__version__}, "
-          f"transformers {transformers.__version__}; model {args['model']}; tp={a.tp} pp={a.pp}; proxy->replica: {a.proxy}")
+          f"transformers {transformers.__version__}; model {args['model']}; tp={a.tp} pp={a.pp}; "
+          f"proxy->replica: {a.proxy}")
     ray.init(address="local", num_cpus=max(cores, 4), include_dashboard=False, _node_ip_address="127.0.0.1")
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -36,7 +36,8 @@ async def client(http: httpx.AsyncClient, seed: int, stop_at: float, tally: Coun
         try:
             if kind == "bad":
                 r = await http.post("/v1/completions", json=rng.choice(BAD))
-                tally["bad request answered 4xx" if 400 <= r.status_code < 500 else f"bad request got {r.status_code}"] += 1
+                four = 400 <= r.status_code < 500
+                tally["bad request answered 4xx" if four else f"bad request got {r.status_code}"] += 1
             elif kind == "chat":
                 body["messages"] = [{"role": "user", "content": f"tell me about {rng.randint(0, 99)}"}]
                 r = await http.post("/v1/chat/completions", json=body)

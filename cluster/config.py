@@ -36,7 +36,8 @@ class GridServeConfig(BaseModel):
     placement_timeout_s: float = Field(60.0, gt=0, description="Give up waiting for the grid's resources after this.")
     step_timeout_s: float = Field(30.0, gt=0, description="A grid step slower than this fails the replica's "
                                   "in-flight requests (a stuck or dead worker) instead of hanging them.")
-    allow_tp_across_nodes: bool = Field(False, description="Let one TP group span nodes (slow: all-reduce crosses the network).")
+    allow_tp_across_nodes: bool = Field(False, description="Let one TP group span nodes (slow: all-reduce crosses "
+                                        "the network).")
     compiled_graph: bool = Field(False, description="Drive engine steps through a Ray Compiled Graph (shared-memory "
                                  "channels, less dispatch time) when the whole grid sits on one node; off by default "
                                  "because Ray 2.60's channels crashed the raylet across nodes in our tests.")
@@ -44,8 +45,10 @@ class GridServeConfig(BaseModel):
                                 "instead of gloo over loopback TCP; false forces gloo. CUDA always uses NCCL.")
     seed: int = Field(0, description="Seed of the sampler for requests that do not set their own.")
     api_key: str | None = Field(None, description="If set, HTTP clients must send `Authorization: Bearer <key>`.")
-    max_waiting_requests: int = Field(256, ge=1, description="Queue limit per replica; beyond it HTTP 503 + Retry-After.")
-    replica_cpus: float = Field(1.0, ge=0, description="CPUs of the Serve replica actor (bundle 0 of its placement group).")
+    max_waiting_requests: int = Field(256, ge=1, description="Queue limit per replica; beyond it HTTP 503 + "
+                                      "Retry-After.")
+    replica_cpus: float = Field(1.0, ge=0, description="CPUs of the Serve replica actor (bundle 0 of its placement "
+                                "group).")
 
     @field_validator("model")
     @classmethod

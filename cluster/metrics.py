@@ -34,8 +34,9 @@ def grid_flags(workers: list[dict[str, Any]]) -> list[str]:
 def status_table(status: dict[str, Any]) -> str:
     """One replica's grid as text: stage x TP rank -> node, device, memory, busy %, all-reduce %."""
     mib = 2**20
-    rows = [f"replica {status['replica']}: tp={status['tp']} pp={status['pp']}, {status['engine']['requests_running']} running, "
-            f"{status['engine']['requests_waiting']} waiting, KV {100 * status['engine']['kv_cache_usage']:.0f}% used, "
+    e = status["engine"]
+    rows = [f"replica {status['replica']}: tp={status['tp']} pp={status['pp']}, {e['requests_running']} running, "
+            f"{e['requests_waiting']} waiting, KV {100 * e['kv_cache_usage']:.0f}% used, "
             f"grid rebuilds {status['rebuilds']}",
             f"  {'stage':>5} {'rank':>4} {'node':>10} {'device':>8} {'weights MiB':>11} {'KV MiB':>8} {'RSS MiB':>8} "
             f"{'GPU MiB':>8} {'busy %':>6} {'all-reduce %':>12} {'step ms':>8} {'hand-off ms':>11}"]

@@ -95,12 +95,19 @@ class Progress:
         self.bar.update(1)
 
 
-async def drain(queue: asyncio.Queue[Request], engines: list[Any], tokenizer: Any, on_result: Any) -> None:
-    """Feed the shared queue to every engine (a few more requests than its batch, so it never waits on us)."""
+async def drain(queue: asyncio.Queue[Request | None], engines: list[Any], tokenizer: Any, on_result: Any) -> None:
+    """Feed the shared queue to every engine (a few more requests than its batch, so it never waits on us).
+
+    A grid that dies hands its unfinished requests back to the queue for the live grids; workers wait for
+    such hand-backs until every request has a result, then a None per worker tells them to stop.
+    """
+    slots = [g for g, engine in enumerate(engines) for _ in range(math.ceil(engine.scheduler.max_num_seqs * 1.5))]
+    remaining = queue.qsize()
+
     async def worker(grid: int) -> None:
+        nonlocal remaining
         engine = engines[grid]
-        while not queue.empty():
-            req = queue.get_nowait()
+        while (req := await queue.get()) is not None:
             if engine.dead:  # this grid died: hand the request to the others and stop taking work
                 queue.put_nowait(req)
                 return
@@ -112,12 +119,16 @@ async def drain(queue: asyncio.Queue[Request], engines: list[Any], tokenizer: An
                 queue.put_nowait(req)  # not the request's fault: a live grid redoes it
                 return
             on_result(result, grid)
+            remaining -= 1
+            if remaining == 0:
+                for _ in slots:
+                    queue.put_nowait(None)
 
-    slots = [g for g, engine in enumerate(engines) for _ in range(math.ceil(engine.scheduler.max_num_seqs * 1.5))]
     await asyncio.gather(*(worker(g) for g in slots))
     while not queue.empty():  # every grid died: what is left fails, it is not dropped
         req = queue.get_nowait()
-        on_result(Result(req.request_id, req.prompt_ids, [], "", None, "every grid failed"), 0)
+        if req is not None:
+            on_result(Result(req.request_id, req.prompt_ids, [], "", None, "every grid failed"), 0)
 
 
 def run(cfg: GridServeConfig, input_path: Path, output_path: Path, address: str | None = None,
@@ -161,7 +172,7 @@ def run(cfg: GridServeConfig, input_path: Path, output_path: Path, address: str 
         async def main() -> None:
             spec = cfg.spec()
             engines = [AsyncEngine.from_config(g, cfg, spec.eos_token_ids) for g in grids]
-            queue: asyncio.Queue[Request] = asyncio.Queue()
+            queue: asyncio.Queue[Request | None] = asyncio.Queue()
             for req in requests:
                 queue.put_nowait(req)
             try:

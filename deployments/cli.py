@@ -8,7 +8,8 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     """Dispatch `gridserve serve|batch|plan|status|make-model ...`."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    usage = "usage: gridserve {serve [CONFIG] | batch ARGS... | plan MODEL ... | status [--url URL] [--png F] | make-model [OUT] ...}"
+    usage = ("usage: gridserve {serve [CONFIG] | batch ARGS... | plan MODEL ... | status [--url URL] [--png F] | "
+             "make-model [OUT] ...}")
     if not argv or argv[0] in ("-h", "--help"):
         print(usage)
         return 0

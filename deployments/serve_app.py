@@ -156,8 +156,9 @@ class LLMServer:
     def _status(self) -> dict[str, Any]:
         """This replica's engine counters and its grid's per-worker place, memory and utilization."""
         e = self.engine
-        engine = {"requests_running": e.num_running, "requests_waiting": e.num_waiting, "kv_cache_usage": e.scheduler.blocks.usage,
-                  "kv_cache_blocks": e.scheduler.blocks.num_blocks, "preemptions_total": e.scheduler.num_preemptions,
+        engine = {"requests_running": e.num_running, "requests_waiting": e.num_waiting,
+                  "kv_cache_usage": e.scheduler.blocks.usage, "kv_cache_blocks": e.scheduler.blocks.num_blocks,
+                  "preemptions_total": e.scheduler.num_preemptions,
                   "steps_total": e.stats.steps, "prompt_tokens_total": e.stats.prompt_tokens,
                   "generation_tokens_total": e.stats.generation_tokens, **e.stats.latency_p50()}
         workers = [] if e.dead else self.grid.worker_stats()
@@ -165,17 +166,27 @@ class LLMServer:
                 "pp": self.grid.pp, "rebuilds": self.rebuilds, "dead": e.dead, "engine": engine,
                 "workers": workers, "flags": grid_flags(workers)}
 
+    async def _snapshot(self) -> dict[str, Any]:
+        """`_status` off the event loop; a worker found dead fails the grid (then rebuilt) and answers 503."""
+        try:
+            return await asyncio.to_thread(self._status)
+        except ray.exceptions.RayError as exc:
+            self.engine.fail(f"worker unreachable: {type(exc).__name__}")
+            self._heal()
+            raise APIError(503, "a worker of this replica's grid died; rebuilding it", "server_error",
+                           headers={"Retry-After": "5"}) from None
+
     @api.get("/status")
     async def status(self, request: Request) -> dict[str, Any]:
         """The replica's grid (stage x TP rank -> node, device, memory, busy %, all-reduce %) and flags."""
         self._authorize(request)
-        return await asyncio.to_thread(self._status)
+        return await self._snapshot()
 
     @api.get("/metrics")
     async def metrics(self, request: Request) -> PlainTextResponse:
         """Prometheus text for the replica that answers (Ray's own exporter also carries Serve's metrics)."""
         self._authorize(request)
-        st = await asyncio.to_thread(self._status)
+        st = await self._snapshot()
         return PlainTextResponse(prometheus_text(st["replica"], st["engine"], st["workers"]),
                                  media_type="text/plain; version=0.0.4")
 
