@@ -91,13 +91,18 @@ async def load(url: str, prompts: list[str], new: int, concurrency: int) -> tupl
     return time.perf_counter() - start, results
 
 
-def health_ms(url: str, n: int) -> list[float]:
-    """Latency of `n` sequential GET /health calls (a route that does no work), after 5 warm-ups."""
+def floor_ms(url: str, n: int, post: bool) -> list[float]:
+    """Latency of `n` sequential calls that do no engine work, after 5 warm-ups: GET /health, or a completion
+    POST for an unknown model (body read, validated, answered 404 before the engine)."""
     out = []
     with httpx.Client(timeout=30) as http:
         for i in range(n + 5):
             start = time.perf_counter()
-            http.get(f"{url}/health").raise_for_status()
+            if post:
+                r = http.post(f"{url}/v1/completions", json={"model": "no-such-model", "prompt": "hello there"})
+                assert r.status_code == 404, r.text
+            else:
+                http.get(f"{url}/health").raise_for_status()
             if i >= 5:
                 out.append(1000 * (time.perf_counter() - start))
     return out
@@ -147,7 +152,7 @@ def main() -> None:
         ready, first = cold_start(url, args)
         wall, results = asyncio.run(load(url, prompts, a.max_tokens, a.concurrency))
         _, alone = asyncio.run(load(url, prompts[:20], a.max_tokens, 1))  # overhead without CPU contention
-        floor = health_ms(url, 50)
+        floor, post_floor = floor_ms(url, 50, post=False), floor_ms(url, 50, post=True)
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -170,8 +175,8 @@ def main() -> None:
     over1 = np.array([r[0] - r[1] for r in alone])
     print(f"\none request at a time (20 requests): latency p50 {np.median([r[0] for r in alone]):.0f} ms, "
           f"engine p50 {np.median([r[1] for r in alone]):.0f} ms, Serve overhead p50 {np.median(over1):.1f} ms, "
-          f"p99 {np.percentile(over1, 99):.1f} ms; GET /health (Serve's floor: proxy + replica, no work) p50 "
-          f"{np.median(floor):.1f} ms")
+          f"p99 {np.percentile(over1, 99):.1f} ms; Serve's floor (proxy + replica, no engine work): GET /health "
+          f"p50 {np.median(floor):.1f} ms, POST answered 404 p50 {np.median(post_floor):.1f} ms")
     if wrong:
         raise SystemExit(f"{wrong} answers differ from HF greedy")
 
