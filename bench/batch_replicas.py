@@ -14,7 +14,7 @@ from pathlib import Path
 import ray
 import torch
 
-from bench.engine import BENCH_MODEL, ensure_model, model_info, prompts
+from bench.common import BENCH_MODEL, ensure_model, model_info, prompts
 from cluster.config import GridServeConfig
 from deployments.batch import run
 

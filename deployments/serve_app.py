@@ -5,7 +5,7 @@ import asyncio
 import logging
 import os
 import time
-from typing import Any, AsyncIterator, TypeVar
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError

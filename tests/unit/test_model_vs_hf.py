@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from actors.shard.runner import StepInput
 from actors.shard.sampler import SamplingParams

@@ -1,0 +1,45 @@
+"""Helpers the benchmarks share: seeded benchmark checkpoints, deterministic prompts, a plain-text table."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+BENCH_MODEL = "models/bench-125m"
+
+
+def ensure_model(path: str, preset: str = "bench-125m", **overrides: Any) -> str:
+    """Write a seeded random checkpoint (no tokenizer) at `path` unless one is there; returns the path."""
+    from deployments.make_model import write_model
+
+    if not (Path(path) / "config.json").is_file():
+        write_model(path, preset=preset, tokenizer=False, **overrides)
+    return path
+
+
+def model_info(path: str) -> str:
+    """Short description of a checkpoint: hidden size, layers, vocabulary, parameters."""
+    c = json.loads((Path(path) / "config.json").read_text())
+    h, n, v, i = c["hidden_size"], c["num_hidden_layers"], c["vocab_size"], c["intermediate_size"]
+    kv = c["num_key_value_heads"] * h // c["num_attention_heads"]
+    params = 2 * v * h + n * (2 * h * h + 2 * h * kv + 3 * h * i)
+    size = f"{params / 1e6:.0f}M" if params >= 1e6 else f"{params / 1e3:.0f}K"
+    return f"{Path(path).name} (hidden {h}, {n} layers, vocab {v}, ~{size} params, fp32)"
+
+
+def prompts(n: int, length: int, model: str) -> list[list[int]]:
+    """`n` distinct deterministic prompts of `length` token ids inside the model's vocabulary."""
+    vocab = json.loads((Path(model) / "config.json").read_text())["vocab_size"]
+    return [[(7 * i + 13 * r + 3) % (vocab - 10) + 10 for i in range(length)] for r in range(n)]
+
+
+def table(title: str, headers: list[str], rows: list[list[Any]], notes: list[str] = ()) -> None:
+    """Print one right-aligned table with its title and footnotes."""
+    cells = [[f"{c:.2f}" if isinstance(c, float) else str(c) for c in r] for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+    print(f"\n## {title}")
+    print("  ".join(h.rjust(w) if i else h.ljust(w) for i, (h, w) in enumerate(zip(headers, widths))))
+    for r in cells:
+        print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))))
+    for note in notes:
+        print(f"  {note}")
