@@ -113,11 +113,6 @@ class Worker:
         return {**self.where(), **memory_bytes(self.device), **self.window.summary(),
                 "weight_bytes": self.runner.weight_bytes(), "kv_bytes": kv}
 
-    def comm_stats(self) -> dict[str, float]:
-        """Collective count and seconds spent in them since start."""
-        assert self.runner is not None
-        return {"comm_s": self.runner.tp.comm_seconds, "collectives": self.runner.tp.num_collectives}
-
     def shutdown(self) -> None:
         """Leave the process group so the actor can exit cleanly."""
         if dist.is_initialized():

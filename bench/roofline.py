@@ -46,6 +46,35 @@ def weight_bytes(model_dir: str) -> int:
         not spec.tie_word_embeddings)  # the embedding is gathered (one row), not streamed
 
 
+def inprocess_step(model_dir: str, prompt: list[int], steps: int = 20) -> tuple[float, float]:
+    """Decode step ms of one tp=1 shard run in this process (no Ray), and the share of it inside `aten::mm`."""
+    from actors.shard.runner import ShardPlan, StageRunner
+    from actors.shard.sampler import SamplingParams
+    from actors.shard.tp import TPGroup
+    from cluster.blocks import BlockManager
+    from cluster.scheduler import Scheduler, Sequence
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    runner = StageRunner(ShardPlan(model_dir, 0, 1, 0, 1, None, 512, 16), TPGroup.single(), torch.device("cpu"))
+    runner.allocate_cache(64)
+    sched = Scheduler(BlockManager(64, 16), 1, 512, 512)
+    sched.add(Sequence(0, prompt, SamplingParams(temperature=0.0), 2 * steps + 10))
+
+    def step() -> None:
+        batch = sched.schedule()
+        sched.update(batch, runner.execute(sched.build_step(batch)))
+
+    for _ in range(6):  # prefill + warm-up
+        step()
+    with torch.profiler.profile() as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        wall = time.perf_counter() - start
+    mm = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key == "aten::mm") / 1e6
+    return 1000 * wall / steps, mm / wall
+
+
 def collectives_per_step(model_dir: str) -> int:
     """TP collectives one decode step issues: 2 per layer, the embedding's all-reduce, the logits gather."""
     return 2 * json.loads((Path(model_dir) / "config.json").read_text())["num_hidden_layers"] + 2
@@ -77,6 +106,7 @@ def main() -> None:
                                                    shm_allreduce=shm)
         rows.append((name, rate, step_ms, share, tokens == ref))
     ray.shutdown()
+    local_ms, mm_share = inprocess_step(args.model, prompt)
     collectives = collectives_per_step(args.model)
     print(f"\nmachine: {platform.machine()} {cores} cores, read bandwidth {bandwidth / 1e9:.1f} GB/s "
           f"({cores} threads); "
@@ -90,6 +120,9 @@ def main() -> None:
         per = "–" if not share else f"{1000 * ms * share / collectives:.0f}"
         print(f"| {name} | {rate:.1f} | {ms:.2f} | {floor_ms:.2f} | {ms / floor_ms:.2f} | {ar} | {per} | "
               f"{rate / hf_rate:.2f} | {same} |")
+    print(f"\none tp=1 shard in this process (no Ray): {local_ms:.2f} ms per decode step, "
+          f"{100 * mm_share:.0f}% of it in aten::mm (weights streamed at "
+          f"{weight_bytes(args.model) / (local_ms * mm_share / 1000) / 1e9:.1f} GB/s)")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ def main(argv: list[str] | None = None) -> int:
     cmd, rest = argv[0], argv[1:]
     if cmd == "serve":
         config = rest[0] if rest else "ray_config.yaml"
-        # Serve's proxy reaches replicas over gRPC instead of actor calls: ~3 ms less per request (BENCHMARKS.md).
+        # Serve's proxy reaches replicas over gRPC instead of actor calls: ~1-2 ms less per request (BENCHMARKS.md).
         os.environ.setdefault("RAY_SERVE_PROXY_USE_GRPC", "1")
         os.execvp("serve", ["serve", "run", config, *rest[1:]])  # Serve starts local Ray when none runs
     if cmd == "batch":

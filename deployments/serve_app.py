@@ -127,11 +127,8 @@ class LLMServer:
         if self.rebuild is not None and self.rebuild.done() and self.rebuild.exception() is not None:
             raise RuntimeError(f"grid rebuild failed: {self.rebuild.exception()}")
         if not self.engine.dead:  # Serve calls this every health_check_period_s: probe the workers, refresh gauges
-            try:
-                status = await asyncio.to_thread(self._status)
-            except ray.exceptions.RayError as exc:  # a worker died while the replica was idle
-                self.engine.fail(f"worker unreachable: {type(exc).__name__}")
-            else:
+            status = await self._probe()
+            if status is not None:
                 try:
                     self.ray_metrics.update(status)
                 except Exception:  # metrics must never fail the health check
@@ -166,15 +163,23 @@ class LLMServer:
                 "pp": self.grid.pp, "rebuilds": self.rebuilds, "dead": e.dead, "engine": engine,
                 "workers": workers, "flags": grid_flags(workers)}
 
-    async def _snapshot(self) -> dict[str, Any]:
-        """`_status` off the event loop; a worker found dead fails the grid (then rebuilt) and answers 503."""
+    async def _probe(self) -> dict[str, Any] | None:
+        """`_status` off the event loop; None if a worker is found dead (even while idle): the grid is then
+        failed and rebuilt."""
         try:
             return await asyncio.to_thread(self._status)
         except ray.exceptions.RayError as exc:
             self.engine.fail(f"worker unreachable: {type(exc).__name__}")
             self._heal()
+            return None
+
+    async def _snapshot(self) -> dict[str, Any]:
+        """`_probe` for HTTP routes: a dead worker answers 503 + Retry-After."""
+        status = await self._probe()
+        if status is None:
             raise APIError(503, "a worker of this replica's grid died; rebuilding it", "server_error",
-                           headers={"Retry-After": "5"}) from None
+                           headers={"Retry-After": "5"})
+        return status
 
     @api.get("/status")
     async def status(self, request: Request) -> dict[str, Any]:
