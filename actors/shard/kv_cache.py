@@ -3,20 +3,26 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 
 class PagedKVCache:
-    """K and V for this worker's layers in fixed-size blocks; slot = block * block_size + offset."""
+    """K and V for this worker's layers in fixed-size blocks; slot = block * block_size + offset.
+
+    Head-major ([layer, kv_head, slot, d]) so that one block of one head is a contiguous run of
+    block_size * d values: decode gathers whole blocks with a row copy instead of per-token indexing.
+    """
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device) -> None:
         self.block_size = block_size
         self.num_blocks = num_blocks
-        shape = (num_layers, num_blocks * block_size, kv_heads, head_dim)
+        shape = (num_layers, kv_heads, num_blocks * block_size, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self._scratch = torch.empty(0, dtype=dtype, device=device)  # decode gather buffer, reused every layer
 
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, kv_heads: int, head_dim: int,
@@ -27,8 +33,26 @@ class PagedKVCache:
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
         """Store new keys/values [T, kv_heads, d] in place at `slots` [T]."""
-        self.k[layer].index_copy_(0, slots, k)
-        self.v[layer].index_copy_(0, slots, v)
+        self.k[layer].index_copy_(1, slots, k.transpose(0, 1))
+        self.v[layer].index_copy_(1, slots, v.transpose(0, 1))
+
+    def read(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V at `slots` [ctx] -> two [kv_heads, ctx, d] tensors."""
+        return self.k[layer].index_select(1, slots), self.v[layer].index_select(1, slots)
+
+    def gather_blocks(self, layer: int, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of `blocks` [n] -> two [kv_heads, n * block_size, d] views of a buffer reused by the next call."""
+        kv_heads, _, d = self.k.shape[1:]
+        row = self.block_size * d
+        need = 2 * kv_heads * blocks.numel() * row
+        if self._scratch.numel() < need:  # grows to the largest decode batch seen, then stays
+            self._scratch = torch.empty(need, dtype=self.k.dtype, device=self.k.device)
+        out = self._scratch[:need].view(2, kv_heads, blocks.numel(), row)
+        for src, dst in ((self.k[layer], out[0]), (self.v[layer], out[1])):
+            by_block = src.view(kv_heads, self.num_blocks, row)
+            for h in range(kv_heads):  # per head: a plain row gather, several times faster than indexing slots
+                torch.index_select(by_block[h], 0, blocks, out=dst[h])
+        return out[0].view(kv_heads, -1, d), out[1].view(kv_heads, -1, d)
 
 
 @dataclass
@@ -38,15 +62,17 @@ class AttnMeta:
     query_lens: list[int]
     context_lens: list[int]
     write_slots: torch.Tensor  # [T] cache slot of every new token
-    read_slots: list[torch.Tensor]  # per sequence: [ctx] slots of its whole context
+    read_slots: list[torch.Tensor]  # per sequence: [ctx] slots of its whole context (prefill steps)
     masks: list[torch.Tensor | None]  # per sequence: [q, ctx] bool (True = attend) or None
-    decode_slots: torch.Tensor | None  # [B, max_ctx] when every sequence decodes one token
-    decode_mask: torch.Tensor | None  # [B, 1, 1, max_ctx]
+    decode_blocks: torch.Tensor | None  # [B * max_blocks] block ids, padded, when every sequence decodes one token
+    decode_bias: torch.Tensor | None  # [1, B, 1, max_blocks * block_size]: 0 where visible, -inf elsewhere
 
     @classmethod
     def build(cls, query_lens: list[int], context_lens: list[int], block_tables: list[list[int]],
               block_size: int, window: int | None, device: torch.device) -> "AttnMeta":
         """Turn block tables into slot indices and causal (optionally sliding-window) masks."""
+        if query_lens and all(q == 1 for q in query_lens):
+            return cls._decode(context_lens, block_tables, block_size, window, device)
         read, masks, write = [], [], []
         for q, ctx, table in zip(query_lens, context_lens, block_tables):
             blocks = torch.tensor(table, dtype=torch.long)
@@ -54,18 +80,27 @@ class AttnMeta:
             read.append(slots.to(device))
             write.append(slots[ctx - q:])
             masks.append(causal_mask(q, ctx, window, device))
-        decode_slots = decode_mask = None
-        if query_lens and all(q == 1 for q in query_lens):
-            longest = max(context_lens)
-            decode_slots = torch.stack([F.pad(s, (0, longest - len(s))) for s in read])
-            keys = torch.arange(longest, device=device)[None, :]
-            ctx = torch.tensor(context_lens, device=device)[:, None]
-            visible = keys < ctx
-            if window is not None:
-                visible &= keys > ctx - 1 - window
-            decode_mask = visible[:, None, None, :]
-        return cls(query_lens, context_lens, torch.cat(write).to(device), read, masks,
-                   decode_slots, decode_mask)
+        return cls(query_lens, context_lens, torch.cat(write).to(device), read, masks, None, None)
+
+    @classmethod
+    def _decode(cls, context_lens: list[int], block_tables: list[list[int]], block_size: int,
+                window: int | None, device: torch.device) -> "AttnMeta":
+        """Decode-only step, vectorised: one new token per sequence, contexts as padded block rows."""
+        ctx = np.asarray(context_lens, dtype=np.int64)
+        used = (ctx + block_size - 1) // block_size
+        width = int(used.max())
+        tables = np.zeros((len(ctx), width), dtype=np.int64)  # padding points at block 0, hidden by the bias
+        for i, (table, n) in enumerate(zip(block_tables, used)):
+            tables[i, :n] = table[:n]
+        last = ctx - 1
+        write = tables[np.arange(len(ctx)), last // block_size] * block_size + last % block_size
+        keys = np.arange(width * block_size)[None, :]
+        visible = keys < ctx[:, None]
+        if window is not None:
+            visible &= keys > last[:, None] - window
+        bias = torch.from_numpy(np.where(visible, 0.0, -np.inf).astype(np.float32))[None, :, None, :]
+        return cls([1] * len(ctx), list(context_lens), torch.from_numpy(write).to(device), [], [],
+                   torch.from_numpy(tables.reshape(-1)).to(device), bias.to(device))
 
 
 def causal_mask(q: int, ctx: int, window: int | None, device: torch.device) -> torch.Tensor | None:
@@ -84,22 +119,30 @@ def causal_mask(q: int, ctx: int, window: int | None, device: torch.device) -> t
 def paged_attention(q: torch.Tensor, cache: PagedKVCache, layer: int, meta: AttnMeta,
                     scale: float) -> torch.Tensor:
     """Attention of new queries [T, heads, d] over each sequence's cached context -> [T, heads * d]."""
-    k_all, v_all = cache.k[layer], cache.v[layer]
-    if meta.decode_slots is not None:
-        # One token per sequence: gather every context into a padded batch, one SDPA call.
-        k = k_all[meta.decode_slots].transpose(1, 2)  # [B, kv_heads, max_ctx, d]
-        v = v_all[meta.decode_slots].transpose(1, 2)
-        out = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=meta.decode_mask,
-                                             scale=scale, enable_gqa=True)  # [B, heads, 1, d]
-        return out.reshape(q.shape[0], -1)
+    if meta.decode_blocks is not None:
+        return decode_attention(q, cache, layer, meta, scale)
     outs, start = [], 0
     for n, slots, mask in zip(meta.query_lens, meta.read_slots, meta.masks):
         qi = q[start:start + n].transpose(0, 1)  # [heads, n, d]
-        k = k_all[slots].transpose(0, 1)  # [kv_heads, ctx, d]
-        v = v_all[slots].transpose(0, 1)
+        k, v = cache.read(layer, slots)  # [kv_heads, ctx, d]
         causal = mask is None and n > 1
         o = F.scaled_dot_product_attention(qi, k, v, attn_mask=mask, is_causal=causal, scale=scale,
                                            enable_gqa=True)  # [heads, n, d]
         outs.append(o.transpose(0, 1).reshape(n, -1))
         start += n
     return torch.cat(outs)
+
+
+def decode_attention(q: torch.Tensor, cache: PagedKVCache, layer: int, meta: AttnMeta,
+                     scale: float) -> torch.Tensor:
+    """One query per sequence [B, heads, d] over block-gathered contexts, as two batched matmuls -> [B, heads*d]."""
+    assert meta.decode_blocks is not None and meta.decode_bias is not None
+    b, heads, d = q.shape
+    k, v = cache.gather_blocks(layer, meta.decode_blocks)  # [kv_heads, B * width, d]
+    kv_heads = k.shape[0]
+    k, v = k.view(kv_heads, b, -1, d), v.view(kv_heads, b, -1, d)  # [kv_heads, B, width, d]
+    # Query head i reads KV head i // group (GQA); batching over (kv_head, sequence) keeps K and V unexpanded.
+    qh = q.view(b, kv_heads, heads // kv_heads, d).transpose(0, 1)  # [kv_heads, B, group, d]
+    scores = torch.matmul(qh, k.transpose(2, 3)).float().mul_(scale).add_(meta.decode_bias)  # [kv_heads, B, g, w]
+    out = torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)  # [kv_heads, B, group, d]
+    return out.transpose(0, 1).reshape(b, heads * d)
