@@ -37,6 +37,26 @@ def read_cols(src: LazySlice, start: int, stop: int) -> torch.Tensor:
     return src[:, start:stop]
 
 
+SPLIT_MAX_TOKENS = 256  # above this, PyTorch's own multi-threaded GEMM is as fast as the split below
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [T, in] @ weight[out, in].T (+ bias) -> [T, out].
+
+    On CPU with few tokens (decode), PyTorch's GEMM streams the weights on one core; cutting the output rows
+    into one block per thread and running them as one batched matmul keeps every core reading weights
+    (1.4-2.2x at batch 1, 1.1-1.2x at 64 on a 2-core box). Each output is still one dot product over `in`.
+    """
+    splits = torch.get_num_threads()
+    rows, tokens = weight.shape[0], x.shape[0]
+    if x.device.type != "cpu" or splits < 2 or tokens > SPLIT_MAX_TOKENS or rows % splits or x.dim() != 2:
+        return F.linear(x, weight, bias)
+    blocks = weight.view(splits, rows // splits, weight.shape[1]).transpose(1, 2)  # [S, in, out / S]
+    out = torch.bmm(x.expand(splits, tokens, x.shape[1]), blocks)  # [S, T, out / S]
+    out = out.transpose(0, 1).reshape(tokens, rows)  # [T, out], rows back in order
+    return out if bias is None else out.add_(bias)
+
+
 class ReplicatedParam(nn.Module):
     """Loader for parameters every rank holds whole (norm weights)."""
 
@@ -82,7 +102,7 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[T, in] -> [T, local_out]."""
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
     def part_rows(self, part: int) -> tuple[int, int, int]:
         """(offset in the local weight, start row in the checkpoint tensor, row count) for merged part `part`."""
@@ -144,7 +164,7 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[T, local_in] -> [T, out], summed over the TP group."""
-        y = self.tp.all_reduce(F.linear(x, self.weight))
+        y = self.tp.all_reduce(linear(x, self.weight))
         return y if self.bias is None else y + self.bias
 
     def weight_loader(self, param: nn.Parameter, src: LazySlice, key: str) -> None:
@@ -191,6 +211,6 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         """[T, hidden] -> [T, vocab] float32 logits on every rank."""
-        local = F.linear(x, self.weight).float()  # [T, rows]
+        local = linear(x, self.weight).float()  # [T, rows]
         full = self.tp.all_gather(local, dim=-1)  # [T, rows * tp]
         return full[:, :self.vocab_size]
