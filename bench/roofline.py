@@ -47,7 +47,7 @@ def weight_bytes(model_dir: str) -> int:
 
 
 def inprocess_step(model_dir: str, prompt: list[int], steps: int = 20) -> tuple[float, float]:
-    """Decode step ms of one tp=1 shard run in this process (no Ray), and the share of it inside `aten::mm`."""
+    """Decode step ms of one tp=1 shard run in this process (no Ray), and the share of it in matmuls."""
     from actors.shard.runner import ShardPlan, StageRunner
     from actors.shard.sampler import SamplingParams
     from actors.shard.tp import TPGroup
@@ -71,7 +71,8 @@ def inprocess_step(model_dir: str, prompt: list[int], steps: int = 20) -> tuple[
         for _ in range(steps):
             step()
         wall = time.perf_counter() - start
-    mm = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key == "aten::mm") / 1e6
+    # Weight matmuls run as aten::mm, or aten::bmm where the CPU split matmul (layers.linear) takes them.
+    mm = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in ("aten::mm", "aten::bmm")) / 1e6
     return 1000 * wall / steps, mm / wall
 
 
@@ -121,7 +122,7 @@ def main() -> None:
         print(f"| {name} | {rate:.1f} | {ms:.2f} | {floor_ms:.2f} | {ms / floor_ms:.2f} | {ar} | {per} | "
               f"{rate / hf_rate:.2f} | {same} |")
     print(f"\none tp=1 shard in this process (no Ray): {local_ms:.2f} ms per decode step, "
-          f"{100 * mm_share:.0f}% of it in aten::mm (weights streamed at "
+          f"{100 * mm_share:.0f}% of it in matmuls (aten::mm + aten::bmm; weights streamed at "
           f"{weight_bytes(args.model) / (local_ms * mm_share / 1000) / 1e9:.1f} GB/s)")
 
 
