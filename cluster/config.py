@@ -43,6 +43,8 @@ class GridServeConfig(BaseModel):
                                  "because Ray 2.60's channels crashed the raylet across nodes in our tests.")
     shm_allreduce: bool = Field(True, description="CPU TP ranks on one host sum through shared memory (x86-64) "
                                 "instead of gloo over loopback TCP; false forces gloo. CUDA always uses NCCL.")
+    enable_prefix_caching: bool = Field(True, description="Reuse the KV blocks of prompt prefixes already computed "
+                                        "(shared system prompts, chat history): their prefill is skipped.")
     seed: int = Field(0, description="Seed of the sampler for requests that do not set their own.")
     api_key: str | None = Field(None, description="If set, HTTP clients must send `Authorization: Bearer <key>`.")
     max_waiting_requests: int = Field(256, ge=1, description="Queue limit per replica; beyond it HTTP 503 + "

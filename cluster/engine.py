@@ -56,12 +56,12 @@ class AsyncEngine:
 
     def __init__(self, grid: Any, block_size: int, max_num_seqs: int, max_num_batched_tokens: int,
                  max_model_len: int, eos_token_ids: tuple[int, ...] = (), max_inflight: int | None = None,
-                 step_timeout_s: float | None = None) -> None:
+                 step_timeout_s: float | None = None, prefix_caching: bool = True) -> None:
         self.grid = grid
         self.step_timeout_s = step_timeout_s  # a step slower than this means a stuck or dead worker
         self.eos = frozenset(eos_token_ids)
         self.max_inflight = max_inflight or getattr(grid, "pp", 1)
-        self.scheduler = Scheduler(BlockManager(grid.num_blocks, block_size), max_num_seqs,
+        self.scheduler = Scheduler(BlockManager(grid.num_blocks, block_size, prefix_caching), max_num_seqs,
                                    max_num_batched_tokens, max_model_len)
         self.streams: dict[int, asyncio.Queue[TokenEvent]] = {}
         self.stats = EngineStats()
@@ -141,7 +141,7 @@ class AsyncEngine:
                 seqs = self.scheduler.schedule(self._micro_batch())
                 if not seqs:
                     break
-                self.stats.prompt_tokens += sum(len(s.tokens) - s.num_cached for s in seqs if s.num_cached == 0)
+                self.stats.prompt_tokens += sum(len(s.tokens) - s.num_cached for s in seqs if not s.output_ids)
                 step = self.scheduler.build_step(seqs)
                 inflight[asyncio.ensure_future(self._submit(step))] = seqs
             self._wakeup.clear()
@@ -169,7 +169,7 @@ class AsyncEngine:
     def from_config(cls, grid: Any, cfg: Any, eos_token_ids: tuple[int, ...] = ()) -> "AsyncEngine":
         """An engine over `grid` with the limits of a GridServeConfig."""
         return cls(grid, cfg.block_size, cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.max_model_len,
-                   eos_token_ids, step_timeout_s=cfg.step_timeout_s)
+                   eos_token_ids, step_timeout_s=cfg.step_timeout_s, prefix_caching=cfg.enable_prefix_caching)
 
     async def _submit(self, step: Any) -> StepOutput:
         """Run one step on the grid; the last stage's TP rank 0 answers (or the step times out)."""

@@ -23,6 +23,8 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)
     num_cached: int = 0  # tokens whose K/V already sit in the cache
+    hashed_blocks: int = 0  # leading full blocks registered with the prefix cache
+    hash_parent: int = -1  # content id of the last of them (-1: none)
     finish_reason: str | None = None
     num_preemptions: int = 0
     in_flight: bool = False  # part of a step the grid has not answered yet (pipelined steps)
@@ -101,21 +103,37 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         while self.waiting and len(self.running) + len(batch) < self.max_num_seqs:
             seq = self.waiting[0]
+            if not seq.block_table:
+                self._reuse_prefix(seq)
             need = len(seq.tokens) - seq.num_cached
             if need > budget or not self.blocks.can_grow(seq.block_table, len(seq.tokens)):
+                self._forget(seq)  # a waiting sequence pins no blocks: the head must always fit eventually
                 break
             self.waiting.popleft()
+            self.blocks.hit_tokens += seq.num_cached
+            self.blocks.queried_tokens += len(seq.tokens)
             self.blocks.grow(seq.block_table, len(seq.tokens))
             batch.append(seq)
             budget -= need
         self.running.extend(batch)
         return batch
 
+    def _reuse_prefix(self, seq: Sequence) -> None:
+        """Start a sequence on the cached blocks of its longest known prefix; only the rest is prefilled."""
+        seq.block_table, seq.hash_parent = self.blocks.match_prefix(seq.tokens)
+        seq.hashed_blocks = len(seq.block_table)
+        seq.num_cached = seq.hashed_blocks * self.blocks.block_size
+
+    def _forget(self, seq: Sequence) -> None:
+        """Release a sequence's blocks; its tokens will be recomputed (or found in the prefix cache) later."""
+        self.blocks.release(seq.block_table)
+        seq.num_cached = seq.hashed_blocks = 0
+        seq.hash_parent = -1
+
     def _preempt(self, seq: Sequence) -> None:
         """Free a running sequence's blocks and requeue it first; its tokens are recomputed later."""
         self.running.remove(seq)
-        self.blocks.release(seq.block_table)
-        seq.num_cached = 0
+        self._forget(seq)
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
@@ -145,6 +163,9 @@ class Scheduler:
                 self.blocks.release(seq.block_table)
                 continue
             seq.num_cached = len(seq.tokens)
+            if seq.num_cached // self.blocks.block_size > seq.hashed_blocks:
+                seq.hashed_blocks, seq.hash_parent = self.blocks.register(
+                    seq.block_table, seq.tokens, seq.num_cached, seq.hashed_blocks, seq.hash_parent)
             seq.output_ids.append(token)
             if token in seq.stop_ids:
                 seq.finish("stop")
