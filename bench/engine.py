@@ -224,8 +224,8 @@ def part_dispatch(quick: bool) -> None:
     table(f"dispatch: tp=2 pp=2, batch 1 decode, {model_info(model)}",
           ["executor", "steps", "mean ms", "p50 ms", "p99 ms", "compute ms", "overhead ms", "wall s", "compute s"],
           rows,
-          ["compute = last stage's StepOutput.timings['step_s'] (its TP rank 0: forward, gloo all-reduces, LM head,",
-           "sampling); overhead = mean wall - mean compute: ray.put of the step, 4 actor calls, stage 0's work and",
+          ["compute = last stage's StepOutput.timings['step_s'] (its TP rank 0: forward, TP all-reduces, LM head,",
+           "sampling); overhead = mean wall - mean compute: the step sent inline to 4 actor calls, stage 0's work and",
            "the activation hand-off, the answer's return. 4 workers x "
            f"{CORES / 4:g} CPU (1 torch thread each) share {CORES} cores."])
 

@@ -9,6 +9,7 @@ import asyncio
 import os
 import platform
 import time
+from typing import Any
 
 import numpy as np
 import ray
@@ -19,7 +20,8 @@ from bench.engine import BUDGET, GREEDY, make_grid
 from cluster.engine import AsyncEngine
 
 
-async def run(grid: object, reqs: list[list[int]], new: int, cache: bool) -> tuple[float, list[float], list, AsyncEngine]:
+async def run(grid: Any, reqs: list[list[int]], new: int, cache: bool,
+              ) -> tuple[float, list[float], list[list[int]], AsyncEngine]:
     """All requests at once on a fresh engine; returns wall s, TTFT per request (s), tokens, the engine."""
     engine = AsyncEngine(grid, grid.cfg.block_size, len(reqs), BUDGET, grid.cfg.max_model_len, prefix_caching=cache)
 
