@@ -8,6 +8,9 @@ import torch
 import torch.nn.functional as F
 
 
+SMALL_GATHER = 64 * 1024  # values per K (or V) gather below which one index_select call is the faster way
+
+
 class PagedKVCache:
     """K and V for this worker's layers in fixed-size blocks; slot = block * block_size + offset.
 
@@ -44,6 +47,10 @@ class PagedKVCache:
         """K and V of `blocks` [n] -> two [kv_heads, n * block_size, d] views of a buffer reused by the next call."""
         kv_heads, _, d = self.k.shape[1:]
         row = self.block_size * d
+        if kv_heads * blocks.numel() * row < SMALL_GATHER:  # few blocks: two calls beat the per-head loop
+            k = self.k[layer].view(kv_heads, self.num_blocks, row).index_select(1, blocks)
+            v = self.v[layer].view(kv_heads, self.num_blocks, row).index_select(1, blocks)
+            return k.view(kv_heads, -1, d), v.view(kv_heads, -1, d)
         need = 2 * kv_heads * blocks.numel() * row
         if self._scratch.numel() < need:  # grows to the largest decode batch seen, then stays
             self._scratch = torch.empty(need, dtype=self.k.dtype, device=self.k.device)

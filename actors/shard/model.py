@@ -30,9 +30,10 @@ class Attention(nn.Module):
                 layer: int, meta: AttnMeta) -> torch.Tensor:
         """[T, hidden] -> [T, hidden] (after the o_proj all-reduce)."""
         t, d, s = x.shape[0], self.head_dim, self.split
-        q, k, v = self.qkv_proj(x).split([s.num_heads * d, s.num_kv_heads * d, s.num_kv_heads * d], dim=-1)
-        q = apply_rotary(q.view(t, s.num_heads, d), cos, sin)  # [T, heads, d]
-        k = apply_rotary(k.view(t, s.num_kv_heads, d), cos, sin)  # [T, kv_heads, d]
+        qk, v = self.qkv_proj(x).split([(s.num_heads + s.num_kv_heads) * d, s.num_kv_heads * d], dim=-1)
+        # q and k rotate by the same angles: one rotary over both halves the small ops of a decode step.
+        qk = apply_rotary(qk.view(t, s.num_heads + s.num_kv_heads, d), cos, sin)  # [T, heads + kv_heads, d]
+        q, k = qk.split([s.num_heads, s.num_kv_heads], dim=1)
         cache.write(layer, k, v.view(t, s.num_kv_heads, d), meta.write_slots)
         out = paged_attention(q, cache, layer, meta, self.scale)  # [T, heads * d]
         return self.o_proj(out)
