@@ -97,3 +97,23 @@ def test_metrics_endpoint_counts_tokens(server: str, client: openai.OpenAI) -> N
               if line and not line.startswith("#")}
     assert values["gridserve_generation_tokens_total"] >= 3 and values["gridserve_kv_cache_blocks"] > 0
     assert "# TYPE gridserve_requests_running gauge" in text
+
+
+def test_shared_prompt_prefix_is_served_from_the_prefix_cache(server: str, client: openai.OpenAI,
+                                                              chat_model: str) -> None:
+    """A second prompt with the same 12-token start reuses its KV blocks (metrics say so), answer still HF's."""
+    def counter(name: str) -> float:
+        text = httpx.get(f"{server}/metrics").text
+        return next(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+
+    shared = [9, 31, 4, 27, 18, 6, 44, 2, 13, 57, 21, 8]
+    client.completions.create(model="tiny", prompt=shared + [3], max_tokens=2, extra_body={"ignore_eos": True})
+    before = counter("gridserve_prefix_cache_hit_tokens_total")
+    prompt = shared + [40, 1]
+    out = client.completions.create(model="tiny", prompt=prompt, max_tokens=5, temperature=0,
+                                    extra_body={"ignore_eos": True})
+    assert counter("gridserve_prefix_cache_hit_tokens_total") - before >= 12  # 3 blocks of 4 tokens
+    from transformers import AutoTokenizer
+
+    ref, _ = hf_greedy(chat_model, prompt, 5)
+    assert out.choices[0].text == AutoTokenizer.from_pretrained(chat_model).decode(ref, skip_special_tokens=True)
