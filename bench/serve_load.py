@@ -24,6 +24,7 @@ from ray import serve
 
 from cluster.config import DEFAULT_MODEL
 from deployments.make_model import ensure_default_model
+from bench.serve_floor import Echo
 from deployments.serve_app import build_app
 
 TOPICS = ["the sea", "a cat", "numbers", "code", "a story", "the sun", "questions", "answers"]
@@ -91,16 +92,20 @@ async def load(url: str, prompts: list[str], new: int, concurrency: int) -> tupl
     return time.perf_counter() - start, results
 
 
-def floor_ms(url: str, n: int, post: bool) -> list[float]:
-    """Latency of `n` sequential calls that do no engine work, after 5 warm-ups: GET /health, or a completion
-    POST for an unknown model (body read, validated, answered 404 before the engine)."""
+def floor_ms(url: str, n: int, kind: str) -> list[float]:
+    """Latency of `n` sequential calls that do no engine work, after 5 warm-ups: GET /health ("health"), a
+    completion POST for an unknown model, answered 404 before the engine ("post"), or the same body POSTed to
+    the smallest Serve app there is, `bench.serve_floor` ("serve")."""
     out = []
+    body = {"model": "no-such-model", "prompt": "hello there"}
     with httpx.Client(timeout=30) as http:
         for i in range(n + 5):
             start = time.perf_counter()
-            if post:
-                r = http.post(f"{url}/v1/completions", json={"model": "no-such-model", "prompt": "hello there"})
+            if kind == "post":
+                r = http.post(f"{url}/v1/completions", json=body)
                 assert r.status_code == 404, r.text
+            elif kind == "serve":
+                http.post(f"{url}/floor/echo", json=body).raise_for_status()
             else:
                 http.get(f"{url}/health").raise_for_status()
             if i >= 5:
@@ -152,7 +157,9 @@ def main() -> None:
         ready, first = cold_start(url, args)
         wall, results = asyncio.run(load(url, prompts, a.max_tokens, a.concurrency))
         _, alone = asyncio.run(load(url, prompts[:20], a.max_tokens, 1))  # overhead without CPU contention
-        floor, post_floor = floor_ms(url, 50, post=False), floor_ms(url, 50, post=True)
+        floor, post_floor = floor_ms(url, 50, "health"), floor_ms(url, 50, "post")
+        serve.run(Echo.bind(), name="floor", route_prefix="/floor")
+        serve_floor = floor_ms(url, 50, "serve")
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -176,7 +183,9 @@ def main() -> None:
     print(f"\none request at a time (20 requests): latency p50 {np.median([r[0] for r in alone]):.0f} ms, "
           f"engine p50 {np.median([r[1] for r in alone]):.0f} ms, Serve overhead p50 {np.median(over1):.1f} ms, "
           f"p99 {np.percentile(over1, 99):.1f} ms; Serve's floor (proxy + replica, no engine work): GET /health "
-          f"p50 {np.median(floor):.1f} ms, POST answered 404 p50 {np.median(post_floor):.1f} ms")
+          f"p50 {np.median(floor):.1f} ms, POST answered 404 p50 {np.median(post_floor):.1f} ms; Serve alone (a "
+          f"FastAPI deployment that only reads the same POST body, bench.serve_floor): p50 "
+          f"{np.median(serve_floor):.1f} ms")
     if wrong:
         raise SystemExit(f"{wrong} answers differ from HF greedy")
 
