@@ -112,3 +112,28 @@ def test_engine_tokens_unchanged_with_shared_prefixes(model_dirs: dict) -> None:
         if first_alone:
             assert engine.scheduler.blocks.hit_tokens >= 3 * 12 + 4
         assert engine.scheduler.blocks.num_available == 32
+
+
+def test_prefix_sharing_survives_preemption(model_dirs: dict) -> None:
+    """With too few blocks for everyone, sequences that share blocks are preempted and resumed; tokens stay HF's."""
+    from cluster.engine import AsyncEngine
+    from cluster.generate import Request, generate_all
+    from tests.local_grid import LocalGrid
+
+    shared = [3, 17, 5, 42, 8, 11, 2, 60]
+    prompts = [shared + [i + 1, 2 * i + 7] for i in range(6)]
+    want = [hf_greedy(model_dirs["llama_gqa"], p, 10)[0] for p in prompts]
+    grid = LocalGrid(str(model_dirs["llama_gqa"]), 1, 1, num_blocks=12, block_size=BS)
+
+    async def run() -> tuple[list, AsyncEngine]:
+        engine = AsyncEngine(grid, BS, 6, 256, 256)
+        head = await generate_all(engine, [Request(0, prompts[0], GREEDY, 10, ignore_eos=True)])
+        rest = await generate_all(engine, [Request(i, p, GREEDY, 10, ignore_eos=True) for i, p in enumerate(prompts)
+                                           if i])
+        return head + rest, engine
+
+    results, engine = asyncio.run(run())
+    blocks = engine.scheduler.blocks
+    assert engine.scheduler.num_preemptions > 0 and blocks.hit_tokens >= 5 * 8
+    assert [r.token_ids for r in results] == want
+    assert blocks.num_available == 12 and not any(blocks.refs)
