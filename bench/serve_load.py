@@ -22,9 +22,9 @@ import ray
 import torch
 from ray import serve
 
+from bench.serve_floor import Echo
 from cluster.config import DEFAULT_MODEL
 from deployments.make_model import ensure_default_model
-from bench.serve_floor import Echo
 from deployments.serve_app import build_app
 
 TOPICS = ["the sea", "a cat", "numbers", "code", "a story", "the sun", "questions", "answers"]
