@@ -36,7 +36,8 @@ def status_table(status: dict[str, Any]) -> str:
     mib = 2**20
     e = status["engine"]
     rows = [f"replica {status['replica']}: tp={status['tp']} pp={status['pp']}, {e['requests_running']} running, "
-            f"{e['requests_waiting']} waiting, KV {100 * e['kv_cache_usage']:.0f}% used, "
+            f"{e['requests_waiting']} waiting, KV {100 * e['kv_cache_usage']:.0f}% used, prefix-cache hits "
+            f"{100 * e['prefix_cache_hit_tokens_total'] / max(1, e['prefix_cache_queried_tokens_total']):.0f}%, "
             f"grid rebuilds {status['rebuilds']}",
             f"  {'stage':>5} {'rank':>4} {'node':>10} {'device':>8} {'weights MiB':>11} {'KV MiB':>8} {'RSS MiB':>8} "
             f"{'GPU MiB':>8} {'busy %':>6} {'all-reduce %':>12} {'step ms':>8} {'hand-off ms':>11}"]

@@ -54,6 +54,7 @@ def test_status_shows_the_grid(faulty_server: str, ray_metrics_port: int, tmp_pa
     assert status_main(["--url", faulty_server, "--samples", "2", "--png", str(tmp_path / "grid.png")]) == 0
     printed = capsys.readouterr().out
     assert "tp=2 pp=2" in printed and printed.count("cpu") == 4 and (tmp_path / "grid.png").stat().st_size > 1000
+    assert "prefix-cache hits" in printed
 
 
 def test_killed_worker_fails_stream_fast_then_replica_rebuilds(faulty_server: str) -> None:
