@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 
 SMALL_GATHER = 64 * 1024  # values per K (or V) gather below which one index_select call is the faster way
+GATHER_CAP_BYTES = 256 * 2**20  # decode gathers K and V in chunks of sequences no bigger than this (bounded memory)
 
 
 class PagedKVCache:
@@ -142,14 +143,32 @@ def paged_attention(q: torch.Tensor, cache: PagedKVCache, layer: int, meta: Attn
 
 def decode_attention(q: torch.Tensor, cache: PagedKVCache, layer: int, meta: AttnMeta,
                      scale: float) -> torch.Tensor:
-    """One query per sequence [B, heads, d] over block-gathered contexts, as two batched matmuls -> [B, heads*d]."""
+    """One query per sequence [B, heads, d] over block-gathered contexts -> [B, heads * d].
+
+    Sequences go in chunks whose gathered K and V stay under GATHER_CAP_BYTES, so a large batch of long contexts
+    cannot exhaust device memory on top of the KV cache.
+    """
     assert meta.decode_blocks is not None and meta.decode_bias is not None
+    b = q.shape[0]
+    width = meta.decode_blocks.numel() // b  # blocks per sequence (padded)
+    _, kv_heads, _, d = cache.k.shape
+    per_seq = 2 * kv_heads * width * cache.block_size * d * cache.k.element_size()
+    chunk = max(1, GATHER_CAP_BYTES // per_seq)
+    if chunk >= b:
+        return decode_chunk(q, cache, layer, meta.decode_blocks, meta.decode_bias, scale)
+    return torch.cat([decode_chunk(q[i:i + chunk], cache, layer, meta.decode_blocks[i * width:(i + chunk) * width],
+                                   meta.decode_bias[:, i:i + chunk], scale) for i in range(0, b, chunk)])
+
+
+def decode_chunk(q: torch.Tensor, cache: PagedKVCache, layer: int, blocks: torch.Tensor, bias: torch.Tensor,
+                 scale: float) -> torch.Tensor:
+    """Attention for B sequences whose padded block rows are `blocks` [B * width], as two batched matmuls."""
     b, heads, d = q.shape
-    k, v = cache.gather_blocks(layer, meta.decode_blocks)  # [kv_heads, B * width, d]
+    k, v = cache.gather_blocks(layer, blocks)  # [kv_heads, B * width, d]
     kv_heads = k.shape[0]
-    k, v = k.view(kv_heads, b, -1, d), v.view(kv_heads, b, -1, d)  # [kv_heads, B, width, d]
+    k, v = k.view(kv_heads, b, -1, d), v.view(kv_heads, b, -1, d)  # [kv_heads, B, width * block_size, d]
     # Query head i reads KV head i // group (GQA); batching over (kv_head, sequence) keeps K and V unexpanded.
     qh = q.view(b, kv_heads, heads // kv_heads, d).transpose(0, 1)  # [kv_heads, B, group, d]
-    scores = torch.matmul(qh, k.transpose(2, 3)).float().mul_(scale).add_(meta.decode_bias)  # [kv_heads, B, g, w]
+    scores = torch.matmul(qh, k.transpose(2, 3)).float().mul_(scale).add_(bias)  # [kv_heads, B, group, w]
     out = torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)  # [kv_heads, B, group, d]
     return out.transpose(0, 1).reshape(b, heads * d)

@@ -64,3 +64,23 @@ def test_decode_gather_buffer_is_reused() -> None:
     buffer = cache._scratch.data_ptr()
     paged_attention(q, cache, 0, meta, scale=0.5)
     assert cache._scratch.data_ptr() == buffer
+
+
+def test_decode_in_chunks_under_a_memory_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a cap smaller than the batch's gather, decode runs in chunks: same answer, buffer within the cap."""
+    from actors.shard import kv_cache
+
+    torch.manual_seed(1)
+    cache = PagedKVCache(1, 40, BLOCK, 2, 8, torch.float32, torch.device("cpu"))
+    cache.k.normal_(), cache.v.normal_()
+    ctx_lens = [5, 9, 13, 2, 16, 7]
+    tables = [[5 * i + j for j in range(5)] for i in range(len(ctx_lens))]
+    meta = AttnMeta.build([1] * len(ctx_lens), ctx_lens, tables, BLOCK, None, torch.device("cpu"))
+    q = torch.randn(len(ctx_lens), 4, 8)
+    whole = paged_attention(q, cache, 0, meta, scale=0.125)
+    per_seq = 2 * 2 * 4 * BLOCK * 8 * 4  # K and V, 2 heads, 4 padded blocks, fp32
+    monkeypatch.setattr(kv_cache, "SMALL_GATHER", 0)  # exercise the reused buffer, not the small-gather path
+    monkeypatch.setattr(kv_cache, "GATHER_CAP_BYTES", 2 * per_seq)  # two sequences per chunk
+    cache._scratch = torch.empty(0)
+    torch.testing.assert_close(paged_attention(q, cache, 0, meta, scale=0.125), whole)
+    assert cache._scratch.numel() * 4 <= 2 * per_seq
