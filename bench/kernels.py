@@ -1,0 +1,117 @@
+"""Micro-benchmarks behind two CPU decode choices, each beside the PyTorch call it replaces, in one run:
+the split matmul (`actors.shard.layers.linear`) vs `F.linear`, and the per-head block gather vs per-token indexing;
+then where the time of one engine step goes at the throughput benchmark's sizes (one tp=1 shard, no Ray).
+
+python -m bench.kernels
+"""
+from __future__ import annotations
+
+import os
+import platform
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+import numpy as np
+
+from actors.shard.kv_cache import PagedKVCache
+from actors.shard.layers import linear
+from actors.shard.runner import ShardPlan, StageRunner, StepInput
+from actors.shard.sampler import SamplingParams
+from actors.shard.tp import TPGroup
+from bench.common import BENCH_MODEL, ensure_model, table
+
+SHAPES = [(1280, 768), (768, 768), (4096, 768), (768, 2048), (32000, 768)]  # bench-125m: qkv, o, gate_up, down, head
+
+
+def seconds(fn: Callable[[], object], repeat: int) -> float:
+    """Median-free mean seconds per call after a warm-up (enough at these sizes and counts)."""
+    for _ in range(5):
+        fn()
+    start = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    return (time.perf_counter() - start) / repeat
+
+
+def matmuls() -> None:
+    """F.linear vs the split matmul for the benchmark model's weight shapes at 1 and 64 tokens (4 weight copies
+    rotate so the weights come from memory, not cache)."""
+    rows = []
+    for tokens in (1, 64):
+        for out_f, in_f in SHAPES:
+            x, ws = torch.randn(tokens, in_f), [torch.randn(out_f, in_f) for _ in range(4)]
+            i = iter(range(10**9))
+            base = seconds(lambda: F.linear(x, ws[next(i) % 4]), 100)
+            split = seconds(lambda: linear(x, ws[next(i) % 4]), 100)
+            gbs = out_f * in_f * 4 / 1e9
+            rows.append([tokens, f"{out_f}x{in_f}", gbs / base, gbs / split, base / split])
+    table(f"weight matmuls, fp32, {torch.get_num_threads()} threads", ["tokens", "weight", "F.linear GB/s",
+          "split GB/s", "speed-up"], rows)
+
+
+def gathers() -> None:
+    """Decode gather of a batch's K: per-token fancy indexing of a token-major cache (the previous layout) vs
+    the head-major cache's whole-block gather, 64 sequences x 192 tokens, 4 KV heads of 64."""
+    b, ctx, heads, d, bs, nblocks = 64, 192, 4, 64, 16, 64 * 20
+    tables = torch.stack([torch.randperm(nblocks)[:ctx // bs] for _ in range(b)])  # [B, blocks per sequence]
+    slots = (tables[:, :, None] * bs + torch.arange(bs)).reshape(b, -1)
+    token_major = torch.randn(nblocks * bs, heads, d)
+    cache = PagedKVCache(1, nblocks, bs, heads, d, torch.float32, torch.device("cpu"))
+    old = seconds(lambda: token_major[slots], 50)
+    new = seconds(lambda: cache.gather_blocks(0, tables.flatten()), 50) / 2  # it gathers K and V
+    mib = b * ctx * heads * d * 4 / 2**20
+    table(f"decode K gather ({mib:.0f} MiB)", ["method", "ms", "speed-up"],
+          [["token-major cache, K[slots]", 1000 * old, 1.0], ["head-major cache, per-head block index_select",
+                                                               1000 * new, old / new]])
+
+
+def step_anatomy() -> None:
+    """One bench-125m shard: a 1024-token prefill chunk (8 prompts of 128) and batch-64 decode steps at contexts
+    160 and 256, each with its share in weight/attention matmuls; plus a 2048^2 matmul as the cores' peak."""
+    runner = StageRunner(ShardPlan(ensure_model(BENCH_MODEL), 0, 1, 0, 1, None, 512, 16), TPGroup.single(),
+                         torch.device("cpu"))
+    runner.allocate_cache(64 * 16)
+    tables, greedy = [list(range(16 * i, 16 * i + 16)) for i in range(64)], SamplingParams(temperature=0.0)
+
+    def prefill(first: int) -> StepInput:
+        seqs = range(first, first + 8)
+        return StepInput(np.arange(8 * 128) % 30000 + 10, np.tile(np.arange(128), 8), [128] * 8, [128] * 8,
+                         [tables[i] for i in seqs], [greedy] * 8, [0] * 8)
+
+    def decode(ctx: int) -> StepInput:
+        return StepInput(np.arange(64) + 10, np.full(64, ctx - 1), [1] * 64, [ctx] * 64, tables, [greedy] * 64,
+                         [1] * 64)
+
+    rows = []
+    for name, steps in (("prefill chunk, 8 x 128 tokens", [prefill(8 * i) for i in range(8)]),
+                        ("decode, 64 sequences, context 160", [decode(160)] * 4),
+                        ("decode, 64 sequences, context 256", [decode(256)] * 4)):
+        runner.execute(steps[0])  # warm-up
+        with torch.profiler.profile() as prof:
+            start = time.perf_counter()
+            for step in steps[1:]:
+                runner.execute(step)
+            wall = (time.perf_counter() - start) / (len(steps) - 1)
+        mm = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in ("aten::mm", "aten::bmm"))
+        rows.append([name, 1000 * wall, f"{100 * mm / 1e6 / (wall * (len(steps) - 1)):.0f}%"])
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    peak = 2 * 2048**3 / seconds(lambda: a @ b, 5) / 1e9
+    table(f"engine step anatomy, one tp=1 shard in process (profiled); square 2048 matmul peak {peak:.0f} GFLOP/s",
+          ["step", "ms", "in matmuls"], rows)
+
+
+def main() -> None:
+    """All tables, with the machine line."""
+    torch.set_num_threads(os.cpu_count() or 1)
+    print(f"machine: {platform.machine()} {os.cpu_count()} cores; torch {torch.__version__}")
+    with torch.inference_mode():
+        matmuls()
+        gathers()
+        step_anatomy()
+
+
+if __name__ == "__main__":
+    main()
