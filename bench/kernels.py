@@ -81,14 +81,15 @@ def step_anatomy() -> None:
         return StepInput(np.arange(8 * 128) % 30000 + 10, np.tile(np.arange(128), 8), [128] * 8, [128] * 8,
                          [tables[i] for i in seqs], [greedy] * 8, [0] * 8)
 
-    def decode(ctx: int) -> StepInput:
-        return StepInput(np.arange(64) + 10, np.full(64, ctx - 1), [1] * 64, [ctx] * 64, tables, [greedy] * 64,
-                         [1] * 64)
+    def decode(ctx: int, seqs: int = 64) -> StepInput:
+        return StepInput(np.arange(seqs) + 10, np.full(seqs, ctx - 1), [1] * seqs, [ctx] * seqs, tables[:seqs],
+                         [greedy] * seqs, [1] * seqs)
 
     rows = []
     for name, steps in (("prefill chunk, 8 x 128 tokens", [prefill(8 * i) for i in range(8)]),
                         ("decode, 64 sequences, context 160", [decode(160)] * 4),
-                        ("decode, 64 sequences, context 256", [decode(256)] * 4)):
+                        ("decode, 64 sequences, context 256", [decode(256)] * 4),
+                        ("decode, 1 sequence, context 64", [decode(64, 1)] * 11)):
         runner.execute(steps[0])  # warm-up
         with torch.profiler.profile() as prof:
             start = time.perf_counter()
@@ -96,11 +97,12 @@ def step_anatomy() -> None:
                 runner.execute(step)
             wall = (time.perf_counter() - start) / (len(steps) - 1)
         mm = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in ("aten::mm", "aten::bmm"))
-        rows.append([name, 1000 * wall, f"{100 * mm / 1e6 / (wall * (len(steps) - 1)):.0f}%"])
+        calls = sum(e.count for e in prof.key_averages()) / (len(steps) - 1)  # every aten call, nested included
+        rows.append([name, 1000 * wall, f"{100 * mm / 1e6 / (wall * (len(steps) - 1)):.0f}%", f"{calls:.0f}"])
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
     peak = 2 * 2048**3 / seconds(lambda: a @ b, 5) / 1e9
     table(f"engine step anatomy, one tp=1 shard in process (profiled); square 2048 matmul peak {peak:.0f} GFLOP/s",
-          ["step", "ms", "in matmuls"], rows)
+          ["step", "ms", "in matmuls", "aten calls"], rows)
 
 
 def main() -> None:

@@ -45,7 +45,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
     On CPU with few tokens (decode), PyTorch's GEMM streams the weights on one core; cutting the output rows
     into one block per thread and running them as one batched matmul keeps every core reading weights
-    (1.3-1.9x at batch 1, 1.0-1.3x at 64 on a 2-core box: python -m bench.kernels). Each output is still one
+    (1.2-1.9x at batch 1, 0.9-1.3x at 64 on a 2-core box: python -m bench.kernels). Each output is still one
     dot product over `in`.
     """
     splits = torch.get_num_threads()
