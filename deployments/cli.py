@@ -5,6 +5,15 @@ import os
 import sys
 
 
+def local_ray_running() -> bool:
+    """Whether a Ray cluster already runs on this machine (then Serve joins it as it is)."""
+    try:
+        from ray._private.services import find_gcs_addresses  # Ray is pinned; a missing helper means "assume yes"
+    except ImportError:
+        return True
+    return bool(find_gcs_addresses())
+
+
 def main(argv: list[str] | None = None) -> int:
     """Dispatch `gridserve serve|batch|plan|status|make-model ...`."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -18,6 +27,9 @@ def main(argv: list[str] | None = None) -> int:
         config = rest[0] if rest else "ray_config.yaml"
         # Serve's proxy reaches replicas over gRPC instead of actor calls: ~1-2 ms less per request (BENCHMARKS.md).
         os.environ.setdefault("RAY_SERVE_PROXY_USE_GRPC", "1")
+        if not os.environ.get("RAY_ADDRESS") and not local_ray_running():
+            # Serve will start a local Ray: keep its GCS, raylet and object manager on loopback too.
+            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         os.execvp("serve", ["serve", "run", config, *rest[1:]])  # Serve starts local Ray when none runs
     if cmd == "batch":
         from deployments.batch import main as batch_main

@@ -1,0 +1,51 @@
+"""`gridserve serve`: what it hands to `serve run`, and when it keeps a fresh local Ray on loopback."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from deployments import cli
+
+
+class Exec(Exception):
+    """Raised instead of replacing the test process."""
+
+
+def run_serve(monkeypatch: pytest.MonkeyPatch, ray_running: bool) -> list[str]:
+    """Call `gridserve serve` with exec stubbed out; returns the argv it would exec."""
+    calls: list[list[str]] = []
+
+    def fake_exec(_: str, argv: list[str]) -> None:
+        calls.append(argv)
+        raise Exec
+
+    monkeypatch.setattr(cli.os, "execvp", fake_exec)
+    monkeypatch.setattr(cli, "local_ray_running", lambda: ray_running)
+    with pytest.raises(Exec):
+        cli.main(["serve"])
+    return calls[0]
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No Ray address and none of the variables the command sets; each is restored (or removed) afterwards."""
+    for name in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_SERVE_PROXY_USE_GRPC"):
+        monkeypatch.setenv(name, "")  # records the original state, so what the command sets cannot leak
+        monkeypatch.delenv(name)
+
+
+def test_fresh_local_ray_stays_on_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With no Ray running, Serve's own Ray start is kept on 127.0.0.1 and the gRPC proxy path is chosen."""
+    assert run_serve(monkeypatch, ray_running=False) == ["serve", "run", "ray_config.yaml"]
+    assert os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"
+    assert os.environ["RAY_SERVE_PROXY_USE_GRPC"] == "1"
+
+
+def test_existing_cluster_is_joined_as_it_is(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A running cluster (or RAY_ADDRESS) is joined without changing how Ray picks its node address."""
+    run_serve(monkeypatch, ray_running=True)
+    assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in os.environ
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    run_serve(monkeypatch, ray_running=False)
+    assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in os.environ
