@@ -64,10 +64,10 @@ def main() -> None:
         ray.shutdown()
     rows, base = [], results[False][0]
     for cache, (wall, ttft, _, engine) in results.items():
-        blocks = engine.scheduler.blocks
+        sched = engine.scheduler
         rows.append(["on" if cache else "off", a.requests * a.new / wall, wall, base / wall,
                      1000 * float(np.median(ttft)), 1000 * float(np.percentile(ttft, 99)), engine.stats.prompt_tokens,
-                     f"{100 * blocks.hit_tokens / max(1, blocks.queried_tokens):.0f}%"])
+                     f"{100 * sched.prefix_hit_tokens / max(1, sched.admitted_tokens):.0f}%"])
     same = results[False][2] == results[True][2]
     table(f"prefix caching: {a.requests} requests x (shared {a.shared} + own {a.unique} prompt tokens, {a.new} new), "
           f"tp=1 pp=1, {model_info(model)}",

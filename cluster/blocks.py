@@ -29,8 +29,6 @@ class BlockManager:
         self.key_of: dict[int, BlockKey] = {}
         self.content_id: dict[int, int] = {}  # fresh per registration: a reused block id never aliases old content
         self._next_id = 0
-        self.hit_tokens = 0  # tokens admitted with their KV already cached (counted by the scheduler)
-        self.queried_tokens = 0  # tokens admitted
 
     def blocks_for(self, num_tokens: int) -> int:
         """Blocks needed to hold `num_tokens` tokens."""

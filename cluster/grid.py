@@ -15,6 +15,8 @@ from actors.worker import Worker
 from cluster.config import GridServeConfig
 from cluster.placement import create_replica_group
 
+log = logging.getLogger("gridserve")
+
 # Steps smaller than this travel inside each actor call (Ray inlines arguments under 100 KiB); a ray.put through
 # the object store cost ~3-4 ms more per step on a 2-core box, which at batch-1 decode is a tenth of the step.
 INLINE_STEP_BYTES = 64 * 1024
@@ -25,8 +27,6 @@ def wire_bytes(step: StepInput) -> int:
     ints = sum(len(t) for t in step.block_tables) + len(step.query_lens) * 3
     ints += sum(len(h[0]) + len(h[1]) for h in step.histories or [] if h is not None)
     return 1024 + step.token_ids.nbytes + step.positions.nbytes + 8 * ints + 512 * len(step.sampling)
-
-log = logging.getLogger("gridserve")
 
 
 class WorkerGrid:

@@ -76,7 +76,7 @@ ENGINE_METRICS = {
     "steps_total": ("counter", "Engine steps run."),
     "prompt_tokens_total": ("counter", "Prompt tokens prefilled (prefix-cache hits excluded)."),
     "prefix_cache_hit_tokens_total": ("counter", "Prompt tokens whose KV blocks came from the prefix cache."),
-    "prefix_cache_queried_tokens_total": ("counter", "Prompt tokens looked up in the prefix cache."),
+    "prefix_cache_queried_tokens_total": ("counter", "Tokens of admitted sequences (hit rate = hits / this)."),
     "generation_tokens_total": ("counter", "Tokens generated."),
     "ttft_seconds_p50": ("gauge", "Time to first token, median of recent requests."),
     "itl_seconds_p50": ("gauge", "Inter-token latency, median of recent tokens."),

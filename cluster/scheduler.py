@@ -51,6 +51,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.prefix_hit_tokens = 0  # admitted tokens whose KV came from the prefix cache
+        self.admitted_tokens = 0  # all tokens of admitted sequences (hit rate = the ratio)
 
     def add(self, seq: Sequence) -> None:
         """Queue a new sequence; a prompt longer than max_model_len is refused, never truncated."""
@@ -110,8 +112,8 @@ class Scheduler:
                 self._forget(seq)  # a waiting sequence pins no blocks: the head must always fit eventually
                 break
             self.waiting.popleft()
-            self.blocks.hit_tokens += seq.num_cached
-            self.blocks.queried_tokens += len(seq.tokens)
+            self.prefix_hit_tokens += seq.num_cached
+            self.admitted_tokens += len(seq.tokens)
             self.blocks.grow(seq.block_table, len(seq.tokens))
             batch.append(seq)
             budget -= need

@@ -156,8 +156,8 @@ class LLMServer:
         engine = {"requests_running": e.num_running, "requests_waiting": e.num_waiting,
                   "kv_cache_usage": e.scheduler.blocks.usage, "kv_cache_blocks": e.scheduler.blocks.num_blocks,
                   "preemptions_total": e.scheduler.num_preemptions,
-                  "prefix_cache_hit_tokens_total": e.scheduler.blocks.hit_tokens,
-                  "prefix_cache_queried_tokens_total": e.scheduler.blocks.queried_tokens,
+                  "prefix_cache_hit_tokens_total": e.scheduler.prefix_hit_tokens,
+                  "prefix_cache_queried_tokens_total": e.scheduler.admitted_tokens,
                   "steps_total": e.stats.steps, "prompt_tokens_total": e.stats.prompt_tokens,
                   "generation_tokens_total": e.stats.generation_tokens, **e.stats.latency_p50()}
         workers = [] if e.dead else self.grid.worker_stats()

@@ -85,7 +85,7 @@ def test_scheduler_prefills_only_the_uncached_suffix() -> None:
     step = sched.build_step(batch)
     assert step.token_ids.tolist() == [70, 71, 72] and step.positions.tolist() == [8, 9, 10]
     assert step.block_tables[0][:2] == first.block_table[:2]
-    assert sched.blocks.hit_tokens == 8 and sched.blocks.queried_tokens == 10 + 11
+    assert sched.prefix_hit_tokens == 8 and sched.admitted_tokens == 10 + 11
 
 
 def test_engine_tokens_unchanged_with_shared_prefixes(model_dirs: dict) -> None:
@@ -110,7 +110,7 @@ def test_engine_tokens_unchanged_with_shared_prefixes(model_dirs: dict) -> None:
         results, engine = asyncio.run(run(first_alone))
         assert [r.token_ids for r in results] == want
         if first_alone:
-            assert engine.scheduler.blocks.hit_tokens >= 3 * 12 + 4
+            assert engine.scheduler.prefix_hit_tokens >= 3 * 12 + 4
         assert engine.scheduler.blocks.num_available == 32
 
 
@@ -134,6 +134,6 @@ def test_prefix_sharing_survives_preemption(model_dirs: dict) -> None:
 
     results, engine = asyncio.run(run())
     blocks = engine.scheduler.blocks
-    assert engine.scheduler.num_preemptions > 0 and blocks.hit_tokens >= 5 * 8
+    assert engine.scheduler.num_preemptions > 0 and engine.scheduler.prefix_hit_tokens >= 5 * 8
     assert [r.token_ids for r in results] == want
     assert blocks.num_available == 12 and not any(blocks.refs)
