@@ -90,21 +90,27 @@ class Worker:
         assert self.runner is not None
         self.runner.allocate_cache(num_blocks)
 
-    def execute(self, step: StepInput, hidden: tuple[np.ndarray, float] | None,
-                ) -> tuple[np.ndarray, float] | StepOutput | None:
-        """Run one step of this stage; `hidden` arrives as an object ref resolved by Ray, never via the driver.
+    def execute(self, step: StepInput, hidden: tuple[np.ndarray, float, list[float]] | None,
+                ) -> tuple[np.ndarray, float, list[float]] | StepOutput | None:
+        """Run one step of this stage; `hidden` is the previous stage's output, passed as an object ref.
 
-        Inner stages hand on (hidden states, wall time they finished), so the next stage can time the hand-off.
+        Inner stages hand on (hidden states, wall time they finished, each stage's seconds so far), so the next
+        stage can time the hand-off and the last one reports every stage's compute (`stage_<k>_s` timings).
         """
         assert self.runner is not None, "load() must run before execute()"
-        handoff = None
+        handoff, before = None, []
         if hidden is not None:
-            hidden, done_at = hidden
+            hidden, done_at, before = hidden
             handoff = time.time() - done_at  # wall clocks: comparable across hosts to NTP precision
         start, comm = time.perf_counter(), self.runner.tp.comm_seconds
         out = self.runner.execute(step, hidden)
-        self.window.record(start, time.perf_counter(), self.runner.tp.comm_seconds - comm, handoff)
-        return (out, time.time()) if isinstance(out, np.ndarray) else out
+        end = time.perf_counter()
+        self.window.record(start, end, self.runner.tp.comm_seconds - comm, handoff)
+        if isinstance(out, np.ndarray):
+            return out, time.time(), [*before, end - start]
+        if isinstance(out, StepOutput):
+            out.timings.update({f"stage_{k}_s": s for k, s in enumerate([*before, end - start])})
+        return out
 
     def stats(self) -> dict[str, Any]:
         """Where this worker runs, its memory, and its utilization over recent steps (for /status, /metrics)."""

@@ -35,11 +35,13 @@ BUDGET = 1024  # engine max_num_batched_tokens: prefill chunk of one step
 GREEDY = SamplingParams(temperature=0.0)
 
 
-def make_grid(model: str, tp: int = 1, pp: int = 1, kv_mib: int = 512, compiled: bool = False) -> WorkerGrid:
+def make_grid(model: str, tp: int = 1, pp: int = 1, kv_mib: int = 512, compiled: bool = False,
+              partition: str | list[int] = "even") -> WorkerGrid:
     """A CPU grid whose tp*pp workers split the machine's cores equally (one torch thread at least)."""
     cfg = GridServeConfig(model=model, tensor_parallel_size=tp, pipeline_parallel_size=pp, resource="CPU",
                           cpus_per_worker=CORES / (tp * pp), max_model_len=512, max_num_batched_tokens=BUDGET,
-                          kv_cache_memory_bytes=kv_mib * 2**20, compiled_graph=compiled)
+                          kv_cache_memory_bytes=kv_mib * 2**20, compiled_graph=compiled,
+                          pipeline_layer_partition=partition)
     return WorkerGrid(cfg)
 
 
@@ -128,7 +130,7 @@ def part_throughput(quick: bool) -> None:
 
 
 class Recorder:
-    """Grid proxy that keeps every step's answer ref, so the last stage's per-step timings can be read after."""
+    """Grid proxy that keeps every step's answer ref, so each stage's per-step compute can be read after."""
 
     def __init__(self, grid: WorkerGrid) -> None:
         self.grid, self.refs = grid, []
@@ -142,38 +144,39 @@ class Recorder:
         self.refs.append(ref)
         return await ref
 
-    def compute_s(self, skip: int) -> float:
-        """Summed last-stage step_s of the recorded steps after the first `skip` (the warm-up)."""
-        return sum(out.timings["step_s"] for out in ray.get(self.refs[skip:]))
+    def stage_busy_s(self, skip: int) -> list[float]:
+        """Each stage's summed compute (`stage_<k>_s`) over the recorded steps after the first `skip` (warm-up)."""
+        outs = ray.get(self.refs[skip:])
+        return [sum(out.timings[f"stage_{k}_s"] for out in outs) for k in range(self.grid.pp)]
 
 
 def part_pipeline(quick: bool) -> None:
-    """One pp=2 grid, two runs: micro-batched (max_inflight=2) vs one step at a time (max_inflight=1)."""
+    """pp=2 grids with three layer partitions, each micro-batched (max_inflight=2) and one step at a time."""
     n, plen, new = (32, 64, 32) if quick else (32, 64, 64)
     model = ensure_model(BENCH_MODEL)
     reqs = prompts(n, plen, model)
-    grid = make_grid(model, pp=2)
-    rows, rates = [], {}
-    try:
-        for inflight in (2, 1):
-            rec = Recorder(grid)
-            wall, _, engine = run_streams(rec, reqs, new, max_inflight=inflight)
-            compute = rec.compute_s(len(rec.refs) - engine.stats.steps)
-            rates[inflight] = n * new / wall
-            rows.append([f"max_inflight={inflight}", rates[inflight], wall, engine.stats.steps,
-                         100 * engine.stats.busy_s / wall, 100 * (1 - compute / wall)])
-    finally:
-        grid.shutdown()
-    for row in rows:
-        row.insert(2, row[1] / rates[1])
+    rows, base = [], 0.0
+    for partition in ("even", [7, 5], "balanced"):
+        grid = make_grid(model, pp=2, partition=partition)
+        try:
+            for inflight in (1, 2):
+                rec = Recorder(grid)
+                wall, _, engine = run_streams(rec, reqs, new, max_inflight=inflight)
+                busy = rec.stage_busy_s(len(rec.refs) - engine.stats.steps)
+                rate = n * new / wall
+                base = base or rate  # the first run: even split, one step at a time (what pp=2 did before)
+                name = partition if isinstance(partition, str) else "explicit"
+                rows.append([f"{name} {list(grid.cfg.layer_partition())}", inflight, rate, rate / base, wall,
+                             engine.stats.steps, *(100 * (1 - b / wall) for b in busy)])
+        finally:
+            grid.shutdown()
     table(f"pipeline: tp=1 pp=2, {n} requests x (prompt {plen} + {new} new tokens), {model_info(model)}",
-          ["engine", "tokens/s", "vs inflight=1", "wall s", "steps", "in flight %", "last-stage idle %"], rows,
-          ["last-stage idle % = 1 - (sum over steps of the last stage's StepOutput.timings['step_s']) / wall.",
-           "step_s is the last stage's own time per step (forward of its layers + LM head + sampling), so the sum",
-           "is that stage's busy time; the rest of the wall it waits on stage 0, on activations crossing the object",
-           "store and on the driver. The last stage holds the LM head, the heavier half, so its idle share is the",
-           "bubble that bounds throughput. 'in flight %' (engine busy_s / wall: some step unanswered) is near 100",
-           f"in both runs and so cannot show the bubble. Each worker: {CORES / 2:g} CPU, 1 torch thread."])
+          ["layers per stage", "max_inflight", "tokens/s", "vs first row", "wall s", "steps", "stage 0 idle %",
+           "stage 1 idle %"], rows,
+          ["stage k idle % = 1 - (sum over steps of stage k's own compute, StepOutput.timings['stage_<k>_s']) / wall:",
+           "the bubble. Stage 1 also runs the LM head (as many weight reads as ~3.9 layers here), so 'even' (the",
+           "default) leaves it the busier stage; 'balanced' moves layers to stage 0 by weight reads. max_inflight=2",
+           f"splits the running batch into 2 micro-batches in flight. Each worker: {CORES / 2:g} CPU, 1 torch thread."])
 
 
 def decode_steps(execute: Callable[[StepInput], StepOutput], sched: Scheduler, n: int,
@@ -193,11 +196,9 @@ def decode_steps(execute: Callable[[StepInput], StepOutput], sched: Scheduler, n
     return walls, computes
 
 
-def part_dispatch(quick: bool) -> None:
-    """Per-step overhead of driving a tp=2 pp=2 grid one single-sequence decode step at a time."""
-    n = 200
-    model = ensure_model(TINY_MODEL, preset="tiny", **TINY)
-    grid = make_grid(model, tp=2, pp=2, kv_mib=8, compiled=True)
+def dispatch_rows(model: str, tp: int, pp: int, n: int) -> list[list[Any]]:
+    """Plain calls vs compiled graph on one tp x pp grid: n single-sequence decode steps each."""
+    grid = make_grid(model, tp=tp, pp=pp, kv_mib=8, compiled=True)
     loop = asyncio.new_event_loop()  # the compiled graph's channel readers live on this loop
 
     def compiled(step: StepInput) -> StepOutput:
@@ -212,8 +213,8 @@ def part_dispatch(quick: bool) -> None:
             sched.add(Sequence(0, prompts(1, 8, model)[0], GREEDY, n + 20))
             walls, computes = decode_steps(execute, sched, n)
             ms, cms = 1000 * np.array(walls), 1000 * np.array(computes)
-            rows.append([name, n, ms.mean(), np.median(ms), np.percentile(ms, 99), cms.mean(), ms.mean() - cms.mean(),
-                         ms.sum() / 1000, cms.sum() / 1000])
+            rows.append([f"tp={tp} pp={pp}", name, f"{CORES / (tp * pp):g}", n, ms.mean(), np.median(ms),
+                         np.percentile(ms, 99), cms.mean(), ms.mean() - cms.mean()])
     finally:
         async def close() -> None:
             grid.close_dag()
@@ -221,13 +222,79 @@ def part_dispatch(quick: bool) -> None:
         loop.run_until_complete(close())
         loop.close()
         grid.shutdown()
-    table(f"dispatch: tp=2 pp=2, batch 1 decode, {model_info(model)}",
-          ["executor", "steps", "mean ms", "p50 ms", "p99 ms", "compute ms", "overhead ms", "wall s", "compute s"],
-          rows,
+    return rows
+
+
+@ray.remote
+class Echo:
+    """A worker stand-in that does no work: answers a step the way a real stage does (hidden tuple or tokens)."""
+
+    def __init__(self, last: bool) -> None:
+        self.last = last
+
+    def execute(self, step: StepInput, hidden: Any) -> Any:
+        """Hand on a one-token hidden state, or (last stage) one sampled token."""
+        if self.last:
+            return StepOutput([3], timings={"step_s": 0.0})
+        return np.zeros((1, 16), np.float32), time.time(), [0.0]
+
+
+def floor_rows(tp: int, pp: int, step: StepInput, n: int) -> list[list[Any]]:
+    """Ray's own cost of the same step shape: tp x pp no-op actors, plain calls and a compiled graph."""
+    from ray.dag import InputNode, MultiOutputNode
+
+    cpus = CORES / (tp * pp)
+    stages = [[Echo.options(num_cpus=cpus).remote(k == pp - 1) for _ in range(tp)] for k in range(pp)]
+
+    def plain() -> None:
+        hidden: list[Any] = [None] * tp
+        for stage in stages:
+            hidden = [w.execute.remote(step, h) for w, h in zip(stage, hidden)]
+        ray.get(hidden)
+
+    with InputNode() as inp:
+        nodes: list[Any] = [None] * tp
+        for stage in stages:
+            nodes = [w.execute.bind(inp, h) for w, h in zip(stage, nodes)]
+        dag = MultiOutputNode(nodes).experimental_compile()
+    rows = []
+    try:
+        for name, fn in (("plain actor calls", plain), ("Ray Compiled Graph", lambda: ray.get(dag.execute(step)))):
+            for _ in range(20):
+                fn()
+            walls = []
+            for _ in range(n):
+                t0 = time.perf_counter()
+                fn()
+                walls.append(1000 * (time.perf_counter() - t0))
+            ms = np.array(walls)
+            rows.append([f"tp={tp} pp={pp}", f"{name}, no-op actors (Ray's floor)", f"{cpus:g}", n, ms.mean(),
+                         np.median(ms), np.percentile(ms, 99), 0.0, ms.mean()])
+    finally:
+        dag.teardown()
+        for stage in stages:
+            for w in stage:
+                ray.kill(w)
+    return rows
+
+
+def part_dispatch(quick: bool) -> None:
+    """Per-step overhead of driving a grid one single-sequence decode step at a time: the tp=2 pp=2 target
+    layout (4 workers on the cores) and tp=1 pp=2 (one core per worker), each beside Ray's own floor for the
+    same shape (no-op actors, same step payload)."""
+    n = 200
+    model = ensure_model(TINY_MODEL, preset="tiny", **TINY)
+    step = StepInput(np.array([5]), np.array([20]), [1], [21], [[0, 1]], [GREEDY], [3])
+    rows = []
+    for tp, pp in ((2, 2), (1, 2)):
+        rows += dispatch_rows(model, tp, pp, n) + floor_rows(tp, pp, step, n)
+    table(f"dispatch: batch 1 decode, {model_info(model)}",
+          ["layout", "executor", "CPU per worker", "steps", "mean ms", "p50 ms", "p99 ms", "compute ms",
+           "overhead ms"], rows,
           ["compute = last stage's StepOutput.timings['step_s'] (its TP rank 0: forward, TP all-reduces, LM head,",
-           "sampling); overhead = mean wall - mean compute: the step sent inline to 4 actor calls, stage 0's work and",
-           "the activation hand-off, the answer's return. 4 workers x "
-           f"{CORES / 4:g} CPU (1 torch thread each) share {CORES} cores."])
+           "sampling); overhead = mean wall - mean compute: the step sent inline to every actor call, stage 0's",
+           "work and the activation hand-off, the answer's return. No-op rows: the same calls and payloads with",
+           f"actors that do nothing, i.e. Ray's own cost. {CORES} cores; each worker 1 torch thread."])
 
 
 def part_latency(quick: bool) -> None:

@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from actors.shard.partition import Partition, resolve_partition
 from actors.shard.spec import ModelSpec
 
 DEFAULT_MODEL = "models/tiny-llama"
@@ -20,6 +21,10 @@ class GridServeConfig(BaseModel):
     served_model_name: str | None = Field(None, description="Name clients use in requests; default: the folder name.")
     tensor_parallel_size: int = Field(1, ge=1, description="Workers per pipeline stage; they shard every layer.")
     pipeline_parallel_size: int = Field(1, ge=1, description="Pipeline stages; each owns a contiguous run of layers.")
+    pipeline_layer_partition: Literal["even", "balanced"] | list[int] = Field(
+        "even", description="Decoder layers per pipeline stage: 'even' splits them equally; 'balanced' evens out "
+        "weight reads per decode step (the last stage's LM head counts as extra layers; for memory-bound GPU "
+        "decode); or one count per stage, e.g. [18, 14], to match stage times you measured (gridserve status).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Compute dtype; 'auto' keeps the checkpoint's (float16 needs CUDA).")
     device: Literal["auto", "cpu", "cuda"] = Field(
@@ -67,7 +72,7 @@ class GridServeConfig(BaseModel):
                              f"{self.max_model_len} so a full-length prompt fits in one step; raise it")
         spec = self.spec()
         spec.check_tp(self.tensor_parallel_size)
-        spec.check_pp(self.pipeline_parallel_size)
+        resolve_partition(spec, self.pipeline_parallel_size, self.pipeline_layer_partition)
         if self.max_model_len > spec.max_position_embeddings:
             raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's max_position_embeddings="
                              f"{spec.max_position_embeddings}; lower max_model_len")
@@ -76,6 +81,10 @@ class GridServeConfig(BaseModel):
     def spec(self) -> ModelSpec:
         """The model's architecture numbers (raises ValueError naming `model` if the folder is wrong)."""
         return ModelSpec.from_dir(self.model)
+
+    def layer_partition(self) -> Partition:
+        """Decoder layers per pipeline stage, resolved against the model."""
+        return resolve_partition(self.spec(), self.pipeline_parallel_size, self.pipeline_layer_partition)
 
     @property
     def world_size(self) -> int:

@@ -66,7 +66,7 @@ class WorkerGrid:
             stage = []
             for tp_rank in range(self.tp):
                 plan = ShardPlan(self.cfg.model, tp_rank, self.tp, pp_rank, self.pp, self.cfg.torch_dtype_name,
-                                 self.cfg.max_model_len, self.cfg.block_size)
+                                 self.cfg.max_model_len, self.cfg.block_size, self.cfg.layer_partition())
                 strategy = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=self.offset
                                                             + pp_rank * self.tp + tp_rank)
                 options = {"num_gpus": 1, "num_cpus": 0} if gpu else {"num_cpus": self.cfg.cpus_per_worker}

@@ -5,7 +5,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-from actors.shard.spec import HeadSplit, ModelSpec, stage_layers
+from actors.shard.partition import even_partition, stage_layers
+from actors.shard.spec import HeadSplit, ModelSpec
 
 GIB = 2**30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -70,13 +71,14 @@ class Layout:
 
 
 def rank_weight_bytes(spec: ModelSpec, tp: int, pp: int, pp_rank: int, dtype_bytes: int) -> int:
-    """Parameter bytes one (pp_rank, tp_rank) worker holds, counted the way the stage model allocates them."""
+    """Parameter bytes one (pp_rank, tp_rank) worker holds, counted the way the stage model allocates them
+    (layers split the default, even way)."""
     h, d = spec.hidden_size, spec.head_dim
     split = HeadSplit.of(spec, 0, tp)
     q, kv, inter = split.num_heads * d, split.num_kv_heads * d, spec.intermediate_size // tp
     layer = h * (q + 2 * kv) + q * h + 3 * h * inter + 2 * h  # qkv, o, gate/up/down, two norms
     layer += (q + 2 * kv) * spec.qkv_bias + h * spec.o_bias + (2 * inter + h) * spec.mlp_bias
-    params = len(stage_layers(spec.num_layers, pp, pp_rank)) * layer
+    params = len(stage_layers(even_partition(spec.num_layers, pp), pp_rank)) * layer
     vocab_rows = -(-spec.vocab_size // tp)  # vocab split padded to a multiple of tp
     first, last = pp_rank == 0, pp_rank == pp - 1
     params += vocab_rows * h * first
@@ -87,7 +89,7 @@ def rank_weight_bytes(spec: ModelSpec, tp: int, pp: int, pp_rank: int, dtype_byt
 
 def rank_kv_bytes(spec: ModelSpec, tp: int, pp: int, pp_rank: int, tokens: int, dtype_bytes: int) -> int:
     """KV-cache bytes a worker of stage `pp_rank` needs for `tokens` cached tokens."""
-    layers = len(stage_layers(spec.num_layers, pp, pp_rank))
+    layers = len(stage_layers(even_partition(spec.num_layers, pp), pp_rank))
     return 2 * layers * HeadSplit.of(spec, 0, tp).num_kv_heads * spec.head_dim * tokens * dtype_bytes
 
 
@@ -95,7 +97,7 @@ def allreduce_bytes_per_token(spec: ModelSpec, tp: int, pp: int, dtype_bytes: in
     """Bytes a rank of the busiest stage sends per token in ring all-reduces (2 per layer + the embedding's)."""
     if tp == 1:
         return 0
-    count = 2 * len(stage_layers(spec.num_layers, pp, 0)) + 1
+    count = 2 * max(even_partition(spec.num_layers, pp)) + 1
     return int(count * spec.hidden_size * dtype_bytes * 2 * (tp - 1) / tp)
 
 

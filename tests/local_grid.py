@@ -51,13 +51,15 @@ class LocalGrid:
     """tp x pp StageRunners in one process, driven like the Ray grid (same StepInput / StepOutput)."""
 
     def __init__(self, model_dir: str, tp: int, pp: int, num_blocks: int = 64, block_size: int = 4,
-                 dtype: str | None = None, max_model_len: int = 256) -> None:
+                 dtype: str | None = None, max_model_len: int = 256, partition: tuple[int, ...] | None = None,
+                 ) -> None:
         self.tp, self.pp, self.num_blocks = tp, pp, num_blocks
         self.stages: list[list[StageRunner]] = []
         for pp_rank in range(pp):
             shared = ThreadCollectives(tp)
             groups = [ThreadTPGroup(r, shared) if tp > 1 else TPGroup.single() for r in range(tp)]
-            plans = [ShardPlan(model_dir, r, tp, pp_rank, pp, dtype, max_model_len, block_size) for r in range(tp)]
+            plans = [ShardPlan(model_dir, r, tp, pp_rank, pp, dtype, max_model_len, block_size, partition)
+                     for r in range(tp)]
             with ThreadPoolExecutor(tp) as pool:
                 stage = list(pool.map(lambda a: StageRunner(a[0], a[1], torch.device("cpu")), zip(plans, groups)))
             for runner in stage:

@@ -9,7 +9,8 @@ from actors.shard.kv_cache import AttnMeta, PagedKVCache, paged_attention
 from actors.shard.layers import (ColumnParallelLinear, ParallelLMHead, QKVParallelLinear, RMSNorm,
                                  RowParallelLinear, VocabParallelEmbedding)
 from actors.shard.rope import Rotary, apply_rotary
-from actors.shard.spec import HeadSplit, ModelSpec, stage_layers
+from actors.shard.partition import Partition, resolve_partition, stage_layers
+from actors.shard.spec import HeadSplit, ModelSpec
 from actors.shard.tp import TPGroup
 
 
@@ -74,11 +75,11 @@ class DecoderLayer(nn.Module):
 class Backbone(nn.Module):
     """`model.*` of the HF checkpoint restricted to one stage: embedding first, final norm last."""
 
-    def __init__(self, spec: ModelSpec, tp: TPGroup, pp_rank: int, pp_size: int, dtype: torch.dtype) -> None:
+    def __init__(self, spec: ModelSpec, tp: TPGroup, pp_rank: int, partition: Partition, dtype: torch.dtype) -> None:
         super().__init__()
         split = HeadSplit.of(spec, tp.rank, tp.size)
-        self.layer_ids = stage_layers(spec.num_layers, pp_size, pp_rank)
-        self.is_first, self.is_last = pp_rank == 0, pp_rank == pp_size - 1
+        self.layer_ids = stage_layers(partition, pp_rank)
+        self.is_first, self.is_last = pp_rank == 0, pp_rank == len(partition) - 1
         self.embed_tokens = VocabParallelEmbedding(spec.vocab_size, spec.hidden_size, tp, dtype) \
             if self.is_first else None
         # Keyed by the global layer index so parameter names match the checkpoint's.
@@ -89,13 +90,13 @@ class Backbone(nn.Module):
 class StageModel(nn.Module):
     """The part of a causal LM one (pp_rank, tp_rank) worker runs."""
 
-    def __init__(self, spec: ModelSpec, tp: TPGroup, pp_rank: int, pp_size: int, dtype: torch.dtype,
+    def __init__(self, spec: ModelSpec, tp: TPGroup, pp_rank: int, partition: Partition, dtype: torch.dtype,
                  max_len: int, device: torch.device) -> None:
         super().__init__()
         spec.check_tp(tp.size)
-        spec.check_pp(pp_size)
+        resolve_partition(spec, len(partition), partition)  # the counts must fit this model
         self.spec = spec
-        self.model = Backbone(spec, tp, pp_rank, pp_size, dtype)
+        self.model = Backbone(spec, tp, pp_rank, partition, dtype)
         self.lm_head = None
         if self.model.is_last:
             self.lm_head = ParallelLMHead(spec.vocab_size, spec.hidden_size, tp, dtype)

@@ -11,6 +11,7 @@ import torch
 from actors.shard.kv_cache import AttnMeta, PagedKVCache
 from actors.shard.loader import CheckpointReader, load_stage
 from actors.shard.model import StageModel
+from actors.shard.partition import Partition, even_partition
 from actors.shard.sampler import Logprobs, Sampler, SamplingParams
 from actors.shard.spec import HeadSplit, ModelSpec
 from actors.shard.tp import TPGroup
@@ -53,6 +54,11 @@ class ShardPlan:
     dtype: str | None = None  # None = the checkpoint's dtype
     max_model_len: int = 2048
     block_size: int = 16
+    partition: Partition | None = None  # decoder layers per stage; None = an even split
+
+    def layer_counts(self, num_layers: int) -> Partition:
+        """Decoder layers per stage for a model of `num_layers` layers."""
+        return self.partition or even_partition(num_layers, self.pp_size)
 
 
 def to_wire(x: torch.Tensor) -> np.ndarray:
@@ -80,9 +86,9 @@ class StageRunner:
         self.spec = ModelSpec.from_dir(plan.model_dir)
         self.dtype = self.spec.torch_dtype(plan.dtype)
         start = time.perf_counter()
+        layers = plan.layer_counts(self.spec.num_layers)
         with torch.device(device):
-            self.model = StageModel(self.spec, tp, plan.pp_rank, plan.pp_size, self.dtype,
-                                    plan.max_model_len, device)
+            self.model = StageModel(self.spec, tp, plan.pp_rank, layers, self.dtype, plan.max_model_len, device)
         reader = CheckpointReader(plan.model_dir)
         load_stage(self.model, reader.keys(), reader.get_slice, self.spec)
         self.load_seconds = time.perf_counter() - start

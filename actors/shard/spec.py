@@ -151,9 +151,3 @@ class HeadSplit:
         replicas = tp_size // spec.num_kv_heads
         return cls(spec.num_heads // tp_size, 1, tp_rank // replicas, replicas)
 
-
-def stage_layers(num_layers: int, pp_size: int, pp_rank: int) -> range:
-    """The decoder layers pipeline stage `pp_rank` owns: contiguous, sizes differ by at most one."""
-    base, extra = divmod(num_layers, pp_size)
-    start = pp_rank * base + min(pp_rank, extra)
-    return range(start, start + base + (1 if pp_rank < extra else 0))

@@ -4,8 +4,10 @@ from __future__ import annotations
 import asyncio
 import random
 
+import numpy as np
 import pytest
 
+from actors.shard.runner import StepInput
 from actors.shard.sampler import SamplingParams
 from cluster.engine import AsyncEngine
 from cluster.generate import Request, generate_all
@@ -33,14 +35,18 @@ def run(engine: AsyncEngine, reqs: list[Request], stagger: float = 0.0) -> list:
     return asyncio.run(main())
 
 
-@pytest.mark.parametrize("tp,pp,compiled", [(1, 1, False), (2, 2, False), (2, 2, True)])
+@pytest.mark.parametrize("tp,pp,compiled,partition", [(1, 1, False, "even"), (2, 2, False, "even"),
+                                                      (2, 2, True, [3, 1])])
 def test_32_concurrent_requests_equal_each_alone(local_ray: None, model_dirs: dict, tp: int, pp: int,
-                                                 compiled: bool) -> None:
-    """Requests arriving while others run (continuous batching, pp micro-batches) get HF's greedy tokens."""
+                                                 compiled: bool, partition: str | list[int]) -> None:
+    """Requests arriving while others run (continuous batching, pp micro-batches, uneven stages) get HF's greedy
+    tokens, and the last stage reports every stage's compute time."""
     d = model_dirs["llama_gqa"]
     reqs = mixed_requests(32)
-    grid = make_grid(str(d), tp, pp, compiled_graph=compiled)
+    grid = make_grid(str(d), tp, pp, compiled_graph=compiled, pipeline_layer_partition=partition)
     assert grid.use_compiled == compiled
+    out = grid.execute(StepInput(np.array([5, 6]), np.array([0, 1]), [2], [2], [[0]], [SamplingParams()], [0]))
+    assert sorted(k for k in out.timings if k.startswith("stage_")) == [f"stage_{k}_s" for k in range(pp)]
     try:
         engine = AsyncEngine(grid, 4, 8, 256, 256)
         assert engine.max_inflight == pp

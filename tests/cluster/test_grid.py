@@ -78,3 +78,4 @@ def test_placement_timeout_is_bounded(local_ray: None, model_dirs: dict) -> None
     finally:
         ray.util.remove_placement_group(blocker)
     assert time.monotonic() - start < 15
+

@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from actors.shard.layers import LazySlice
 from actors.shard.loader import CheckpointReader, load_stage
 from actors.shard.model import StageModel
+from actors.shard.partition import even_partition
 from actors.shard.spec import ModelSpec
 from actors.shard.tp import TPGroup
 from deployments.make_model import write_model
@@ -45,7 +46,8 @@ def copy_dir(single_dir: Path, tmp_path: Path) -> Path:
 def build(model_dir: Path, tp: TPGroup | None = None, pp_rank: int = 0, pp_size: int = 1) -> StageModel:
     """An unloaded fp32 CPU StageModel for one grid position."""
     spec = ModelSpec.from_dir(model_dir)
-    return StageModel(spec, tp or TPGroup.single(), pp_rank, pp_size, torch.float32, MAX_LEN, torch.device("cpu"))
+    return StageModel(spec, tp or TPGroup.single(), pp_rank, even_partition(spec.num_layers, pp_size), torch.float32,
+                      MAX_LEN, torch.device("cpu"))
 
 
 def load(model_dir: Path, tp: TPGroup | None = None, pp_rank: int = 0, pp_size: int = 1,

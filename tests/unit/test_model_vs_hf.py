@@ -41,6 +41,15 @@ def test_greedy_tokens_and_logits_match_hf(model_dirs: dict, references: dict, v
     assert got == [tokens for tokens, _ in references[variant]]
 
 
+@pytest.mark.parametrize("partition", [(3, 1), (1, 3), (1, 2, 1)])
+def test_uneven_layer_partitions_match_hf(model_dirs: dict, references: dict, partition: tuple[int, ...]) -> None:
+    """Stages owning unequal runs of layers (what 'balanced' or a user's list gives) still decode HF's tokens."""
+    grid = LocalGrid(str(model_dirs["llama_gqa"]), 2, len(partition), num_blocks=64, block_size=4,
+                     partition=partition)
+    assert [len(s[0].model.model.layer_ids) for s in grid.stages] == list(partition)
+    assert grid_greedy(grid, PROMPTS, NEW, block_size=4) == [tokens for tokens, _ in references["llama_gqa"]]
+
+
 def test_bfloat16_runs_close_to_fp32(model_dirs: dict) -> None:
     """bfloat16 compute gives logits near the fp32 ones (same argmax on a clear winner is not guaranteed)."""
     d = str(model_dirs["llama_gqa"])

@@ -1,11 +1,11 @@
-"""ModelSpec parsing, tp validation, head splits and pipeline layer assignment."""
+"""ModelSpec parsing, tp validation and head splits."""
 from __future__ import annotations
 
 from typing import Any
 
 import pytest
 
-from actors.shard.spec import HeadSplit, ModelSpec, stage_layers
+from actors.shard.spec import HeadSplit, ModelSpec
 
 
 def hf_config(arch: str = "LlamaForCausalLM", **overrides: Any) -> dict[str, Any]:
@@ -124,22 +124,6 @@ def test_mqa_any_tp_dividing_heads_is_valid() -> None:
 def test_valid_tp_sizes_respects_limit() -> None:
     """`limit` caps the search."""
     assert spec_of().valid_tp_sizes(limit=8) == [1, 2, 4, 8]
-
-
-def test_stage_layers_uneven_split() -> None:
-    """10 layers over 3 stages: 4, 3, 3, contiguous and covering every layer once."""
-    ranges = [stage_layers(10, 3, r) for r in range(3)]
-    assert [len(r) for r in ranges] == [4, 3, 3]
-    assert [list(r) for r in ranges] == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
-
-
-@pytest.mark.parametrize("layers,pp", [(4, 1), (4, 4), (7, 2), (32, 5), (5, 3)])
-def test_stage_layers_cover_contiguously(layers: int, pp: int) -> None:
-    """Stages are contiguous, cover all layers, and differ in size by at most one."""
-    ranges = [stage_layers(layers, pp, r) for r in range(pp)]
-    assert [i for r in ranges for i in r] == list(range(layers))
-    sizes = [len(r) for r in ranges]
-    assert max(sizes) - min(sizes) <= 1 and min(sizes) >= 1
 
 
 def test_check_pp_bounds() -> None:
