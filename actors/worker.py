@@ -32,6 +32,7 @@ class Worker:
         torch.set_num_threads(num_threads)
         self.runner: StageRunner | None = None
         self.window = StepWindow()
+        self.listener: socket.socket | None = None  # rank 0's rendezvous socket until `load` hands it on
 
     def where(self) -> dict[str, Any]:
         """Node, address and devices of this worker (for the layout report and rendezvous)."""
@@ -40,11 +41,14 @@ class Worker:
                 "gpu_ids": [str(g) for g in ray.get_gpu_ids()], "device": str(self.device),
                 "pp_rank": self.plan.pp_rank, "tp_rank": self.plan.tp_rank}
 
-    def free_port(self) -> int:
-        """A port that is free on this node right now (rank 0 of a stage hosts the rendezvous)."""
-        with socket.socket() as s:
-            s.bind((ray.util.get_node_ip_address(), 0))
-            return int(s.getsockname()[1])
+    def open_rendezvous(self) -> int:
+        """Listen for the stage's TP rendezvous on this node's IP only (rank 0); returns the port.
+
+        torch's own TCPStore would listen on every interface; this socket is handed to it in `load`, and holding
+        it from now on means no other process can take the port in between.
+        """
+        self.listener = socket.create_server((ray.util.get_node_ip_address(), 0), backlog=128)
+        return int(self.listener.getsockname()[1])
 
     def load(self, master: str, port: int, timeout_s: float, shm_path: str | None = None,
              slot_bytes: int = 0) -> dict[str, Any]:
@@ -57,8 +61,12 @@ class Worker:
             if master.startswith("127."):
                 os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback-only clusters (tests)
             backend = "nccl" if self.device.type == "cuda" else "gloo"
-            dist.init_process_group(backend, init_method=f"tcp://{master}:{port}", rank=self.plan.tp_rank,
-                                    world_size=self.plan.tp_size, timeout=timedelta(seconds=timeout_s))
+            hosting = self.listener is not None
+            listen = {"master_listen_fd": self.listener.detach()} if hosting else {}
+            self.listener = None  # the store owns the socket now
+            store = dist.TCPStore(master, port, self.plan.tp_size, hosting, timedelta(seconds=timeout_s), **listen)
+            dist.init_process_group(backend, store=store, rank=self.plan.tp_rank, world_size=self.plan.tp_size,
+                                    timeout=timedelta(seconds=timeout_s))
             use_shm = shm_path is not None and self.device.type == "cpu" and shm_supported()
             shm = self._open_shm(shm_path, slot_bytes, timeout_s) if use_shm else None
             tp = TPGroup(self.plan.tp_rank, self.plan.tp_size, dist.group.WORLD, shm)

@@ -81,7 +81,7 @@ class WorkerGrid:
         loads = []
         for pp_rank, stage in enumerate(self.stages):
             master = self.where[pp_rank * self.tp]["ip"]
-            port = ray.get(stage[0].free_port.remote())
+            port = ray.get(stage[0].open_rendezvous.remote()) if self.tp > 1 else 0
             shm = self._shm_path(pp_rank)
             loads += [w.load.remote(master, port, timeout, shm, self._slot_bytes()) for w in stage]
         self.reports = ray.get(loads)

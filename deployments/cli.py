@@ -3,15 +3,37 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 
 def local_ray_running() -> bool:
-    """Whether a Ray cluster already runs on this machine (then Serve joins it as it is)."""
-    try:
-        from ray._private.services import find_gcs_addresses  # Ray is pinned; a missing helper means "assume yes"
-    except ImportError:
+    """Whether a Ray cluster already runs on this machine (then it is joined as it is).
+
+    Read from /proc, not through Ray: importing Ray fixes how it picks its node address, and the caller may still
+    have to change that. Where /proc is missing the answer is "yes", which leaves Ray's defaults alone.
+    """
+    proc = Path("/proc")
+    if not proc.is_dir():
         return True
-    return bool(find_gcs_addresses())
+    for cmdline in proc.glob("[0-9]*/cmdline"):
+        try:
+            program = cmdline.read_bytes().split(b"\0", 1)[0]
+        except OSError:  # the process ended meanwhile
+            continue
+        if program.endswith((b"/gcs_server", b"/raylet")):
+            return True
+    return False
+
+
+def loopback_if_starting_ray(args: list[str]) -> None:
+    """If the command will start its own local Ray (no --address, no RAY_ADDRESS, none running), keep that Ray's
+    GCS, raylet, object manager and workers on 127.0.0.1 (Ray otherwise swaps in the outward-facing address).
+
+    Must run before `ray` is imported; a cluster being joined is left exactly as it is.
+    """
+    joining = any(a == "--address" or a.startswith("--address=") for a in args) or os.environ.get("RAY_ADDRESS")
+    if not joining and not local_ray_running():
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,11 +49,10 @@ def main(argv: list[str] | None = None) -> int:
         config = rest[0] if rest else "ray_config.yaml"
         # Serve's proxy reaches replicas over gRPC instead of actor calls: ~1-2 ms less per request (BENCHMARKS.md).
         os.environ.setdefault("RAY_SERVE_PROXY_USE_GRPC", "1")
-        if not os.environ.get("RAY_ADDRESS") and not local_ray_running():
-            # Serve will start a local Ray: keep its GCS, raylet and object manager on loopback too.
-            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        loopback_if_starting_ray([])
         os.execvp("serve", ["serve", "run", config, *rest[1:]])  # Serve starts local Ray when none runs
     if cmd == "batch":
+        loopback_if_starting_ray(rest)
         from deployments.batch import main as batch_main
         return batch_main(rest)
     if cmd == "plan":

@@ -79,3 +79,50 @@ def test_placement_timeout_is_bounded(local_ray: None, model_dirs: dict) -> None
         ray.util.remove_placement_group(blocker)
     assert time.monotonic() - start < 15
 
+
+def listening_addresses(pid: int) -> list[str]:
+    """'ip:port' of every TCP socket process `pid` listens on (read from /proc, no extra dependency)."""
+    import os
+    import socket
+
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue  # closed meanwhile
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    found = []
+    for table, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
+        with open(f"/proc/net/{table}") as f:
+            for line in f.readlines()[1:]:
+                cols = line.split()
+                if cols[3] != "0A" or cols[9] not in inodes:  # 0A = LISTEN
+                    continue
+                addr, port = cols[1].split(":")
+                raw = bytes.fromhex(addr)
+                raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))  # /proc stores host-order words
+                found.append(f"{socket.inet_ntop(family, raw)}:{int(port, 16)}")
+    return found
+
+
+def test_workers_listen_on_loopback_only(local_ray: None, model_dirs: dict) -> None:
+    """On a loopback cluster every socket a TP worker listens on (Ray's, gloo's, and the TP rendezvous store,
+    which torch alone would open on every interface) is on 127.0.0.1, and the grid still runs."""
+    grid = make_grid(str(model_dirs["llama_gqa"]), 2, 1)
+    try:
+        pids = [w["pid"] for w in grid.where]
+        addresses = [a for pid in pids for a in listening_addresses(pid)]
+        loopback = ("127.", "::ffff:127.", "::1:")
+        assert addresses and all(a.startswith(loopback) for a in addresses), addresses
+        assert grid.execute(prefill_step(PROMPTS[0])).token_ids
+    finally:
+        grid.shutdown()
+
+
+def test_local_ray_probe_sees_a_running_cluster(local_ray: None) -> None:
+    """`gridserve serve` / `batch` join a Ray already running here instead of re-pinning its address."""
+    from deployments.cli import local_ray_running
+
+    assert local_ray_running()

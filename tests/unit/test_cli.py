@@ -1,4 +1,4 @@
-"""`gridserve serve`: what it hands to `serve run`, and when it keeps a fresh local Ray on loopback."""
+"""`gridserve serve` / `batch`: what serve hands to `serve run`, and when a fresh local Ray is kept on loopback."""
 from __future__ import annotations
 
 import os
@@ -49,3 +49,26 @@ def test_existing_cluster_is_joined_as_it_is(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
     run_serve(monkeypatch, ray_running=False)
     assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in os.environ
+
+
+@pytest.mark.parametrize("args,running,loopback", [([], False, True), (["--address", "10.0.0.5:6379"], False, False),
+                                                   (["--address=auto"], False, False), ([], True, False)])
+def test_batch_keeps_only_its_own_ray_on_loopback(monkeypatch: pytest.MonkeyPatch, args: list[str], running: bool,
+                                                  loopback: bool) -> None:
+    """`gridserve batch` pins the Ray it starts itself to 127.0.0.1 and joins a given or running cluster as is."""
+    import deployments.batch
+
+    monkeypatch.setattr(cli, "local_ray_running", lambda: running)
+    monkeypatch.setattr(deployments.batch, "main", lambda argv: 0)
+    assert cli.main(["batch", "--input", "in.jsonl", *args]) == 0
+    assert (os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == "0") == loopback
+
+
+def test_probe_for_a_local_ray_does_not_import_ray() -> None:
+    """Ray fixes its node-address choice on import, so the probe that decides it must not import Ray."""
+    import subprocess
+    import sys
+
+    code = "import sys; from deployments.cli import local_ray_running; local_ray_running(); print('ray' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
