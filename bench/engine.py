@@ -11,7 +11,7 @@ import gc
 import os
 import platform
 import time
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import ray
@@ -19,12 +19,10 @@ import torch
 
 from actors.shard.runner import StepInput, StepOutput
 from actors.shard.sampler import SamplingParams
-from cluster.blocks import BlockManager
 from cluster.config import GridServeConfig
 from cluster.engine import AsyncEngine
 from cluster.grid import WorkerGrid
 from bench.common import BENCH_MODEL, ensure_model, model_info, prompts, table
-from cluster.scheduler import Scheduler, Sequence
 
 CORES = os.cpu_count() or 1
 TINY_MODEL = "models/bench-dispatch-tiny"  # hidden 16, 2 layers: a step costs next to nothing but dispatch
@@ -179,122 +177,11 @@ def part_pipeline(quick: bool) -> None:
            f"splits the running batch into 2 micro-batches in flight. Each worker: {CORES / 2:g} CPU, 1 torch thread."])
 
 
-def decode_steps(execute: Callable[[StepInput], StepOutput], sched: Scheduler, n: int,
-                 warmup: int = 10) -> tuple[list[float], list[float]]:
-    """Wall and last-stage step_s of `n` sequential decode steps through `execute` (after prefill + warm-up)."""
-    walls, computes = [], []
-    for i in range(1 + warmup + n):
-        batch = sched.schedule()
-        step = sched.build_step(batch)
-        t0 = time.perf_counter()
-        out = execute(step)
-        wall = time.perf_counter() - t0
-        sched.update(batch, out)
-        if i > warmup:
-            walls.append(wall)
-            computes.append(out.timings["step_s"])
-    return walls, computes
-
-
-def dispatch_rows(model: str, tp: int, pp: int, n: int) -> list[list[Any]]:
-    """Plain calls vs compiled graph on one tp x pp grid: n single-sequence decode steps each."""
-    grid = make_grid(model, tp=tp, pp=pp, kv_mib=8, compiled=True)
-    loop = asyncio.new_event_loop()  # the compiled graph's channel readers live on this loop
-
-    def compiled(step: StepInput) -> StepOutput:
-        return loop.run_until_complete(grid.step_async(step))
-
-    variants: dict[str, Callable[[StepInput], StepOutput]] = {"plain actor calls": grid.execute,
-                                                               "Ray Compiled Graph": compiled}
-    rows = []
-    try:
-        for name, execute in variants.items():
-            sched = Scheduler(BlockManager(grid.num_blocks, grid.cfg.block_size), 1, BUDGET, grid.cfg.max_model_len)
-            sched.add(Sequence(0, prompts(1, 8, model)[0], GREEDY, n + 20))
-            walls, computes = decode_steps(execute, sched, n)
-            ms, cms = 1000 * np.array(walls), 1000 * np.array(computes)
-            rows.append([f"tp={tp} pp={pp}", name, f"{CORES / (tp * pp):g}", n, ms.mean(), np.median(ms),
-                         np.percentile(ms, 99), cms.mean(), ms.mean() - cms.mean()])
-    finally:
-        async def close() -> None:
-            grid.close_dag()
-
-        loop.run_until_complete(close())
-        loop.close()
-        grid.shutdown()
-    return rows
-
-
-@ray.remote
-class Echo:
-    """A worker stand-in that does no work: answers a step the way a real stage does (hidden tuple or tokens)."""
-
-    def __init__(self, last: bool) -> None:
-        self.last = last
-
-    def execute(self, step: StepInput, hidden: Any) -> Any:
-        """Hand on a one-token hidden state, or (last stage) one sampled token."""
-        if self.last:
-            return StepOutput([3], timings={"step_s": 0.0})
-        return np.zeros((1, 16), np.float32), time.time(), [0.0]
-
-
-def floor_rows(tp: int, pp: int, step: StepInput, n: int) -> list[list[Any]]:
-    """Ray's own cost of the same step shape: tp x pp no-op actors, plain calls and a compiled graph."""
-    from ray.dag import InputNode, MultiOutputNode
-
-    cpus = CORES / (tp * pp)
-    stages = [[Echo.options(num_cpus=cpus).remote(k == pp - 1) for _ in range(tp)] for k in range(pp)]
-
-    def plain() -> None:
-        hidden: list[Any] = [None] * tp
-        for stage in stages:
-            hidden = [w.execute.remote(step, h) for w, h in zip(stage, hidden)]
-        ray.get(hidden)
-
-    with InputNode() as inp:
-        nodes: list[Any] = [None] * tp
-        for stage in stages:
-            nodes = [w.execute.bind(inp, h) for w, h in zip(stage, nodes)]
-        dag = MultiOutputNode(nodes).experimental_compile()
-    rows = []
-    try:
-        for name, fn in (("plain actor calls", plain), ("Ray Compiled Graph", lambda: ray.get(dag.execute(step)))):
-            for _ in range(20):
-                fn()
-            walls = []
-            for _ in range(n):
-                t0 = time.perf_counter()
-                fn()
-                walls.append(1000 * (time.perf_counter() - t0))
-            ms = np.array(walls)
-            rows.append([f"tp={tp} pp={pp}", f"{name}, no-op actors (Ray's floor)", f"{cpus:g}", n, ms.mean(),
-                         np.median(ms), np.percentile(ms, 99), 0.0, ms.mean()])
-    finally:
-        dag.teardown()
-        for stage in stages:
-            for w in stage:
-                ray.kill(w)
-    return rows
-
-
 def part_dispatch(quick: bool) -> None:
-    """Per-step overhead of driving a grid one single-sequence decode step at a time: the tp=2 pp=2 target
-    layout (4 workers on the cores) and tp=1 pp=2 (one core per worker), each beside Ray's own floor for the
-    same shape (no-op actors, same step payload)."""
-    n = 200
-    model = ensure_model(TINY_MODEL, preset="tiny", **TINY)
-    step = StepInput(np.array([5]), np.array([20]), [1], [21], [[0, 1]], [GREEDY], [3])
-    rows = []
-    for tp, pp in ((2, 2), (1, 2)):
-        rows += dispatch_rows(model, tp, pp, n) + floor_rows(tp, pp, step, n)
-    table(f"dispatch: batch 1 decode, {model_info(model)}",
-          ["layout", "executor", "CPU per worker", "steps", "mean ms", "p50 ms", "p99 ms", "compute ms",
-           "overhead ms"], rows,
-          ["compute = last stage's StepOutput.timings['step_s'] (its TP rank 0: forward, TP all-reduces, LM head,",
-           "sampling); overhead = mean wall - mean compute: the step sent inline to every actor call, stage 0's",
-           "work and the activation hand-off, the answer's return. No-op rows: the same calls and payloads with",
-           f"actors that do nothing, i.e. Ray's own cost. {CORES} cores; each worker 1 torch thread."])
+    """Per-step dispatch overhead beside Ray's own floor (bench/dispatch.py)."""
+    from bench.dispatch import part_dispatch as run
+
+    run(quick)
 
 
 def part_latency(quick: bool) -> None:
