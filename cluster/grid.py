@@ -62,11 +62,12 @@ class WorkerGrid:
         """One actor per bundle, stage-major, pinned to its bundle."""
         gpu = self.resource == "GPU"
         threads = 1 if gpu else max(1, int(self.cfg.cpus_per_worker))
+        partition = self.cfg.layer_partition()  # reads the model's config.json: once, not per worker
         for pp_rank in range(self.pp):
             stage = []
             for tp_rank in range(self.tp):
                 plan = ShardPlan(self.cfg.model, tp_rank, self.tp, pp_rank, self.pp, self.cfg.torch_dtype_name,
-                                 self.cfg.max_model_len, self.cfg.block_size, self.cfg.layer_partition())
+                                 self.cfg.max_model_len, self.cfg.block_size, partition)
                 strategy = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=self.offset
                                                             + pp_rank * self.tp + tp_rank)
                 options = {"num_gpus": 1, "num_cpus": 0} if gpu else {"num_cpus": self.cfg.cpus_per_worker}
