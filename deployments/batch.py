@@ -240,4 +240,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from deployments.cli import loopback_if_starting_ray
+
+    loopback_if_starting_ray(sys.argv[1:])  # nothing above imported Ray yet, so this still takes effect
     sys.exit(main())
