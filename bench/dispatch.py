@@ -3,6 +3,7 @@ for the same call shape (no-op actors, same step payload). Part of `python -m be
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from typing import Any, Callable
 
@@ -75,9 +76,28 @@ class Echo:
             return StepOutput([3], timings={"step_s": 0.0})
         return np.zeros((1, 16), np.float32), time.time(), [0.0]
 
+    def pid(self) -> int:
+        """This actor's process id."""
+        return os.getpid()
 
-def floor_rows(tp: int, pp: int, step: StepInput, n: int) -> list[list[Any]]:
-    """Ray's own cost of the same step shape: tp x pp no-op actors, plain calls and a compiled graph."""
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time process `pid` has used so far (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def idle_cpu_share(pids: list[int], seconds: float = 2.0) -> float:
+    """Mean CPU share each process uses while nothing is sent to it (a busy-waiting reader shows up here)."""
+    before = [cpu_seconds(p) for p in pids]
+    time.sleep(seconds)
+    return float(np.mean([cpu_seconds(p) - b for p, b in zip(pids, before)])) / seconds
+
+
+def floor_rows(tp: int, pp: int, step: StepInput, n: int) -> tuple[list[list[Any]], float]:
+    """Ray's own cost of the same step shape: tp x pp no-op actors, plain calls and a compiled graph; also the CPU
+    share each of those actors burns while the compiled graph waits for input."""
     from ray.dag import InputNode, MultiOutputNode
 
     cpus = CORES / (tp * pp)
@@ -107,12 +127,13 @@ def floor_rows(tp: int, pp: int, step: StepInput, n: int) -> list[list[Any]]:
             ms = np.array(walls)
             rows.append([f"tp={tp} pp={pp}", f"{name}, no-op actors (Ray's floor)", f"{cpus:g}", n, ms.mean(),
                          np.median(ms), np.percentile(ms, 99), 0.0, ms.mean()])
+        idle = idle_cpu_share(ray.get([w.pid.remote() for stage in stages for w in stage]))
     finally:
         dag.teardown()
         for stage in stages:
             for w in stage:
                 ray.kill(w)
-    return rows
+    return rows, idle
 
 
 def part_dispatch(quick: bool) -> None:
@@ -122,13 +143,17 @@ def part_dispatch(quick: bool) -> None:
     n = 200
     model = ensure_model(TINY_MODEL, preset="tiny", **TINY)
     step = StepInput(np.array([5]), np.array([20]), [1], [21], [[0, 1]], [GREEDY], [3])
-    rows = []
+    rows, idle = [], {}
     for tp, pp in ((2, 2), (1, 2)):
-        rows += dispatch_rows(model, tp, pp, n) + floor_rows(tp, pp, step, n)
+        floor, idle[f"tp={tp} pp={pp}"] = floor_rows(tp, pp, step, n)
+        rows += dispatch_rows(model, tp, pp, n) + floor
     table(f"dispatch: batch 1 decode, {model_info(model)}",
           ["layout", "executor", "CPU per worker", "steps", "mean ms", "p50 ms", "p99 ms", "compute ms",
            "overhead ms"], rows,
           ["compute = last stage's StepOutput.timings['step_s'] (its TP rank 0: forward, TP all-reduces, LM head,",
            "sampling); overhead = mean wall - mean compute: the step sent inline to every actor call, stage 0's",
            "work and the activation hand-off, the answer's return. No-op rows: the same calls and payloads with",
-           f"actors that do nothing, i.e. Ray's own cost. {CORES} cores; each worker 1 torch thread."])
+           f"actors that do nothing, i.e. Ray's own cost. {CORES} cores; each worker 1 torch thread.",
+           "While a compiled graph waits for input, each of its no-op actors burns "
+           + ", ".join(f"{share:.2f} CPU ({layout})" for layout, share in idle.items())
+           + ": Ray's channel readers busy-wait, so on shared cores they take time from the workers computing."])
