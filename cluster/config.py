@@ -45,7 +45,9 @@ class GridServeConfig(BaseModel):
                                         "the network).")
     compiled_graph: bool = Field(False, description="Drive engine steps through a Ray Compiled Graph (shared-memory "
                                  "channels, less dispatch time) when the whole grid sits on one node; off by default "
-                                 "because Ray 2.60's channels crashed the raylet across nodes in our tests.")
+                                 "because Ray 2.60's channels crashed the raylet across nodes in our tests, and their "
+                                 "readers busy-wait: each worker keeps up to a core busy even while idle, so use it "
+                                 "only with a spare core per worker.")
     shm_allreduce: bool = Field(True, description="CPU TP ranks on one host sum through shared memory (x86-64) "
                                 "instead of gloo over loopback TCP; false forces gloo. CUDA always uses NCCL.")
     enable_prefix_caching: bool = Field(True, description="Reuse the KV blocks of prompt prefixes already computed "
