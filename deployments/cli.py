@@ -25,6 +25,16 @@ def local_ray_running() -> bool:
     return False
 
 
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray keeps a given 127.0.0.1 instead of the outward address
+
+
+def pin_local_ray_to_loopback() -> None:
+    """A Ray this process (or a child) starts takes 127.0.0.1 as its node address: GCS, raylets, object managers,
+    workers. Ray reads the setting on import, so call this before importing Ray, and only in processes that start
+    their own Ray (a driver joining a remote cluster would then advertise 127.0.0.1)."""
+    os.environ.setdefault(LOOPBACK_ENV, "0")
+
+
 def loopback_if_starting_ray(args: list[str]) -> None:
     """If the command will start its own local Ray (no --address, no RAY_ADDRESS, none running), keep that Ray's
     GCS, raylet, object manager and workers on 127.0.0.1 (Ray otherwise swaps in the outward-facing address).
@@ -33,7 +43,7 @@ def loopback_if_starting_ray(args: list[str]) -> None:
     """
     joining = any(a == "--address" or a.startswith("--address=") for a in args) or os.environ.get("RAY_ADDRESS")
     if not joining and not local_ray_running():
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        pin_local_ray_to_loopback()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import pytest
 
+from deployments.cli import pin_local_ray_to_loopback
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Tests start (and stop) their own loopback clusters; a RAY_ADDRESS from the host (a CI box running Ray, a
 # `ray job` driver) would make them join someone else's cluster, and subprocesses inherit it.
 os.environ.pop("RAY_ADDRESS", None)
-# Before Ray is imported: the clusters tests start take 127.0.0.1 as their node address (GCS, raylets, object
-# managers, workers). Without this Ray swaps a given 127.0.0.1 for the machine's outward-facing address.
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+pin_local_ray_to_loopback()  # before Ray is imported: the clusters tests start stay on 127.0.0.1
 
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
              max_position_embeddings=256)

@@ -15,6 +15,7 @@ from typing import Iterator
 
 import pytest
 
+from deployments.cli import LOOPBACK_ENV
 from tests.reference import hf_greedy
 from tests.serve.conftest import free_port
 
@@ -72,10 +73,10 @@ def ray_head() -> Iterator[tuple[str, dict[str, str]]]:
     token = Path(temp) / "auth_token"
     token.write_text(secrets.token_hex(32))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    # Token auth on, with this test's own token file; RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 makes `ray start` keep
-    # every address on loopback (else it swaps 127.0.0.1 for the machine's outward address).
-    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
-               TOKENIZERS_PARALLELISM="false")
+    # Token auth on, with this test's own token file; LOOPBACK_ENV=0 makes `ray start` keep every address on
+    # loopback (else it swaps 127.0.0.1 for the machine's outward address).
+    env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token), LOOPBACK_ENV: "0",
+                "TOKENIZERS_PARALLELISM": "false"})
     dash = free_port()
     ports = ["--port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--metrics-export-port",
              "--runtime-env-agent-port", "--ray-client-server-port", "--node-manager-port", "--object-manager-port"]
