@@ -18,6 +18,7 @@ from pydantic import ValidationError
 
 from cluster.config import DEFAULT_MODEL, GridServeConfig, args_from_serve_config
 from cluster.generate import Request, Result, run_one
+from cluster.tokenizer import load_tokenizer
 from deployments.batch_io import ResultLog, read_requests
 
 log = logging.getLogger("gridserve.batch")
@@ -54,14 +55,6 @@ def build_config(args: argparse.Namespace) -> GridServeConfig:
         from deployments.make_model import ensure_default_model
         fields = ensure_default_model(fields)  # the bundled demo model, written on first use
     return GridServeConfig(**fields)
-
-
-def load_tokenizer(model: str) -> Any:
-    """The model's tokenizer, or None for a folder without one (then lines must give prompt_token_ids)."""
-    from transformers import AutoTokenizer
-
-    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-    return AutoTokenizer.from_pretrained(model) if any((Path(model) / n).exists() for n in names) else None
 
 
 def grids_that_fit(cfg: GridServeConfig) -> int:

@@ -20,6 +20,7 @@ from cluster.config import GridServeConfig
 from cluster.detokenize import TextStream
 from cluster.engine import AsyncEngine
 from cluster.metrics import grid_flags, prometheus_text
+from cluster.tokenizer import load_tokenizer
 from deployments.openai_schema import ChatRequest, CompletionRequest, SamplingFields, error_body, new_id, now
 from deployments.ray_metrics import RayMetrics
 from deployments.responses import collect, sse
@@ -78,10 +79,8 @@ class LLMServer:
     """One replica: tokenizer, async engine and the grid of worker actors in the replica's placement group."""
 
     def __init__(self, args: dict[str, Any]) -> None:
-        from transformers import AutoTokenizer
-
         self.cfg = GridServeConfig(**args)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.cfg.model)
+        self.tokenizer = load_tokenizer(self.cfg.model)
         self.spec = self.cfg.spec()
         self.vocab_size = self.spec.vocab_size
         self.pg = get_current_placement_group()
