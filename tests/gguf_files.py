@@ -68,8 +68,12 @@ def add(writer: gguf.GGUFWriter, name: str, data: np.ndarray, qtype: T) -> None:
 
 def write_gguf(model_dir: Path, out: Path, qtype: Callable[[str, np.ndarray], T] = lambda n, a: T.F32,
                extra: dict[str, tuple[np.ndarray, T]] | None = None, arch: str | None = None,
-               edit: Callable[[str, np.ndarray], np.ndarray] | None = None) -> Path:
-    """Convert the HF llama/qwen2 checkpoint in `model_dir` to `out`; `qtype(gguf_name, array)` picks each type."""
+               edit: Callable[[str, np.ndarray], np.ndarray | None] | None = None, rope_freqs: bool = True) -> Path:
+    """Convert the HF llama/qwen2 checkpoint in `model_dir` to `out`; `qtype(gguf_name, array)` picks each type.
+
+    `edit(name, array)` may change a tensor or drop it (None); `extra` adds tensors; `arch` overrides the
+    architecture; `rope_freqs=False` leaves out Llama 3's frequency factors.
+    """
     cfg = json.loads((model_dir / "config.json").read_text())
     arch = arch or cfg["model_type"]
     heads, kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
@@ -85,7 +89,7 @@ def write_gguf(model_dir: Path, out: Path, qtype: Callable[[str, np.ndarray], T]
     w.add_float32(f"{arch}.rope.freq_base", rope["rope_theta"])
     if cfg.get("eos_token_id") is not None:
         w.add_uint32("tokenizer.ggml.eos_token_id", cfg["eos_token_id"])
-    if rope.get("rope_type") == "llama3":
+    if rope.get("rope_type") == "llama3" and rope_freqs:
         add(w, "rope_freqs.weight", llama3_factors(rope, head_dim), T.F32)
     tensors = {k: v for f in sorted(model_dir.glob("*.safetensors")) for k, v in load_file(f).items()}
     for hf, data in sorted(tensors.items()):
@@ -93,6 +97,8 @@ def write_gguf(model_dir: Path, out: Path, qtype: Callable[[str, np.ndarray], T]
         if arch == "llama" and (".attn_q." in name or ".attn_k." in name):
             data = interleave_heads(data, heads if ".attn_q." in name else kv)
         data = edit(name, data) if edit else data
+        if data is None:
+            continue
         add(w, name, data, qtype(name, data) if data.ndim == 2 else T.F32)
     for name, (data, q) in (extra or {}).items():
         add(w, name, data, q)

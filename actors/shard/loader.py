@@ -125,7 +125,7 @@ def check_keys(spec: ModelSpec, keys: Iterable[str]) -> None:
     missing = sorted(required - present)
     unexpected = sorted(present - required - optional)
     if missing or unexpected:
-        raise ValueError(f"checkpoint does not match config.json: missing keys {missing[:20]}"
+        raise ValueError(f"checkpoint does not match the model's config: missing keys {missing[:20]}"
                          f"{' ...' if len(missing) > 20 else ''}, unexpected keys {unexpected[:20]}"
                          f"{' ...' if len(unexpected) > 20 else ''}")
 
