@@ -42,17 +42,23 @@ def _bf16(b: np.ndarray) -> np.ndarray:
 
 
 def _q8_0(b: np.ndarray) -> np.ndarray:
-    return _f16(b, 0) * b[:, 2:].view(np.int8).astype(np.float32)
+    q = b[:, 2:].view(np.int8).astype(np.float32)
+    q *= _f16(b, 0)  # in place: one [n, 32] temporary, not three
+    return q
 
 
 def _q4_0(b: np.ndarray) -> np.ndarray:
-    q = _nibbles(b[:, 2:]).reshape(len(b), 32).astype(np.float32) - 8.0  # [n, 32]
-    return _f16(b, 0) * q
+    q = _nibbles(b[:, 2:]).reshape(len(b), 32).astype(np.float32)  # [n, 32]
+    q -= 8.0
+    q *= _f16(b, 0)
+    return q
 
 
 def _q4_1(b: np.ndarray) -> np.ndarray:
     q = _nibbles(b[:, 4:]).reshape(len(b), 32).astype(np.float32)  # [n, 32]
-    return _f16(b, 0) * q + _f16(b, 2)
+    q *= _f16(b, 0)
+    q += _f16(b, 2)
+    return q
 
 
 def _k_scales(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
