@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from actors.shard.gguf import gguf_file
+from actors.shard.gguf import PlainReader, gguf_file
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
@@ -24,9 +24,12 @@ def gguf_tokenizer(path: Path) -> Any:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    if not tok.chat_template:  # transformers 5.x copies it over; older versions did not
-        from gguf import GGUFReader
-
-        field = GGUFReader(path).fields.get("tokenizer.chat_template")
-        tok.chat_template = field.contents() if field is not None else None
+    if not tok.chat_template:  # transformers 5.x copies it over; older versions may not
+        tok.chat_template = gguf_chat_template(path)
     return tok
+
+
+def gguf_chat_template(path: Path) -> str | None:
+    """The chat template stored in a GGUF file's metadata, if any."""
+    field = PlainReader(path).fields.get("tokenizer.chat_template")
+    return field.contents() if field is not None else None
