@@ -66,8 +66,9 @@ def main() -> None:
     ap.add_argument("--tp", type=int, nargs="+", default=[1, 3])
     ap.add_argument("--repeat", type=int, default=3, help="loads per rank; the median is shown")
     args = ap.parse_args()
+    os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' per-tensor progress bar
     print(f"{Path(args.model).name}: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
+          f"{torch.get_num_threads()} threads, load average before: {os.getloadavg()[0]:.1f}")
     rows = []
     for tp in args.tp:
         for rank in range(tp):
@@ -79,6 +80,7 @@ def main() -> None:
     rows.append(["dequantize every tensor: gridserve", ours, 0.0, ours, 0.0])
     rows.append(["dequantize every tensor: gguf.quants", ref, 0.0, ref, 0.0])
     rows.append(["transformers from_pretrained(gguf_file=)", hf_load(args.model), 0.0, 0.0, 0.0])
+    print(f"load average after: {os.getloadavg()[0]:.1f}")
     table("GGUF load per rank", ["what", "seconds", "parse s", "rest s", "weights MiB"], rows,
           ["gridserve: one rank alone (a grid loads its ranks in parallel, one process each); 'seconds' includes "
            "parsing the file, building the shard and dequantizing its rows into float32 parameters",
