@@ -20,16 +20,20 @@ def load_tokenizer(model: str) -> Any:
 
 
 def gguf_tokenizer(path: Path) -> Any:
-    """The tokenizer transformers builds from a GGUF file's vocabulary, with the file's chat template."""
+    """The tokenizer transformers builds from a GGUF file's vocabulary with the file's chat template (None if the
+    file carries no vocabulary)."""
     from transformers import AutoTokenizer
 
+    fields = PlainReader(path).fields
+    if "tokenizer.ggml.model" not in fields:
+        return None
     tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     if not tok.chat_template:  # transformers 5.x copies it over; older versions may not
-        tok.chat_template = gguf_chat_template(path)
+        tok.chat_template = gguf_chat_template(fields)
     return tok
 
 
-def gguf_chat_template(path: Path) -> str | None:
-    """The chat template stored in a GGUF file's metadata, if any."""
-    field = PlainReader(path).fields.get("tokenizer.chat_template")
+def gguf_chat_template(fields: dict[str, Any]) -> str | None:
+    """The chat template in a parsed GGUF file's metadata fields, if any."""
+    field = fields.get("tokenizer.chat_template")
     return field.contents() if field is not None else None
