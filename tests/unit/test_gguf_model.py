@@ -153,6 +153,10 @@ def test_bad_files_are_named(hf_dirs: dict, tmp_path: Path) -> None:
     missing = write_gguf(d, tmp_path / "c.gguf", edit=lambda n, a: None if n == "blk.2.ffn_up.weight" else a)
     with pytest.raises(ValueError, match=r"missing keys \['model.layers.2.mlp.up_proj.weight'\]"):
         LocalGrid(str(missing), 1, 1)
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(extra.read_bytes()[:len(extra.read_bytes()) // 2])  # an interrupted download
+    with pytest.raises(ValueError, match="cut.gguf is not a readable GGUF file"):
+        open_checkpoint(cut)
     foreign = write_gguf(d, tmp_path / "d.gguf", arch="gemma")
     with pytest.raises(ValueError, match=r"GGUF architecture 'gemma'.*supported: \['llama', 'qwen2'\]"):
         ModelSpec.from_path(foreign)
