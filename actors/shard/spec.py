@@ -13,6 +13,9 @@ SUPPORTED = {
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
 }
+# Keys under which Hugging Face configs give the context length; the smallest present wins (as in vLLM).
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "max_sequence_length",
+                "model_max_length")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -79,7 +82,7 @@ class ModelSpec:
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
             rope_theta=theta,
             rope_scaling=rope if rope_type == "llama3" else None,
-            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+            max_position_embeddings=min((int(cfg[k]) for k in CONTEXT_KEYS if cfg.get(k)), default=2048),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             # Qwen2 always biases q/k/v; Llama biases q/k/v/o only with attention_bias; Mistral never.
             qkv_bias=family == "qwen2" or (family == "llama" and bool(cfg.get("attention_bias"))),
