@@ -26,9 +26,10 @@ class GridServeConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    model: str = Field(DEFAULT_MODEL, description="Local model: a Hugging Face folder (config.json + "
-                       "safetensors), a .gguf file, or a folder holding one .gguf.")
-    served_model_name: str | None = Field(None, description="Name clients use in requests; default: the folder name.")
+    model: str = Field(DEFAULT_MODEL, description="Local Hugging Face model folder (config.json + safetensors), "
+                       "a .gguf file, or a folder holding one .gguf file (dequantized at load).")
+    served_model_name: str | None = Field(None, description="Name clients use in requests; default: the folder name "
+                                          "(a .gguf file's name without the suffix).")
     tensor_parallel_size: int = Field(1, ge=1, description="Workers per pipeline stage; they shard every layer.")
     pipeline_parallel_size: int = Field(1, ge=1, description="Pipeline stages; each owns a contiguous run of layers.")
     pipeline_layer_partition: Literal["even", "balanced"] | list[int] = Field(
@@ -125,8 +126,8 @@ class GridServeConfig(BaseModel):
         return fitted
 
     def spec(self) -> ModelSpec:
-        """The model's architecture numbers (raises ValueError naming `model` if the folder is wrong)."""
-        return ModelSpec.from_dir(self.model)
+        """The model's architecture numbers (raises ValueError naming `model` if the folder or file is wrong)."""
+        return ModelSpec.from_path(self.model)
 
     def layer_partition(self) -> Partition:
         """Decoder layers per pipeline stage, resolved against the model."""
@@ -140,7 +141,8 @@ class GridServeConfig(BaseModel):
     @property
     def model_name(self) -> str:
         """The name clients address the model by."""
-        return self.served_model_name or Path(self.model).name
+        path = Path(self.model)
+        return self.served_model_name or (path.stem if path.suffix == ".gguf" else path.name)
 
     @property
     def torch_dtype_name(self) -> str | None:

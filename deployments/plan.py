@@ -11,11 +11,11 @@ from cluster.planner import GIB, ClusterShape, Target, format_plan, plan
 
 
 def load_spec(path: str) -> ModelSpec:
-    """A model folder or a bare `config.json`."""
+    """A model folder, a .gguf file or a bare `config.json`."""
     p = Path(path)
-    if p.is_file():
+    if p.is_file() and p.suffix != ".gguf":
         return ModelSpec.from_hf_dict(json.loads(p.read_text()))
-    return ModelSpec.from_dir(p)
+    return ModelSpec.from_path(p)
 
 
 def shape_from_ray(address: str | None, gpu_memory_gib: float, interconnect: str) -> ClusterShape:

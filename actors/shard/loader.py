@@ -10,6 +10,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from actors.shard.gguf import GGUFCheckpoint, gguf_file
 from actors.shard.layers import LazySlice
 from actors.shard.spec import ModelSpec
 
@@ -54,6 +55,10 @@ class CheckpointReader:
                                  "re-export it") from exc
         return mapping
 
+    def spec(self) -> ModelSpec:
+        """The model's architecture numbers, from the folder's config.json."""
+        return ModelSpec.from_dir(self.dir)
+
     def keys(self) -> list[str]:
         """Every tensor name in the checkpoint."""
         return sorted(self.key_file)
@@ -70,6 +75,12 @@ class CheckpointReader:
             except Exception as exc:  # safetensors raises its own error types for truncated files
                 raise ValueError(f"checkpoint file {path} is unreadable ({exc}); re-download or re-export it") from exc
         return self._handles[name].get_slice(key)
+
+
+def open_checkpoint(model: str | Path) -> CheckpointReader | GGUFCheckpoint:
+    """The reader for whatever `model` names: a .gguf file (or a folder holding one), else a safetensors folder."""
+    path = gguf_file(model)
+    return GGUFCheckpoint(path) if path is not None else CheckpointReader(model)
 
 
 class TensorSlice:
@@ -114,7 +125,7 @@ def check_keys(spec: ModelSpec, keys: Iterable[str]) -> None:
     missing = sorted(required - present)
     unexpected = sorted(present - required - optional)
     if missing or unexpected:
-        raise ValueError(f"checkpoint does not match config.json: missing keys {missing[:20]}"
+        raise ValueError(f"checkpoint does not match the model's config: missing keys {missing[:20]}"
                          f"{' ...' if len(missing) > 20 else ''}, unexpected keys {unexpected[:20]}"
                          f"{' ...' if len(unexpected) > 20 else ''}")
 

@@ -12,6 +12,8 @@ def inv_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | None)
     inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
     if scaling is None:
         return inv
+    if scaling.get("rope_type") == "freq_factors":  # GGUF `rope_freqs`: each frequency divided by its factor
+        return inv / torch.tensor(scaling["factors"], dtype=torch.float32)
     # Llama 3: long wavelengths are slowed by `factor`, short ones kept, the band between blended.
     factor = float(scaling["factor"])
     low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])

@@ -9,11 +9,11 @@ import numpy as np
 import torch
 
 from actors.shard.kv_cache import AttnMeta, PagedKVCache
-from actors.shard.loader import CheckpointReader, load_stage
+from actors.shard.loader import load_stage, open_checkpoint
 from actors.shard.model import StageModel
 from actors.shard.partition import Partition, even_partition
 from actors.shard.sampler import Logprobs, Sampler, SamplingParams
-from actors.shard.spec import HeadSplit, ModelSpec
+from actors.shard.spec import HeadSplit
 from actors.shard.tp import TPGroup
 
 
@@ -83,13 +83,13 @@ class StageRunner:
         self.plan = plan
         self.tp = tp
         self.device = device
-        self.spec = ModelSpec.from_dir(plan.model_dir)
-        self.dtype = self.spec.torch_dtype(plan.dtype)
         start = time.perf_counter()
+        reader = open_checkpoint(plan.model_dir)  # a GGUF file is parsed once: spec and tensors
+        self.spec = reader.spec()
+        self.dtype = self.spec.torch_dtype(plan.dtype)
         layers = plan.layer_counts(self.spec.num_layers)
         with torch.device(device):
             self.model = StageModel(self.spec, tp, plan.pp_rank, layers, self.dtype, plan.max_model_len, device)
-        reader = CheckpointReader(plan.model_dir)
         load_stage(self.model, reader.keys(), reader.get_slice, self.spec)
         self.load_seconds = time.perf_counter() - start
         self.split = HeadSplit.of(self.spec, tp.rank, tp.size)

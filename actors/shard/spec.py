@@ -44,12 +44,21 @@ class ModelSpec:
     eos_token_ids: tuple[int, ...] = field(default=())
 
     @classmethod
+    def from_path(cls, model: str | Path) -> "ModelSpec":
+        """The spec of any checkpoint `model` names: a Hugging Face folder, a .gguf file, or a folder with one."""
+        from actors.shard.gguf import GGUFCheckpoint, gguf_file  # the gguf package only when a file needs it
+
+        path = gguf_file(model)
+        return GGUFCheckpoint(path).spec() if path is not None else cls.from_dir(model)
+
+    @classmethod
     def from_dir(cls, model_dir: str | Path) -> "ModelSpec":
         """Read `config.json` from a local Hugging Face model folder."""
         path = Path(model_dir) / "config.json"
         if not path.is_file():
             raise ValueError(f"model: no config.json in {str(model_dir)!r}; point `model` at a local "
-                             "Hugging Face model folder (make one with `python -m deployments.make_model`)")
+                             "Hugging Face model folder (make one with `python -m deployments.make_model`) or "
+                             "at a .gguf file")
         return cls.from_hf_dict(json.loads(path.read_text()))
 
     @classmethod

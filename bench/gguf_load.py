@@ -1,0 +1,90 @@
+"""Load time of a GGUF checkpoint per rank (parse, dequantize, copy into the shard) beside transformers' own
+GGUF load and the gguf package's reference dequantizer, in one run.
+
+python -m bench.gguf_load [--model FILE.gguf] [--tp 1 3] [--repeat 3]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from actors.shard.gguf import GGUFCheckpoint
+from actors.shard.quants import dequantize
+from actors.shard.runner import ShardPlan, StageRunner
+from actors.shard.tp import TPGroup
+from bench.common import table
+
+DEFAULT = os.environ.get("GRIDSERVE_SMOLLM2_GGUF", "models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def rank_load(model: str, rank: int, tp: int) -> tuple[float, float, int]:
+    """(seconds to build and load one tp rank's shard, of which parsing the file, bytes of weights it holds)."""
+    start = time.perf_counter()
+    GGUFCheckpoint(model)
+    parse = time.perf_counter() - start
+    group = TPGroup(rank, tp, process_group=object())  # loading needs no collectives
+    runner = StageRunner(ShardPlan(model, rank, tp, 0, 1, max_model_len=256), group, torch.device("cpu"))
+    return runner.load_seconds, parse, runner.weight_bytes()
+
+
+def dequant_all(model: str) -> tuple[float, float]:
+    """Seconds to dequantize every tensor whole: ours, then gguf.quants.dequantize (the reference)."""
+    import gguf
+
+    tensors = GGUFCheckpoint(model).reader.tensors
+    start = time.perf_counter()
+    for t in tensors:
+        raw = t.data.reshape(1, -1) if t.data.ndim == 1 else t.data
+        dequantize(raw.view("uint8"), t.tensor_type)
+    ours = time.perf_counter() - start
+    start = time.perf_counter()
+    for t in tensors:
+        gguf.quants.dequantize(t.data, t.tensor_type)
+    return ours, time.perf_counter() - start
+
+
+def hf_load(model: str) -> float:
+    """Seconds for transformers to load the same file (it dequantizes everything to float32)."""
+    import transformers
+
+    path = Path(model)
+    start = time.perf_counter()
+    transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    """Per-rank load times for each tp, then the whole-file references."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=DEFAULT, help="a .gguf file (default: $GRIDSERVE_SMOLLM2_GGUF)")
+    ap.add_argument("--tp", type=int, nargs="+", default=[1, 3])
+    ap.add_argument("--repeat", type=int, default=3, help="loads per rank; the median is shown")
+    args = ap.parse_args()
+    print(f"{Path(args.model).name}: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads")
+    rows = []
+    for tp in args.tp:
+        for rank in range(tp):
+            runs = [rank_load(args.model, rank, tp) for _ in range(args.repeat)]
+            load = statistics.median(r[0] for r in runs)
+            parse = statistics.median(r[1] for r in runs)
+            rows.append([f"gridserve tp={tp} rank {rank}", load, parse, load - parse, runs[0][2] / 2**20])
+    ours, ref = dequant_all(args.model)
+    rows.append(["dequantize every tensor: gridserve", ours, 0.0, ours, 0.0])
+    rows.append(["dequantize every tensor: gguf.quants", ref, 0.0, ref, 0.0])
+    rows.append(["transformers from_pretrained(gguf_file=)", hf_load(args.model), 0.0, 0.0, 0.0])
+    table("GGUF load per rank", ["what", "seconds", "parse s", "rest s", "weights MiB"], rows,
+          ["gridserve: one rank alone (a grid loads its ranks in parallel, one process each); 'seconds' includes "
+           "parsing the file, building the shard and dequantizing its rows into float32 parameters",
+           f"median of {args.repeat} loads per rank; the references run once (transformers: its own parse, "
+           "gguf.quants dequantization of the whole file and its model build)"])
+
+
+if __name__ == "__main__":
+    main()
