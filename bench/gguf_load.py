@@ -5,8 +5,11 @@ python -m bench.gguf_load [--model FILE.gguf] [--tp 1 3] [--repeat 3]
 """
 from __future__ import annotations
 
-import argparse
 import os
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # before tqdm is imported: transformers' per-tensor progress bar
+
+import argparse
 import platform
 import statistics
 import time
@@ -67,22 +70,25 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3, help="loads per rank; the median is shown")
     args = ap.parse_args()
     print(f"{Path(args.model).name}: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
+          f"{torch.get_num_threads()} threads, load average before: {os.getloadavg()[0]:.1f}")
+    ranks = [(tp, rank) for tp in args.tp for rank in range(tp)]
+    runs: dict[tuple[int, int], list] = {r: [] for r in ranks}
+    for _ in range(args.repeat):  # round robin: a busy moment of a shared box hits every rank alike
+        for tp, rank in ranks:
+            runs[tp, rank].append(rank_load(args.model, rank, tp))
     rows = []
-    for tp in args.tp:
-        for rank in range(tp):
-            runs = [rank_load(args.model, rank, tp) for _ in range(args.repeat)]
-            load = statistics.median(r[0] for r in runs)
-            parse = statistics.median(r[1] for r in runs)
-            rows.append([f"gridserve tp={tp} rank {rank}", load, parse, load - parse, runs[0][2] / 2**20])
+    for (tp, rank), got in runs.items():
+        load, parse = statistics.median(r[0] for r in got), statistics.median(r[1] for r in got)
+        rows.append([f"gridserve tp={tp} rank {rank}", load, parse, load - parse, got[0][2] / 2**20])
     ours, ref = dequant_all(args.model)
     rows.append(["dequantize every tensor: gridserve", ours, 0.0, ours, 0.0])
     rows.append(["dequantize every tensor: gguf.quants", ref, 0.0, ref, 0.0])
     rows.append(["transformers from_pretrained(gguf_file=)", hf_load(args.model), 0.0, 0.0, 0.0])
+    print(f"load average after: {os.getloadavg()[0]:.1f}")
     table("GGUF load per rank", ["what", "seconds", "parse s", "rest s", "weights MiB"], rows,
           ["gridserve: one rank alone (a grid loads its ranks in parallel, one process each); 'seconds' includes "
            "parsing the file, building the shard and dequantizing its rows into float32 parameters",
-           f"median of {args.repeat} loads per rank; the references run once (transformers: its own parse, "
+           f"median of {args.repeat} loads per rank, taken round robin; the references run once (transformers: its own parse, "
            "gguf.quants dequantization of the whole file and its model build)"])
 
 

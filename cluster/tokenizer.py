@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from actors.shard.gguf import gguf_file
+from actors.shard.gguf import PlainReader, gguf_file
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
@@ -20,13 +20,20 @@ def load_tokenizer(model: str) -> Any:
 
 
 def gguf_tokenizer(path: Path) -> Any:
-    """The tokenizer transformers builds from a GGUF file's vocabulary, with the file's chat template."""
+    """The tokenizer transformers builds from a GGUF file's vocabulary with the file's chat template (None if the
+    file carries no vocabulary)."""
     from transformers import AutoTokenizer
 
+    fields = PlainReader(path).fields
+    if "tokenizer.ggml.model" not in fields:
+        return None
     tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    if not tok.chat_template:  # transformers 5.x copies it over; older versions did not
-        from gguf import GGUFReader
-
-        field = GGUFReader(path).fields.get("tokenizer.chat_template")
-        tok.chat_template = field.contents() if field is not None else None
+    if not tok.chat_template:  # transformers 5.x copies it over; older versions may not
+        tok.chat_template = gguf_chat_template(fields)
     return tok
+
+
+def gguf_chat_template(fields: dict[str, Any]) -> str | None:
+    """The chat template in a parsed GGUF file's metadata fields, if any."""
+    field = fields.get("tokenizer.chat_template")
+    return field.contents() if field is not None else None

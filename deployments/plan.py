@@ -36,7 +36,7 @@ def shape_from_ray(address: str | None, gpu_memory_gib: float, interconnect: str
 def main(argv: list[str] | None = None) -> int:
     """Command line entry point."""
     ap = argparse.ArgumentParser(prog="gridserve plan", description=__doc__)
-    ap.add_argument("model", help="local Hugging Face model folder, or its config.json")
+    ap.add_argument("model", help="local Hugging Face model folder, its config.json, or a .gguf file")
     ap.add_argument("--nodes", type=int, default=1)
     ap.add_argument("--gpus-per-node", type=int, default=8)
     ap.add_argument("--gpu-memory-gib", type=float, default=80.0)

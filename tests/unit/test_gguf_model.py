@@ -14,6 +14,7 @@ import actors.shard.gguf as gg
 from actors.shard.loader import open_checkpoint
 from actors.shard.spec import ModelSpec
 from cluster.config import GridServeConfig
+from cluster.tokenizer import load_tokenizer
 from deployments.make_model import write_model
 from tests.conftest import VARIANTS
 from tests.gguf_files import write_gguf
@@ -131,6 +132,7 @@ def test_folder_with_one_gguf_and_served_name(f32_files: dict, tmp_path: Path) -
     cfg = GridServeConfig(model=str(folder / "tiny.Q8_0.gguf"), max_model_len=128)
     assert cfg.model_name == "tiny.Q8_0" and cfg.spec().family == "qwen2"
     assert GridServeConfig(model=str(folder), max_model_len=128).model_name == "m"
+    assert load_tokenizer(str(folder)) is None  # no vocabulary in the file: requests must send token ids
     (folder / "other.gguf").write_bytes(b"")
     with pytest.raises(ValueError, match=r"2 GGUF files \['other.gguf', 'tiny.Q8_0.gguf'\]"):
         ModelSpec.from_path(folder)
@@ -151,6 +153,10 @@ def test_bad_files_are_named(hf_dirs: dict, tmp_path: Path) -> None:
     missing = write_gguf(d, tmp_path / "c.gguf", edit=lambda n, a: None if n == "blk.2.ffn_up.weight" else a)
     with pytest.raises(ValueError, match=r"missing keys \['model.layers.2.mlp.up_proj.weight'\]"):
         LocalGrid(str(missing), 1, 1)
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(extra.read_bytes()[:len(extra.read_bytes()) // 2])  # an interrupted download
+    with pytest.raises(ValueError, match="cut.gguf is not a readable GGUF file"):
+        open_checkpoint(cut)
     foreign = write_gguf(d, tmp_path / "d.gguf", arch="gemma")
     with pytest.raises(ValueError, match=r"GGUF architecture 'gemma'.*supported: \['llama', 'qwen2'\]"):
         ModelSpec.from_path(foreign)

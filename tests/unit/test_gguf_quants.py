@@ -97,6 +97,9 @@ def test_unpermute_inverts_llama_cpp_interleave() -> None:
     np.testing.assert_array_equal(stored[unpermute_rows(48, 8)], w)
     src = GGUFSlice("q", stored.view(np.uint8), T.F32, [48, 3], unpermute_rows(48, 8))
     np.testing.assert_array_equal(src[16:32].numpy(), w[16:32])  # a rank's two heads
+    bias = np.arange(48, dtype=np.float32)  # llama q/k biases are interleaved like their rows
+    src = GGUFSlice("b", interleave_heads(bias, 6).view(np.uint8), T.F32, [48], unpermute_rows(48, 8))
+    np.testing.assert_array_equal(src[8:24].numpy(), bias[8:24])
 
 
 def test_unsupported_type_is_named(tmp_path: Path) -> None:

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from actors.shard.gguf import PlainReader
 from actors.shard.spec import ModelSpec
-from cluster.tokenizer import load_tokenizer
+from cluster.tokenizer import gguf_chat_template, load_tokenizer
 from tests.local_grid import LocalGrid
 from tests.reference import grid_greedy, hf_greedy
 from tests.unit.test_model_vs_hf import prefill_logits
@@ -52,6 +53,7 @@ def test_metadata(smollm2_gguf: Path, tokenizer: Any) -> None:
     assert (spec.family, spec.num_layers, spec.hidden_size, spec.intermediate_size) == ("llama", 30, 576, 1536)
     assert (spec.num_heads, spec.num_kv_heads, spec.vocab_size, spec.tie_word_embeddings) == (9, 3, 49152, True)
     assert spec.max_position_embeddings == 8192 and spec.valid_tp_sizes(9) == [1, 3]  # 1536 does not divide by 9
+    assert tokenizer.chat_template == gguf_chat_template(PlainReader(smollm2_gguf).fields)
     assert tokenizer.chat_template.startswith("{% for message in messages %}")
     assert spec.eos_token_ids == (tokenizer.convert_tokens_to_ids("<|im_end|>"),)
 
