@@ -1,15 +1,24 @@
 """The one config schema: `ray_config.yaml` args, CLI flags and Python callers all go through it."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from actors.shard.partition import Partition, resolve_partition
 from actors.shard.spec import ModelSpec
 
-DEFAULT_MODEL = "models/tiny-llama"
+log = logging.getLogger("gridserve")
+
+DEFAULT_MODEL = "models/SmolLM2-135M-Instruct"  # fetched on first use (deployments/smollm2.py)
+FALLBACK_MODEL = "models/tiny-llama"  # random demo model written when the real one cannot be fetched
+MIN_BATCHED_TOKENS = 2048  # default step budget when the context is shorter (vLLM's default too)
+
+
+class ConfigError(ValueError):
+    """Settings that do not validate: one readable line per problem (field, value, why, fix)."""
 
 
 class GridServeConfig(BaseModel):
@@ -34,9 +43,12 @@ class GridServeConfig(BaseModel):
     resource: Literal["auto", "GPU", "CPU"] = Field(
         "auto", description="What each worker's placement bundle asks for: 'auto' = GPU if the cluster has any.")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs a worker's bundle asks for when resource is CPU.")
-    max_model_len: int = Field(1024, ge=2, description="Longest prompt + completion, in tokens.")
+    max_model_len: int | None = Field(None, ge=2, description="Longest prompt + completion, in tokens; default: "
+                                      "the model's context length, capped by what the KV cache holds.")
     max_num_seqs: int = Field(32, ge=1, description="Most sequences in one running batch.")
-    max_num_batched_tokens: int = Field(2048, ge=1, description="Token budget of one engine step (prefill chunk).")
+    max_num_batched_tokens: int | None = Field(None, ge=1, description="Token budget of one engine step; a whole "
+                                               "prompt is prefilled in one step, so default: max(2048, "
+                                               "max_model_len).")
     block_size: int = Field(16, ge=1, le=1024, description="Tokens per KV-cache block.")
     kv_cache_memory_bytes: int = Field(256 * 2**20, ge=1, description="KV-cache budget per worker on CPU, in bytes.")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="Share of GPU memory a worker may use (CUDA).")
@@ -60,6 +72,15 @@ class GridServeConfig(BaseModel):
                                       "Retry-After.")
     replica_cpus: float = Field(1.0, ge=0, description="CPUs of the Serve replica actor (bundle 0 of its placement "
                                 "group).")
+    _model_len_from_model: bool = PrivateAttr(False)  # max_model_len was derived, so the KV cache may cap it
+
+    @classmethod
+    def from_args(cls, args: dict[str, Any]) -> "GridServeConfig":
+        """Validate `args`, raising ConfigError with one readable line per problem instead of pydantic's dump."""
+        try:
+            return cls(**args)
+        except ValidationError as exc:
+            raise ConfigError(describe_errors(exc)) from None
 
     @field_validator("model")
     @classmethod
@@ -70,17 +91,39 @@ class GridServeConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> "GridServeConfig":
-        """Cross-field checks that need the model's own config."""
+        """Fill the lengths the model decides, then cross-field checks that need the model's own config."""
+        spec = self.spec()
+        if self.max_model_len is None:
+            object.__setattr__(self, "max_model_len", spec.max_position_embeddings)
+            self._model_len_from_model = True
+        if self.max_num_batched_tokens is None:
+            object.__setattr__(self, "max_num_batched_tokens", max(MIN_BATCHED_TOKENS, self.max_model_len))
         if self.max_num_batched_tokens < self.max_model_len:
             raise ValueError(f"max_num_batched_tokens={self.max_num_batched_tokens} must be >= max_model_len="
                              f"{self.max_model_len} so a full-length prompt fits in one step; raise it")
-        spec = self.spec()
         spec.check_tp(self.tensor_parallel_size)
         resolve_partition(spec, self.pipeline_parallel_size, self.pipeline_layer_partition)
         if self.max_model_len > spec.max_position_embeddings:
-            raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's max_position_embeddings="
-                             f"{spec.max_position_embeddings}; lower max_model_len")
+            raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's context length "
+                             f"(max_position_embeddings={spec.max_position_embeddings}); lower max_model_len or "
+                             "leave it unset to use the model's")
         return self
+
+    def fit_kv_cache(self, kv_tokens: int) -> "GridServeConfig":
+        """This config with max_model_len within the `kv_tokens` the grid's KV cache holds (logs which limit won)."""
+        if self.max_model_len <= kv_tokens:
+            log.info("max_model_len=%d (%s; the KV cache holds %d tokens)", self.max_model_len,
+                     "the model's context length" if self._model_len_from_model else "as configured", kv_tokens)
+            return self
+        if not self._model_len_from_model:
+            raise ValueError(f"max_model_len={self.max_model_len} but the KV cache holds only {kv_tokens} tokens; "
+                             "lower max_model_len, or raise kv_cache_memory_bytes (CPU) / gpu_memory_utilization "
+                             "(GPU), or spread the model over more workers")
+        log.info("max_model_len=%d: capped by the KV cache (the model's context length is %d); raise "
+                 "kv_cache_memory_bytes / gpu_memory_utilization for longer requests", kv_tokens, self.max_model_len)
+        fitted = self.model_copy(update={"max_model_len": kv_tokens})
+        fitted._model_len_from_model = True
+        return fitted
 
     def spec(self) -> ModelSpec:
         """The model's architecture numbers (raises ValueError naming `model` if the folder or file is wrong)."""
@@ -105,6 +148,22 @@ class GridServeConfig(BaseModel):
     def torch_dtype_name(self) -> str | None:
         """The dtype to build the model in, or None for the checkpoint's."""
         return None if self.dtype == "auto" else self.dtype
+
+
+def describe_errors(exc: ValidationError) -> str:
+    """One line per validation problem: `field=value: why` (our validators already say the fix)."""
+    lines = []
+    for err in exc.errors(include_url=False):
+        field = ".".join(str(part) for part in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = (f"unknown setting {field!r}; valid settings: "
+                   f"{', '.join(sorted(GridServeConfig.model_fields))}")
+        elif field:
+            shown = "<hidden>" if field == "api_key" else repr(err["input"])
+            msg = f"{field}={shown}: {msg}"
+        lines.append(msg)
+    return "invalid gridserve settings:\n" + "\n".join(f"  - {line}" for line in lines)
 
 
 def args_from_serve_config(path: str | Path, app: int = 0) -> dict:

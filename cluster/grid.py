@@ -93,6 +93,7 @@ class WorkerGrid:
             raise ValueError("no memory left for the KV cache after loading weights; raise kv_cache_memory_bytes "
                              "or gpu_memory_utilization, or spread the model over more workers")
         ray.get([w.allocate_cache.remote(num_blocks) for stage in self.stages for w in stage])
+        self.cfg = self.cfg.fit_kv_cache(num_blocks * self.cfg.block_size)  # a derived max_model_len may shrink
         log.info("grid tp=%d pp=%d ready: %d KV blocks of %d tokens, weights %.1f MiB per worker (max)",
                  self.tp, self.pp, num_blocks, self.cfg.block_size,
                  max(r["weight_bytes"] for r in self.reports) / 2**20)

@@ -54,7 +54,7 @@ def build_config(args: argparse.Namespace) -> GridServeConfig:
     if "model" not in fields or fields["model"] == DEFAULT_MODEL:
         from deployments.make_model import ensure_default_model
         fields = ensure_default_model(fields)  # the bundled demo model, written on first use
-    return GridServeConfig(**fields)
+    return GridServeConfig.from_args(fields)
 
 
 def grids_that_fit(cfg: GridServeConfig) -> int:
@@ -164,7 +164,7 @@ def run(cfg: GridServeConfig, input_path: Path, output_path: Path, address: str 
 
         async def main() -> None:
             spec = cfg.spec()
-            engines = [AsyncEngine.from_config(g, cfg, spec.eos_token_ids) for g in grids]
+            engines = [AsyncEngine.from_config(g, g.cfg, spec.eos_token_ids) for g in grids]
             queue: asyncio.Queue[Request | None] = asyncio.Queue()
             for req in requests:
                 queue.put_nowait(req)

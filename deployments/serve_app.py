@@ -79,7 +79,7 @@ class LLMServer:
     """One replica: tokenizer, async engine and the grid of worker actors in the replica's placement group."""
 
     def __init__(self, args: dict[str, Any]) -> None:
-        self.cfg = GridServeConfig(**args)
+        self.cfg = GridServeConfig.from_args(args)
         self.tokenizer = load_tokenizer(self.cfg.model)
         self.spec = self.cfg.spec()
         self.vocab_size = self.spec.vocab_size
@@ -87,6 +87,7 @@ class LLMServer:
         self.rebuild: asyncio.Task | None = None
         self.rebuilds = 0
         self.grid = self._new_grid()
+        self.cfg = self.grid.cfg  # max_model_len fitted to the KV cache the grid holds
         self.engine = AsyncEngine.from_config(self.grid, self.cfg, self.spec.eos_token_ids)
         self.ray_metrics = RayMetrics()
 
@@ -278,7 +279,7 @@ def build_app(args: dict[str, Any]) -> Application:
     """Serve app builder (`import_path: deployments.serve_app:build_app`): validates args, sizes the replica group."""
     from deployments.make_model import ensure_default_model
 
-    return make_app(GridServeConfig(**ensure_default_model(dict(args))))
+    return make_app(GridServeConfig.from_args(ensure_default_model(dict(args))))
 
 
 def make_app(cfg: GridServeConfig, **deployment_options: Any) -> Application:

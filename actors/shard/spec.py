@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,9 @@ SUPPORTED = {
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
 }
+# Keys under which Hugging Face configs give the context length; the smallest present wins (as in vLLM).
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "max_sequence_length",
+                "model_max_length")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -43,10 +47,13 @@ class ModelSpec:
     @classmethod
     def from_path(cls, model: str | Path) -> "ModelSpec":
         """The spec of any checkpoint `model` names: a Hugging Face folder, a .gguf file, or a folder with one."""
-        from actors.shard.gguf import GGUFCheckpoint, gguf_file  # the gguf package only when a file needs it
+        from actors.shard.gguf import gguf_file  # the gguf package only when a file needs it
 
         path = gguf_file(model)
-        return GGUFCheckpoint(path).spec() if path is not None else cls.from_dir(model)
+        if path is None:
+            return cls.from_dir(model)
+        stat = path.stat()
+        return _gguf_spec(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> "ModelSpec":
@@ -88,7 +95,7 @@ class ModelSpec:
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
             rope_theta=theta,
             rope_scaling=rope if rope_type == "llama3" else None,
-            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+            max_position_embeddings=min((int(cfg[k]) for k in CONTEXT_KEYS if cfg.get(k)), default=2048),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             # Qwen2 always biases q/k/v; Llama biases q/k/v/o only with attention_bias; Mistral never.
             qkv_bias=family == "qwen2" or (family == "llama" and bool(cfg.get("attention_bias"))),
@@ -160,3 +167,12 @@ class HeadSplit:
         replicas = tp_size // spec.num_kv_heads
         return cls(spec.num_heads // tp_size, 1, tp_rank // replicas, replicas)
 
+
+
+@lru_cache(maxsize=8)
+def _gguf_spec(path: str, mtime_ns: int, size: int) -> ModelSpec:
+    """A GGUF file's spec, parsed once per process and file version: its metadata (the whole vocabulary with
+    merges) takes seconds to parse, and config validation, placement and planning each ask for the spec."""
+    from actors.shard.gguf import GGUFCheckpoint
+
+    return GGUFCheckpoint(Path(path)).spec()

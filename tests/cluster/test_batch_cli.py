@@ -10,8 +10,10 @@ from tests.reference import hf_greedy
 
 
 def test_batch_job_writes_one_line_per_input_in_order(model_dirs: dict, tmp_path: Path) -> None:
-    """Greedy lines equal HF; a malformed line gets an error record with its line number; exit code 1."""
-    d = model_dirs["llama_gqa"]
+    """Greedy lines equal HF; a malformed line gets an error record with its line number; exit code 1.
+
+    No --max-model-len: the job takes the model's own context length (256 here), as vLLM does."""
+    d = model_dirs["qwen2_bias"]
     lines = [json.dumps({"id": "a", "prompt_token_ids": [3, 17, 5, 42], "max_tokens": 6, "temperature": 0}),
              "{not json",
              json.dumps({"id": 3, "prompt_token_ids": [7, 7, 1], "max_tokens": 4, "temperature": 0}),
@@ -19,7 +21,7 @@ def test_batch_job_writes_one_line_per_input_in_order(model_dirs: dict, tmp_path
     src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     src.write_text("\n".join(lines) + "\n")
     proc = subprocess.run([sys.executable, "-m", "deployments.batch", "--model", str(d), "--tensor-parallel-size",
-                           "2", "--pipeline-parallel-size", "2", "--max-model-len", "128", "--input", str(src),
+                           "2", "--pipeline-parallel-size", "2", "--input", str(src),
                            "--output", str(dst)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, proc.stderr[-2000:]
     out = [json.loads(x) for x in dst.read_text().splitlines()]

@@ -108,7 +108,7 @@ def write_job(tmp: Path, model: Path, n: int, max_tokens: int) -> tuple[Path, Pa
     config, src = tmp / "serve.yaml", tmp / "in.jsonl"
     config.write_text(json.dumps({"applications": [{"name": "g", "import_path": "deployments.serve_app:build_app",
                                                     "args": {"model": str(model), "pipeline_parallel_size": 2,
-                                                             "max_model_len": 128, "max_num_seqs": 2,
+                                                             "max_num_seqs": 2,
                                                              "cpus_per_worker": 1}}]}))
     src.write_text("".join(json.dumps({"id": f"r{i}", "prompt_token_ids": [3 + i % 50, 17, 5], "temperature": 0,
                                        "max_tokens": max_tokens, "ignore_eos": True}) + "\n" for i in range(n)))

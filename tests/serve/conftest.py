@@ -19,11 +19,12 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def chat_model(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A small Llama whose vocabulary is its tokenizer's, so any text prompt is in range."""
+    """A small Llama (256 positions) whose vocabulary is its tokenizer's, so any text prompt is in range."""
     from deployments.make_model import write_model
 
     return str(write_model(tmp_path_factory.mktemp("chat") / "tiny", hidden_size=64, intermediate_size=128,
-                           num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, seed=3))
+                           num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, seed=3,
+                           max_position_embeddings=256))
 
 
 def start_server(args: dict, metrics_port: int | None = None, **deployment_options: object) -> str:
@@ -52,7 +53,7 @@ def server(chat_model: str) -> Iterator[str]:
     """Serve the tiny Llama with tp=2, pp=2 on CPU bundles; yields the base URL."""
     url = start_server({"model": chat_model, "served_model_name": "tiny", "tensor_parallel_size": 2,
                         "pipeline_parallel_size": 2, "cpus_per_worker": 0.5, "replica_cpus": 0.5,
-                        "max_model_len": 128, "max_num_batched_tokens": 256, "block_size": 4,
+                        "max_num_batched_tokens": 256, "block_size": 4,  # max_model_len: the model's 256
                         "kv_cache_memory_bytes": 2**20})
     httpx.get(f"{url}/health", timeout=30).raise_for_status()
     yield url

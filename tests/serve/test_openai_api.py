@@ -15,8 +15,9 @@ def client(server: str) -> openai.OpenAI:
 
 
 def test_models_lists_the_served_name(client: openai.OpenAI) -> None:
-    """GET /v1/models names the served model."""
-    assert [m.id for m in client.models.list().data] == ["tiny"]
+    """GET /v1/models names the served model and its max_model_len: the model's 256 positions (none configured)."""
+    models = client.models.list().data
+    assert [m.id for m in models] == ["tiny"] and models[0].model_extra["max_model_len"] == 256
 
 
 def test_completion_token_ids_equal_hf_greedy(client: openai.OpenAI, chat_model: str) -> None:

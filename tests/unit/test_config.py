@@ -145,3 +145,47 @@ def test_block_manager_needs_a_block(n: int) -> None:
     """num_blocks < 1 raises ValueError naming num_blocks."""
     with pytest.raises(ValueError, match=f"num_blocks={n}"):
         BlockManager(num_blocks=n, block_size=16)
+
+
+# ----------------------------------------------------------------------------- lengths the model decides
+
+def test_model_len_defaults_to_the_models_context(model_dir: Path) -> None:
+    """Unset max_model_len is the model's context length; the step budget grows to hold a whole prompt."""
+    cfg = GridServeConfig(model=str(model_dir))
+    assert cfg.max_model_len == 512 and cfg.max_num_batched_tokens == 2048
+    assert GridServeConfig(model=str(model_dir), max_model_len=100).max_num_batched_tokens == 2048
+
+
+def test_smallest_context_key_wins() -> None:
+    """A config giving several context keys (n_positions, seq_length, ...) is limited by the smallest."""
+    from actors.shard.spec import ModelSpec
+    hf = dict(architectures=["LlamaForCausalLM"], hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+              num_attention_heads=4, vocab_size=96, max_position_embeddings=4096, seq_length=1024)
+    assert ModelSpec.from_hf_dict(hf).max_position_embeddings == 1024
+
+
+def test_kv_cache_caps_a_derived_length_only(model_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A derived max_model_len shrinks to what the KV cache holds (logged); an explicit one too long is an error."""
+    derived = GridServeConfig(model=str(model_dir))
+    with caplog.at_level("INFO", logger="gridserve"):
+        fitted = derived.fit_kv_cache(300)
+    assert fitted.max_model_len == 300 and "capped by the KV cache" in caplog.text
+    assert fitted.fit_kv_cache(300) is fitted and derived.fit_kv_cache(600) is derived
+    explicit = make(model_dir, max_model_len=256)
+    assert explicit.fit_kv_cache(256) is explicit
+    with pytest.raises(ValueError, match="max_model_len=256 but the KV cache holds only 200 tokens"):
+        explicit.fit_kv_cache(200)
+
+
+def test_from_args_one_readable_line_per_problem(model_dir: Path) -> None:
+    """from_args turns pydantic's dump into one line per problem: field, value, why; no docs URLs."""
+    from cluster.config import ConfigError
+    with pytest.raises(ConfigError) as err:
+        GridServeConfig.from_args(dict(model=str(model_dir), tensor_parallel_size="two", max_modle_len=5,
+                                       api_key=["secret"]))
+    lines = str(err.value).splitlines()
+    assert len(lines) == 4 and "errors.pydantic.dev" not in str(err.value) and "secret" not in str(err.value)
+    assert any(line.strip().startswith("- tensor_parallel_size='two':") for line in lines)
+    assert any("unknown setting 'max_modle_len'" in line and "max_model_len" in line for line in lines)
+    with pytest.raises(ConfigError, match="max_model_len=1024 exceeds the model's context length.*=512"):
+        GridServeConfig.from_args(dict(model=str(model_dir), max_model_len=1024))
