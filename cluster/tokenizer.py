@@ -1,10 +1,15 @@
 """The one place a model's tokenizer is loaded (Hugging Face folders; GGUF files carry theirs in metadata)."""
 from __future__ import annotations
 
+import hashlib
+import logging
 from pathlib import Path
 from typing import Any
 
 from actors.shard.gguf import PlainReader, gguf_file
+from cluster.cache import cache_dir
+
+log = logging.getLogger("gridserve")
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
@@ -21,7 +26,27 @@ def load_tokenizer(model: str) -> Any:
 
 def gguf_tokenizer(path: Path) -> Any:
     """The tokenizer transformers builds from a GGUF file's vocabulary with the file's chat template (None if the
-    file carries no vocabulary)."""
+    file carries no vocabulary); built once per file version and machine, then read back from the cache (building
+    it converts the whole vocabulary and merges in Python: ~10 s for SmolLM2, paid by every replica otherwise)."""
+    import transformers
+    from transformers import AutoTokenizer
+
+    stat = path.resolve().stat()
+    key = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{transformers.__version__}"
+    cached = cache_dir() / "tokenizers" / hashlib.sha256(key.encode()).hexdigest()[:24]
+    if (cached / "tokenizer.json").is_file():
+        return AutoTokenizer.from_pretrained(cached)
+    tok = _build_gguf_tokenizer(path)
+    if tok is not None:
+        try:
+            tok.save_pretrained(cached)
+        except OSError as exc:  # a read-only home still serves, only slower to start
+            log.warning("could not cache the tokenizer of %s in %s (%s)", path, cached, exc)
+    return tok
+
+
+def _build_gguf_tokenizer(path: Path) -> Any:
+    """Convert a GGUF file's vocabulary into a transformers tokenizer (None if it has none)."""
     from transformers import AutoTokenizer
 
     fields = PlainReader(path).fields

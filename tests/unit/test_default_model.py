@@ -35,3 +35,21 @@ def test_fetched_model_is_linked_from_the_cache(tmp_path: Path, monkeypatch: pyt
     assert ensure_default_model({})["model"] == DEFAULT_MODEL
     assert [p.name for p in (tmp_path / DEFAULT_MODEL).glob("*.gguf")] == [Path(smollm2.GGUF_MEMBER).name]
     assert ensure_default_model({"model": "elsewhere"}) == {"model": "elsewhere"}
+
+
+def test_gguf_tokenizer_is_converted_once_then_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      smollm2_dir: Path) -> None:
+    """The second load reads the cached conversion: same ids, same chat template, same EOS."""
+    from cluster import tokenizer as tokenizers
+
+    monkeypatch.setenv("GRIDSERVE_CACHE", str(tmp_path))
+    first = tokenizers.load_tokenizer(str(smollm2_dir))
+    monkeypatch.setattr(tokenizers, "_build_gguf_tokenizer", lambda path: pytest.fail("converted twice"))
+    second = tokenizers.load_tokenizer(str(smollm2_dir))
+    chat = [{"role": "user", "content": "What is the capital of France?"}]
+    for tok in (first, second):
+        assert tok.eos_token == "<|im_end|>"
+    assert first.chat_template == second.chat_template
+    assert first.apply_chat_template(chat, add_generation_prompt=True) == \
+        second.apply_chat_template(chat, add_generation_prompt=True)
+    assert first("Héllo wörld 日本 <|im_start|>")["input_ids"] == second("Héllo wörld 日本 <|im_start|>")["input_ids"]
