@@ -2,13 +2,17 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import torch
 
 from actors.shard.runner import ShardPlan, StageRunner, StepInput, StepOutput
 from actors.shard.tp import TPGroup
+from actors.shard.usage import StepWindow, memory_bytes
 
 
 class ThreadCollectives:
@@ -67,6 +71,7 @@ class LocalGrid:
             self.stages.append(stage)
         self.pool = ThreadPoolExecutor(tp)
         self.steps = ThreadPoolExecutor(1)  # steps run one after another, as on one actor per worker
+        self.windows = [StepWindow() for _ in range(tp * pp)]
 
     async def step_async(self, step: StepInput) -> StepOutput:
         """Async counterpart of execute(), as the engine calls it."""
@@ -74,8 +79,30 @@ class LocalGrid:
 
     def execute(self, step: StepInput) -> StepOutput:
         hidden = None
-        for stage in self.stages:
+        for k, stage in enumerate(self.stages):
+            start = time.perf_counter()
             outs = list(self.pool.map(lambda r: r.execute(step, hidden), stage))
+            for r in range(self.tp):
+                self.windows[k * self.tp + r].record(start, time.perf_counter(), 0.0)
             hidden = outs[0]
         assert isinstance(hidden, StepOutput)
         return hidden
+
+    def worker_stats(self, timeout_s: float = 10.0) -> list[dict[str, Any]]:
+        """What a Ray worker reports, for the runners of this process (stage-major)."""
+        out = []
+        for k, stage in enumerate(self.stages):
+            for r, runner in enumerate(stage):
+                kv = runner.cache.num_blocks * runner.block_bytes() if runner.cache is not None else 0
+                out.append({"node_id": "local", "pid": os.getpid(), "device": "cpu", "pp_rank": k, "tp_rank": r,
+                            "weight_bytes": runner.weight_bytes(), "kv_bytes": kv, **memory_bytes(runner.device),
+                            **self.windows[k * self.tp + r].summary()})
+        return out
+
+    def close_dag(self) -> None:
+        """Nothing is compiled in-process: steps are plain function calls."""
+
+    def shutdown(self) -> None:
+        """Stop the step threads."""
+        self.pool.shutdown()
+        self.steps.shutdown()
