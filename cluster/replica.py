@@ -146,7 +146,9 @@ class Replica:
         return None
 
     async def ready(self) -> bool:
-        """Wait for a running rebuild; True if the grid serves now."""
+        """Heal a failed grid (unless its rebuild already failed) and wait for it; True if the grid serves now."""
+        if self.engine.dead and self.failure() is None:
+            self.heal()
         if self.rebuild_task is not None:
             await asyncio.wait([self.rebuild_task])
         return not self.engine.dead

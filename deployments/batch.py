@@ -33,8 +33,8 @@ async def drain(queue: asyncio.Queue[Request | None], replicas: list[Replica],
                 on_result: Callable[[Result, int], None]) -> None:
     """Feed the shared queue to every replica (a few more requests than its batch, so it never waits on us).
 
-    A replica whose grid fails heals itself (`Replica.heal`, the one failure policy) while its unfinished
-    requests go back to the queue; a replica whose rebuild fails stops taking work. Workers wait for such
+    A replica whose grid fails is healed (`Replica.ready` -> `Replica.heal`, the one failure policy) before it
+    takes more work, and its unfinished requests go back to the queue; a replica whose rebuild fails stops. Workers wait for such
     hand-backs until every request has a result, then a None per worker tells them to stop.
     """
     slots = [r for r, rep in enumerate(replicas) for _ in range(seats(rep.cfg))]
@@ -56,7 +56,6 @@ async def drain(queue: asyncio.Queue[Request | None], replicas: list[Replica],
                 return
             result = await replica.complete(req.request_id, req.prompt_ids, req.params)
             if result.error is not None and replica.engine.dead:  # not the request's fault: the grid failed
-                replica.heal()
                 attempts[req.request_id] += 1
                 if attempts[req.request_id] < MAX_ATTEMPTS:
                     queue.put_nowait(req)
