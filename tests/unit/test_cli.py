@@ -73,3 +73,14 @@ def test_probe_for_a_local_ray_does_not_import_ray() -> None:
     code = "import sys; from cluster.loopback import local_ray_running; local_ray_running(); print('ray' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_status_png_without_matplotlib_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture) -> None:
+    """A plain install (no `plot` extra) gets one line naming the fix, not a ModuleNotFoundError traceback."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail as if not installed
+    assert cli.main(["status", "--url", "http://127.0.0.1:9", "--png", "grid.png"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pip install 'gridserve[plot]'" in err[0]
