@@ -1,7 +1,7 @@
 """Incremental detokenization with stop strings: token events in, text deltas out, O(1) decode work per token."""
 from __future__ import annotations
 
-from typing import Any, AsyncIterator
+from typing import Any, AsyncGenerator, AsyncIterator
 
 
 class IncrementalDecoder:
@@ -41,7 +41,7 @@ class IncrementalDecoder:
 class TextStream:
     """Turns an engine's token events into (text delta, finish reason) pairs, cutting at stop strings."""
 
-    def __init__(self, events: AsyncIterator[Any], tokenizer: Any, stop: list[str]) -> None:
+    def __init__(self, events: AsyncGenerator[Any, str | None], tokenizer: Any, stop: list[str]) -> None:
         self.events = events
         self.decoder = IncrementalDecoder(tokenizer)
         self.stop = stop
@@ -76,6 +76,7 @@ class TextStream:
                 text = self.decoder.text
                 cut = self._find_stop(text, start)
                 if cut >= 0:
+                    await self._finish("stop")
                     yield text[self.sent:cut], "stop"
                     return
                 if ev.finish_reason is not None:
@@ -87,6 +88,13 @@ class TextStream:
                     yield delta, None
         finally:
             await self.events.aclose()
+
+    async def _finish(self, reason: str) -> None:
+        """Tell the engine the request ended normally here (not an abort: it counts as finished)."""
+        try:
+            await self.events.asend(reason)
+        except StopAsyncIteration:
+            pass
 
     def _find_stop(self, text: str, new_from: int) -> int:
         """Where the first stop string begins, searching only where new text can complete one; -1 if none."""

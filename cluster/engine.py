@@ -7,7 +7,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Protocol
+from typing import Any, AsyncGenerator, Protocol
 
 from actors.shard.runner import StepInput, StepOutput
 from actors.shard.sampler import Logprobs, SamplingParams
@@ -77,7 +77,8 @@ class AsyncEngine:
         self.dead: str | None = None  # set when the grid failed; new requests are refused
 
     def generate(self, prompt_ids: list[int], sampling: SamplingParams, max_tokens: int | None,
-                 stop_token_ids: tuple[int, ...] = (), ignore_eos: bool = False) -> AsyncIterator[TokenEvent]:
+                 stop_token_ids: tuple[int, ...] = (), ignore_eos: bool = False,
+                 ) -> AsyncGenerator[TokenEvent, str | None]:
         """Queue one request now and return its token stream; RequestError (a ValueError) at once if it can
         never fit, RuntimeError if the grid failed. `max_tokens=None` fills max_model_len.
 
@@ -94,8 +95,9 @@ class AsyncEngine:
         self._start()
         return self._stream(seq, queue)
 
-    async def _stream(self, seq: Sequence, queue: asyncio.Queue[TokenEvent]) -> AsyncIterator[TokenEvent]:
-        """Yield the request's events until its last (observing TTFT, ITL, e2e); abort if the consumer leaves."""
+    async def _stream(self, seq: Sequence, queue: asyncio.Queue[TokenEvent]) -> AsyncGenerator[TokenEvent, str | None]:
+        """Yield the request's events until its last (observing TTFT, ITL, e2e); `asend(reason)` finishes it
+        early with that reason (a stop string); leaving without one aborts it."""
         m, last = self.metrics, None
         try:
             while True:
@@ -107,7 +109,13 @@ class AsyncEngine:
                     if final:
                         m.e2e.observe(now - seq.arrival)
                 last = now
-                yield event
+                ended = yield event
+                if ended is not None:  # the consumer ended it (a stop string in the text): a normal finish
+                    seq.finish(ended)
+                    self.scheduler.retire(seq)
+                    if m is not None:
+                        m.e2e.observe(now - seq.arrival)
+                    return
                 if final:
                     return
         finally:

@@ -168,7 +168,10 @@ class Replica:
 
     async def snapshot(self) -> dict[str, Any]:
         """What /status, /metrics and `gridserve status` show; probing the workers finds a dead one even while
-        idle (then the grid is failed, healed, and ReplicaUnavailable raised)."""
+        idle (then the grid is failed, healed, and ReplicaUnavailable raised). A failed grid is healed here too:
+        Serve's health check calls this even when no request comes."""
+        if self.engine.dead:
+            self.heal()
         try:
             workers = [] if self.engine.dead else await asyncio.to_thread(self.grid.worker_stats)
         except Exception as exc:  # a Ray error from a dead or unreachable worker

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import socket
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 LOOPBACK = "127.0.0.1"
 
@@ -46,3 +46,22 @@ def loopback_cluster(head: dict[str, Any], *others: dict[str, Any]) -> Iterator[
         ray.shutdown()
         cluster.shutdown()
         services.node_ip_address_from_perspective = original
+
+
+def spawn_ranks(target: Callable[[int, int, Any], None], size: int, timeout_s: float = 180) -> dict[int, tuple]:
+    """Run `target(rank, port, queue)` in `size` fresh processes that rendezvous on a free loopback port; each puts
+    (rank, *result) on the queue. Returns rank -> result."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue, port = ctx.Queue(), free_port()
+    procs = [ctx.Process(target=target, args=(r, port, queue)) for r in range(size)]
+    for p in procs:
+        p.start()
+    try:
+        return {r: tuple(rest) for r, *rest in (queue.get(timeout=timeout_s) for _ in procs)}
+    finally:
+        for p in procs:
+            p.join(timeout=60)
+            if p.is_alive():
+                p.kill()  # a process this helper started

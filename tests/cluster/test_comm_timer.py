@@ -8,7 +8,7 @@ from datetime import timedelta
 
 import torch
 
-from tests.loopback import LOOPBACK, free_port
+from tests.loopback import LOOPBACK, spawn_ranks
 
 DELAY_S = 0.3
 
@@ -32,14 +32,7 @@ def rank_main(rank: int, port: int, queue: mp.Queue) -> None:
 
 def test_cpu_group_counts_the_wait_inside_collectives() -> None:
     """Rank 0's comm time includes the wait for the late rank; sums are right; the CPU path uses TPGroup."""
-    ctx = mp.get_context("spawn")
-    queue, port = ctx.Queue(), free_port()
-    procs = [ctx.Process(target=rank_main, args=(r, port, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = dict((r, rest) for r, *rest in (queue.get(timeout=120) for _ in procs))
-    for p in procs:
-        p.join(timeout=60)
+    results = spawn_ranks(rank_main, 2)
     name, comm0, count, sums = results[0]
     assert name == "TPGroup" and count == 5 and sums == [1.0 + 2 * i for i in range(5)]
     assert comm0 >= DELAY_S / 3 and results[1][1] < comm0  # the late rank hardly waited

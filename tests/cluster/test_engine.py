@@ -99,3 +99,19 @@ def test_seeded_sampling_reproducible_across_runs_and_layouts(local_ray: None, m
             grid.shutdown()
     assert outs[0] == outs[1]
     assert outs[0][0] == outs[0][1] != outs[0][2]
+
+
+def test_config_seed_drives_unseeded_sampling(local_ray: None, model_dirs: dict) -> None:
+    """GridServeConfig.seed seeds the sampler of requests without their own seed: the same config seed gives the
+    same tokens on a fresh grid, another seed other tokens."""
+    d = str(model_dirs["llama_gqa"])
+    reqs = [Request(i, [3, 17, 5, 42], GenerationParams(temperature=1.0, max_tokens=24, ignore_eos=True))
+            for i in range(2)]
+    outs = []
+    for seed in (5, 5, 6):
+        grid = make_grid(d, 1, 1, seed=seed)
+        try:
+            outs.append([r.token_ids for r in run(AsyncEngine(grid, 4, 8, 256, 256), reqs)])
+        finally:
+            grid.shutdown()
+    assert outs[0] == outs[1] != outs[2]

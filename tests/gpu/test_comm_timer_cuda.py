@@ -9,7 +9,7 @@ from datetime import timedelta
 import pytest
 import torch
 
-from tests.loopback import LOOPBACK, free_port
+from tests.loopback import LOOPBACK, spawn_ranks
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 SPIN_CYCLES = 100_000_000  # ~50 ms of GPU clock: long next to a kernel launch (microseconds)
@@ -58,14 +58,7 @@ def rank_main(rank: int, port: int, queue: mp.Queue) -> None:
 
 def test_cuda_group_times_the_collective_on_the_device() -> None:
     """The CUDA path uses CudaTimedTPGroup; rank 0's comm time covers its wait for rank 1's late input."""
-    ctx = mp.get_context("spawn")
-    queue, port = ctx.Queue(), free_port()
-    procs = [ctx.Process(target=rank_main, args=(r, port, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = dict((r, rest) for r, *rest in (queue.get(timeout=180) for _ in procs))
-    for p in procs:
-        p.join(timeout=60)
+    results = spawn_ranks(rank_main, 2)
     name, comm0, count, total = results[0]
     assert name == "CudaTimedTPGroup" and count == 1 and total == 3.0
     assert comm0 >= 0.01, comm0  # the ~50 ms spin of rank 1, seen from rank 0's stream

@@ -126,3 +126,29 @@ def test_full_queue_is_refused_with_the_overload_retry_after(model_dirs: dict) -
         return refused.value
 
     assert asyncio.run(main()).retry_after_s == RETRY_AFTER_OVERLOAD_S
+
+
+def test_a_stop_string_finishes_the_request_and_is_counted_as_stop(model_dirs: dict) -> None:
+    """Ending on a stop string is a normal finish: reason 'stop', blocks freed, counted by the metrics as 'stop'
+    with its end-to-end latency (not as an abort)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    d = str(model_dirs["llama_gqa"])
+    replica = Replica(config(d), "r0", grid_factory=lambda: LocalGrid(d, 1, 1))
+
+    async def main() -> tuple[str, str, str, str | None]:
+        full, _ = await collect(replica.generate(PROMPTS[0], greedy(12))[0])
+        stop = full.strip()[len(full.strip()) // 2:][:2]
+        text, reason = await collect(replica.generate(PROMPTS[0], greedy(12).model_copy(update={"stop": stop}))[0])
+        await collect(replica.generate(PROMPTS[1], greedy(2))[0])  # the stopped sequence's last step has landed
+        return full, stop, text, reason
+
+    full, stop, text, reason = asyncio.run(main())
+    assert stop and reason == "stop" and text == full[:full.find(stop)]
+    blocks = replica.engine.scheduler.blocks
+    assert blocks.num_available == replica.grid.num_blocks and not any(blocks.refs)
+    families = {f.name: f for f in text_string_to_metric_families(replica.metrics.text().decode())}
+    ended = {s.labels["finished_reason"]: s.value for s in families["gridserve_request_success"].samples
+             if s.name.endswith("_total")}
+    e2e = next(s.value for s in families["gridserve_e2e_request_latency_seconds"].samples if s.name.endswith("_count"))
+    assert ended == {"length": 2.0, "stop": 1.0} and e2e == 3
