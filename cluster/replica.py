@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from typing import Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from cluster.config import GridServeConfig
 from cluster.detokenize import TextStream
@@ -16,6 +16,9 @@ from cluster.generate import open_stream, result_of
 from cluster.metrics import ReplicaMetrics, grid_flags
 from cluster.request import GenerationParams, RequestError, Result, check_prompt
 from cluster.tokenizer import load_tokenizer
+
+if TYPE_CHECKING:  # Ray is imported only where a Ray grid is made: tests run replicas over in-process grids
+    from ray.util.placement_group import PlacementGroup
 
 log = logging.getLogger("gridserve.replica")
 RETRY_AFTER_REBUILD_S = 5  # Retry-After while a failed grid is rebuilt (a rebuild reloads every shard)
@@ -49,7 +52,7 @@ class ReplicaUnavailable(RuntimeError):
 class Replica:
     """A TP x PP grid of workers with its engine: generate text, report its state, heal after a failure."""
 
-    def __init__(self, cfg: GridServeConfig, name: str = "replica", placement_group: Any = None,
+    def __init__(self, cfg: GridServeConfig, name: str = "replica", placement_group: PlacementGroup | None = None,
                  bundle_offset: int = 0, grid_factory: Callable[[], ReplicaGrid] | None = None) -> None:
         """Reserve the workers' placement group (unless given one, e.g. Serve's from `bundle_offset` on) and
         start the grid; `grid_factory` replaces the Ray grid (tests run an in-process one)."""
@@ -64,7 +67,8 @@ class Replica:
             self.pg, _ = create_replica_group(cfg)
             self.owns_pg = True
         self.new_grid = grid_factory or self._ray_grid
-        self.rebuilds, self.rebuild_task = 0, None
+        self.rebuilds = 0
+        self.rebuild_task: asyncio.Task[None] | None = None
         try:
             self.grid = self.new_grid()
         except BaseException:

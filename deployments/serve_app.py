@@ -1,6 +1,7 @@
 """Ray Serve app: an OpenAI-compatible HTTP face over one `cluster.replica.Replica` per Serve replica."""
 # No `from __future__ import annotations` here: FastAPI must see real types on the route signatures.
 
+import logging
 import time
 from typing import Any
 
@@ -17,6 +18,9 @@ from deployments.http import APIError, api, parse_body
 from deployments.openai_schema import ChatRequest, CompletionRequest, SamplingFields, new_id, now
 from deployments.ray_metrics import RayMetrics
 from deployments.responses import collect_choices, sse
+
+log = logging.getLogger("gridserve.serve")
+
 
 @serve.deployment
 @serve.ingress(api)
@@ -40,9 +44,13 @@ class LLMServer:
         if (failure := self.replica.failure()) is not None:
             raise RuntimeError(failure)
         try:
-            self.ray_metrics.update(await self.replica.snapshot())
+            snapshot = await self.replica.snapshot()
         except ReplicaUnavailable:
-            pass  # being rebuilt: healthy unless the rebuild fails
+            return  # being rebuilt: healthy unless the rebuild fails
+        try:
+            self.ray_metrics.update(snapshot)
+        except Exception:  # metrics must never fail the health check
+            log.exception("could not export Ray metrics")
 
     def _authorize(self, request: Request) -> None:
         """Enforce the optional API key."""
