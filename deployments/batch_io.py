@@ -89,7 +89,8 @@ def read_requests(raw_lines: list[bytes], tokenizer: Any, vocab_size: int, max_m
                 raise ValueError("prompt/stop: the model folder has no tokenizer; send prompt_token_ids (no stop)")
             ids = line.prompt_token_ids or tokenizer.encode(line.prompt)
             max_tokens = check_prompt(ids, vocab_size, line.max_tokens, max_model_len)
-            requests.append(Request(n, ids, line.model_copy(update={"max_tokens": max_tokens})))
+            params = line.model_dump(include=set(GenerationParams.model_fields)) | {"max_tokens": max_tokens}
+            requests.append(Request(n, ids, GenerationParams(**params)))
             records[n] = record
         except ValueError as exc:
             records[n] = {**record, "error": str(exc)}
