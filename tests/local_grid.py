@@ -6,13 +6,14 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from actors.shard.runner import ShardPlan, StageRunner, StepInput, StepOutput
 from actors.shard.tp import TPGroup
 from actors.shard.usage import StepWindow, memory_bytes
+from cluster.config import GridServeConfig
 
 
 class ThreadCollectives:
@@ -106,3 +107,29 @@ class LocalGrid:
         """Stop the step threads."""
         self.pool.shutdown()
         self.steps.shutdown()
+
+
+class DyingGrid(LocalGrid):
+    """A LocalGrid whose worker "dies" at step `die_at`: that step and every later one raise."""
+
+    def __init__(self, model_dir: str, die_at: int) -> None:
+        super().__init__(model_dir, 1, 1)
+        self.die_at, self.steps_run = die_at, 0
+
+    async def step_async(self, step: StepInput) -> StepOutput:
+        self.steps_run += 1
+        if self.steps_run >= self.die_at:
+            raise RuntimeError("worker died (ActorDiedError in a real grid)")
+        return await super().step_async(step)
+
+
+def config(model_dir: Any, **extra: Any) -> GridServeConfig:
+    """A small replica config matching LocalGrid's defaults."""
+    return GridServeConfig(model=str(model_dir), max_model_len=256, max_num_batched_tokens=256, block_size=4,
+                           **extra)
+
+
+def grids(*makers: Callable[[], Any]) -> Callable[[], Any]:
+    """A grid factory returning the next maker's grid on each call (first grid, then each rebuild)."""
+    it = iter(makers)
+    return lambda: next(it)()

@@ -8,9 +8,8 @@ from cluster.generate import Request
 from cluster.replica import Replica
 from cluster.request import Result
 from deployments.batch import MAX_ATTEMPTS, drain
-from tests.local_grid import LocalGrid
+from tests.local_grid import DyingGrid, LocalGrid, config, grids
 from tests.reference import greedy, hf_greedy
-from tests.unit.test_replica import DyingGrid, config, grids
 
 
 def run(replicas: list[Replica], n: int) -> list[tuple[Result, int]]:

@@ -2,43 +2,15 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
-from actors.shard.runner import StepInput, StepOutput
-from cluster.config import GridServeConfig
 from cluster.generate import collect
 from cluster.replica import RETRY_AFTER_OVERLOAD_S, RETRY_AFTER_REBUILD_S, Replica, ReplicaUnavailable
 from cluster.request import GenerationParams, RequestError
-from tests.local_grid import LocalGrid
+from tests.local_grid import DyingGrid, LocalGrid, config, grids
 from tests.reference import PROMPTS, greedy, hf_greedy
-
-
-class DyingGrid(LocalGrid):
-    """A LocalGrid whose worker "dies" at step `die_at`: that step and every later one raise."""
-
-    def __init__(self, model_dir: str, die_at: int) -> None:
-        super().__init__(model_dir, 1, 1)
-        self.die_at, self.steps_run = die_at, 0
-
-    async def step_async(self, step: StepInput) -> StepOutput:
-        self.steps_run += 1
-        if self.steps_run >= self.die_at:
-            raise RuntimeError("worker died (ActorDiedError in a real grid)")
-        return await super().step_async(step)
-
-
-def config(model_dir: Any, **extra: Any) -> GridServeConfig:
-    """A small replica config matching LocalGrid's defaults."""
-    return GridServeConfig(model=str(model_dir), max_model_len=256, max_num_batched_tokens=256, block_size=4,
-                           **extra)
-
-
-def grids(*makers: Callable[[], Any]) -> Callable[[], Any]:
-    """A grid factory returning the next maker's grid on each call (first grid, then each rebuild)."""
-    it = iter(makers)
-    return lambda: next(it)()
 
 
 def test_generate_matches_hf_and_snapshot_reports_the_grid(model_dirs: dict) -> None:
