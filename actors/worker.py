@@ -12,8 +12,10 @@ import ray
 import torch
 import torch.distributed as dist
 
+from actors.comm_timer import tp_group
 from actors.shard.runner import ShardPlan, StageRunner, StepInput, StepOutput
 from actors.shard.shm import ShmGroup
+from actors.shard.sampler import Sampler
 from actors.shard.shm import supported as shm_supported
 from actors.shard.tp import TPGroup
 from actors.shard.usage import StepWindow, memory_bytes
@@ -23,8 +25,9 @@ from actors.shard.usage import StepWindow, memory_bytes
 class Worker:
     """One (pp_rank, tp_rank) shard: joins its stage's process group, loads its slices, runs steps."""
 
-    def __init__(self, plan: ShardPlan, device: str, num_threads: int) -> None:
+    def __init__(self, plan: ShardPlan, device: str, num_threads: int, seed: int = 0) -> None:
         self.plan = plan
+        self.seed = seed  # GridServeConfig.seed: the sampler's generator for requests without their own seed
         use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
         self.device = torch.device("cuda", 0) if use_cuda else torch.device("cpu")
         if use_cuda:
@@ -69,8 +72,9 @@ class Worker:
                                     timeout=timedelta(seconds=timeout_s))
             use_shm = shm_path is not None and self.device.type == "cpu" and shm_supported()
             shm = self._open_shm(shm_path, slot_bytes, timeout_s) if use_shm else None
-            tp = TPGroup(self.plan.tp_rank, self.plan.tp_size, dist.group.WORLD, shm)
+            tp = tp_group(self.plan.tp_rank, self.plan.tp_size, dist.group.WORLD, shm, self.device)
         self.runner = StageRunner(self.plan, tp, self.device)
+        self.runner.sampler = Sampler(self.seed)
         return {"weight_bytes": self.runner.weight_bytes(), "block_bytes": self.runner.block_bytes(),
                 "load_s": self.runner.load_seconds}
 

@@ -5,15 +5,15 @@ import asyncio
 import itertools
 import logging
 import math
-import statistics
 import time
-from collections import deque
-from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from dataclasses import dataclass
+from typing import Any, AsyncGenerator, Protocol
 
-from actors.shard.runner import StepOutput
+from actors.shard.runner import StepInput, StepOutput
 from actors.shard.sampler import Logprobs, SamplingParams
 from cluster.blocks import BlockManager
+from cluster.metrics import RequestMetrics
+from cluster.request import token_budget
 from cluster.scheduler import Scheduler, Sequence
 
 log = logging.getLogger("gridserve.engine")
@@ -29,22 +29,26 @@ class TokenEvent:
     logprobs: Logprobs | None = None
 
 
+class StepGrid(Protocol):
+    """What the engine drives: a grid that runs one step at a time (WorkerGrid, or tests' in-process grid)."""
+
+    tp: int
+    pp: int
+    num_blocks: int
+
+    async def step_async(self, step: StepInput) -> StepOutput:
+        """Run one step through every stage; the last stage's TP rank 0 answers."""
+        ...
+
+
 @dataclass
 class EngineStats:
-    """Counters the metrics exporter and benchmarks read, and latencies of recent requests."""
+    """Counters the metrics exporter and benchmarks read."""
 
     steps: int = 0
     busy_s: float = 0.0  # wall time with at least one step in flight
     prompt_tokens: int = 0
     generation_tokens: int = 0
-    ttft_s: deque[float] = field(default_factory=lambda: deque(maxlen=2048))
-    itl_s: deque[float] = field(default_factory=lambda: deque(maxlen=2048))
-    e2e_s: deque[float] = field(default_factory=lambda: deque(maxlen=2048))
-
-    def latency_p50(self) -> dict[str, float]:
-        """Median TTFT, inter-token and end-to-end latency of recent requests, in seconds (0 before any)."""
-        return {f"{name}_seconds_p50": statistics.median(values) if values else 0.0
-                for name, values in (("ttft", self.ttft_s), ("itl", self.itl_s), ("e2e", self.e2e_s))}
 
 
 class AsyncEngine:
@@ -54,13 +58,15 @@ class AsyncEngine:
     in flight, so stage 0 works on micro-batch i+1 while stage 1 works on micro-batch i.
     """
 
-    def __init__(self, grid: Any, block_size: int, max_num_seqs: int, max_num_batched_tokens: int,
+    def __init__(self, grid: StepGrid, block_size: int, max_num_seqs: int, max_num_batched_tokens: int,
                  max_model_len: int, eos_token_ids: tuple[int, ...] = (), max_inflight: int | None = None,
-                 step_timeout_s: float | None = None, prefix_caching: bool = True) -> None:
+                 step_timeout_s: float | None = None, prefix_caching: bool = True,
+                 metrics: RequestMetrics | None = None) -> None:
         self.grid = grid
         self.step_timeout_s = step_timeout_s  # a step slower than this means a stuck or dead worker
         self.eos = frozenset(eos_token_ids)
-        self.max_inflight = max_inflight or getattr(grid, "pp", 1)
+        self.max_inflight = max_inflight or grid.pp
+        self.metrics = metrics
         self.scheduler = Scheduler(BlockManager(grid.num_blocks, block_size, prefix_caching), max_num_seqs,
                                    max_num_batched_tokens, max_model_len)
         self.streams: dict[int, asyncio.Queue[TokenEvent]] = {}
@@ -70,36 +76,46 @@ class AsyncEngine:
         self._task: asyncio.Task | None = None
         self.dead: str | None = None  # set when the grid failed; new requests are refused
 
-    def generate(self, prompt_ids: list[int], sampling: SamplingParams, max_tokens: int,
-                 stop_token_ids: tuple[int, ...] = (), ignore_eos: bool = False) -> AsyncIterator[TokenEvent]:
-        """Queue one request now (ValueError at once if it can never fit) and return its token stream.
+    def generate(self, prompt_ids: list[int], sampling: SamplingParams, max_tokens: int | None,
+                 stop_token_ids: tuple[int, ...] = (), ignore_eos: bool = False,
+                 ) -> AsyncGenerator[TokenEvent, str | None]:
+        """Queue one request now and return its token stream; RequestError (a ValueError) at once if it can
+        never fit, RuntimeError if the grid failed. `max_tokens=None` fills max_model_len.
 
         Leaving the stream early aborts the request and frees its blocks. Call from the event loop.
         """
         if self.dead:
             raise RuntimeError(f"this replica's grid failed ({self.dead}); retry on another replica")
+        budget = token_budget(len(prompt_ids), max_tokens, self.scheduler.max_model_len)
         stops = (frozenset() if ignore_eos else self.eos) | frozenset(stop_token_ids)
-        seq = Sequence(next(self._ids), list(prompt_ids), sampling, max_tokens, stops)
+        seq = Sequence(next(self._ids), list(prompt_ids), sampling, budget, stops, arrival=time.perf_counter())
         self.scheduler.add(seq)
         queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
         self.streams[seq.seq_id] = queue
         self._start()
-        return self._stream(seq, queue, time.perf_counter())
+        return self._stream(seq, queue)
 
-    async def _stream(self, seq: Sequence, queue: asyncio.Queue[TokenEvent],
-                      submitted: float) -> AsyncIterator[TokenEvent]:
-        """Yield the request's events until its last; abort it if the consumer leaves first."""
-        last = submitted
+    async def _stream(self, seq: Sequence, queue: asyncio.Queue[TokenEvent]) -> AsyncGenerator[TokenEvent, str | None]:
+        """Yield the request's events until its last (observing TTFT, ITL, e2e); `asend(reason)` finishes it
+        early with that reason (a stop string); leaving without one aborts it."""
+        m, last = self.metrics, None
         try:
             while True:
                 event = await queue.get()
                 now = time.perf_counter()
-                (self.stats.ttft_s if last == submitted else self.stats.itl_s).append(now - last)
-                last = now
                 final = event.finish_reason is not None or event.error is not None
-                if final and event.error is None:
-                    self.stats.e2e_s.append(now - submitted)  # before yielding: the consumer may stop here
-                yield event
+                if m is not None and event.error is None:  # before yielding: the consumer may stop here
+                    (m.ttft if last is None else m.itl).observe(now - (seq.arrival if last is None else last))
+                    if final:
+                        m.e2e.observe(now - seq.arrival)
+                last = now
+                ended = yield event
+                if ended is not None:  # the consumer ended it (a stop string in the text): a normal finish
+                    seq.finish(ended)
+                    self.scheduler.retire(seq)
+                    if m is not None:
+                        m.e2e.observe(now - seq.arrival)
+                    return
                 if final:
                     return
         finally:
@@ -107,6 +123,8 @@ class AsyncEngine:
             if seq.finish_reason is None:
                 seq.finish("abort")
                 self.scheduler.retire(seq)
+            if m is not None:
+                m.finished(seq.finish_reason or "abort", len(seq.prompt_ids), len(seq.output_ids))
 
     @property
     def num_running(self) -> int:
@@ -142,6 +160,7 @@ class AsyncEngine:
                 if not seqs:
                     break
                 self.stats.prompt_tokens += sum(len(s.tokens) - s.num_cached for s in seqs if not s.output_ids)
+                self._first_scheduled(seqs)
                 step = self.scheduler.build_step(seqs)
                 inflight[asyncio.ensure_future(self._submit(step))] = seqs
             self._wakeup.clear()
@@ -165,11 +184,22 @@ class AsyncEngine:
                         other.cancel()
                     return
 
+    def _first_scheduled(self, seqs: list[Sequence]) -> None:
+        """Observe the queue time of sequences entering their first step."""
+        now = time.perf_counter()
+        for seq in seqs:
+            if seq.scheduled_at is None:
+                seq.scheduled_at = now
+                if self.metrics is not None:
+                    self.metrics.queue.observe(now - seq.arrival)
+
     @classmethod
-    def from_config(cls, grid: Any, cfg: Any, eos_token_ids: tuple[int, ...] = ()) -> "AsyncEngine":
+    def from_config(cls, grid: StepGrid, cfg: Any, eos_token_ids: tuple[int, ...] = (),
+                    metrics: RequestMetrics | None = None) -> "AsyncEngine":
         """An engine over `grid` with the limits of a GridServeConfig."""
         return cls(grid, cfg.block_size, cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.max_model_len,
-                   eos_token_ids, step_timeout_s=cfg.step_timeout_s, prefix_caching=cfg.enable_prefix_caching)
+                   eos_token_ids, step_timeout_s=cfg.step_timeout_s, prefix_caching=cfg.enable_prefix_caching,
+                   metrics=metrics)
 
     async def _submit(self, step: Any) -> StepOutput:
         """Run one step on the grid; the last stage's TP rank 0 answers (or the step times out)."""

@@ -1,83 +1,55 @@
-"""Run a set of requests through the async engine and collect results as they finish (batch jobs, tests)."""
+"""From an engine's token events to text: one stream per choice, and the one helper that collects a stream."""
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any
 
-from actors.shard.sampler import SamplingParams
 from cluster.detokenize import TextStream
 from cluster.engine import AsyncEngine
+from cluster.request import GenerationParams, Result, RequestError
 
 
 @dataclass
 class Request:
-    """One generation request, already tokenized."""
+    """A tokenized prompt with its generation parameters (what batch lines and tests queue)."""
 
     request_id: Any
     prompt_ids: list[int]
-    sampling: SamplingParams = field(default_factory=SamplingParams)
-    max_tokens: int = 16
-    stop: list[str] = field(default_factory=list)
-    stop_token_ids: list[int] = field(default_factory=list)
-    ignore_eos: bool = False
+    params: GenerationParams
 
 
-@dataclass
-class Result:
-    """A finished (or failed) request."""
+def open_stream(engine: AsyncEngine, tokenizer: Any, prompt_ids: list[int], params: GenerationParams,
+                index: int = 0) -> TextStream:
+    """Queue choice `index` of a request on `engine` (RequestError at once if it can never fit); its text stream."""
+    events = engine.generate(prompt_ids, params.sampling(index), params.max_tokens,
+                             tuple(params.stop_token_ids), params.ignore_eos)
+    return TextStream(events, tokenizer, params.stop_list())
 
-    request_id: Any
-    prompt_ids: list[int]
-    token_ids: list[int]
-    text: str
-    finish_reason: str | None
-    error: str | None = None
+
+async def collect(stream: TextStream) -> tuple[str, str | None]:
+    """Run one stream to its end: (text up to any stop string, finish reason); `stream.error` says if it failed."""
+    text, reason = "", None
+    async for delta, reason in stream:
+        text += delta
+    return text, reason
+
+
+async def result_of(request_id: Any, prompt_ids: list[int], stream: TextStream) -> Result:
+    """Collect `stream` into the request's Result."""
+    text, reason = await collect(stream)
+    return Result(request_id, prompt_ids, list(stream.ids), text, reason, stream.error)
 
 
 async def run_one(engine: AsyncEngine, req: Request, tokenizer: Any) -> Result:
-    """Generate one request to the end; text is detokenized (and cut at stop strings) when a tokenizer is given."""
+    """Generate one request to the end; a request that cannot fit becomes a failed Result."""
     try:
-        events = engine.generate(req.prompt_ids, req.sampling, req.max_tokens, tuple(req.stop_token_ids),
-                                 req.ignore_eos)
-    except ValueError as exc:
+        stream = open_stream(engine, tokenizer, req.prompt_ids, req.params)
+    except RequestError as exc:
         return Result(req.request_id, req.prompt_ids, [], "", None, str(exc))
-    if tokenizer is None:
-        ids, reason, error = [], None, None
-        async for ev in events:
-            if ev.token_id is not None:
-                ids.append(ev.token_id)
-            reason, error = ev.finish_reason, ev.error
-        return Result(req.request_id, req.prompt_ids, ids, "", reason, error)
-    stream, text, reason = TextStream(events, tokenizer, req.stop), "", None
-    async for delta, reason in stream:
-        text += delta
-    return Result(req.request_id, req.prompt_ids, stream.ids, text, reason, stream.error)
+    return await result_of(req.request_id, req.prompt_ids, stream)
 
 
-async def generate_all(engine: AsyncEngine, requests: list[Request], tokenizer: Any = None,
-                       on_result: Callable[[Result], None] | None = None) -> list[Result]:
-    """Run every request concurrently; `on_result` sees each one as soon as it finishes."""
-    async def one(req: Request) -> Result:
-        result = await run_one(engine, req, tokenizer)
-        if on_result is not None:
-            on_result(result)
-        return result
-
-    return list(await asyncio.gather(*(one(r) for r in requests)))
-
-
-def generate_sync(grid: Any, requests: list[Request], block_size: int, max_num_seqs: int = 32,
-                  max_model_len: int = 256, tokenizer: Any = None, eos_token_ids: tuple[int, ...] = (),
-                  max_inflight: int | None = None) -> list[Result]:
-    """Blocking convenience: a fresh engine over `grid`, all requests, results in request order."""
-    async def main() -> list[Result]:
-        engine = AsyncEngine(grid, block_size, max_num_seqs, max(max_model_len, 1), max_model_len, eos_token_ids,
-                             max_inflight)
-        try:
-            return await generate_all(engine, requests, tokenizer)
-        finally:
-            if hasattr(grid, "close_dag"):
-                grid.close_dag()  # inside the loop that ran it: its channel tasks end cleanly
-
-    return asyncio.run(main())
+async def generate_all(engine: AsyncEngine, requests: list[Request], tokenizer: Any = None) -> list[Result]:
+    """Run every request concurrently on one engine; results in request order."""
+    return list(await asyncio.gather(*(run_one(engine, r, tokenizer) for r in requests)))

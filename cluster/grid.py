@@ -13,7 +13,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from actors.shard.runner import ShardPlan, StepInput, StepOutput
 from actors.worker import Worker
 from cluster.config import GridServeConfig
-from cluster.placement import create_replica_group
+from cluster.placement import Layout, create_replica_group
 
 log = logging.getLogger("gridserve")
 
@@ -34,7 +34,7 @@ class WorkerGrid:
 
     def __init__(self, cfg: GridServeConfig, placement_group: PlacementGroup | None = None,
                  bundle_offset: int = 0) -> None:
-        """Reserve (or reuse, e.g. Serve's replica group from `bundle_offset` on) the bundles and start."""
+        """Reserve the bundles (or use a given group's from `bundle_offset` on: a Serve replica's) and start."""
         self.cfg = cfg
         self.tp, self.pp = cfg.tensor_parallel_size, cfg.pipeline_parallel_size
         self.owns_pg = placement_group is None
@@ -45,10 +45,10 @@ class WorkerGrid:
         self.dag_loop: asyncio.AbstractEventLoop | None = None
         try:
             if self.pg is None:
-                self.pg, layout = create_replica_group(cfg)
-                self.resource = layout.resource
+                self.pg, self.layout = create_replica_group(cfg)
             else:
-                self.resource = "GPU" if self.pg.bundle_specs[bundle_offset].get("GPU") else "CPU"
+                self.layout = Layout.of(cfg, "GPU" if self.pg.bundle_specs[bundle_offset].get("GPU") else "CPU")
+            self.resource = self.layout.resource
             self._start_workers()
             self.num_blocks = self._load()
             self._check_tp_groups_packed()
@@ -59,20 +59,18 @@ class WorkerGrid:
             raise
 
     def _start_workers(self) -> None:
-        """One actor per bundle, stage-major, pinned to its bundle."""
-        gpu = self.resource == "GPU"
-        threads = 1 if gpu else max(1, int(self.cfg.cpus_per_worker))
+        """One actor per worker, stage-major, in its stage's bundle (or its own, when TP may span nodes)."""
+        threads = 1 if self.resource == "GPU" else max(1, int(self.cfg.cpus_per_worker))
         partition = self.cfg.layer_partition()  # reads the model's config.json: once, not per worker
         for pp_rank in range(self.pp):
             stage = []
             for tp_rank in range(self.tp):
                 plan = ShardPlan(self.cfg.model, tp_rank, self.tp, pp_rank, self.pp, self.cfg.torch_dtype_name,
                                  self.cfg.max_model_len, self.cfg.block_size, partition)
-                strategy = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=self.offset
-                                                            + pp_rank * self.tp + tp_rank)
-                options = {"num_gpus": 1, "num_cpus": 0} if gpu else {"num_cpus": self.cfg.cpus_per_worker}
-                stage.append(Worker.options(scheduling_strategy=strategy, **options).remote(
-                    plan, self.cfg.device, threads))
+                index = self.offset + self.layout.bundle_index(pp_rank, tp_rank)
+                strategy = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=index)
+                stage.append(Worker.options(scheduling_strategy=strategy, **self.layout.worker_options()).remote(
+                    plan, self.cfg.device, threads, self.cfg.seed))
             self.stages.append(stage)
 
     def _load(self) -> int:
@@ -93,7 +91,6 @@ class WorkerGrid:
             raise ValueError("no memory left for the KV cache after loading weights; raise kv_cache_memory_bytes "
                              "or gpu_memory_utilization, or spread the model over more workers")
         ray.get([w.allocate_cache.remote(num_blocks) for stage in self.stages for w in stage])
-        self.cfg = self.cfg.fit_kv_cache(num_blocks * self.cfg.block_size)  # a derived max_model_len may shrink
         log.info("grid tp=%d pp=%d ready: %d KV blocks of %d tokens, weights %.1f MiB per worker (max)",
                  self.tp, self.pp, num_blocks, self.cfg.block_size,
                  max(r["weight_bytes"] for r in self.reports) / 2**20)

@@ -1,16 +1,12 @@
-"""Placement of one replica: its bundles, which node each stage's TP group lands on, a bounded wait."""
+"""Placement of one replica: its bundles (one per pipeline stage, so a TP group always shares a node), checks
+against the cluster's nodes, and a bounded wait for the reservation."""
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
 from typing import Any
 
-import ray
-from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
-
 from cluster.config import GridServeConfig
-
-NODE_LABEL = "ray.io/node-id"
 
 
 @dataclass(frozen=True)
@@ -24,12 +20,36 @@ class NodeInfo:
 
 @dataclass(frozen=True)
 class Layout:
-    """Bundles of one replica (stage-major: bundle i = stage i // tp, TP rank i % tp) and their pinning."""
+    """Where a replica's workers go: one bundle per stage holding its whole TP group (Ray never splits a bundle
+    across nodes), or one bundle per worker when TP may span nodes."""
 
-    resource: str
-    bundles: list[dict[str, float]]
-    selectors: list[dict[str, str]] | None
-    stage_nodes: list[str | None]
+    resource: str  # "GPU" or "CPU"
+    per_worker: float  # amount of `resource` one worker takes
+    tp: int
+    pp: int
+    per_stage: bool
+
+    @classmethod
+    def of(cls, cfg: GridServeConfig, resource: str) -> "Layout":
+        """The layout `cfg` asks for, with workers taking `resource`."""
+        per = 1.0 if resource == "GPU" else cfg.cpus_per_worker
+        return cls(resource, per, cfg.tensor_parallel_size, cfg.pipeline_parallel_size,
+                   not cfg.allow_tp_across_nodes)
+
+    @property
+    def bundles(self) -> list[dict[str, float]]:
+        """The placement-group bundles, stage-major."""
+        if self.per_stage:
+            return [{self.resource: self.tp * self.per_worker} for _ in range(self.pp)]
+        return [{self.resource: self.per_worker} for _ in range(self.tp * self.pp)]
+
+    def bundle_index(self, pp_rank: int, tp_rank: int) -> int:
+        """The bundle worker (pp_rank, tp_rank) is scheduled into."""
+        return pp_rank if self.per_stage else pp_rank * self.tp + tp_rank
+
+    def worker_options(self) -> dict[str, float]:
+        """Actor resources of one worker (a share of its bundle)."""
+        return {"num_gpus": 1, "num_cpus": 0} if self.resource == "GPU" else {"num_cpus": self.per_worker}
 
 
 def worker_resource(cfg: GridServeConfig, cluster_totals: dict[str, float]) -> str:
@@ -41,51 +61,52 @@ def worker_resource(cfg: GridServeConfig, cluster_totals: dict[str, float]) -> s
 
 def alive_nodes(resource: str) -> list[NodeInfo]:
     """Alive nodes with their total amount of `resource`, biggest first."""
+    import ray
+
     nodes = [NodeInfo(n["NodeID"], n.get("NodeManagerAddress", "?"), float(n["Resources"].get(resource, 0)))
              for n in ray.nodes() if n.get("Alive")]
     return sorted(nodes, key=lambda n: -n.capacity)
 
 
 def plan_layout(cfg: GridServeConfig, nodes: list[NodeInfo], resource: str) -> Layout:
-    """Pin each stage's TP group to one node, spreading stages over distinct nodes when there are enough."""
-    tp, pp = cfg.tensor_parallel_size, cfg.pipeline_parallel_size
-    per = 1.0 if resource == "GPU" else cfg.cpus_per_worker
-    bundle = {resource: per}
+    """The replica's layout, refused at once (naming the sizes to change) if the cluster can never hold it."""
+    layout = Layout.of(cfg, resource)
+    tp, pp, per = layout.tp, layout.pp, layout.per_worker
     total = sum(n.capacity for n in nodes)
     shape = ", ".join(f"{n.address}/{n.node_id[:8]}: {n.capacity:g} {resource}" for n in nodes)
     if tp * pp * per > total:
         raise ValueError(f"the grid needs {tp * pp * per:g} {resource} (tensor_parallel_size={tp} x "
                          f"pipeline_parallel_size={pp}) but the cluster has {total:g} {resource} in total "
                          f"({shape}); add nodes or lower the parallel sizes")
-    if cfg.allow_tp_across_nodes:
-        return Layout(resource, [dict(bundle) for _ in range(tp * pp)], None, [None] * pp)
-    if not nodes or nodes[0].capacity < tp * per:
-        largest = nodes[0].capacity if nodes else 0
+    if not layout.per_stage:
+        return layout
+    largest = nodes[0].capacity if nodes else 0.0
+    if largest < tp * per:
         raise ValueError(f"tensor_parallel_size={tp} needs {tp * per:g} {resource} on one node but the largest "
                          f"node has {largest:g} ({shape}); lower tensor_parallel_size and raise "
                          "pipeline_parallel_size, or set allow_tp_across_nodes=true to span nodes (slow)")
-    free = {n.node_id: n.capacity for n in nodes}
-    stage_nodes: list[str | None] = []
-    for stage in range(pp):
-        # Prefer a node no stage uses yet (PP goes across nodes), then the one with most room left.
-        fits = [n for n in nodes if free[n.node_id] >= tp * per]
-        if not fits:
-            raise ValueError(f"no node has room for the TP group of stage {stage} ({tp * per:g} {resource}) "
-                             f"after placing stages 0..{stage - 1} ({shape}); add nodes or lower the sizes")
-        best = min(fits, key=lambda n: (n.node_id in stage_nodes, -free[n.node_id]))
-        free[best.node_id] -= tp * per
-        stage_nodes.append(best.node_id)
-    selectors = [{NODE_LABEL: stage_nodes[i // tp]} for i in range(tp * pp)]  # type: ignore[dict-item]
-    return Layout(resource, [dict(bundle) for _ in range(tp * pp)], selectors, stage_nodes)
+    groups = sum(int(n.capacity // (tp * per)) for n in nodes)
+    if groups < pp:
+        raise ValueError(f"the nodes hold {groups} TP groups of {tp * per:g} {resource} but "
+                         f"pipeline_parallel_size={pp} needs {pp} ({shape}); add nodes or lower the sizes")
+    return layout
 
 
-def create_replica_group(cfg: GridServeConfig) -> tuple[PlacementGroup, Layout]:
-    """Reserve one placement group for the replica, or raise within `placement_timeout_s`."""
+def serve_bundles(cfg: GridServeConfig, layout: Layout) -> list[dict[str, float]]:
+    """A Serve replica's placement group: bundle 0 for the replica actor, then the workers' bundles."""
+    return [{"CPU": cfg.replica_cpus}] + layout.bundles
+
+
+def create_replica_group(cfg: GridServeConfig) -> tuple[Any, Layout]:
+    """Reserve one placement group for the replica's workers, or raise within `placement_timeout_s`."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
     totals = ray.cluster_resources()
     resource = worker_resource(cfg, totals)
     layout = plan_layout(cfg, alive_nodes(resource), resource)
-    kwargs: dict[str, Any] = {"bundle_label_selector": layout.selectors} if layout.selectors else {}
-    pg = placement_group(layout.bundles, strategy="PACK", **kwargs)
+    # PACK: stages share a node when one holds them (cheap hand-offs), else spread over nodes.
+    pg = placement_group(layout.bundles, strategy="PACK")
     start = time.monotonic()
     if not pg.wait(timeout_seconds=cfg.placement_timeout_s):
         remove_placement_group(pg)
@@ -96,3 +117,13 @@ def create_replica_group(cfg: GridServeConfig) -> tuple[PlacementGroup, Layout]:
                            f"{ray.available_resources().get(resource, 0):g} {resource} of "
                            f"{totals.get(resource, 0):g}; free resources or lower the parallel sizes")
     return pg, layout
+
+
+def grids_that_fit(cfg: GridServeConfig) -> int:
+    """How many grids the connected cluster can hold right now (`--replicas auto`)."""
+    import ray
+
+    free = ray.available_resources()
+    if free.get("GPU", 0) >= cfg.world_size and cfg.resource != "CPU":
+        return int(free["GPU"] // cfg.world_size)
+    return max(1, int(free.get("CPU", 0) // (cfg.world_size * cfg.cpus_per_worker)))

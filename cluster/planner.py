@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from actors.shard.partition import even_partition, stage_layers
@@ -44,9 +44,11 @@ class Target:
         return DTYPE_BYTES[self.dtype]
 
 
-@dataclass
-class Layout:
-    """One candidate (tp, pp) with its per-GPU cost; byte figures are for the fullest rank."""
+@dataclass(frozen=True)
+class Candidate:
+    """One (tp, pp) the planner weighs, with its per-GPU cost; byte figures are for the fullest rank.
+
+    (`cluster.placement.Layout` is where a chosen grid's workers go; this is only the estimate.)"""
 
     tp: int
     pp: int
@@ -57,17 +59,16 @@ class Layout:
     kv_replicas: int
     allreduce_bytes_per_token: int
     replicas: int  # whole grids the cluster holds
-    notes: list[str] = field(default_factory=list)
+    tp_crosses_nodes: bool  # one TP group would need GPUs of more than one node
+    tp_across_allowed: bool  # ... and the config allows that (allow_tp_across_nodes)
+    notes: tuple[str, ...] = ()
 
     @property
     def fits(self) -> bool:
-        """Weights plus the target's KV cache fit the usable memory of every GPU, and TP stays inside a node."""
-        return self.weight_bytes + self.kv_bytes <= self.budget_bytes and not self.tp_crosses_nodes
-
-    @property
-    def tp_crosses_nodes(self) -> bool:
-        """True when one TP group would need GPUs of more than one node."""
-        return "TP group spans nodes" in " ".join(self.notes)
+        """Weights plus the target's KV cache fit the usable memory of every GPU, and TP stays inside a node
+        unless spanning nodes is allowed."""
+        memory = self.weight_bytes + self.kv_bytes <= self.budget_bytes
+        return memory and (not self.tp_crosses_nodes or self.tp_across_allowed)
 
 
 def rank_weight_bytes(spec: ModelSpec, tp: int, pp: int, pp_rank: int, dtype_bytes: int) -> int:
@@ -101,7 +102,7 @@ def allreduce_bytes_per_token(spec: ModelSpec, tp: int, pp: int, dtype_bytes: in
     return int(count * spec.hidden_size * dtype_bytes * 2 * (tp - 1) / tp)
 
 
-def plan(spec: ModelSpec, shape: ClusterShape, target: Target, allow_tp_across_nodes: bool = False) -> list[Layout]:
+def plan(spec: ModelSpec, shape: ClusterShape, target: Target, allow_tp_across_nodes: bool = False) -> list[Candidate]:
     """Every (tp, pp) the model's heads allow within the cluster's GPU count, with cost and notes."""
     b = target.dtype_bytes
     tokens = target.max_model_len * target.max_num_seqs
@@ -111,12 +112,11 @@ def plan(spec: ModelSpec, shape: ClusterShape, target: Target, allow_tp_across_n
         for pp in pipeline_depths(spec, shape, tp):
             split = HeadSplit.of(spec, 0, tp)
             ranks = range(pp)
-            layout = Layout(tp, pp, max(rank_weight_bytes(spec, tp, pp, r, b) for r in ranks),
-                            max(rank_kv_bytes(spec, tp, pp, r, tokens, b) for r in ranks), budget,
-                            split.num_kv_heads, split.kv_replicas, allreduce_bytes_per_token(spec, tp, pp, b),
-                            shape.gpus // (tp * pp))
-            layout.notes = layout_notes(spec, shape, layout, allow_tp_across_nodes)
-            out.append(layout)
+            layout = Candidate(tp, pp, max(rank_weight_bytes(spec, tp, pp, r, b) for r in ranks),
+                               max(rank_kv_bytes(spec, tp, pp, r, tokens, b) for r in ranks), budget,
+                               split.num_kv_heads, split.kv_replicas, allreduce_bytes_per_token(spec, tp, pp, b),
+                               shape.gpus // (tp * pp), tp > shape.gpus_per_node, allow_tp_across_nodes)
+            out.append(replace(layout, notes=tuple(layout_notes(spec, shape, layout))))
     return out
 
 
@@ -127,12 +127,13 @@ def pipeline_depths(spec: ModelSpec, shape: ClusterShape, tp: int) -> list[int]:
     return sorted(p for p in candidates if p <= most)
 
 
-def layout_notes(spec: ModelSpec, shape: ClusterShape, layout: Layout, allow_tp_across_nodes: bool) -> list[str]:
+def layout_notes(spec: ModelSpec, shape: ClusterShape, layout: Candidate) -> list[str]:
     """Why a layout is risky or ruled out."""
     notes = []
-    if layout.tp > shape.gpus_per_node:
+    if layout.tp_crosses_nodes:
         notes.append(f"TP group spans nodes ({layout.tp} > {shape.gpus_per_node} GPUs per node): all-reduce "
-                     "over the network" + ("" if allow_tp_across_nodes else "; refused unless allow_tp_across_nodes"))
+                     "over the network" + ("" if layout.tp_across_allowed else "; refused unless "
+                                           "allow_tp_across_nodes"))
     if layout.tp > 1 and shape.interconnect == "pcie":
         notes.append("TP over PCIe: all-reduce is slow without NVLink; prefer pp or replicas")
     if layout.kv_replicas > 1:
@@ -145,7 +146,7 @@ def layout_notes(spec: ModelSpec, shape: ClusterShape, layout: Layout, allow_tp_
     return notes
 
 
-def recommend(layouts: list[Layout], shape: ClusterShape) -> tuple[Layout | None, str]:
+def recommend(layouts: list[Candidate], shape: ClusterShape) -> tuple[Candidate | None, str]:
     """The layout to use and why: tp=1 replicas if one GPU holds it, else the least TP in a node, then PP."""
     fitting = [x for x in layouts if x.fits]
     if not fitting:
@@ -166,7 +167,7 @@ def recommend(layouts: list[Layout], shape: ClusterShape) -> tuple[Layout | None
                   f"nodes (the least pipeline depth that fits)")
 
 
-def format_plan(spec: ModelSpec, shape: ClusterShape, target: Target, layouts: list[Layout]) -> str:
+def format_plan(spec: ModelSpec, shape: ClusterShape, target: Target, layouts: list[Candidate]) -> str:
     """The planner's table and recommendation as text."""
     rows = [f"model: {spec.family}, {spec.num_layers} layers, hidden {spec.hidden_size}, {spec.num_heads} heads, "
             f"{spec.num_kv_heads} KV heads, vocab {spec.vocab_size}; cluster: {shape.nodes} node(s) x "

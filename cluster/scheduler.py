@@ -9,6 +9,7 @@ import numpy as np
 from actors.shard.runner import StepInput, StepOutput
 from actors.shard.sampler import SamplingParams
 from cluster.blocks import BlockManager
+from cluster.request import RequestError
 
 
 @dataclass
@@ -28,6 +29,8 @@ class Sequence:
     finish_reason: str | None = None
     num_preemptions: int = 0
     in_flight: bool = False  # part of a step the grid has not answered yet (pipelined steps)
+    arrival: float = 0.0  # perf_counter() at submit (queue time, TTFT)
+    scheduled_at: float | None = None  # perf_counter() of its first step
 
     @property
     def tokens(self) -> list[int]:
@@ -55,16 +58,13 @@ class Scheduler:
         self.admitted_tokens = 0  # all tokens of admitted sequences (hit rate = the ratio)
 
     def add(self, seq: Sequence) -> None:
-        """Queue a new sequence; a prompt longer than max_model_len is refused, never truncated."""
-        if len(seq.prompt_ids) >= self.max_model_len:
-            raise ValueError(f"prompt has {len(seq.prompt_ids)} tokens but max_model_len={self.max_model_len} "
-                             "leaves no room to generate; shorten the prompt or raise max_model_len")
-        if not seq.prompt_ids:
-            raise ValueError("prompt is empty; give at least one token")
+        """Queue a new sequence (its length was checked by `cluster.request.token_budget`); one whose blocks
+        exceed the whole cache is refused."""
         need = self.blocks.blocks_for(min(len(seq.prompt_ids) + seq.max_tokens, self.max_model_len))
         if need > self.blocks.num_blocks:
-            raise ValueError(f"this request needs {need} KV blocks but the cache holds {self.blocks.num_blocks}; "
-                             "lower max_tokens or give the KV cache more memory")
+            raise RequestError(f"this request needs {need} KV blocks but the cache holds "
+                               f"{self.blocks.num_blocks}; lower max_tokens or give the KV cache more memory",
+                               "max_tokens")
         self.waiting.append(seq)
 
     def has_work(self) -> bool:

@@ -4,131 +4,88 @@ Results are appended to the output file as they finish; a rerun with the same ou
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from pydantic import ValidationError
 
-from cluster.config import DEFAULT_MODEL, GridServeConfig, args_from_serve_config
-from cluster.generate import Request, Result, run_one
+from cluster.config import GridServeConfig
+from cluster.generate import Request
+from cluster.placement import grids_that_fit
+from cluster.replica import Replica
+from cluster.request import Result
 from cluster.tokenizer import load_tokenizer
-from deployments.batch_io import ResultLog, read_requests
+from deployments.batch_args import build_config, parse_args
+from deployments.batch_io import Progress, ResultLog, Summary, read_requests
 
 log = logging.getLogger("gridserve.batch")
+QUEUE_AHEAD_FACTOR = 1.5  # requests handed to a replica per batch seat: the next ones wait in its queue, not ours
+MAX_ATTEMPTS = 3  # a request in flight on this many failed grids is failed (it may be what kills them)
 
 
-@dataclass
-class Summary:
-    """What a run did, for the final line and for callers."""
+async def drain(queue: asyncio.Queue[Request | None], replicas: list[Replica],
+                on_result: Callable[[Result, int], None]) -> None:
+    """Feed the shared queue to every replica (a few more requests than its batch, so it never waits on us).
 
-    requests: int = 0
-    skipped: int = 0
-    failed: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    wall_s: float = 0.0
-    per_grid: list[int] = field(default_factory=list)  # requests finished by each grid
-
-    def line(self) -> str:
-        """The final summary line of the job log."""
-        rate = self.completion_tokens / max(self.wall_s, 1e-9)
-        return (f"gridserve batch: {self.requests} requests ({self.skipped} already done, skipped), {self.failed} "
-                f"failed, {self.prompt_tokens} prompt + {self.completion_tokens} completion tokens, "
-                f"{self.wall_s:.2f} s, {rate:.1f} tokens/s, per grid {self.per_grid}")
-
-
-def build_config(args: argparse.Namespace) -> GridServeConfig:
-    """Config file args first, then explicit command-line flags on top."""
-    fields: dict[str, Any] = args_from_serve_config(args.config) if args.config else {}
-    for name in ("model", "tensor_parallel_size", "pipeline_parallel_size", "dtype", "max_model_len",
-                 "max_num_seqs", "cpus_per_worker"):
-        if getattr(args, name) is not None:
-            fields[name] = getattr(args, name)
-    if "model" not in fields or fields["model"] == DEFAULT_MODEL:
-        from deployments.make_model import ensure_default_model
-        fields = ensure_default_model(fields)  # the bundled demo model, written on first use
-    return GridServeConfig.from_args(fields)
-
-
-def grids_that_fit(cfg: GridServeConfig) -> int:
-    """How many grids the connected cluster can hold right now (`--replicas auto`)."""
-    import ray
-
-    free = ray.available_resources()
-    if free.get("GPU", 0) >= cfg.world_size and cfg.resource != "CPU":
-        return int(free["GPU"] // cfg.world_size)
-    return max(1, int(free.get("CPU", 0) // (cfg.world_size * cfg.cpus_per_worker)))
-
-
-class Progress:
-    """A tqdm bar on stderr (requests done, tokens/s, ETA) that also keeps the summary counts."""
-
-    def __init__(self, total: int, summary: Summary) -> None:
-        from tqdm import tqdm
-
-        self.summary, self.start = summary, time.perf_counter()
-        self.bar = tqdm(total=total, desc="gridserve batch", unit="req", file=sys.stderr, mininterval=1.0)
-
-    def add(self, result: Result, grid: int) -> None:
-        """Count one finished request."""
-        s = self.summary
-        s.failed += result.error is not None
-        s.prompt_tokens += len(result.prompt_ids)
-        s.completion_tokens += len(result.token_ids)
-        s.per_grid[grid] += 1
-        self.bar.set_postfix_str(f"{s.completion_tokens / (time.perf_counter() - self.start):.1f} tok/s",
-                                 refresh=False)
-        self.bar.update(1)
-
-
-async def drain(queue: asyncio.Queue[Request | None], engines: list[Any], tokenizer: Any, on_result: Any) -> None:
-    """Feed the shared queue to every engine (a few more requests than its batch, so it never waits on us).
-
-    A grid that dies hands its unfinished requests back to the queue for the live grids; workers wait for
-    such hand-backs until every request has a result, then a None per worker tells them to stop.
+    A replica whose grid fails is healed (`Replica.ready` -> `Replica.heal`, the one failure policy) before it
+    takes more work, and its unfinished requests go back to the queue; a replica whose rebuild fails stops. Workers wait for such
+    hand-backs until every request has a result, then a None per worker tells them to stop.
     """
-    slots = [g for g, engine in enumerate(engines) for _ in range(math.ceil(engine.scheduler.max_num_seqs * 1.5))]
-    remaining = queue.qsize()
+    slots = [r for r, rep in enumerate(replicas) for _ in range(seats(rep.cfg))]
+    remaining, attempts = queue.qsize(), Counter[Any]()
 
-    async def worker(grid: int) -> None:
+    def finish(result: Result, replica: int) -> None:
         nonlocal remaining
-        engine = engines[grid]
+        on_result(result, replica)
+        remaining -= 1
+        if remaining == 0:
+            for _ in slots:
+                queue.put_nowait(None)
+
+    async def worker(r: int) -> None:
+        replica = replicas[r]
         while (req := await queue.get()) is not None:
-            if engine.dead:  # this grid died: hand the request to the others and stop taking work
+            if not await replica.ready():  # its rebuild failed: hand the request to the others and stop
                 queue.put_nowait(req)
                 return
-            try:
-                result = await run_one(engine, req, tokenizer)
-            except RuntimeError as exc:  # the engine died between the check and the call
-                result = Result(req.request_id, req.prompt_ids, [], "", None, str(exc))
-            if result.error is not None and engine.dead and any(not e.dead for e in engines):
-                queue.put_nowait(req)  # not the request's fault: a live grid redoes it
-                return
-            on_result(result, grid)
-            remaining -= 1
-            if remaining == 0:
-                for _ in slots:
-                    queue.put_nowait(None)
+            result = await replica.complete(req.request_id, req.prompt_ids, req.params)
+            if result.error is not None and replica.engine.dead:  # not the request's fault: the grid failed
+                attempts[req.request_id] += 1
+                if attempts[req.request_id] < MAX_ATTEMPTS:
+                    queue.put_nowait(req)
+                    continue
+            finish(result, r)
 
-    await asyncio.gather(*(worker(g) for g in slots))
-    while not queue.empty():  # every grid died: what is left fails, it is not dropped
+    await asyncio.gather(*(worker(r) for r in slots))
+    while not queue.empty():  # every replica failed for good: what is left fails, it is not dropped
         req = queue.get_nowait()
         if req is not None:
             on_result(Result(req.request_id, req.prompt_ids, [], "", None, "every grid failed"), 0)
 
 
+def seats(cfg: GridServeConfig) -> int:
+    """Requests one replica holds at a time: its batch and some queued behind it, within its queue limit."""
+    return min(math.ceil(cfg.max_num_seqs * QUEUE_AHEAD_FACTOR), cfg.max_num_seqs + cfg.max_waiting_requests)
+
+
+def record(rec: dict[str, Any], res: Result, with_text: bool) -> dict[str, Any]:
+    """The output line of one finished request."""
+    if res.error is not None:
+        return {**rec, "error": res.error}
+    return {**rec, "text": res.text if with_text else None, "token_ids": res.token_ids,
+            "finish_reason": res.finish_reason,
+            "usage": {"prompt_tokens": len(res.prompt_ids), "completion_tokens": len(res.token_ids)}}
+
+
 def run(cfg: GridServeConfig, input_path: Path, output_path: Path, address: str | None = None,
         replicas: int | None = 1, ordered: bool = True) -> Summary:
     """Generate for every unfinished line of `input_path` over `replicas` grids (None: as many as fit)."""
-    from cluster.engine import AsyncEngine
-    from cluster.grid import WorkerGrid
     from cluster.runtime import connect
 
     tokenizer = load_tokenizer(cfg.model)
@@ -144,32 +101,23 @@ def run(cfg: GridServeConfig, input_path: Path, output_path: Path, address: str 
         print(summary.line(), file=sys.stderr, flush=True)
         return summary
     started = connect(cfg, address, replicas or 1)
-    grids: list[WorkerGrid] = []
+    grids: list[Replica] = []
     try:
         count = min(replicas or grids_that_fit(cfg), len(requests))
-        grids = [WorkerGrid(cfg) for _ in range(count)]
+        grids = [Replica(cfg, f"grid-{i}") for i in range(count)]
         summary.per_grid = [0] * count
         progress = Progress(len(requests), summary)
 
         def on_result(res: Result, grid: int) -> None:
-            rec = records[res.request_id]
-            if res.error is not None:
-                rec["error"] = res.error
-            else:
-                rec.update(text=res.text if tokenizer is not None else None, token_ids=res.token_ids,
-                           finish_reason=res.finish_reason,
-                           usage={"prompt_tokens": len(res.prompt_ids), "completion_tokens": len(res.token_ids)})
-            results.append(rec)
+            results.append(record(records[res.request_id], res, tokenizer is not None))
             progress.add(res, grid)
 
         async def main() -> None:
-            spec = cfg.spec()
-            engines = [AsyncEngine.from_config(g, g.cfg, spec.eos_token_ids) for g in grids]
             queue: asyncio.Queue[Request | None] = asyncio.Queue()
             for req in requests:
                 queue.put_nowait(req)
             try:
-                await drain(queue, engines, tokenizer, on_result)
+                await drain(queue, grids, on_result)
             finally:
                 for g in grids:
                     g.close_dag()
@@ -189,40 +137,13 @@ def run(cfg: GridServeConfig, input_path: Path, output_path: Path, address: str 
     return summary
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    """The command line."""
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", help="Ray Serve config file whose first application's args configure the grid")
-    ap.add_argument("--model", help="local Hugging Face model folder")
-    ap.add_argument("--tensor-parallel-size", dest="tensor_parallel_size", type=int)
-    ap.add_argument("--pipeline-parallel-size", dest="pipeline_parallel_size", type=int)
-    ap.add_argument("--dtype")
-    ap.add_argument("--max-model-len", dest="max_model_len", type=int)
-    ap.add_argument("--max-num-seqs", dest="max_num_seqs", type=int)
-    ap.add_argument("--cpus-per-worker", dest="cpus_per_worker", type=float, help="CPU clusters: cores per worker")
-    ap.add_argument("--replicas", default="1", help="grids side by side (data parallel): a number or 'auto' "
-                    "(as many as the cluster fits)")
-    ap.add_argument("--input", required=True, type=Path, help="JSONL file of requests")
-    ap.add_argument("--output", required=True, type=Path, help="JSONL results; rerunning with the same file "
-                    "skips the lines already finished")
-    ap.add_argument("--ordered", action=argparse.BooleanOptionalAction, default=True,
-                    help="final file in input order (default) or in completion order")
-    ap.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else start a local one)")
-    return ap.parse_args(argv)
-
 
 def main(argv: list[str] | None = None) -> int:
     """Command line entry point; exit code 1 if any line failed, 2 for bad arguments."""
-    args = parse_args(argv)
+    args = parse_args(argv, __doc__)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         cfg = build_config(args)
-        if args.replicas != "auto" and (not args.replicas.isdigit() or int(args.replicas) < 1):
-            raise ValueError(f"--replicas {args.replicas!r}: expected a positive number or 'auto'")
-        if not args.input.is_file():
-            raise ValueError(f"--input {args.input}: not a readable file")
-        if not args.output.parent.is_dir():
-            raise ValueError(f"--output {args.output}: folder {args.output.parent} does not exist")
     except (ValueError, ValidationError) as exc:
         print(f"gridserve batch: {exc}", file=sys.stderr)
         return 2
@@ -233,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from deployments.cli import loopback_if_starting_ray
+    from cluster.loopback import loopback_if_starting_ray
 
     loopback_if_starting_ray(sys.argv[1:])  # nothing above imported Ray yet, so this still takes effect
     sys.exit(main())

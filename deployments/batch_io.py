@@ -3,33 +3,29 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
-from actors.shard.sampler import SamplingParams
 from cluster.generate import Request
+from cluster.request import GenerationParams, Result, check_prompt
+
+BATCH_MAX_TOKENS = 16  # a line's default max_tokens, as for offline generation in vLLM (HTTP fills the context)
 
 
-class BatchLine(BaseModel):
-    """One input line."""
-
-    model_config = ConfigDict(extra="forbid")
+class BatchLine(GenerationParams):
+    """One input line: the one request model plus the line's id and prompt."""
 
     id: str | int | None = Field(None, description="Caller's id, copied to the output line; a rerun skips "
                                  "ids already finished (default key: the line number).")
     prompt: str | None = Field(None, min_length=1, description="Text prompt (tokenized with the model's tokenizer).")
     prompt_token_ids: list[int] | None = Field(None, min_length=1, description="Prompt as token ids.")
-    max_tokens: int = Field(16, ge=1, description="Most tokens to generate.")
-    temperature: float = Field(1.0, ge=0.0, le=100.0, description="0 = greedy.")
-    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
-    top_k: int = Field(0, ge=0, description="Sample among the k likeliest tokens; 0 = off.")
-    min_p: float = Field(0.0, ge=0.0, le=1.0, description="Drop tokens below min_p x the top probability.")
-    seed: int | None = Field(None, description="Per-request seed: the same seed gives the same tokens.")
-    stop: str | list[str] | None = Field(None, description="Stop string(s); the text ends before them.")
-    ignore_eos: bool = Field(False, description="Keep generating past the end-of-sequence token.")
+    max_tokens: int | None = Field(BATCH_MAX_TOKENS, ge=1, description="Most tokens to generate; null fills "
+                                   "max_model_len.")
 
     @model_validator(mode="after")
     def _one_prompt(self) -> "BatchLine":
@@ -37,10 +33,6 @@ class BatchLine(BaseModel):
         if (self.prompt is None) == (self.prompt_token_ids is None):
             raise ValueError("give exactly one of `prompt` and `prompt_token_ids`")
         return self
-
-    def sampling(self) -> SamplingParams:
-        """The sampler's view of this line."""
-        return SamplingParams(self.temperature, self.top_p, self.top_k, self.min_p, self.seed)
 
 
 def parse_line(raw: bytes) -> BatchLine:
@@ -96,15 +88,9 @@ def read_requests(raw_lines: list[bytes], tokenizer: Any, vocab_size: int, max_m
             if tokenizer is None and (line.prompt is not None or line.stop):
                 raise ValueError("prompt/stop: the model folder has no tokenizer; send prompt_token_ids (no stop)")
             ids = line.prompt_token_ids or tokenizer.encode(line.prompt)
-            if not ids:
-                raise ValueError("prompt: tokenizes to no tokens")
-            if max(ids) >= vocab_size or min(ids) < 0:
-                raise ValueError(f"prompt_token_ids: must lie in [0, {vocab_size})")
-            if len(ids) + line.max_tokens > max_model_len:
-                raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({line.max_tokens}) exceeds "
-                                 f"max_model_len={max_model_len}; shorten the prompt or lower max_tokens")
-            stop = [line.stop] if isinstance(line.stop, str) else (line.stop or [])
-            requests.append(Request(n, ids, line.sampling(), line.max_tokens, stop, ignore_eos=line.ignore_eos))
+            max_tokens = check_prompt(ids, vocab_size, line.max_tokens, max_model_len)
+            params = line.model_dump(include=set(GenerationParams.model_fields)) | {"max_tokens": max_tokens}
+            requests.append(Request(n, ids, GenerationParams(**params)))
             records[n] = record
         except ValueError as exc:
             records[n] = {**record, "error": str(exc)}
@@ -168,3 +154,44 @@ class ResultLog:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in final), encoding="utf-8")
         os.replace(tmp, self.path)
         return final
+
+
+@dataclass
+class Summary:
+    """What a run did, for the final line and for callers."""
+
+    requests: int = 0
+    skipped: int = 0
+    failed: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    wall_s: float = 0.0
+    per_grid: list[int] = field(default_factory=list)  # requests finished by each grid
+
+    def line(self) -> str:
+        """The final summary line of the job log."""
+        rate = self.completion_tokens / max(self.wall_s, 1e-9)
+        return (f"gridserve batch: {self.requests} requests ({self.skipped} already done, skipped), {self.failed} "
+                f"failed, {self.prompt_tokens} prompt + {self.completion_tokens} completion tokens, "
+                f"{self.wall_s:.2f} s, {rate:.1f} tokens/s, per grid {self.per_grid}")
+
+
+class Progress:
+    """A tqdm bar on stderr (requests done, tokens/s, ETA) that also keeps the summary counts."""
+
+    def __init__(self, total: int, summary: Summary) -> None:
+        from tqdm import tqdm
+
+        self.summary, self.start = summary, time.perf_counter()
+        self.bar = tqdm(total=total, desc="gridserve batch", unit="req", file=sys.stderr, mininterval=1.0)
+
+    def add(self, result: Result, grid: int) -> None:
+        """Count one finished request."""
+        s = self.summary
+        s.failed += result.error is not None
+        s.prompt_tokens += len(result.prompt_ids)
+        s.completion_tokens += len(result.token_ids)
+        s.per_grid[grid] += 1
+        self.bar.set_postfix_str(f"{s.completion_tokens / (time.perf_counter() - self.start):.1f} tok/s",
+                                 refresh=False)
+        self.bar.update(1)

@@ -3,47 +3,8 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
-
-def local_ray_running() -> bool:
-    """Whether a Ray cluster already runs on this machine (then it is joined as it is).
-
-    Read from /proc, not through Ray: importing Ray fixes how it picks its node address, and the caller may still
-    have to change that. Where /proc is missing the answer is "yes", which leaves Ray's defaults alone.
-    """
-    proc = Path("/proc")
-    if not proc.is_dir():
-        return True
-    for cmdline in proc.glob("[0-9]*/cmdline"):
-        try:
-            program = cmdline.read_bytes().split(b"\0", 1)[0]
-        except OSError:  # the process ended meanwhile
-            continue
-        if program.endswith((b"/gcs_server", b"/raylet")):
-            return True
-    return False
-
-
-LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray keeps a given 127.0.0.1 instead of the outward address
-
-
-def pin_local_ray_to_loopback() -> None:
-    """A Ray this process (or a child) starts takes 127.0.0.1 as its node address: GCS, raylets, object managers,
-    workers. Ray reads the setting on import, so call this before importing Ray, and only in processes that start
-    their own Ray (a driver joining a remote cluster would then advertise 127.0.0.1)."""
-    os.environ.setdefault(LOOPBACK_ENV, "0")
-
-
-def loopback_if_starting_ray(args: list[str]) -> None:
-    """If the command will start its own local Ray (no --address, no RAY_ADDRESS, none running), keep that Ray's
-    GCS, raylet, object manager and workers on 127.0.0.1 (Ray otherwise swaps in the outward-facing address).
-
-    Must run before `ray` is imported; a cluster being joined is left exactly as it is.
-    """
-    joining = any(a == "--address" or a.startswith("--address=") for a in args) or os.environ.get("RAY_ADDRESS")
-    if not joining and not local_ray_running():
-        pin_local_ray_to_loopback()
+from cluster.loopback import loopback_if_starting_ray
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,52 +7,16 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from actors.shard.sampler import SamplingParams
+from cluster.request import GenerationParams
 
 
-class SamplingFields(BaseModel):
-    """Fields shared by completions and chat completions."""
-
-    model_config = ConfigDict(extra="forbid")
+class SamplingFields(GenerationParams):
+    """Fields shared by completions and chat completions: the one request model plus the HTTP-only ones."""
 
     model: str = Field(description="Served model name (see GET /v1/models).")
-    max_tokens: int | None = Field(None, ge=1, description="Most tokens to generate; default fills max_model_len.")
-    temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 = greedy.")
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0, description="vLLM extension: sample among the k likeliest tokens; 0 = off.")
-    min_p: float = Field(0.0, ge=0.0, le=1.0, description="vLLM extension.")
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    stop: str | list[str] | None = Field(None, description="Up to 4 stop strings.")
     stream: bool = False
     n: int = Field(1, ge=1, le=16, description="Completions to generate for the prompt.")
     user: str | None = None
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0, description="vLLM extension; 1 = off.")
-    stop_token_ids: list[int] = Field(default_factory=list, max_length=64, description="vLLM extension.")
-    ignore_eos: bool = Field(False, description="vLLM extension: keep generating past EOS.")
-
-    @model_validator(mode="after")
-    def _stops(self) -> "SamplingFields":
-        """At most 4 non-empty stop strings, as OpenAI allows."""
-        stops = self.stop_list()
-        if len(stops) > 4 or any(not s for s in stops):
-            raise ValueError("stop: give at most 4 non-empty strings")
-        return self
-
-    def stop_list(self) -> list[str]:
-        """`stop` as a list."""
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-
-    def top_logprobs_asked(self) -> int | None:
-        """How many top logprobs per token the request wants (None = no logprobs)."""
-        return None
-
-    def sampling(self, index: int = 0) -> SamplingParams:
-        """The sampler's view of choice `index` (choices of one seeded request get consecutive seeds)."""
-        seed = None if self.seed is None else self.seed + index
-        return SamplingParams(self.temperature, self.top_p, self.top_k, self.min_p, seed, self.repetition_penalty,
-                              self.presence_penalty, self.frequency_penalty, self.top_logprobs_asked())
 
 
 class CompletionRequest(SamplingFields):

@@ -6,6 +6,7 @@ import json
 from typing import Any, AsyncIterator
 
 from cluster.detokenize import TextStream
+from cluster.generate import collect
 from deployments.openai_schema import error_body, now
 
 
@@ -32,16 +33,10 @@ def choice_body(index: int, text: str, reason: str | None, logprobs: dict | None
     return body
 
 
-async def collect(streams: list[TextStream], tokenizer: Any, rid: str, model: str, chat: bool,
-                  prompt_len: int) -> tuple[dict | None, str | None]:
+async def collect_choices(streams: list[TextStream], tokenizer: Any, rid: str, model: str, chat: bool,
+                          prompt_len: int) -> tuple[dict | None, str | None]:
     """Run every choice to the end; returns (response body, error message of a failed choice)."""
-    async def one(stream: TextStream) -> tuple[str, str | None]:
-        text, reason = "", None
-        async for delta, reason in stream:
-            text += delta
-        return text, reason
-
-    done = await asyncio.gather(*(one(s) for s in streams))
+    done = await asyncio.gather(*(collect(s) for s in streams))
     failed = next((s.error for s in streams if s.error), None)
     if failed:
         return None, failed

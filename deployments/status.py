@@ -10,6 +10,18 @@ from typing import Any
 from cluster.metrics import status_table
 
 
+PLOT_INSTALL = "pip install 'gridserve[plot]'"
+
+
+def plotting_available() -> bool:
+    """Whether matplotlib (the `plot` extra) can be imported."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def collect(url: str, api_key: str | None, samples: int) -> list[dict[str, Any]]:
     """Ask `/status` `samples` times (Serve spreads the calls over replicas); one snapshot per replica seen."""
     import httpx
@@ -60,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--samples", type=int, default=8, help="/status calls made to find every replica")
     ap.add_argument("--png", type=Path, help="also write a chart of the grid(s) here (needs matplotlib)")
     args = ap.parse_args(argv)
+    if args.png and not plotting_available():
+        print(f"gridserve status: --png needs matplotlib, which is not installed; run: {PLOT_INSTALL}", file=sys.stderr)
+        return 2
     try:
         statuses = collect(args.url, args.api_key, max(1, args.samples))
     except (ValueError, OSError) as exc:

@@ -1,18 +1,14 @@
-"""Shared fixtures: small seeded random checkpoints of every supported family, written once per session."""
+"""Shared fixtures: small seeded random checkpoints of every supported family, and loopback Ray clusters."""
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any, Iterator
 
 import pytest
 
-from deployments.cli import pin_local_ray_to_loopback
-
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# Tests start (and stop) their own loopback clusters; a RAY_ADDRESS from the host (a CI box running Ray, a
-# `ray job` driver) would make them join someone else's cluster, and subprocesses inherit it.
-os.environ.pop("RAY_ADDRESS", None)
-pin_local_ray_to_loopback()  # before Ray is imported: the clusters tests start stay on 127.0.0.1
+from cluster.loopback import pin_local_ray_to_loopback
+from tests.loopback import loopback_cluster
 
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
              max_position_embeddings=256)
@@ -25,6 +21,15 @@ VARIANTS = {
     "llama_tied_mqa": ("llama", dict(SMALL, num_key_value_heads=1, vocab_size=90, tie_word_embeddings=True)),
     "mistral_window": ("mistral", dict(SMALL, num_key_value_heads=2, vocab_size=96, head_dim=16, sliding_window=12)),
 }
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Before any test module imports Ray: keep the clusters tests start on 127.0.0.1, and never join a host's."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # A RAY_ADDRESS from the host (a CI box running Ray, a `ray job` driver) would make tests join someone else's
+    # cluster, and subprocesses inherit it.
+    os.environ.pop("RAY_ADDRESS", None)
+    pin_local_ray_to_loopback()
 
 
 @pytest.fixture(scope="session")
@@ -48,3 +53,18 @@ def smollm2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def smollm2_gguf(smollm2_dir: Path) -> Path:
     """The real model's GGUF file."""
     return next(smollm2_dir.glob("*.gguf"))
+
+
+@pytest.fixture(scope="module")
+def local_ray() -> Iterator[None]:
+    """One local Ray node with 4 logical GPUs (workers compute on the CPU, one actor per 'GPU')."""
+    with loopback_cluster({"num_cpus": 2, "num_gpus": 4,
+                           "runtime_env": {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}}):
+        yield
+
+
+@pytest.fixture(scope="module")
+def two_nodes() -> Iterator[Any]:
+    """Two simulated Ray nodes with 2 logical GPUs each (and 2 CPUs: room for a Serve replica), on loopback."""
+    with loopback_cluster({"num_cpus": 2, "num_gpus": 2}, {"num_cpus": 2, "num_gpus": 2}) as cluster:
+        yield cluster

@@ -2,13 +2,18 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
 
 import torch
 
 from actors.shard.runner import ShardPlan, StageRunner, StepInput, StepOutput
 from actors.shard.tp import TPGroup
+from actors.shard.usage import StepWindow, memory_bytes
+from cluster.config import GridServeConfig
 
 
 class ThreadCollectives:
@@ -67,6 +72,7 @@ class LocalGrid:
             self.stages.append(stage)
         self.pool = ThreadPoolExecutor(tp)
         self.steps = ThreadPoolExecutor(1)  # steps run one after another, as on one actor per worker
+        self.windows = [StepWindow() for _ in range(tp * pp)]
 
     async def step_async(self, step: StepInput) -> StepOutput:
         """Async counterpart of execute(), as the engine calls it."""
@@ -74,8 +80,56 @@ class LocalGrid:
 
     def execute(self, step: StepInput) -> StepOutput:
         hidden = None
-        for stage in self.stages:
+        for k, stage in enumerate(self.stages):
+            start = time.perf_counter()
             outs = list(self.pool.map(lambda r: r.execute(step, hidden), stage))
+            for r in range(self.tp):
+                self.windows[k * self.tp + r].record(start, time.perf_counter(), 0.0)
             hidden = outs[0]
         assert isinstance(hidden, StepOutput)
         return hidden
+
+    def worker_stats(self, timeout_s: float = 10.0) -> list[dict[str, Any]]:
+        """What a Ray worker reports, for the runners of this process (stage-major)."""
+        out = []
+        for k, stage in enumerate(self.stages):
+            for r, runner in enumerate(stage):
+                kv = runner.cache.num_blocks * runner.block_bytes() if runner.cache is not None else 0
+                out.append({"node_id": "local", "pid": os.getpid(), "device": "cpu", "pp_rank": k, "tp_rank": r,
+                            "weight_bytes": runner.weight_bytes(), "kv_bytes": kv, **memory_bytes(runner.device),
+                            **self.windows[k * self.tp + r].summary()})
+        return out
+
+    def close_dag(self) -> None:
+        """Nothing is compiled in-process: steps are plain function calls."""
+
+    def shutdown(self) -> None:
+        """Stop the step threads."""
+        self.pool.shutdown()
+        self.steps.shutdown()
+
+
+class DyingGrid(LocalGrid):
+    """A LocalGrid whose worker "dies" at step `die_at`: that step and every later one raise."""
+
+    def __init__(self, model_dir: str, die_at: int) -> None:
+        super().__init__(model_dir, 1, 1)
+        self.die_at, self.steps_run = die_at, 0
+
+    async def step_async(self, step: StepInput) -> StepOutput:
+        self.steps_run += 1
+        if self.steps_run >= self.die_at:
+            raise RuntimeError("worker died (ActorDiedError in a real grid)")
+        return await super().step_async(step)
+
+
+def config(model_dir: Any, **extra: Any) -> GridServeConfig:
+    """A small replica config matching LocalGrid's defaults."""
+    return GridServeConfig(model=str(model_dir), max_model_len=256, max_num_batched_tokens=256, block_size=4,
+                           **extra)
+
+
+def grids(*makers: Callable[[], Any]) -> Callable[[], Any]:
+    """A grid factory returning the next maker's grid on each call (first grid, then each rebuild)."""
+    it = iter(makers)
+    return lambda: next(it)()

@@ -1,13 +1,15 @@
 """Hugging Face reference outputs and a driver loop over any grid, shared by unit and cluster tests."""
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from actors.shard.sampler import SamplingParams
-from cluster.generate import Request, generate_sync
+from cluster.engine import AsyncEngine
+from cluster.generate import Request, generate_all
+from cluster.request import GenerationParams
 
 PROMPTS = [[3, 17, 5, 42, 8, 11, 2, 60, 33, 9], [7, 7, 1, 30], [50, 12, 4, 19, 25, 26, 27]]
 
@@ -30,5 +32,18 @@ def hf_greedy(model_dir: Path, prompt: list[int], new_tokens: int, hf: Any = Non
 def grid_greedy(grid: Any, prompts: list[list[int]], new_tokens: int, block_size: int,
                 max_model_len: int = 256) -> list[list[int]]:
     """Greedy continuations of all prompts run together through `grid` (EOS ignored)."""
-    reqs = [Request(i, p, SamplingParams(temperature=0.0), new_tokens, ignore_eos=True) for i, p in enumerate(prompts)]
-    return [r.token_ids for r in generate_sync(grid, reqs, block_size, 8, max_model_len)]
+    reqs = [Request(i, p, greedy(new_tokens)) for i, p in enumerate(prompts)]
+
+    async def main() -> list[list[int]]:
+        engine = AsyncEngine(grid, block_size, 8, max_model_len, max_model_len)
+        try:
+            return [r.token_ids for r in await generate_all(engine, reqs)]
+        finally:
+            grid.close_dag()  # inside the loop that ran it: its channel tasks end cleanly
+
+    return asyncio.run(main())
+
+
+def greedy(max_tokens: int, ignore_eos: bool = True) -> GenerationParams:
+    """Greedy generation of exactly `max_tokens` tokens (EOS ignored unless asked)."""
+    return GenerationParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=ignore_eos)

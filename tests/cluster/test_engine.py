@@ -11,15 +11,16 @@ from actors.shard.runner import StepInput
 from actors.shard.sampler import SamplingParams
 from cluster.engine import AsyncEngine
 from cluster.generate import Request, generate_all
+from cluster.request import GenerationParams
 from tests.cluster.test_grid import make_grid
-from tests.reference import hf_greedy
+from tests.reference import greedy, hf_greedy
 
 
 def mixed_requests(n: int, seed: int = 0) -> list[Request]:
     """n greedy requests with prompts of 2..40 tokens and 1..16 new tokens."""
     rng = random.Random(seed)
-    return [Request(i, [rng.randrange(2, 96) for _ in range(rng.randint(2, 40))], SamplingParams(temperature=0.0),
-                    rng.randint(1, 16), ignore_eos=True) for i in range(n)]
+    return [Request(i, [rng.randrange(2, 96) for _ in range(rng.randint(2, 40))], greedy(rng.randint(1, 16)))
+            for i in range(n)]
 
 
 def run(engine: AsyncEngine, reqs: list[Request], stagger: float = 0.0) -> list:
@@ -56,7 +57,7 @@ def test_32_concurrent_requests_equal_each_alone(local_ray: None, model_dirs: di
     finally:
         grid.shutdown()
     for req, res in zip(reqs, results):
-        assert res.token_ids == hf_greedy(d, req.prompt_ids, req.max_tokens)[0], f"request {req.request_id}"
+        assert res.token_ids == hf_greedy(d, req.prompt_ids, req.params.max_tokens)[0], f"request {req.request_id}"
 
 
 def test_abort_frees_blocks_and_others_continue(local_ray: None, model_dirs: dict) -> None:
@@ -65,8 +66,7 @@ def test_abort_frees_blocks_and_others_continue(local_ray: None, model_dirs: dic
 
     async def main(engine: AsyncEngine) -> tuple[int, list[int]]:
         long = engine.generate([5, 6, 7, 8], SamplingParams(temperature=0.0), 200)
-        other = asyncio.ensure_future(generate_all(engine, [Request(1, [9, 10], SamplingParams(temperature=0.0), 20,
-                                                                ignore_eos=True)]))
+        other = asyncio.ensure_future(generate_all(engine, [Request(1, [9, 10], greedy(20))]))
         async for _ in long:
             if len(engine.scheduler.running[0].output_ids) >= 3:
                 break
@@ -87,8 +87,9 @@ def test_abort_frees_blocks_and_others_continue(local_ray: None, model_dirs: dic
 def test_seeded_sampling_reproducible_across_runs_and_layouts(local_ray: None, model_dirs: dict) -> None:
     """Same seed -> same tokens, run after run and on tp=1,pp=1 vs tp=2,pp=2; another seed differs."""
     d = str(model_dirs["llama_gqa"])
-    params = [SamplingParams(temperature=0.9, top_p=0.95, top_k=40, seed=s) for s in (11, 11, 12)]
-    reqs = [Request(i, [3, 17, 5, 42], p, 24, ignore_eos=True) for i, p in enumerate(params)]
+    params = [GenerationParams(temperature=0.9, top_p=0.95, top_k=40, seed=s, max_tokens=24, ignore_eos=True)
+              for s in (11, 11, 12)]
+    reqs = [Request(i, [3, 17, 5, 42], p) for i, p in enumerate(params)]
     outs = []
     for tp, pp in ((1, 1), (2, 2)):
         grid = make_grid(d, tp, pp)
@@ -98,3 +99,19 @@ def test_seeded_sampling_reproducible_across_runs_and_layouts(local_ray: None, m
             grid.shutdown()
     assert outs[0] == outs[1]
     assert outs[0][0] == outs[0][1] != outs[0][2]
+
+
+def test_config_seed_drives_unseeded_sampling(local_ray: None, model_dirs: dict) -> None:
+    """GridServeConfig.seed seeds the sampler of requests without their own seed: the same config seed gives the
+    same tokens on a fresh grid, another seed other tokens."""
+    d = str(model_dirs["llama_gqa"])
+    reqs = [Request(i, [3, 17, 5, 42], GenerationParams(temperature=1.0, max_tokens=24, ignore_eos=True))
+            for i in range(2)]
+    outs = []
+    for seed in (5, 5, 6):
+        grid = make_grid(d, 1, 1, seed=seed)
+        try:
+            outs.append([r.token_ids for r in run(AsyncEngine(grid, 4, 8, 256, 256), reqs)])
+        finally:
+            grid.shutdown()
+    assert outs[0] == outs[1] != outs[2]

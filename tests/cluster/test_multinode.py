@@ -1,8 +1,6 @@
 """Placement on a simulated 2-node cluster (2 logical GPUs per node)."""
 from __future__ import annotations
 
-import time
-
 import pytest
 from ray.cluster_utils import Cluster
 
@@ -30,13 +28,15 @@ def test_tp_wider_than_a_node_is_refused(two_nodes: Cluster, model_dirs: dict) -
         make_grid(str(model_dirs["llama_gqa"]), 4, 1)
 
 
+@pytest.mark.timeout(60)
 def test_grid_larger_than_cluster_fails_fast(two_nodes: Cluster, model_dirs: dict, tmp_path) -> None:
-    """5 workers on a 4-GPU cluster: a clear error at once, not a pending placement group."""
+    """5 workers on a 4-GPU cluster: an error naming the shortfall before any placement group is reserved."""
+    import ray
+
     from deployments.make_model import write_model
 
     d = write_model(tmp_path / "m5", hidden_size=40, intermediate_size=80, num_hidden_layers=5,
                     num_attention_heads=4, num_key_value_heads=2, vocab_size=64, tokenizer=False)
-    start = time.monotonic()
     with pytest.raises(ValueError, match=r"needs 5 GPU .* cluster has 4 GPU in total"):
         make_grid(str(d), 1, 5)
-    assert time.monotonic() - start < 5
+    assert ray.available_resources().get("GPU") == 4  # nothing reserved, nothing left pending

@@ -15,9 +15,10 @@ from typing import Iterator
 
 import pytest
 
-from deployments.cli import LOOPBACK_ENV
+from cluster.loopback import LOOPBACK_ENV
 from tests.reference import hf_greedy
-from tests.serve.conftest import free_port
+from tests.loopback import free_port
+from tests.waits import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -95,12 +96,13 @@ def submit(url: str, env: dict[str, str], args: list[str], job_id: str, wait: bo
     """`ray job submit` of the batch module from the repository (retried while the job agent starts)."""
     cmd = ["ray", "job", "submit", "--address", url, "--working-dir", str(REPO), "--submission-id", job_id]
     cmd += ([] if wait else ["--no-wait"]) + ["--", "python", "-m", "deployments.batch"] + args
-    deadline = time.monotonic() + 90
-    while True:
+
+    def attempt() -> str:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-        if "No available agent" not in proc.stdout + proc.stderr or time.monotonic() > deadline:
-            return proc.stdout + proc.stderr
-        time.sleep(2)
+        out = proc.stdout + proc.stderr
+        return "" if "No available agent" in out else out
+
+    return wait_until(attempt, 90, "the job agent to accept the submission", poll_s=1)
 
 
 def write_job(tmp: Path, model: Path, n: int, max_tokens: int) -> tuple[Path, Path, Path]:
@@ -124,9 +126,7 @@ def test_job_submit_then_kill_and_resume(ray_head: tuple[str, dict[str, str]], m
     config, src, dst = write_job(tmp_path, model, n, new)
     args = ["--config", str(config), "--input", str(src), "--output", str(dst)]
     submit(url, env, args, "gs-first", wait=False)
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and (not dst.exists() or len(dst.read_text().splitlines()) < 4):
-        time.sleep(0.2)
+    wait_until(lambda: dst.exists() and len(dst.read_text().splitlines()) >= 4, 240, "4 finished lines")
     subprocess.run(["ray", "job", "stop", "--address", url, "gs-first"], env=env, capture_output=True, timeout=120)
     kept = len(dst.read_text().splitlines())
     assert 4 <= kept < n, f"the kill came too late to test resuming ({kept} of {n} lines done)"

@@ -9,11 +9,11 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 def test_cuda_grid_bf16_matches_hf_greedy(model_dirs: dict) -> None:
     """tp=1 on one GPU in bfloat16: the first greedy tokens equal HF's on the same GPU and dtype."""
-    import ray
     import transformers
 
     from cluster.config import GridServeConfig
     from cluster.grid import WorkerGrid
+    from tests.loopback import loopback_cluster
     from tests.reference import PROMPTS, grid_greedy
 
     d = model_dirs["llama_gqa"]
@@ -21,8 +21,7 @@ def test_cuda_grid_bf16_matches_hf_greedy(model_dirs: dict) -> None:
     hf.generation_config.eos_token_id = None  # full length, like the grid's ignore_eos
     ids = torch.tensor([PROMPTS[0]], device="cuda")
     ref = hf.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)[0, ids.shape[1]:]
-    ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1")
-    try:
+    with loopback_cluster({}):
         grid = WorkerGrid(GridServeConfig(model=str(d), dtype="bfloat16", max_model_len=256,
                                           max_num_batched_tokens=256, block_size=4))
         try:
@@ -30,6 +29,4 @@ def test_cuda_grid_bf16_matches_hf_greedy(model_dirs: dict) -> None:
             assert grid.layout_table()[0]["device"].startswith("cuda")
         finally:
             grid.shutdown()
-    finally:
-        ray.shutdown()
     assert got[:4] == ref.tolist()[:4]  # bf16 ties may split later tokens

@@ -1,20 +1,13 @@
 """A real Serve app on a free loopback port, shared by the HTTP tests of a module."""
 from __future__ import annotations
 
-import socket
-from typing import Iterator
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import httpx
 import pytest
-import ray
-from ray import serve
 
-
-def free_port() -> int:
-    """A free TCP port on loopback."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.loopback import LOOPBACK, free_port, loopback_cluster
 
 
 @pytest.fixture(scope="session")
@@ -27,34 +20,44 @@ def chat_model(tmp_path_factory: pytest.TempPathFactory) -> str:
                            max_position_embeddings=256))
 
 
-def start_server(args: dict, metrics_port: int | None = None, **deployment_options: object) -> str:
-    """Start local Ray (Ray's metrics exporter on `metrics_port` if given) and Serve on a free loopback port,
-    deploy the app with `args`; returns the base URL."""
+@contextmanager
+def serve_on_loopback() -> Iterator[str]:
+    """Serve's HTTP proxy on a free loopback port of the connected Ray; yields the base URL."""
+    from ray import serve
+
+    port = free_port()
+    serve.start(http_options={"host": LOOPBACK, "port": port})
+    try:
+        yield f"http://{LOOPBACK}:{port}"
+    finally:
+        serve.shutdown()
+
+
+def deploy(args: dict, **deployment_options: Any) -> None:
+    """Deploy the gridserve app with `args`; returns once its replicas run."""
+    from ray import serve
+
     from cluster.config import GridServeConfig
     from deployments.serve_app import make_app
 
-    port = free_port()
+    serve.run(make_app(GridServeConfig(**args), **deployment_options), name="gridserve", route_prefix="/")
+
+
+@contextmanager
+def serving(args: dict, metrics_port: int | None = None, **deployment_options: Any) -> Iterator[str]:
+    """A local loopback Ray (Ray's metrics exporter on `metrics_port` if given) serving the app; the base URL."""
     extra = {"_metrics_export_port": metrics_port} if metrics_port else {}
-    ray.init(address="local", num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", **extra)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    app = make_app(GridServeConfig(**args), **deployment_options)
-    serve.run(app, name="gridserve", route_prefix="/")  # returns once the replicas are running
-    return f"http://127.0.0.1:{port}"
-
-
-def stop_server() -> None:
-    """Tear down what start_server started."""
-    serve.shutdown()
-    ray.shutdown()
+    with loopback_cluster({"num_cpus": 4, **extra}), serve_on_loopback() as url:
+        deploy(args, **deployment_options)
+        yield url
 
 
 @pytest.fixture(scope="module")
 def server(chat_model: str) -> Iterator[str]:
     """Serve the tiny Llama with tp=2, pp=2 on CPU bundles; yields the base URL."""
-    url = start_server({"model": chat_model, "served_model_name": "tiny", "tensor_parallel_size": 2,
-                        "pipeline_parallel_size": 2, "cpus_per_worker": 0.5, "replica_cpus": 0.5,
-                        "max_num_batched_tokens": 256, "block_size": 4,  # max_model_len: the model's 256
-                        "kv_cache_memory_bytes": 2**20})
-    httpx.get(f"{url}/health", timeout=30).raise_for_status()
-    yield url
-    stop_server()
+    # No max_model_len: the model's own 256 positions, as a user who sets none gets.
+    with serving({"model": chat_model, "served_model_name": "tiny", "tensor_parallel_size": 2,
+                  "pipeline_parallel_size": 2, "cpus_per_worker": 0.5, "replica_cpus": 0.5,
+                  "max_num_batched_tokens": 256, "block_size": 4, "kv_cache_memory_bytes": 2**20}) as url:
+        httpx.get(f"{url}/health", timeout=30).raise_for_status()
+        yield url

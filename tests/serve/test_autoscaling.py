@@ -2,37 +2,21 @@
 from __future__ import annotations
 
 import threading
-import time
-from typing import Iterator
+from typing import Any, Iterator
 
 import httpx
 import pytest
-import ray
 from ray import serve
-from ray.cluster_utils import Cluster
 
-from tests.serve.conftest import free_port
+from tests.serve.conftest import serve_on_loopback
+from tests.waits import wait_until
 
 
 @pytest.fixture(scope="module")
-def cluster_url(chat_model: str) -> Iterator[tuple[str, str]]:
+def cluster_url(two_nodes: Any, chat_model: str) -> Iterator[tuple[str, str]]:
     """Two loopback nodes with 2 logical GPUs each; Serve on a free port."""
-    import ray._private.services as services
-
-    original = services.node_ip_address_from_perspective
-    services.node_ip_address_from_perspective = lambda address=None: "127.0.0.1"
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 2, "include_dashboard": False,
-                                                           "node_ip_address": "127.0.0.1"})
-    cluster.add_node(num_cpus=2, num_gpus=2, node_ip_address="127.0.0.1")
-    ray.init(address=cluster.address)
-    cluster.wait_for_nodes()
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    yield f"http://127.0.0.1:{port}", chat_model
-    serve.shutdown()
-    ray.shutdown()
-    cluster.shutdown()
-    services.node_ip_address_from_perspective = original
+    with serve_on_loopback() as url:
+        yield url, chat_model
 
 
 def replicas() -> list:
@@ -41,6 +25,7 @@ def replicas() -> list:
     return [r for r in status.replica_states.items() if r[0] == "RUNNING" for _ in range(r[1])]
 
 
+@pytest.mark.timeout(600)
 def test_load_scales_out_to_a_second_grid_and_back(cluster_url: tuple[str, str]) -> None:
     """Sustained streams push pending tokens past the target: a second tp=2 grid starts; idle, it goes away."""
     from cluster.config import GridServeConfig
@@ -72,19 +57,16 @@ def test_load_scales_out_to_a_second_grid_and_back(cluster_url: tuple[str, str])
     threads = [threading.Thread(target=client) for _ in range(12)]
     for t in threads:
         t.start()
-    peak, deadline = 1, time.monotonic() + 120
-    while time.monotonic() < deadline and peak < 2:
-        peak = max(peak, len(replicas()))
-        time.sleep(0.5)
-    time.sleep(3)  # keep serving through the new replica's first requests
-    done.set()
+    try:
+        wait_until(lambda: len(replicas()) == 2, 180, "a second replica under load", poll_s=0.5)
+        at_scale_out = served[0]
+        # Keep the load on until requests have finished while both replicas ran.
+        wait_until(lambda: served[0] >= at_scale_out + 12, 180, "12 more answers with two replicas")
+    finally:
+        done.set()
     for t in threads:
         t.join()
-    assert peak == 2, "never scaled to 2 replicas"
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline and len(replicas()) > 1:
-        time.sleep(0.5)
-    assert len(replicas()) == 1, "did not scale back to 1 replica"
+    wait_until(lambda: len(replicas()) == 1, 180, "scaling back to 1 replica when idle", poll_s=0.5)
     assert not failures and served[0] > 12
     r = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": [5], "max_tokens": 2}, timeout=60)
     assert r.status_code == 200

@@ -4,14 +4,16 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 from pathlib import Path
 from typing import Iterator
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
-from tests.serve.conftest import free_port, start_server, stop_server
+from tests.loopback import free_port
+from tests.serve.conftest import serving
+from tests.waits import wait_until
 
 
 @pytest.fixture(scope="module")
@@ -23,17 +25,18 @@ def ray_metrics_port() -> int:
 @pytest.fixture(scope="module")
 def faulty_server(chat_model: str, ray_metrics_port: int) -> Iterator[str]:
     """tp=2 pp=2 on CPU bundles, a short step timeout; yields the base URL."""
-    yield start_server({"model": chat_model, "served_model_name": "tiny", "tensor_parallel_size": 2,
-                        "pipeline_parallel_size": 2, "cpus_per_worker": 0.5, "replica_cpus": 0.5,
-                        "max_model_len": 256, "max_num_batched_tokens": 256, "block_size": 8,
-                        "kv_cache_memory_bytes": 2**21, "step_timeout_s": 20}, metrics_port=ray_metrics_port)
-    stop_server()
+    with serving({"model": chat_model, "served_model_name": "tiny", "tensor_parallel_size": 2,
+                  "pipeline_parallel_size": 2, "cpus_per_worker": 0.5, "replica_cpus": 0.5, "max_model_len": 256,
+                  "max_num_batched_tokens": 256, "block_size": 8, "kv_cache_memory_bytes": 2**21,
+                  "step_timeout_s": 20}, metrics_port=ray_metrics_port) as url:
+        yield url
 
 
 def test_status_shows_the_grid(faulty_server: str, ray_metrics_port: int, tmp_path: Path,
                                capsys: pytest.CaptureFixture) -> None:
-    """/status lists 2 x 2 workers with memory and utilization after some steps; /metrics and Ray's exporter
-    carry the worker gauges; `gridserve status` prints the grid and draws it."""
+    """/status lists 2 x 2 workers with memory and utilization after some steps; /metrics parses as Prometheus
+    text with the latency histograms and worker gauges; Ray's exporter carries the gauges; `gridserve status`
+    prints the grid and draws it."""
     from deployments.status import main as status_main
 
     httpx.post(f"{faulty_server}/v1/completions", json={"model": "tiny", "prompt": [5, 6], "max_tokens": 8},
@@ -43,22 +46,32 @@ def test_status_shows_the_grid(faulty_server: str, ray_metrics_port: int, tmp_pa
     assert all(w["weight_bytes"] > 0 and w["kv_bytes"] > 0 and w["host_rss_bytes"] > 0 for w in st["workers"])
     assert all(w["steps"] >= 8 and 0 < w["busy_pct"] <= 100 for w in st["workers"])
     assert all((w["handoff_ms"] > 0) == (w["pp_rank"] == 1) for w in st["workers"])  # stage 1 times its input
-    assert st["engine"]["ttft_seconds_p50"] > 0 and st["engine"]["e2e_seconds_p50"] > 0
-    text = httpx.get(f"{faulty_server}/metrics", timeout=30).text
-    assert 'gridserve_worker_busy_percent{replica="' in text and 'stage="1",tp_rank="1"' in text
-    deadline, ray_text = time.monotonic() + 60, ""  # Serve's health check (every 10 s) refreshes Ray's gauges
-    while time.monotonic() < deadline and 'ray_gridserve_worker_busy_percent{' not in ray_text:
-        time.sleep(2)
-        ray_text = httpx.get(f"http://127.0.0.1:{ray_metrics_port}/metrics", timeout=10).text
-    assert 'ray_gridserve_worker_busy_percent{' in ray_text and 'ray_gridserve_ttft_seconds_p50{' in ray_text
+    families = {f.name: f for f in text_string_to_metric_families(httpx.get(f"{faulty_server}/metrics",
+                                                                             timeout=30).text)}
+    for name in ("gridserve_time_to_first_token_seconds", "gridserve_e2e_request_latency_seconds",
+                 "gridserve_request_queue_time_seconds"):
+        count = next(s.value for s in families[name].samples if s.name == f"{name}_count")
+        assert families[name].type == "histogram" and count >= 1, name
+    itl = next(s.value for s in families["gridserve_inter_token_latency_seconds"].samples if s.name.endswith("_count"))
+    assert itl >= 7  # 8 tokens: 7 gaps
+    busy = {(s.labels["stage"], s.labels["tp_rank"]) for s in families["gridserve_worker_busy_percent"].samples}
+    assert busy == {("0", "0"), ("0", "1"), ("1", "0"), ("1", "1")}
+
+    def ray_exported() -> str:  # Serve's health check (every 10 s) refreshes Ray's gauges
+        text = httpx.get(f"http://127.0.0.1:{ray_metrics_port}/metrics", timeout=10).text
+        return text if "ray_gridserve_worker_busy_percent{" in text else ""
+
+    assert "ray_gridserve_num_requests_running{" in wait_until(ray_exported, 90, "Ray's exporter to show the gauges")
     assert status_main(["--url", faulty_server, "--samples", "2", "--png", str(tmp_path / "grid.png")]) == 0
     printed = capsys.readouterr().out
     assert "tp=2 pp=2" in printed and printed.count("cpu") == 4 and (tmp_path / "grid.png").stat().st_size > 1000
     assert "prefix-cache hits" in printed
 
 
-def test_killed_worker_fails_stream_fast_then_replica_rebuilds(faulty_server: str) -> None:
-    """SIGKILL a stage-1 worker mid-stream: the stream ends with an error event in < 30 s; new requests then work."""
+@pytest.mark.timeout(300)
+def test_killed_worker_fails_stream_then_replica_rebuilds(faulty_server: str) -> None:
+    """SIGKILL a stage-1 worker mid-stream: the stream ends with an error event (not a hang); requests meanwhile
+    get 503 + Retry-After; then the rebuilt grid serves."""
     victim = next(w for w in httpx.get(f"{faulty_server}/status", timeout=30).json()["workers"]
                   if (w["pp_rank"], w["tp_rank"]) == (1, 1))
     body = {"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 240, "ignore_eos": True, "stream": True}
@@ -71,23 +84,20 @@ def test_killed_worker_fails_stream_fast_then_replica_rebuilds(faulty_server: st
                 if len(events) == 3:
                     break
         os.kill(victim["pid"], signal.SIGKILL)  # a worker process of the cluster this test started
-        killed = time.monotonic()
         for line in lines:
             if line.startswith("data: {"):
                 events.append(json.loads(line[6:]))
-    assert time.monotonic() - killed < 30
     assert "error" in events[-1] and events[-1]["error"]["type"] == "server_error", events[-1]
     assert sum(len(e.get("choices", [{}])[0].get("text", "")) > 0 for e in events[:-1]) < 240  # cut short
 
-    deadline, status = time.monotonic() + 120, None
-    while time.monotonic() < deadline:
+
+    def served() -> bool:
         r = httpx.post(f"{faulty_server}/v1/completions", json={"model": "tiny", "prompt": [5, 6], "max_tokens": 4},
                        timeout=60)
-        status = r.status_code
-        if status == 200:
-            break
-        assert status == 503 and r.json()["error"]["type"] == "server_error" and "Retry-After" in r.headers
-        time.sleep(1)
-    assert status == 200, "the replica did not serve again after its worker died"
+        assert r.status_code == 200 or (r.status_code == 503 and r.json()["error"]["type"] == "server_error"
+                                        and r.headers["Retry-After"] == "5"), r.text
+        return r.status_code == 200
+
+    wait_until(served, 180, "the replica to serve again after its worker died", poll_s=1)
     st = httpx.get(f"{faulty_server}/status", timeout=30).json()
     assert st["rebuilds"] == 1 and victim["pid"] not in {w["pid"] for w in st["workers"]}

@@ -90,30 +90,35 @@ def test_chat_logprobs_streamed(client: openai.OpenAI) -> None:
     assert len(entries) == 4 and all(len(e.top_logprobs) == 1 for e in entries)
 
 
+def metric_values(server: str) -> dict[str, float]:
+    """Sample name -> value of GET /metrics, parsed by prometheus_client (first sample of each name)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(httpx.get(f"{server}/metrics").text):
+        for sample in family.samples:
+            out.setdefault(sample.name, sample.value)
+    return out
+
+
 def test_metrics_endpoint_counts_tokens(server: str, client: openai.OpenAI) -> None:
-    """GET /metrics is Prometheus text whose token counters moved after a request."""
+    """GET /metrics is Prometheus text whose token counters and histograms moved after a request."""
     client.completions.create(model="tiny", prompt=[5, 6, 7], max_tokens=3, extra_body={"ignore_eos": True})
-    text = httpx.get(f"{server}/metrics").text
-    values = {line.split("{")[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-              if line and not line.startswith("#")}
+    values = metric_values(server)
     assert values["gridserve_generation_tokens_total"] >= 3 and values["gridserve_kv_cache_blocks"] > 0
-    assert "# TYPE gridserve_requests_running gauge" in text
+    assert values["gridserve_request_generation_tokens_count"] >= 1 and "gridserve_num_requests_running" in values
 
 
 def test_shared_prompt_prefix_is_served_from_the_prefix_cache(server: str, client: openai.OpenAI,
                                                               chat_model: str) -> None:
     """A second prompt with the same 12-token start reuses its KV blocks (metrics say so), answer still HF's."""
-    def counter(name: str) -> float:
-        text = httpx.get(f"{server}/metrics").text
-        return next(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
-
     shared = [9, 31, 4, 27, 18, 6, 44, 2, 13, 57, 21, 8]
     client.completions.create(model="tiny", prompt=shared + [3], max_tokens=2, extra_body={"ignore_eos": True})
-    before = counter("gridserve_prefix_cache_hit_tokens_total")
+    before = metric_values(server)["gridserve_prefix_cache_hits_total"]
     prompt = shared + [40, 1]
     out = client.completions.create(model="tiny", prompt=prompt, max_tokens=5, temperature=0,
                                     extra_body={"ignore_eos": True})
-    assert counter("gridserve_prefix_cache_hit_tokens_total") - before >= 12  # 3 blocks of 4 tokens
+    assert metric_values(server)["gridserve_prefix_cache_hits_total"] - before >= 12  # 3 blocks of 4 tokens
     from transformers import AutoTokenizer
 
     ref, _ = hf_greedy(chat_model, prompt, 5)

@@ -1,62 +1,61 @@
-"""The batch job's shared queue over several engines: a dying grid hands its work to the live ones, never hangs."""
+"""The batch job's shared queue over several replicas: a failing grid heals and its work is redone, never lost."""
 from __future__ import annotations
 
 import asyncio
-from types import SimpleNamespace
-from typing import AsyncIterator
+from typing import Any
 
-from actors.shard.sampler import SamplingParams
-from cluster.engine import TokenEvent
-from cluster.generate import Request, Result
-from deployments.batch import drain
-
-
-class FakeEngine:
-    """Answers each request with its prompt's first token; dies on its `die_at`-th request."""
-
-    def __init__(self, die_at: int | None = None) -> None:
-        self.scheduler = SimpleNamespace(max_num_seqs=2)
-        self.dead: str | None = None
-        self.die_at, self.calls = die_at, 0
-
-    def generate(self, prompt_ids: list[int], *args: object) -> AsyncIterator[TokenEvent]:
-        if self.dead:
-            raise RuntimeError("grid failed")
-        self.calls += 1
-        return self._events(prompt_ids[0], self.calls == self.die_at)
-
-    async def _events(self, token: int, die: bool) -> AsyncIterator[TokenEvent]:
-        await asyncio.sleep(0.01)
-        if die:
-            self.dead = "worker died"
-            yield TokenEvent(None, "error", "worker died")
-        else:
-            yield TokenEvent(token, "length")
+from cluster.generate import Request
+from cluster.replica import Replica
+from cluster.request import Result
+from deployments.batch import MAX_ATTEMPTS, drain
+from tests.local_grid import DyingGrid, LocalGrid, config, grids
+from tests.reference import greedy, hf_greedy
 
 
-def run(engines: list[FakeEngine], n: int) -> list[Result]:
-    """Drain `n` requests over `engines` (with a hang guard); returns the results."""
-    results: list[Result] = []
+def run(replicas: list[Replica], n: int) -> list[tuple[Result, int]]:
+    """Drain `n` greedy 3-token requests over `replicas` (with a hang guard); returns (result, replica) pairs."""
+    out: list[tuple[Result, int]] = []
 
     async def main() -> None:
         queue: asyncio.Queue = asyncio.Queue()
         for i in range(n):
-            queue.put_nowait(Request(i, [100 + i], SamplingParams(temperature=0.0), 1))
-        await asyncio.wait_for(drain(queue, engines, None, lambda r, g: results.append(r)), timeout=10)
+            queue.put_nowait(Request(i, [3 + i, 17, 5], greedy(3)))
+        await asyncio.wait_for(drain(queue, replicas, lambda r, g: out.append((r, g))), timeout=120)
 
     asyncio.run(main())
-    return results
+    return out
 
 
-def test_requests_of_a_dying_grid_move_to_the_live_one() -> None:
-    """Grid 0 dies on its 2nd request: every request still gets its token from grid 1, once."""
-    results = run([FakeEngine(die_at=2), FakeEngine()], 20)
-    assert sorted(r.request_id for r in results) == list(range(20))
-    assert all(r.error is None and r.token_ids == [100 + r.request_id] for r in results)
+def test_a_failing_grid_is_rebuilt_and_every_request_done_once(model_dirs: dict) -> None:
+    """Replica 0's grid dies on its 2nd step and is rebuilt; every request ends once, with HF's tokens."""
+    d = str(model_dirs["llama_gqa"])
+    cfg = config(d, max_num_seqs=2)
+    replicas = [Replica(cfg, "grid-0", grid_factory=grids(lambda: DyingGrid(d, 2), lambda: LocalGrid(d, 1, 1))),
+                Replica(cfg, "grid-1", grid_factory=lambda: LocalGrid(d, 1, 1))]
+    out = run(replicas, 12)
+    assert sorted(r.request_id for r, _ in out) == list(range(12))
+    assert all(r.error is None and r.token_ids == hf_greedy(d, r.prompt_ids, 3)[0] for r, _ in out)
+    assert replicas[0].rebuilds == 1 and {g for _, g in out} == {0, 1}
 
 
-def test_when_every_grid_dies_each_request_fails_once_without_hanging() -> None:
-    """Both grids die: every request ends with an error record (none dropped, none twice)."""
-    results = run([FakeEngine(die_at=1), FakeEngine(die_at=3)], 12)
-    assert sorted(r.request_id for r in results) == list(range(12))
-    assert any(r.error is None for r in results) and any(r.error for r in results)
+def test_when_every_rebuild_fails_each_request_fails_once_without_hanging(model_dirs: dict) -> None:
+    """Both grids die and cannot be rebuilt: every request still ends, with an error record (none dropped)."""
+    d = str(model_dirs["llama_gqa"])
+
+    def gone() -> Any:
+        raise TimeoutError("no resources for the new grid")
+
+    cfg = config(d, max_num_seqs=2)
+    replicas = [Replica(cfg, f"grid-{i}", grid_factory=grids(lambda: DyingGrid(d, 2), gone)) for i in range(2)]
+    out = run(replicas, 10)
+    assert sorted(r.request_id for r, _ in out) == list(range(10))
+    assert all(r.error for r, _ in out if not r.token_ids) and any(r.error for r, _ in out)
+    assert all("grid rebuild failed" in rep.failure() for rep in replicas)
+
+
+def test_a_request_that_keeps_killing_grids_is_failed_after_max_attempts(model_dirs: dict) -> None:
+    """Every grid dies on its first step: the request is retried MAX_ATTEMPTS times, then failed, not looped."""
+    d = str(model_dirs["llama_gqa"])
+    replica = Replica(config(d), "grid-0", grid_factory=lambda: DyingGrid(d, 1))
+    out = run([replica], 1)
+    assert len(out) == 1 and out[0][0].error and replica.rebuilds == MAX_ATTEMPTS - 1

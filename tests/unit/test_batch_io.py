@@ -85,3 +85,14 @@ def test_any_input_lines_become_requests_or_error_records(raw: list[bytes]) -> N
     for n, line in enumerate(raw):
         if line.strip():
             assert n in records and (n in ran) != ("error" in records[n])
+
+
+def test_lines_share_the_http_request_model() -> None:
+    """A line's sampling fields reach its request; bounds are the HTTP API's; max_tokens defaults to 16."""
+    raw = lines({"prompt": "x yy", "temperature": 0.5, "seed": 3, "stop": "zz", "repetition_penalty": 1.2},
+                {"prompt": "x", "temperature": 3}, {"prompt": "x", "stop": ["a", "b", "c", "d", "e"]})
+    reqs, records, _ = read_requests(raw, Words(), vocab_size=50, max_model_len=64, done=set())
+    p = reqs[0].params
+    assert (p.temperature, p.seed, p.stop_list(), p.repetition_penalty, p.max_tokens) == (0.5, 3, ["zz"], 1.2, 16)
+    assert p.sampling().seed == 3 and type(p).__name__ == "GenerationParams"
+    assert "temperature" in records[1]["error"] and "at most 4" in records[2]["error"]

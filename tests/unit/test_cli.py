@@ -5,6 +5,7 @@ import os
 
 import pytest
 
+from cluster import loopback as loopback_module
 from deployments import cli
 
 
@@ -21,7 +22,7 @@ def run_serve(monkeypatch: pytest.MonkeyPatch, ray_running: bool) -> list[str]:
         raise Exec
 
     monkeypatch.setattr(cli.os, "execvp", fake_exec)
-    monkeypatch.setattr(cli, "local_ray_running", lambda: ray_running)
+    monkeypatch.setattr(loopback_module, "local_ray_running", lambda: ray_running)
     with pytest.raises(Exec):
         cli.main(["serve"])
     return calls[0]
@@ -58,7 +59,7 @@ def test_batch_keeps_only_its_own_ray_on_loopback(monkeypatch: pytest.MonkeyPatc
     """`gridserve batch` pins the Ray it starts itself to 127.0.0.1 and joins a given or running cluster as is."""
     import deployments.batch
 
-    monkeypatch.setattr(cli, "local_ray_running", lambda: running)
+    monkeypatch.setattr(loopback_module, "local_ray_running", lambda: running)
     monkeypatch.setattr(deployments.batch, "main", lambda argv: 0)
     assert cli.main(["batch", "--input", "in.jsonl", *args]) == 0
     assert (os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == "0") == loopback
@@ -69,6 +70,17 @@ def test_probe_for_a_local_ray_does_not_import_ray() -> None:
     import subprocess
     import sys
 
-    code = "import sys; from deployments.cli import local_ray_running; local_ray_running(); print('ray' in sys.modules)"
+    code = "import sys; from cluster.loopback import local_ray_running; local_ray_running(); print('ray' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_status_png_without_matplotlib_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture) -> None:
+    """A plain install (no `plot` extra) gets one line naming the fix, not a ModuleNotFoundError traceback."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail as if not installed
+    assert cli.main(["status", "--url", "http://127.0.0.1:9", "--png", "grid.png"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pip install 'gridserve[plot]'" in err[0]

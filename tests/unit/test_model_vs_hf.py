@@ -65,12 +65,13 @@ def test_preemption_under_tiny_cache_keeps_tokens(model_dirs: dict, references: 
 
     from cluster.engine import AsyncEngine
     from cluster.generate import Request, generate_all
+    from tests.reference import greedy
 
     grid = LocalGrid(str(model_dirs["llama_gqa"]), 1, 1, num_blocks=9, block_size=4)
 
     async def run() -> tuple[list, AsyncEngine]:
         engine = AsyncEngine(grid, 4, 8, 256, 256)
-        reqs = [Request(i, p, SamplingParams(temperature=0.0), NEW) for i, p in enumerate(PROMPTS)]
+        reqs = [Request(i, p, greedy(NEW, ignore_eos=False)) for i, p in enumerate(PROMPTS)]
         return await generate_all(engine, reqs), engine
 
     results, engine = asyncio.run(run())

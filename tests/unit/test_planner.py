@@ -39,6 +39,9 @@ def test_70b_on_two_nvlink_nodes() -> None:
     t16 = layouts[(16, 1)]
     assert t16.tp_crosses_nodes and not t16.fits and t16.kv_replicas == 2
     assert any("spans nodes" in n for n in t16.notes) and any("replicated x2" in n for n in t16.notes)
+    allowed = {(x.tp, x.pp): x for x in plan(LLAMA_70B, ClusterShape(nodes=2, **NODE),
+                                             Target(max_model_len=8192, max_num_seqs=32), allow_tp_across_nodes=True)}
+    assert allowed[(16, 1)].fits and not any("refused" in n for n in allowed[(16, 1)].notes)
     best, why = recommend(list(layouts.values()), ClusterShape(nodes=2, **NODE))
     assert (best.tp, best.pp) == (4, 1) and "inside one node" in why and best.replicas == 4
 

@@ -92,6 +92,7 @@ def test_engine_tokens_unchanged_with_shared_prefixes(model_dirs: dict) -> None:
     """Requests sharing a long prefix give HF's greedy tokens with prefix caching on, and do hit the cache."""
     from cluster.engine import AsyncEngine
     from cluster.generate import Request, generate_all
+    from tests.reference import greedy
     from tests.local_grid import LocalGrid
 
     shared = [3, 17, 5, 42, 8, 11, 2, 60, 33, 9, 14, 21, 7]
@@ -101,7 +102,7 @@ def test_engine_tokens_unchanged_with_shared_prefixes(model_dirs: dict) -> None:
 
     async def run(first_alone: bool) -> tuple[list, AsyncEngine]:
         engine = AsyncEngine(grid, BS, 8, 256, 256)
-        reqs = [Request(i, p, GREEDY, 6, ignore_eos=True) for i, p in enumerate(prompts)]
+        reqs = [Request(i, p, greedy(6)) for i, p in enumerate(prompts)]
         head = await generate_all(engine, reqs[:1]) if first_alone else []
         rest = await generate_all(engine, reqs[len(head):])
         return head + rest, engine
@@ -118,6 +119,7 @@ def test_prefix_sharing_survives_preemption(model_dirs: dict) -> None:
     """With too few blocks for everyone, sequences that share blocks are preempted and resumed; tokens stay HF's."""
     from cluster.engine import AsyncEngine
     from cluster.generate import Request, generate_all
+    from tests.reference import greedy
     from tests.local_grid import LocalGrid
 
     shared = [3, 17, 5, 42, 8, 11, 2, 60]
@@ -127,8 +129,8 @@ def test_prefix_sharing_survives_preemption(model_dirs: dict) -> None:
 
     async def run() -> tuple[list, AsyncEngine]:
         engine = AsyncEngine(grid, BS, 6, 256, 256)
-        head = await generate_all(engine, [Request(0, prompts[0], GREEDY, 10, ignore_eos=True)])
-        rest = await generate_all(engine, [Request(i, p, GREEDY, 10, ignore_eos=True) for i, p in enumerate(prompts)
+        head = await generate_all(engine, [Request(0, prompts[0], greedy(10))])
+        rest = await generate_all(engine, [Request(i, p, greedy(10)) for i, p in enumerate(prompts)
                                            if i])
         return head + rest, engine
 

@@ -1,0 +1,217 @@
+"""One model replica: placement, the TP x PP grid, the engine, the tokenizer, and the one failure policy.
+
+The Serve app (HTTP <-> Replica) and the batch job (JSONL <-> Replica) are adapters over this class.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from typing import TYPE_CHECKING, Any, Callable, Protocol
+
+from cluster.config import GridServeConfig
+from cluster.detokenize import TextStream
+from cluster.engine import AsyncEngine, StepGrid
+from cluster.generate import open_stream, result_of
+from cluster.metrics import ReplicaMetrics, grid_flags
+from cluster.request import GenerationParams, RequestError, Result, check_prompt
+from cluster.tokenizer import load_tokenizer
+
+if TYPE_CHECKING:  # Ray is imported only where a Ray grid is made: tests run replicas over in-process grids
+    from ray.util.placement_group import PlacementGroup
+
+log = logging.getLogger("gridserve.replica")
+RETRY_AFTER_REBUILD_S = 5  # Retry-After while a failed grid is rebuilt (a rebuild reloads every shard)
+RETRY_AFTER_OVERLOAD_S = 1  # Retry-After when the waiting queue is full (a few decode steps free seats)
+
+
+class ReplicaGrid(StepGrid, Protocol):
+    """What a replica needs of its grid beyond stepping: per-worker stats and teardown."""
+
+    def worker_stats(self, timeout_s: float = 10.0) -> list[dict[str, Any]]:
+        """Each worker's place, memory and recent utilization, stage-major."""
+        ...
+
+    def close_dag(self) -> None:
+        """Release step machinery bound to the current event loop."""
+        ...
+
+    def shutdown(self) -> None:
+        """Stop every worker."""
+        ...
+
+
+class ReplicaUnavailable(RuntimeError):
+    """The replica cannot take the request now; retry after `retry_after_s` seconds."""
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class Replica:
+    """A TP x PP grid of workers with its engine: generate text, report its state, heal after a failure."""
+
+    def __init__(self, cfg: GridServeConfig, name: str = "replica", placement_group: PlacementGroup | None = None,
+                 bundle_offset: int = 0, grid_factory: Callable[[], ReplicaGrid] | None = None) -> None:
+        """Reserve the workers' placement group (unless given one, e.g. Serve's from `bundle_offset` on) and
+        start the grid; `grid_factory` replaces the Ray grid (tests run an in-process one)."""
+        self.cfg, self.name = cfg, name
+        self.spec = cfg.spec()
+        self.tokenizer = load_tokenizer(cfg.model)
+        self.metrics = ReplicaMetrics(name, cfg.model_name, lambda: self.last_snapshot)
+        self.pg, self.offset, self.owns_pg = placement_group, bundle_offset, False
+        if grid_factory is None and self.pg is None:
+            from cluster.placement import create_replica_group
+
+            self.pg, _ = create_replica_group(cfg)
+            self.owns_pg = True
+        self.new_grid = grid_factory or self._ray_grid
+        self.rebuilds = 0
+        self.rebuild_task: asyncio.Task[None] | None = None
+        try:
+            self.grid = self.new_grid()
+            # A max_model_len taken from the model shrinks to what this grid's KV cache holds (logged once).
+            self.cfg = cfg.fit_kv_cache(self.grid.num_blocks * cfg.block_size)
+        except BaseException:
+            self._free_placement()
+            raise
+        self.engine = self._new_engine()
+        self.last_snapshot = self._status([])
+
+    def _ray_grid(self) -> ReplicaGrid:
+        """Workers in this replica's placement group, from bundle `offset` on."""
+        from cluster.grid import WorkerGrid
+
+        return WorkerGrid(self.cfg, placement_group=self.pg, bundle_offset=self.offset)
+
+    def _new_engine(self) -> AsyncEngine:
+        return AsyncEngine.from_config(self.grid, self.cfg, self.spec.eos_token_ids, self.metrics.requests)
+
+    # -- requests -----------------------------------------------------------------------------------------------
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        """Token ids of a prompt given as text or as ids (RequestError for text without a tokenizer)."""
+        if isinstance(prompt, list):
+            return list(prompt)
+        if self.tokenizer is None:
+            raise RequestError("this model folder has no tokenizer; send the prompt as token ids", "prompt")
+        return list(self.tokenizer.encode(prompt))
+
+    def generate(self, prompt_ids: list[int], params: GenerationParams, n: int = 1) -> list[TextStream]:
+        """Queue `n` choices of one request; their text streams. RequestError if it can never be served,
+        ReplicaUnavailable if not now (grid rebuilding, queue full)."""
+        max_tokens = check_prompt(prompt_ids, self.spec.vocab_size, params.max_tokens, self.cfg.max_model_len)
+        self.check_available()
+        params = params.model_copy(update={"max_tokens": max_tokens})
+        return [open_stream(self.engine, self.tokenizer, prompt_ids, params, i) for i in range(n)]
+
+    async def complete(self, request_id: Any, prompt_ids: list[int], params: GenerationParams) -> Result:
+        """Generate one choice to the end; a request refused now or for good becomes a failed Result."""
+        try:
+            stream = self.generate(prompt_ids, params)[0]
+        except (RequestError, ReplicaUnavailable) as exc:
+            return Result(request_id, prompt_ids, [], "", None, str(exc))
+        return await result_of(request_id, prompt_ids, stream)
+
+    def check_alive(self) -> None:
+        """Raise ReplicaUnavailable (and start the rebuild) if the grid failed."""
+        if self.engine.dead:
+            self.heal()
+            raise ReplicaUnavailable(f"this replica's grid failed ({self.engine.dead}) and is being rebuilt; "
+                                     "retry", RETRY_AFTER_REBUILD_S)
+
+    def check_available(self) -> None:
+        """Raise ReplicaUnavailable unless new work can be queued now."""
+        self.check_alive()
+        if self.engine.num_waiting >= self.cfg.max_waiting_requests:
+            raise ReplicaUnavailable(f"server overloaded: {self.engine.num_waiting} requests queued; retry "
+                                     "shortly", RETRY_AFTER_OVERLOAD_S)
+
+    # -- failure policy -----------------------------------------------------------------------------------------
+    def heal(self) -> None:
+        """The one failure policy. The engine has already failed every in-flight request (a step over
+        `step_timeout_s` or a dead worker); here the grid is rebuilt, once at a time, in the same placement
+        group. Call from the event loop; `failure()` reports a rebuild that itself failed."""
+        if self.engine.dead and (self.rebuild_task is None or self.rebuild_task.done()):
+            self.rebuild_task = asyncio.get_running_loop().create_task(self._rebuild())
+
+    async def _rebuild(self) -> None:
+        """Kill the broken grid and start a fresh one (requests meanwhile get ReplicaUnavailable)."""
+        log.warning("replica %s: grid failed (%s); rebuilding it", self.name, self.engine.dead)
+        await asyncio.to_thread(self.grid.shutdown)
+        self.grid = await asyncio.to_thread(self.new_grid)
+        self.engine = self._new_engine()
+        self.rebuilds += 1
+        log.warning("replica %s: grid rebuilt (%d so far)", self.name, self.rebuilds)
+
+    def failure(self) -> str | None:
+        """Why this replica cannot recover by itself (its last rebuild failed), or None."""
+        task = self.rebuild_task
+        if task is not None and task.done() and not task.cancelled() and task.exception() is not None:
+            return f"grid rebuild failed: {task.exception()}"
+        return None
+
+    async def ready(self) -> bool:
+        """Heal a failed grid (unless its rebuild already failed) and wait for it; True if the grid serves now."""
+        if self.engine.dead and self.failure() is None:
+            self.heal()
+        if self.rebuild_task is not None:
+            await asyncio.wait([self.rebuild_task])
+        return not self.engine.dead
+
+    # -- state --------------------------------------------------------------------------------------------------
+    def _status(self, workers: list[dict[str, Any]]) -> dict[str, Any]:
+        """Engine counters and the given per-worker stats, with balance flags."""
+        e, sched = self.engine, self.engine.scheduler
+        engine = {"requests_running": e.num_running, "requests_waiting": e.num_waiting,
+                  "kv_cache_usage": sched.blocks.usage, "kv_cache_blocks": sched.blocks.num_blocks,
+                  "preemptions_total": sched.num_preemptions, "prefix_cache_hit_tokens_total": sched.prefix_hit_tokens,
+                  "prefix_cache_queried_tokens_total": sched.admitted_tokens, "steps_total": e.stats.steps,
+                  "prompt_tokens_total": e.stats.prompt_tokens, "generation_tokens_total": e.stats.generation_tokens}
+        return {"replica": self.name, "pid": os.getpid(), "tp": self.cfg.tensor_parallel_size,
+                "pp": self.cfg.pipeline_parallel_size, "rebuilds": self.rebuilds, "dead": e.dead, "engine": engine,
+                "workers": workers, "flags": grid_flags(workers)}
+
+    async def snapshot(self) -> dict[str, Any]:
+        """What /status, /metrics and `gridserve status` show; probing the workers finds a dead one even while
+        idle (then the grid is failed, healed, and ReplicaUnavailable raised). A failed grid is healed here too:
+        Serve's health check calls this even when no request comes."""
+        if self.engine.dead:
+            self.heal()
+        try:
+            workers = [] if self.engine.dead else await asyncio.to_thread(self.grid.worker_stats)
+        except Exception as exc:  # a Ray error from a dead or unreachable worker
+            self.engine.fail(f"worker unreachable: {type(exc).__name__}")
+            self.heal()
+            raise ReplicaUnavailable("a worker of this replica's grid died; rebuilding it",
+                                     RETRY_AFTER_REBUILD_S) from None
+        self.last_snapshot = self._status(workers)
+        return self.last_snapshot
+
+    async def metrics_text(self) -> bytes:
+        """Prometheus text of this replica, from a fresh snapshot."""
+        await self.snapshot()
+        return self.metrics.text()
+
+    def load(self) -> dict[str, float]:
+        """Load as LLM work, for the autoscaling policy."""
+        e = self.engine
+        return {"pending_tokens": float(e.pending_tokens()), "kv_cache_usage": float(e.scheduler.blocks.usage),
+                "running": float(e.num_running), "waiting": float(e.num_waiting)}
+
+    # -- teardown -----------------------------------------------------------------------------------------------
+    def close_dag(self) -> None:
+        """Release the grid's step machinery; call from the event loop that ran it, before it ends."""
+        self.grid.close_dag()
+
+    def shutdown(self) -> None:
+        """Stop the workers and free the placement group this replica reserved (never Serve's)."""
+        self.grid.shutdown()
+        self._free_placement()
+
+    def _free_placement(self) -> None:
+        if self.owns_pg and self.pg is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            remove_placement_group(self.pg)
+        self.pg = None

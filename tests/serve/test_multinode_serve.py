@@ -1,0 +1,31 @@
+"""The Serve path on a simulated 2-node cluster: a tp=2 x pp=2 replica keeps each TP group on one node."""
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import httpx
+import pytest
+
+from tests.serve.conftest import deploy, serve_on_loopback
+
+
+@pytest.fixture(scope="module")
+def url(two_nodes: Any, chat_model: str) -> Iterator[str]:
+    """Serve on the two nodes (2 logical GPUs each); one tp=2 pp=2 replica needs all four."""
+    with serve_on_loopback() as base:
+        deploy({"model": chat_model, "served_model_name": "tiny", "tensor_parallel_size": 2,
+                "pipeline_parallel_size": 2, "replica_cpus": 0.5, "max_model_len": 128,
+                "max_num_batched_tokens": 256, "block_size": 4, "kv_cache_memory_bytes": 2**20})
+        yield base
+
+
+@pytest.mark.timeout(600)
+def test_tp_groups_share_a_node_and_stages_spread(url: str) -> None:
+    """/status: each stage's two workers on one node, the stages on different nodes; a completion works."""
+    r = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 4},
+                   timeout=120)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+    workers = httpx.get(f"{url}/status", timeout=60).json()["workers"]
+    node = {(w["pp_rank"], w["tp_rank"]): w["node_id"] for w in workers}
+    assert len(node) == 4 and all(w["device"] == "cpu" for w in workers)
+    assert node[(0, 0)] == node[(0, 1)] and node[(1, 0)] == node[(1, 1)] and node[(0, 0)] != node[(1, 0)]

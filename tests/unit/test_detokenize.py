@@ -1,0 +1,83 @@
+"""Incremental detokenization: same text as one whole decode, stop strings cut in the same place, linear work."""
+from __future__ import annotations
+
+import asyncio
+from typing import Any, AsyncIterator
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cluster.detokenize import IncrementalDecoder, TextStream
+from cluster.engine import TokenEvent
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_dirs: dict) -> Any:
+    """The bundled byte-level BPE tokenizer (specials, multi-byte characters split over tokens)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dirs["llama_gqa"])
+
+
+class CountingTokenizer:
+    """Wraps a tokenizer and counts the token ids it is asked to decode."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.decoded = inner, 0
+
+    def decode(self, ids: list[int], **kwargs: Any) -> str:
+        self.decoded += len(ids)
+        return self.inner.decode(ids, **kwargs)
+
+
+async def events(ids: list[int]) -> AsyncIterator[TokenEvent]:
+    """An engine stream of `ids`, the last one with finish reason 'length'."""
+    for i, token in enumerate(ids):
+        yield TokenEvent(token, "length" if i == len(ids) - 1 else None)
+
+
+def stream_text(tokenizer: Any, ids: list[int], stop: list[str]) -> tuple[str, str | None]:
+    """All deltas of a TextStream over `ids`, and its finish reason."""
+    async def main() -> tuple[str, str | None]:
+        text, reason = "", None
+        async for delta, reason in TextStream(events(ids), tokenizer, stop):
+            text += delta
+        return text, reason
+    return asyncio.run(main())
+
+
+@settings(max_examples=60, deadline=None)
+@given(ids=st.lists(st.integers(0, 400), min_size=1, max_size=60))
+def test_deltas_add_up_to_the_whole_decode(tokenizer: Any, ids: list[int]) -> None:
+    """Random ids (specials, split UTF-8 characters): the deltas concatenate to decode(all ids)."""
+    decoder = IncrementalDecoder(tokenizer)
+    text = "".join(decoder.step(t) for t in ids)
+    assert text == decoder.text
+    whole = tokenizer.decode(ids, skip_special_tokens=True)
+    assert whole.startswith(text) and (text == whole or whole[len(text):] == "\ufffd" * len(whole[len(text):]))
+
+
+@settings(max_examples=40, deadline=None)
+@given(ids=st.lists(st.integers(6, 400), min_size=2, max_size=40), cut=st.integers(1, 6))
+def test_stop_strings_cut_where_a_whole_decode_would(tokenizer: Any, ids: list[int], cut: int) -> None:
+    """A stop string taken from the middle of the text ends the stream just before its first occurrence."""
+    whole = tokenizer.decode(ids, skip_special_tokens=True).rstrip("\ufffd")
+    stop = whole[len(whole) // 2:len(whole) // 2 + cut]
+    if not stop or "\ufffd" in stop:
+        return
+    text, reason = stream_text(tokenizer, ids, [stop])
+    assert reason == "stop" and text == whole[:whole.find(stop)]
+
+
+def test_decode_work_grows_linearly_with_the_output(tokenizer: Any) -> None:
+    """2,000 tokens decode about as many ids in total, not ~2,000^2 / 2 as a whole decode per token would."""
+    from deployments.make_model import CORPUS
+
+    ids = (tokenizer.encode(CORPUS, add_special_tokens=False) * 20)[:2000]
+    counting = CountingTokenizer(tokenizer)
+    decoder = IncrementalDecoder(counting)
+    for t in ids:
+        decoder.step(t)
+    assert decoder.text == tokenizer.decode(ids, skip_special_tokens=True)
+    assert counting.decoded < 10 * len(ids)

@@ -1,0 +1,126 @@
+"""The Replica over in-process grids: generation, the one failure policy (fail, rebuild, report), request checks."""
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from cluster.generate import collect
+from cluster.replica import RETRY_AFTER_OVERLOAD_S, RETRY_AFTER_REBUILD_S, Replica, ReplicaUnavailable
+from cluster.request import GenerationParams, RequestError
+from tests.local_grid import DyingGrid, LocalGrid, config, grids
+from tests.reference import PROMPTS, greedy, hf_greedy
+
+
+def test_generate_matches_hf_and_snapshot_reports_the_grid(model_dirs: dict) -> None:
+    """Greedy choices through the replica equal HF's; the snapshot lists every worker with its memory."""
+    d = model_dirs["llama_gqa"]
+    replica = Replica(config(d, tensor_parallel_size=2, pipeline_parallel_size=2), "r0",
+                      grid_factory=lambda: LocalGrid(str(d), 2, 2))
+
+    async def main() -> tuple[list[list[int]], dict]:
+        streams = [replica.generate(p, greedy(6))[0] for p in PROMPTS]
+        await asyncio.gather(*(collect(s) for s in streams))
+        return [list(s.ids) for s in streams], await replica.snapshot()
+
+    tokens, snap = asyncio.run(main())
+    assert tokens == [hf_greedy(d, p, 6)[0] for p in PROMPTS]
+    assert sorted((w["pp_rank"], w["tp_rank"]) for w in snap["workers"]) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert all(w["weight_bytes"] > 0 and w["steps"] > 0 for w in snap["workers"])
+    assert snap["engine"]["generation_tokens_total"] == 18 and snap["replica"] == "r0" and snap["dead"] is None
+
+
+def test_failed_grid_fails_in_flight_work_then_heals_in_place(model_dirs: dict) -> None:
+    """A dying grid ends the running request with an error, new requests get 503-style ReplicaUnavailable with
+    the rebuild Retry-After, and after the rebuild the replica serves again (rebuilds counted)."""
+    d = str(model_dirs["llama_gqa"])
+    replica = Replica(config(d), grid_factory=grids(lambda: DyingGrid(d, 3), lambda: LocalGrid(d, 1, 1)))
+
+    async def main() -> tuple[Any, ReplicaUnavailable, bool, list[int]]:
+        stream = replica.generate(PROMPTS[0], greedy(10))[0]
+        _, reason = await collect(stream)
+        with pytest.raises(ReplicaUnavailable) as refused:
+            replica.generate(PROMPTS[0], greedy(2))
+        ready = await replica.ready()
+        after = replica.generate(PROMPTS[1], greedy(4))[0]
+        await collect(after)
+        return (reason, stream.error), refused.value, ready, list(after.ids)
+
+    (reason, error), refused, ready, tokens = asyncio.run(main())
+    assert reason == "error" and "worker died" in error
+    assert refused.retry_after_s == RETRY_AFTER_REBUILD_S and "being rebuilt" in str(refused)
+    assert ready and replica.rebuilds == 1 and replica.failure() is None
+    assert tokens == hf_greedy(d, PROMPTS[1], 4)[0]
+
+
+def test_a_failed_rebuild_is_reported(model_dirs: dict) -> None:
+    """If the new grid cannot start, `failure()` says why (Serve's health check then replaces the replica)."""
+    d = str(model_dirs["llama_gqa"])
+
+    def no_resources() -> Any:
+        raise TimeoutError("the grid's placement group was not ready")
+
+    replica = Replica(config(d), grid_factory=grids(lambda: DyingGrid(d, 1), no_resources))
+
+    async def main() -> bool:
+        await collect(replica.generate(PROMPTS[0], greedy(3))[0])
+        replica.heal()
+        return await replica.ready()
+
+    assert asyncio.run(main()) is False
+    assert "grid rebuild failed" in replica.failure() and "placement group" in replica.failure()
+
+
+@pytest.mark.parametrize("prompt,max_tokens,param,text", [
+    ([], 4, "prompt", "empty"), (list(range(1, 50)) * 6, None, "prompt", "max_model_len is 256"),
+    ([5, 6], 255, "max_tokens", "at most 254"), ([5, 96], 4, "prompt", "[0, 96)")])
+def test_requests_that_can_never_fit_are_refused_naming_the_field(model_dirs: dict, prompt: list[int],
+                                                                  max_tokens: int | None, param: str, text: str) -> None:
+    """Empty, too long, too many tokens asked, out of the vocabulary: RequestError with the field to change."""
+    d = str(model_dirs["llama_gqa"])
+    replica = Replica(config(d), grid_factory=lambda: LocalGrid(d, 1, 1))
+    with pytest.raises(RequestError) as err:
+        replica.generate(prompt, GenerationParams(max_tokens=max_tokens))
+    assert err.value.param == param and text in str(err.value)
+
+
+def test_full_queue_is_refused_with_the_overload_retry_after(model_dirs: dict) -> None:
+    """Beyond max_waiting_requests queued, a request is refused for now (not failed for good)."""
+    d = str(model_dirs["llama_gqa"])
+    replica = Replica(config(d, max_num_seqs=1, max_waiting_requests=2), grid_factory=lambda: LocalGrid(d, 1, 1))
+
+    async def main() -> ReplicaUnavailable:
+        streams = [replica.generate(PROMPTS[0], greedy(2))[0] for _ in range(2)]  # none admitted yet: 2 waiting
+        with pytest.raises(ReplicaUnavailable) as refused:
+            replica.generate(PROMPTS[0], greedy(2))
+        await asyncio.gather(*(collect(s) for s in streams))
+        return refused.value
+
+    assert asyncio.run(main()).retry_after_s == RETRY_AFTER_OVERLOAD_S
+
+
+def test_a_stop_string_finishes_the_request_and_is_counted_as_stop(model_dirs: dict) -> None:
+    """Ending on a stop string is a normal finish: reason 'stop', blocks freed, counted by the metrics as 'stop'
+    with its end-to-end latency (not as an abort)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    d = str(model_dirs["llama_gqa"])
+    replica = Replica(config(d), "r0", grid_factory=lambda: LocalGrid(d, 1, 1))
+
+    async def main() -> tuple[str, str, str, str | None]:
+        full, _ = await collect(replica.generate(PROMPTS[0], greedy(12))[0])
+        stop = full.strip()[len(full.strip()) // 2:][:2]
+        text, reason = await collect(replica.generate(PROMPTS[0], greedy(12).model_copy(update={"stop": stop}))[0])
+        await collect(replica.generate(PROMPTS[1], greedy(2))[0])  # the stopped sequence's last step has landed
+        return full, stop, text, reason
+
+    full, stop, text, reason = asyncio.run(main())
+    assert stop and reason == "stop" and text == full[:full.find(stop)]
+    blocks = replica.engine.scheduler.blocks
+    assert blocks.num_available == replica.grid.num_blocks and not any(blocks.refs)
+    families = {f.name: f for f in text_string_to_metric_families(replica.metrics.text().decode())}
+    ended = {s.labels["finished_reason"]: s.value for s in families["gridserve_request_success"].samples
+             if s.name.endswith("_total")}
+    e2e = next(s.value for s in families["gridserve_e2e_request_latency_seconds"].samples if s.name.endswith("_count"))
+    assert ended == {"length": 2.0, "stop": 1.0} and e2e == 3
