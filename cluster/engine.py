@@ -11,6 +11,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
+from actors.shard.grammar import GrammarSpec
 from actors.shard.runner import StepOutput
 from actors.shard.sampler import Logprobs, SamplingParams
 from cluster.blocks import BlockManager
@@ -71,7 +72,8 @@ class AsyncEngine:
         self.dead: str | None = None  # set when the grid failed; new requests are refused
 
     def generate(self, prompt_ids: list[int], sampling: SamplingParams, max_tokens: int,
-                 stop_token_ids: tuple[int, ...] = (), ignore_eos: bool = False) -> AsyncIterator[TokenEvent]:
+                 stop_token_ids: tuple[int, ...] = (), ignore_eos: bool = False,
+                 grammar: GrammarSpec | None = None) -> AsyncIterator[TokenEvent]:
         """Queue one request now (ValueError at once if it can never fit) and return its token stream.
 
         Leaving the stream early aborts the request and frees its blocks. Call from the event loop.
@@ -79,7 +81,7 @@ class AsyncEngine:
         if self.dead:
             raise RuntimeError(f"this replica's grid failed ({self.dead}); retry on another replica")
         stops = (frozenset() if ignore_eos else self.eos) | frozenset(stop_token_ids)
-        seq = Sequence(next(self._ids), list(prompt_ids), sampling, max_tokens, stops)
+        seq = Sequence(next(self._ids), list(prompt_ids), sampling, max_tokens, stops, grammar=grammar)
         self.scheduler.add(seq)
         queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
         self.streams[seq.seq_id] = queue
