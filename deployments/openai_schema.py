@@ -8,9 +8,10 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from actors.shard.sampler import SamplingParams
+from deployments.openai_extras import ChatMessage, ClientFields, NamedToolChoice, Tool
 
 
-class SamplingFields(BaseModel):
+class SamplingFields(ClientFields):
     """Fields shared by completions and chat completions."""
 
     model_config = ConfigDict(extra="forbid")
@@ -52,7 +53,8 @@ class SamplingFields(BaseModel):
         """The sampler's view of choice `index` (choices of one seeded request get consecutive seeds)."""
         seed = None if self.seed is None else self.seed + index
         return SamplingParams(self.temperature, self.top_p, self.top_k, self.min_p, seed, self.repetition_penalty,
-                              self.presence_penalty, self.frequency_penalty, self.top_logprobs_asked())
+                              self.presence_penalty, self.frequency_penalty, self.top_logprobs_asked(),
+                              tuple((int(k), float(v)) for k, v in (self.logit_bias or {}).items()))
 
 
 class CompletionRequest(SamplingFields):
@@ -67,16 +69,6 @@ class CompletionRequest(SamplingFields):
         return self.logprobs
 
 
-class ChatMessage(BaseModel):
-    """One chat turn."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    role: Literal["system", "user", "assistant"]
-    content: str
-    name: str | None = None
-
-
 class ChatRequest(SamplingFields):
     """POST /v1/chat/completions."""
 
@@ -84,6 +76,10 @@ class ChatRequest(SamplingFields):
     logprobs: bool = Field(False, description="Return the sampled tokens' logprobs.")
     top_logprobs: int | None = Field(None, ge=0, le=20, description="Top alternatives per token (needs logprobs).")
     max_completion_tokens: int | None = Field(None, ge=1, description="Newer name for max_tokens.")
+    tools: list[Tool] | None = Field(None, max_length=128, description="Functions the model may call.")
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description="none | auto (default with tools) | required | a named function.")
+    parallel_tool_calls: bool | None = Field(None, description="With `required`: allow more than one call.")
 
     @model_validator(mode="after")
     def _max_completion_tokens(self) -> "ChatRequest":

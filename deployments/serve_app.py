@@ -21,7 +21,12 @@ from cluster.detokenize import TextStream
 from cluster.engine import AsyncEngine
 from cluster.metrics import grid_flags, prometheus_text
 from cluster.tokenizer import load_tokenizer
+from deployments.chat import chat_prompt_ids
+from deployments.openai_extras import BadRequest
 from deployments.openai_schema import ChatRequest, CompletionRequest, SamplingFields, error_body, new_id, now
+from deployments.structured import grammar_of
+from deployments.tokenize_api import DetokenizeRequest, TokenizeRequest, detokenize, tokenize
+from deployments.tools import ToolOutput, tool_grammar, tool_mode
 from deployments.ray_metrics import RayMetrics
 from deployments.responses import collect, sse
 
@@ -44,6 +49,12 @@ class APIError(Exception):
 async def _api_error(_: Request, exc: APIError) -> JSONResponse:
     """Render APIError."""
     return JSONResponse(error_body(exc.message, exc.type, exc.param), exc.status, headers=exc.headers)
+
+
+@api.exception_handler(BadRequest)
+async def _bad_request(_: Request, exc: BadRequest) -> JSONResponse:
+    """A request we cannot honour: 400 naming the parameter."""
+    return JSONResponse(error_body(str(exc), param=exc.param), 400)
 
 
 @api.exception_handler(RequestValidationError)
@@ -212,18 +223,30 @@ class LLMServer:
             ids = self.tokenizer.encode(body.prompt)
         else:
             ids = list(body.prompt)
-        return await self._respond(body, ids, chat=False)
+        return await self._respond(body, ids, chat=False, grammar=grammar_of(body))
 
     @api.post("/v1/chat/completions")
     async def chat(self, request: Request) -> Any:
         """Chat completion using the tokenizer's chat template."""
         self._authorize(request)
         body = await parse_body(request, ChatRequest)
-        messages = [m.model_dump(exclude_none=True) for m in body.messages]
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-            ids = ids["input_ids"]
-        return await self._respond(body, list(ids), chat=True)
+        mode, name = tool_mode(body.tools, body.tool_choice)
+        grammar = grammar_of(body, tool_grammar(body.tools, mode, name, body.parallel_tool_calls))
+        ids = chat_prompt_ids(self.tokenizer, body.messages, body.tools if mode != "none" else None)
+        tools = None if mode == "none" else (lambda: ToolOutput(mode, name))
+        return await self._respond(body, ids, chat=True, grammar=grammar, tools=tools)
+
+    @api.post("/tokenize")
+    async def tokenize_route(self, request: Request) -> dict[str, Any]:
+        """vLLM's /tokenize: token ids of a prompt or of a rendered chat."""
+        self._authorize(request)
+        return tokenize(self.tokenizer, await parse_body(request, TokenizeRequest), self.cfg.max_model_len)
+
+    @api.post("/detokenize")
+    async def detokenize_route(self, request: Request) -> dict[str, Any]:
+        """vLLM's /detokenize: the text of token ids."""
+        self._authorize(request)
+        return detokenize(self.tokenizer, await parse_body(request, DetokenizeRequest), self.vocab_size)
 
     def _check(self, body: SamplingFields, ids: list[int]) -> int:
         """Validate the request against this model; returns the effective max_tokens."""
@@ -234,6 +257,8 @@ class LLMServer:
             raise APIError(400, "prompt is empty", param="prompt")
         if min(ids) < 0 or max(ids) >= self.vocab_size:
             raise APIError(400, f"prompt token ids must lie in [0, {self.vocab_size})", param="prompt")
+        if any(int(t) >= self.vocab_size for t in body.logit_bias or {}):
+            raise APIError(400, f"logit_bias token ids must lie in [0, {self.vocab_size})", param="logit_bias")
         room = self.cfg.max_model_len - len(ids)
         if room < 1:
             raise APIError(400, f"prompt has {len(ids)} tokens; max_model_len is {self.cfg.max_model_len}, which "
@@ -251,22 +276,24 @@ class LLMServer:
                            "server_error", headers={"Retry-After": "1"})
         return body.max_tokens or room
 
-    async def _respond(self, body: SamplingFields, ids: list[int], chat: bool) -> Any:
-        """Run the request's n choices; answer as one body or as an SSE stream."""
+    async def _respond(self, body: SamplingFields, ids: list[int], chat: bool, grammar: Any = None,
+                       tools: Any = None) -> Any:
+        """Run the request's n choices (under `grammar` if set); answer as one body or as an SSE stream."""
         max_tokens = self._check(body, ids)
         stops = body.stop_list()
         try:
             streams = [TextStream(self.engine.generate(ids, body.sampling(i), max_tokens, tuple(body.stop_token_ids),
-                                                       body.ignore_eos), self.tokenizer, stops)
+                                                       body.ignore_eos, grammar), self.tokenizer, stops)
                        for i in range(body.n)]
         except ValueError as exc:
             raise APIError(400, str(exc), param="prompt") from None
         rid = new_id("chatcmpl" if chat else "cmpl")
         if body.stream:
-            return StreamingResponse(sse(streams, self.tokenizer, rid, body.model, chat),
-                                     media_type="text/event-stream")
+            include_usage = body.stream_options is not None and body.stream_options.include_usage
+            return StreamingResponse(sse(streams, self.tokenizer, rid, body.model, chat, tools,
+                                         len(ids) if include_usage else None), media_type="text/event-stream")
         start = time.perf_counter()
-        result, error = await collect(streams, self.tokenizer, rid, body.model, chat, len(ids))
+        result, error = await collect(streams, self.tokenizer, rid, body.model, chat, len(ids), tools)
         if error is not None:
             raise APIError(503, f"generation failed: {error}; retry", "server_error")
         # Engine time (queue + steps + detokenize) lets clients split latency into engine vs Serve/HTTP.

@@ -67,7 +67,7 @@ class GrammarRef:
 class _Live:
     """One sequence's matcher and how many of its tokens it has consumed."""
 
-    matcher: llguidance.LLMatcher
+    matcher: llguidance.LLMatcher | None  # None: the grammar failed to compile, the sequence can only stop
     consumed: int = 0
 
 
@@ -124,7 +124,11 @@ class GrammarBank:
         """The live matcher of a sequence, created on its first step; checks it is in step with the driver."""
         live = self.live.get(ref.seq_id)
         if live is None or output_index == 0:  # at index 0 a fresh matcher is right, whatever was left here
-            live = self.live[ref.seq_id] = _Live(self._template(ref.spec).deep_copy())
+            try:
+                matcher: llguidance.LLMatcher | None = self._template(ref.spec).deep_copy()
+            except ValueError:  # the API checks grammars first; never fail the whole step for one sequence
+                matcher = None
+            live = self.live[ref.seq_id] = _Live(matcher)
         if live.consumed != output_index:
             raise RuntimeError(f"grammar state of sequence {ref.seq_id} has consumed {live.consumed} tokens but "
                                f"the sequence has {output_index}; the sampling rank lost its state")
@@ -148,11 +152,12 @@ class GrammarBank:
     def _masks(self, rows: list[int], lives: list[_Live]) -> tuple[list[int], torch.Tensor]:
         """Fill every grammar row's bitmask at once (llguidance's thread pool), then unpack it."""
         bits = llguidance.torch.allocate_token_bitmask(len(rows), self.vocab_size)
-        llguidance.torch.fill_next_token_bitmask_par(self._executor, [(lv.matcher, g) for g, lv in
-                                                                      enumerate(lives)], bits)
+        pairs = [(lv.matcher, g) for g, lv in enumerate(lives) if lv.matcher is not None]
+        if pairs:
+            llguidance.torch.fill_next_token_bitmask_par(self._executor, pairs, bits)
         allowed = unpack_bitmask(bits, self.vocab_size)
         for g, lv in enumerate(lives):
-            if lv.matcher.is_error() or lv.matcher.is_stopped() or not allowed[g].any():
+            if lv.matcher is None or lv.matcher.is_error() or lv.matcher.is_stopped() or not allowed[g].any():
                 # Finished (or broken) grammar: only a stop token may follow, so the sequence ends here.
                 allowed[g] = not self.eos_ids  # no stop token known: leave the row free rather than empty
                 allowed[g, self.eos_ids] = True
@@ -164,7 +169,7 @@ class GrammarBank:
             if ref is None:
                 continue
             live = self.live[ref.seq_id]
-            if not live.matcher.is_stopped():
+            if live.matcher is not None and not live.matcher.is_stopped():
                 live.matcher.consume_token(tok)
             live.consumed += 1
 
