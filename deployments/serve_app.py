@@ -232,7 +232,7 @@ class LLMServer:
         body = await parse_body(request, ChatRequest)
         mode, name = tool_mode(body.tools, body.tool_choice)
         grammar = grammar_of(body, tool_grammar(body.tools, mode, name, body.parallel_tool_calls))
-        ids = chat_prompt_ids(self.tokenizer, body.messages, body.tools if mode != "none" else None)
+        ids = chat_prompt_ids(self.tokenizer, body.messages, body.tools)  # as vLLM: listed even with choice none
         tools = None if mode == "none" else (lambda: ToolOutput(mode, name))
         return await self._respond(body, ids, chat=True, grammar=grammar, tools=tools)
 
