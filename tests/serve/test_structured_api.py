@@ -190,6 +190,16 @@ def test_logit_bias_and_tokenize_routes(url: str, client: openai.OpenAI) -> None
     assert client.models.list().data[0].model_extra["max_model_len"] == 512
 
 
+def test_completions_take_constraints_too(client: openai.OpenAI) -> None:
+    """/v1/completions honours guided_choice and structured_outputs.regex, n=3."""
+    out = client.completions.create(model="tiny", prompt="pick:", max_tokens=20, n=3,
+                                    extra_body={"guided_choice": ["left", "right"]})
+    assert all(c.text in ("left", "right") and c.finish_reason == "stop" for c in out.choices)
+    out = client.completions.create(model="tiny", prompt="code:", max_tokens=20, n=2,
+                                    extra_body={"structured_outputs": {"regex": "[A-Z]{2}[0-9]{2}"}})
+    assert all(len(c.text) == 4 and c.text[:2].isupper() and c.text[2:].isdigit() for c in out.choices)
+
+
 @pytest.mark.parametrize("extra,param", [
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/a.png"}}]}]},
      "messages.0.content.0"),
