@@ -55,9 +55,14 @@ def tool_grammar(tools: list[Tool] | None, mode: str, name: str | None,
 
 
 def call_delta(index: int, name: str, arguments: str) -> dict[str, Any]:
-    """One complete tool call as a chat delta (OpenAI's shape: index, id, type, function)."""
+    """The opening delta of a tool call (OpenAI's shape: index, id, type, name), with `arguments` so far."""
     return {"tool_calls": [{"index": index, "id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
                             "function": {"name": name, "arguments": arguments}}]}
+
+
+def call_deltas(index: int, name: str, arguments: str) -> list[dict[str, Any]]:
+    """A whole call as OpenAI streams it: the opening delta, then the arguments."""
+    return [call_delta(index, name, ""), {"tool_calls": [{"index": index, "function": {"arguments": arguments}}]}]
 
 
 class ToolOutput:
@@ -88,7 +93,7 @@ class ToolOutput:
             out = self._drain()
             if self.buffer:  # an unclosed block: a call if its JSON is whole, else plain text
                 call = self._parse(self.buffer[len(OPEN):]) if self.buffer.startswith(OPEN) else None
-                out.append(call if call is not None else {"content": self.buffer})
+                out += call if call is not None else [{"content": self.buffer}]
                 self.buffer = ""
         return out, "tool_calls" if self.calls and reason == "stop" else reason
 
@@ -111,11 +116,11 @@ class ToolOutput:
                 break  # the block is still being generated
             body, self.buffer = self.buffer[len(OPEN):end], self.buffer[end + len(CLOSE):]
             call = self._parse(body)
-            out.append(call if call is not None else {"content": OPEN + body + CLOSE})
+            out += call if call is not None else [{"content": OPEN + body + CLOSE}]
         return out
 
-    def _parse(self, body: str) -> dict[str, Any] | None:
-        """A call delta from a block's JSON ({"name", "arguments"}), or None when it is not one."""
+    def _parse(self, body: str) -> list[dict[str, Any]] | None:
+        """Call deltas from a block's JSON ({"name", "arguments"}), or None when it is not one."""
         try:
             obj = json.loads(body)
         except json.JSONDecodeError:
@@ -124,7 +129,7 @@ class ToolOutput:
             return None
         args = obj.get("arguments", obj.get("parameters", {}))
         self.calls += 1
-        return call_delta(self.calls - 1, obj["name"], args if isinstance(args, str) else json.dumps(args))
+        return call_deltas(self.calls - 1, obj["name"], args if isinstance(args, str) else json.dumps(args))
 
     def _required_calls(self) -> list[dict[str, Any]]:
         """Required mode: the generated JSON list of {name, arguments} as call deltas."""
@@ -132,9 +137,8 @@ class ToolOutput:
             items = json.loads(self.buffer)
         except json.JSONDecodeError:
             return [{"content": self.buffer}] if self.buffer else []  # cut short by max_tokens
-        out = [call_delta(i, c["name"], json.dumps(c["arguments"])) for i, c in enumerate(items)]
-        self.calls = len(out)
-        return out
+        self.calls = len(items)
+        return [d for i, c in enumerate(items) for d in call_deltas(i, c["name"], json.dumps(c["arguments"]))]
 
 
 def merge(deltas: list[dict[str, Any]]) -> dict[str, Any]:

@@ -39,6 +39,11 @@ def test_hermes_blocks_become_tool_calls_however_the_text_is_split(size: int) ->
     assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Paris"}
     assert all(c["id"].startswith("call_") and c["type"] == "function" for c in calls)
     assert not any("<tool_call" in d.get("content", "") for d in deltas)  # never leaked as text while streaming
+    calls = [d["tool_calls"][0] for d in deltas if "tool_calls" in d]  # OpenAI's stream shape: header, then args
+    assert [("id" in c, c["function"].get("name")) for c in calls] == [(True, "get_weather"), (False, None),
+                                                                       (True, "now"), (False, None)]
+    assert calls[0]["function"]["arguments"] == ""
+    assert calls[1] == {"index": 0, "function": {"arguments": '{"city": "Paris"}'}}
 
 
 def test_plain_text_and_broken_blocks_stay_content() -> None:
