@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, AsyncGenerator, Protocol
 
+from actors.shard.grammar import GrammarSpec
 from actors.shard.runner import StepInput, StepOutput
 from actors.shard.sampler import Logprobs, SamplingParams
 from cluster.blocks import BlockManager
@@ -78,7 +79,7 @@ class AsyncEngine:
 
     def generate(self, prompt_ids: list[int], sampling: SamplingParams, max_tokens: int | None,
                  stop_token_ids: tuple[int, ...] = (), ignore_eos: bool = False,
-                 ) -> AsyncGenerator[TokenEvent, str | None]:
+                 grammar: GrammarSpec | None = None) -> AsyncGenerator[TokenEvent, str | None]:
         """Queue one request now and return its token stream; RequestError (a ValueError) at once if it can
         never fit, RuntimeError if the grid failed. `max_tokens=None` fills max_model_len.
 
@@ -88,7 +89,8 @@ class AsyncEngine:
             raise RuntimeError(f"this replica's grid failed ({self.dead}); retry on another replica")
         budget = token_budget(len(prompt_ids), max_tokens, self.scheduler.max_model_len)
         stops = (frozenset() if ignore_eos else self.eos) | frozenset(stop_token_ids)
-        seq = Sequence(next(self._ids), list(prompt_ids), sampling, budget, stops, arrival=time.perf_counter())
+        seq = Sequence(next(self._ids), list(prompt_ids), sampling, budget, stops, arrival=time.perf_counter(),
+                       grammar=grammar)
         self.scheduler.add(seq)
         queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
         self.streams[seq.seq_id] = queue

@@ -5,6 +5,7 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any
 
+from actors.shard.grammar import GrammarSpec
 from cluster.detokenize import TextStream
 from cluster.engine import AsyncEngine
 from cluster.request import GenerationParams, Result, RequestError
@@ -20,10 +21,11 @@ class Request:
 
 
 def open_stream(engine: AsyncEngine, tokenizer: Any, prompt_ids: list[int], params: GenerationParams,
-                index: int = 0) -> TextStream:
-    """Queue choice `index` of a request on `engine` (RequestError at once if it can never fit); its text stream."""
+                index: int = 0, grammar: GrammarSpec | None = None) -> TextStream:
+    """Queue choice `index` of a request on `engine` (RequestError at once if it can never fit), its tokens
+    constrained by `grammar` if given; its text stream."""
     events = engine.generate(prompt_ids, params.sampling(index), params.max_tokens,
-                             tuple(params.stop_token_ids), params.ignore_eos)
+                             tuple(params.stop_token_ids), params.ignore_eos, grammar)
     return TextStream(events, tokenizer, params.stop_list())
 
 

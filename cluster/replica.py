@@ -9,12 +9,13 @@ import logging
 import os
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
+from actors.shard.grammar import GrammarSpec
 from cluster.config import GridServeConfig
 from cluster.detokenize import TextStream
 from cluster.engine import AsyncEngine, StepGrid
 from cluster.generate import open_stream, result_of
 from cluster.metrics import ReplicaMetrics, grid_flags
-from cluster.request import GenerationParams, RequestError, Result, check_prompt
+from cluster.request import GenerationParams, RequestError, Result, check_logit_bias, check_prompt
 from cluster.tokenizer import load_tokenizer
 
 if TYPE_CHECKING:  # Ray is imported only where a Ray grid is made: tests run replicas over in-process grids
@@ -97,13 +98,15 @@ class Replica:
             raise RequestError("this model folder has no tokenizer; send the prompt as token ids", "prompt")
         return list(self.tokenizer.encode(prompt))
 
-    def generate(self, prompt_ids: list[int], params: GenerationParams, n: int = 1) -> list[TextStream]:
-        """Queue `n` choices of one request; their text streams. RequestError if it can never be served,
-        ReplicaUnavailable if not now (grid rebuilding, queue full)."""
+    def generate(self, prompt_ids: list[int], params: GenerationParams, n: int = 1,
+                 grammar: GrammarSpec | None = None) -> list[TextStream]:
+        """Queue `n` choices of one request (tokens constrained by `grammar` if given); their text streams.
+        RequestError if it can never be served, ReplicaUnavailable if not now (grid rebuilding, queue full)."""
         max_tokens = check_prompt(prompt_ids, self.spec.vocab_size, params.max_tokens, self.cfg.max_model_len)
+        check_logit_bias(params.logit_bias, self.spec.vocab_size)
         self.check_available()
         params = params.model_copy(update={"max_tokens": max_tokens})
-        return [open_stream(self.engine, self.tokenizer, prompt_ids, params, i) for i in range(n)]
+        return [open_stream(self.engine, self.tokenizer, prompt_ids, params, i, grammar) for i in range(n)]
 
     async def complete(self, request_id: Any, prompt_ids: list[int], params: GenerationParams) -> Result:
         """Generate one choice to the end; a request refused now or for good becomes a failed Result."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from actors.shard.sampler import SamplingParams
 
@@ -33,6 +33,19 @@ class GenerationParams(BaseModel):
     stop_token_ids: list[int] = Field(default_factory=list, max_length=64, description="vLLM extension: token ids "
                                       "that end the generation.")
     ignore_eos: bool = Field(False, description="vLLM extension: keep generating past the end-of-sequence token.")
+    logit_bias: dict[str, float] | None = Field(None, description="Token id (as a string) -> bias in [-100, 100], "
+                                                "added to its logit before sampling.")
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        """Keys are token ids, values lie in [-100, 100], as OpenAI requires."""
+        for key, bias in (v or {}).items():
+            if not key.lstrip("-").isdigit() or int(key) < 0:
+                raise ValueError(f"key {key!r} is not a token id")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"bias {bias} of token {key} is outside [-100, 100]")
+        return v
 
     @model_validator(mode="after")
     def _stops(self) -> "GenerationParams":
@@ -54,7 +67,8 @@ class GenerationParams(BaseModel):
         """The sampler's view of choice `index` (choices of one seeded request get consecutive seeds)."""
         seed = None if self.seed is None else self.seed + index
         return SamplingParams(self.temperature, self.top_p, self.top_k, self.min_p, seed, self.repetition_penalty,
-                              self.presence_penalty, self.frequency_penalty, self.top_logprobs_asked())
+                              self.presence_penalty, self.frequency_penalty, self.top_logprobs_asked(),
+                              tuple((int(k), float(v)) for k, v in (self.logit_bias or {}).items()))
 
 
 @dataclass
@@ -96,3 +110,9 @@ def check_prompt(prompt_ids: list[int], vocab_size: int, max_tokens: int | None,
     if prompt_ids and (min(prompt_ids) < 0 or max(prompt_ids) >= vocab_size):
         raise RequestError(f"prompt token ids must lie in [0, {vocab_size})", "prompt")
     return token_budget(len(prompt_ids), max_tokens, max_model_len)
+
+
+def check_logit_bias(bias: dict[str, float] | None, vocab_size: int) -> None:
+    """Every biased token id lies in the vocabulary."""
+    if any(int(token) >= vocab_size for token in bias or {}):
+        raise RequestError(f"logit_bias token ids must lie in [0, {vocab_size})", "logit_bias")

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from actors.shard.grammar import GrammarRef, GrammarSpec
 from actors.shard.runner import StepInput, StepOutput
 from actors.shard.sampler import SamplingParams
 from cluster.blocks import BlockManager
@@ -31,6 +32,7 @@ class Sequence:
     in_flight: bool = False  # part of a step the grid has not answered yet (pipelined steps)
     arrival: float = 0.0  # perf_counter() at submit (queue time, TTFT)
     scheduled_at: float | None = None  # perf_counter() of its first step
+    grammar: GrammarSpec | None = None  # structured output: the sampling rank masks tokens by this grammar
 
     @property
     def tokens(self) -> list[int]:
@@ -56,6 +58,7 @@ class Scheduler:
         self.num_preemptions = 0
         self.prefix_hit_tokens = 0  # admitted tokens whose KV came from the prefix cache
         self.admitted_tokens = 0  # all tokens of admitted sequences (hit rate = the ratio)
+        self.grammar_done: list[int] = []  # retired grammar sequences, told to the sampling rank in the next step
 
     def add(self, seq: Sequence) -> None:
         """Queue a new sequence (its length was checked by `cluster.request.token_budget`); one whose blocks
@@ -154,7 +157,14 @@ class Scheduler:
             block_tables=[list(s.block_table) for s in seqs], sampling=[s.params for s in seqs],
             output_index=[len(s.output_ids) for s in seqs],
             histories=[(s.prompt_ids, s.output_ids) if s.params.needs_history else None for s in seqs]
-            if any(s.params.needs_history for s in seqs) else None)
+            if any(s.params.needs_history for s in seqs) else None,
+            grammars=[GrammarRef(s.seq_id, s.grammar) if s.grammar else None for s in seqs]
+            if any(s.grammar for s in seqs) else None, grammar_release=self._drain_grammar_done())
+
+    def _drain_grammar_done(self) -> list[int]:
+        """Ids of retired grammar sequences not yet reported to the sampling rank."""
+        done, self.grammar_done = self.grammar_done, []
+        return done
 
     def update(self, seqs: list[Sequence], out: StepOutput) -> list[Sequence]:
         """Append each sampled token, apply stop rules, retire finished sequences; returns the finished."""
@@ -181,6 +191,8 @@ class Scheduler:
 
     def retire(self, seq: Sequence) -> None:
         """Drop a sequence from the batch (finished or aborted); blocks of a mid-step one are freed by update()."""
+        if seq.grammar is not None:
+            self.grammar_done.append(seq.seq_id)
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:

@@ -8,9 +8,10 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cluster.request import GenerationParams
+from deployments.openai_extras import ChatMessage, ClientFields, NamedToolChoice, Tool
 
 
-class SamplingFields(GenerationParams):
+class SamplingFields(GenerationParams, ClientFields):
     """Fields shared by completions and chat completions: the one request model plus the HTTP-only ones."""
 
     model: str = Field(description="Served model name (see GET /v1/models).")
@@ -31,16 +32,6 @@ class CompletionRequest(SamplingFields):
         return self.logprobs
 
 
-class ChatMessage(BaseModel):
-    """One chat turn."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    role: Literal["system", "user", "assistant"]
-    content: str
-    name: str | None = None
-
-
 class ChatRequest(SamplingFields):
     """POST /v1/chat/completions."""
 
@@ -48,6 +39,10 @@ class ChatRequest(SamplingFields):
     logprobs: bool = Field(False, description="Return the sampled tokens' logprobs.")
     top_logprobs: int | None = Field(None, ge=0, le=20, description="Top alternatives per token (needs logprobs).")
     max_completion_tokens: int | None = Field(None, ge=1, description="Newer name for max_tokens.")
+    tools: list[Tool] | None = Field(None, max_length=128, description="Functions the model may call.")
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description="none | auto (default with tools) | required | a named function.")
+    parallel_tool_calls: bool | None = Field(None, description="With `required`: allow more than one call.")
 
     @model_validator(mode="after")
     def _max_completion_tokens(self) -> "ChatRequest":

@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from cluster.detokenize import TextStream
 from cluster.generate import collect
 from deployments.openai_schema import error_body, now
+from deployments.tools import ToolOutput, merge
+
+ToolFactory = Callable[[], ToolOutput] | None  # a fresh tool-call parser per choice (chat with tools)
 
 
 def format_logprobs(stream: TextStream, tokenizer: Any, chat: bool, start: int = 0) -> dict | None:
@@ -26,26 +29,37 @@ def format_logprobs(stream: TextStream, tokenizer: Any, chat: bool, start: int =
             "text_offset": []}
 
 
-def choice_body(index: int, text: str, reason: str | None, logprobs: dict | None, chat: bool) -> dict:
-    """One choice of a whole (non-streamed) response."""
+def choice_body(index: int, text: str, reason: str | None, logprobs: dict | None, chat: bool,
+                tools: ToolFactory = None) -> dict:
+    """One choice of a whole (non-streamed) response; with tools, calls in the text become `tool_calls`."""
+    message = {"role": "assistant", "content": text}
+    if chat and tools is not None:
+        parser = tools()
+        deltas = parser.feed(text)
+        tail, reason = parser.finish(reason)
+        message = merge(deltas + tail)
     body: dict[str, Any] = {"index": index, "finish_reason": reason, "logprobs": logprobs}
-    body.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
+    body.update({"message": message} if chat else {"text": text})
     return body
 
 
+def usage(prompt_len: int, streams: list[TextStream]) -> dict[str, int]:
+    """OpenAI's usage object."""
+    completion = sum(s.num_tokens for s in streams)
+    return {"prompt_tokens": prompt_len, "completion_tokens": completion, "total_tokens": prompt_len + completion}
+
+
 async def collect_choices(streams: list[TextStream], tokenizer: Any, rid: str, model: str, chat: bool,
-                          prompt_len: int) -> tuple[dict | None, str | None]:
+                          prompt_len: int, tools: ToolFactory = None) -> tuple[dict | None, str | None]:
     """Run every choice to the end; returns (response body, error message of a failed choice)."""
     done = await asyncio.gather(*(collect(s) for s in streams))
     failed = next((s.error for s in streams if s.error), None)
     if failed:
         return None, failed
-    completion = sum(s.num_tokens for s in streams)
     return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": now(), "model": model,
-            "choices": [choice_body(i, text, reason, format_logprobs(s, tokenizer, chat), chat)
+            "choices": [choice_body(i, text, reason, format_logprobs(s, tokenizer, chat), chat, tools)
                         for i, ((text, reason), s) in enumerate(zip(done, streams))],
-            "usage": {"prompt_tokens": prompt_len, "completion_tokens": completion,
-                      "total_tokens": prompt_len + completion}}, None
+            "usage": usage(prompt_len, streams)}, None
 
 
 def event(payload: dict) -> str:
@@ -53,17 +67,31 @@ def event(payload: dict) -> str:
     return f"data: {json.dumps(payload)}\n\n"
 
 
-async def sse(streams: list[TextStream], tokenizer: Any, rid: str, model: str, chat: bool) -> AsyncIterator[str]:
-    """Server-sent events for n choices interleaved as they produce text, then `data: [DONE]`."""
+def chat_deltas(parser: ToolOutput | None, text: str, reason: str | None) -> tuple[list[dict], str | None]:
+    """A choice's chat deltas for new text (tool calls parsed out when tools are on) and its finish reason."""
+    if parser is None:
+        return ([{"content": text}] if text else []), reason
+    deltas = parser.feed(text)
+    if reason is None or reason == "error":
+        return deltas, reason
+    tail, reason = parser.finish(reason)
+    return deltas + tail, reason
+
+
+async def sse(streams: list[TextStream], tokenizer: Any, rid: str, model: str, chat: bool,
+              tools: ToolFactory = None, usage_prompt: int | None = None) -> AsyncIterator[str]:
+    """Server-sent events for n choices interleaved as they produce text, then (if `usage_prompt` is given) a
+    usage chunk without choices, then `data: [DONE]`."""
     obj = "chat.completion.chunk" if chat else "text_completion"
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(index: int, stream: TextStream) -> None:
-        seen = 0
+        seen, parser = 0, tools() if chat and tools is not None else None
         async for delta, reason in stream:
             lps = format_logprobs(stream, tokenizer, chat, seen)
             seen = len(stream.logprobs)
-            queue.put_nowait((index, delta, reason, lps, stream.error))
+            parts, reason = chat_deltas(parser, delta, reason) if chat else ([{"text": delta}], reason)
+            queue.put_nowait((index, parts, reason, lps, stream.error))
         queue.put_nowait(None)
 
     tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
@@ -79,13 +107,20 @@ async def sse(streams: list[TextStream], tokenizer: Any, rid: str, model: str, c
             if item is None:
                 remaining -= 1
                 continue
-            index, delta, reason, lps, error = item
+            index, parts, reason, lps, error = item
             if reason == "error":
                 yield event(error_body(f"generation failed: {error}; retry", "server_error"))
                 return
-            part = {"delta": {"content": delta} if delta else {}} if chat else {"text": delta}
-            yield event({"id": rid, "object": obj, "created": now(), "model": model,
-                         "choices": [{"index": index, **part, "logprobs": lps, "finish_reason": reason}]})
+            if chat:  # one chunk per delta; finish reason and logprobs never dropped (an empty delta carries them)
+                parts = [{"delta": d} for d in parts or ([{}] if reason is not None or lps else [])]
+            for k, part in enumerate(parts):
+                last = k == len(parts) - 1
+                yield event({"id": rid, "object": obj, "created": now(), "model": model,
+                             "choices": [{"index": index, **part, "logprobs": lps if k == 0 else None,
+                                          "finish_reason": reason if last else None}]})
+        if usage_prompt is not None:
+            yield event({"id": rid, "object": obj, "created": now(), "model": model, "choices": [],
+                         "usage": usage(usage_prompt, streams)})
         yield "data: [DONE]\n\n"
     finally:
         for t in tasks:

@@ -15,7 +15,11 @@ from cluster.config import GridServeConfig
 from cluster.metrics import CONTENT_TYPE
 from cluster.replica import Replica, ReplicaUnavailable
 from deployments.http import APIError, api, parse_body
+from deployments.chat import chat_prompt_ids
 from deployments.openai_schema import ChatRequest, CompletionRequest, SamplingFields, new_id, now
+from deployments.structured import grammar_of
+from deployments.tokenize_api import DetokenizeRequest, TokenizeRequest, detokenize, tokenize
+from deployments.tools import ToolOutput, tool_grammar, tool_mode
 from deployments.ray_metrics import RayMetrics
 from deployments.responses import collect_choices, sse
 
@@ -89,33 +93,49 @@ class LLMServer:
         """Text completion, streamed as SSE when `stream` is true."""
         self._authorize(request)
         body = await parse_body(request, CompletionRequest)
-        return await self._respond(body, self.replica.tokenize(body.prompt), chat=False)
+        return await self._respond(body, self.replica.tokenize(body.prompt), chat=False, grammar=grammar_of(body))
 
     @api.post("/v1/chat/completions")
     async def chat(self, request: Request) -> Any:
-        """Chat completion using the tokenizer's chat template."""
+        """Chat completion using the model's chat template; tools and structured outputs as OpenAI does them."""
         self._authorize(request)
         body = await parse_body(request, ChatRequest)
         if self.replica.tokenizer is None:
             raise APIError(400, "this model has no tokenizer, so no chat template; use /v1/completions with "
                            "token ids", param="messages")
-        messages = [m.model_dump(exclude_none=True) for m in body.messages]
-        ids = self.replica.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-            ids = ids["input_ids"]
-        return await self._respond(body, list(ids), chat=True)
+        mode, name = tool_mode(body.tools, body.tool_choice)
+        grammar = grammar_of(body, tool_grammar(body.tools, mode, name, body.parallel_tool_calls))
+        ids = chat_prompt_ids(self.replica.tokenizer, body.messages, body.tools)  # tools listed even with none
+        tools = None if mode == "none" else (lambda: ToolOutput(mode, name))
+        return await self._respond(body, ids, chat=True, grammar=grammar, tools=tools)
 
-    async def _respond(self, body: SamplingFields, ids: list[int], chat: bool) -> Any:
-        """Run the request's n choices; answer as one body or as an SSE stream."""
+    @api.post("/tokenize")
+    async def tokenize_route(self, request: Request) -> dict[str, Any]:
+        """vLLM's /tokenize: token ids of a prompt or of a rendered chat."""
+        self._authorize(request)
+        return tokenize(self.replica.tokenizer, await parse_body(request, TokenizeRequest), self.cfg.max_model_len)
+
+    @api.post("/detokenize")
+    async def detokenize_route(self, request: Request) -> dict[str, Any]:
+        """vLLM's /detokenize: the text of token ids."""
+        self._authorize(request)
+        return detokenize(self.replica.tokenizer, await parse_body(request, DetokenizeRequest),
+                          self.replica.spec.vocab_size)
+
+    async def _respond(self, body: SamplingFields, ids: list[int], chat: bool, grammar: Any = None,
+                       tools: Any = None) -> Any:
+        """Run the request's n choices (under `grammar` if set); answer as one body or as an SSE stream."""
         if body.model != self.cfg.model_name:
             raise APIError(404, f"model {body.model!r} does not exist; this server serves {self.cfg.model_name!r}",
                            param="model")
-        streams = self.replica.generate(ids, body, body.n)
+        streams = self.replica.generate(ids, body, body.n, grammar)
         rid, tokenizer = new_id("chatcmpl" if chat else "cmpl"), self.replica.tokenizer
         if body.stream:
-            return StreamingResponse(sse(streams, tokenizer, rid, body.model, chat), media_type="text/event-stream")
+            usage_of = len(ids) if body.stream_options is not None and body.stream_options.include_usage else None
+            return StreamingResponse(sse(streams, tokenizer, rid, body.model, chat, tools, usage_of),
+                                     media_type="text/event-stream")
         start = time.perf_counter()
-        result, error = await collect_choices(streams, tokenizer, rid, body.model, chat, len(ids))
+        result, error = await collect_choices(streams, tokenizer, rid, body.model, chat, len(ids), tools)
         if error is not None:
             raise APIError(503, f"generation failed: {error}; retry", "server_error")
         # Engine time (queue + steps + detokenize) lets clients split latency into engine vs Serve/HTTP.
@@ -144,4 +164,5 @@ def make_app(cfg: GridServeConfig, **deployment_options: Any) -> Application:
     # waiting in an unbounded proxy queue.
     options = {"max_ongoing_requests": 2 * (cfg.max_num_seqs + cfg.max_waiting_requests), **deployment_options}
     return LLMServer.options(placement_group_bundles=serve_bundles(cfg, layout), placement_group_strategy="PACK",
-                             ray_actor_options={"num_cpus": cfg.replica_cpus}, **options).bind(cfg.model_dump())
+                             ray_actor_options={"num_cpus": cfg.replica_cpus}, **options).bind(
+        cfg.model_dump(exclude_unset=True))  # what was set: each replica derives the rest (e.g. max_model_len) again

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from actors.shard.grammar import GrammarBank, GrammarRef
 from actors.shard.kv_cache import AttnMeta, PagedKVCache
 from actors.shard.loader import load_stage, open_checkpoint
 from actors.shard.model import StageModel
@@ -30,6 +31,8 @@ class StepInput:
     output_index: list[int]  # tokens already generated per sequence (feeds seeded sampling)
     return_logits: bool = False  # also send back the last-position logits (tests, debugging)
     histories: list[tuple[list[int], list[int]] | None] | None = None  # (prompt, output) where penalties apply
+    grammars: list[GrammarRef | None] | None = None  # per sequence: its output grammar (structured outputs)
+    grammar_release: list[int] = field(default_factory=list)  # sequences whose matchers the sampler may drop
 
 
 @dataclass
@@ -96,6 +99,13 @@ class StageRunner:
         self.cache: PagedKVCache | None = None
         self.sampler = Sampler()
         self.is_first, self.is_last = plan.pp_rank == 0, plan.pp_rank == plan.pp_size - 1
+        self.grammars = GrammarBank(self._tokenizer, self.spec.vocab_size, self.spec.eos_token_ids)
+
+    def _tokenizer(self) -> object:
+        """The model's tokenizer, loaded only when a structured-output request first needs it."""
+        from cluster.tokenizer import load_tokenizer  # Ray-free; imported late: most shards never need it
+
+        return load_tokenizer(self.plan.model_dir)
 
     def weight_bytes(self) -> int:
         """Bytes of parameters this shard holds (shared tensors counted once)."""
@@ -122,6 +132,12 @@ class StageRunner:
         else:
             assert hidden is not None, f"stage {self.plan.pp_rank} needs the previous stage's hidden states"
             inputs = from_wire(hidden, self.dtype, self.device)  # [T, hidden]
+        sampling_rank = self.is_last and self.tp.rank == 0
+        if sampling_rank:
+            self.grammars.release(step.grammar_release)
+        # Grammar masks depend only on tokens already sampled: compute them while the forward runs.
+        masks = self.grammars.start_masks(step.grammars, step.output_index) if sampling_rank and step.grammars \
+            else None
         meta = AttnMeta.build(step.query_lens, step.context_lens, step.block_tables, self.plan.block_size,
                               self.spec.sliding_window, self.device)
         positions = torch.tensor(step.positions, device=self.device)
@@ -133,7 +149,10 @@ class StageRunner:
         if self.tp.rank != 0:
             return None  # only TP rank 0 samples and answers
         histories = step.histories or [None] * len(step.sampling)
-        tokens, logprobs = self.sampler.sample(logits, step.sampling, step.output_index, histories)
+        tokens, logprobs = self.sampler.sample(logits, step.sampling, step.output_index, histories,
+                                               masks.result() if masks is not None else None)
+        if step.grammars:
+            self.grammars.accept(step.grammars, tokens)
         timings = {"step_s": time.perf_counter() - start, "comm_s": self.tp.comm_seconds - comm_before}
         return StepOutput(tokens, logits.cpu().numpy() if step.return_logits else None,
                           logprobs if any(lp is not None for lp in logprobs) else None, timings)

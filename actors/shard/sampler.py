@@ -19,6 +19,7 @@ class SamplingParams:
     presence_penalty: float = 0.0  # subtracted once from tokens already generated
     frequency_penalty: float = 0.0  # subtracted per occurrence in the generated tokens
     logprobs: int | None = None  # also return the sampled token's log-probability and this many top ones
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token, bias) added to the logits before sampling
 
     @property
     def needs_history(self) -> bool:
@@ -76,14 +77,22 @@ class Sampler:
         return self.sample(logits, params, steps, [None] * len(params))[0]
 
     def sample(self, logits: torch.Tensor, params: list[SamplingParams], steps: list[int],
-               histories: list[tuple[list[int], list[int]] | None]) -> tuple[list[int], list[Logprobs | None]]:
-        """Token ids and (where asked) logprobs; `histories` holds (prompt, output) for rows with penalties."""
+               histories: list[tuple[list[int], list[int]] | None],
+               allowed: tuple[list[int], torch.Tensor] | None = None) -> tuple[list[int], list[Logprobs | None]]:
+        """Token ids and (where asked) logprobs; `histories` holds (prompt, output) for rows with penalties,
+        `allowed` (rows, bool [G, V]) the grammar masks of structured-output rows."""
         raw = logits
-        if any(h is not None for h in histories):
+        if any(h is not None for h in histories) or any(p.logit_bias for p in params) or allowed is not None:
             logits = logits.clone()
-            for row, (p, h) in enumerate(zip(params, histories)):
-                if h is not None:
-                    logits[row] = apply_penalties(logits[row], p, h[0], h[1])
+        for row, (p, h) in enumerate(zip(params, histories)):
+            if h is not None:
+                logits[row] = apply_penalties(logits[row], p, h[0], h[1])
+            if p.logit_bias:
+                ids, bias = zip(*p.logit_bias)
+                logits[row, list(ids)] += torch.tensor(bias, dtype=logits.dtype, device=logits.device)
+        if allowed is not None:
+            rows, mask = allowed
+            logits[rows] = logits[rows].masked_fill(~mask.to(logits.device), float("-inf"))
         out = self._draw(logits, params, steps)
         return out, [self._logprobs(raw[row], tok, p.logprobs) if p.logprobs is not None else None
                      for row, (p, tok) in enumerate(zip(params, out))]

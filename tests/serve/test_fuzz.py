@@ -13,13 +13,21 @@ SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.int
 JSON = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
                                                                                         max_size=4), max_leaves=12)
 FIELDS = ["model", "prompt", "messages", "max_tokens", "temperature", "top_p", "top_k", "n", "stop", "seed",
-          "stream", "logprobs", "presence_penalty", "min_p", "ignore_eos", "bogus"]
+          "stream", "logprobs", "presence_penalty", "min_p", "ignore_eos", "bogus", "response_format", "guided_json",
+          "guided_regex", "guided_choice", "tools", "tool_choice", "logit_bias", "stream_options"]
 VALUES = {"model": st.sampled_from(["tiny", "other", ""]) | JSON,
           "prompt": st.text(max_size=30) | st.lists(st.integers(-5, 300), max_size=6) | JSON,
           "messages": st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "robot"]),
                                                       "content": st.text(max_size=20)}), max_size=3) | JSON,
           "max_tokens": st.integers(-2, 6) | st.integers(10**6, 10**20) | JSON,
-          "n": st.integers(-1, 3) | JSON, "stream": st.booleans() | JSON}
+          "n": st.integers(-1, 3) | JSON, "stream": st.booleans() | JSON,
+          "response_format": st.sampled_from([{"type": "json_object"}, {"type": "text"}]) | st.fixed_dictionaries(
+              {"type": st.just("json_schema"), "json_schema": st.fixed_dictionaries({"name": st.just("s"),
+                                                                                     "schema": JSON})}) | JSON,
+          "guided_regex": st.text(max_size=12) | JSON,
+          "guided_choice": st.lists(st.text(max_size=6), max_size=3) | JSON,
+          "tool_choice": st.sampled_from(["none", "auto", "required"]) | JSON,
+          "logit_bias": st.dictionaries(st.integers(-3, 600).map(str), st.floats(-150, 150), max_size=2) | JSON}
 BODY = st.fixed_dictionaries({}, optional={k: VALUES.get(k, JSON) for k in FIELDS})
 OK = {200, 400, 404, 413, 422}
 

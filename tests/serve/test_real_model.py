@@ -8,7 +8,7 @@ import openai
 import pytest
 
 from cluster.config import args_from_serve_config
-from tests.serve.conftest import start_server, stop_server
+from tests.serve.conftest import serving
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -18,9 +18,8 @@ def real_client(smollm2_dir: Path) -> Iterator[openai.OpenAI]:
     """The shipped Serve args, pointed at the fetched SmolLM2 GGUF folder; max_model_len from the model."""
     args = args_from_serve_config(ROOT / "ray_config.yaml")
     args.update(model=str(smollm2_dir))
-    url = start_server(args)
-    yield openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300)
-    stop_server()
+    with serving(args) as url:
+        yield openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300)
 
 
 @pytest.mark.slow

@@ -169,3 +169,20 @@ def test_greedy_with_repetition_penalty_avoids_repeats() -> None:
     assert tokens == [1]
     lp, top = lps[0]
     assert abs(lp - float(torch.log_softmax(logits[0], -1)[1])) < 1e-6 and top[0][0] == 0
+
+
+def test_grammar_masks_and_logit_bias_steer_sampling() -> None:
+    """Masked rows only draw allowed tokens (greedy or not); a +100 bias wins; other rows are untouched."""
+    from actors.shard.grammar import unpack_bitmask
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 70)
+    bits = torch.zeros(1, 3, dtype=torch.int32)
+    bits[0, 1] = 1 << 4 | 1 << 9  # tokens 36 and 41
+    allowed = unpack_bitmask(bits, 70)
+    assert allowed[0].nonzero().flatten().tolist() == [36, 41]
+    params = [SamplingParams(temperature=1.0, seed=3), SamplingParams(temperature=0.0, logit_bias=((7, 100.0),)),
+              SamplingParams(temperature=0.0)]
+    for step in range(20):
+        toks, _ = Sampler().sample(logits, params, [step] * 3, [None] * 3, ([0], allowed))
+        assert toks[0] in (36, 41) and toks[1] == 7 and toks[2] == int(logits[2].argmax())

@@ -36,3 +36,16 @@ def test_decode_steps_travel_inline() -> None:
     """A 64-sequence decode step is small enough to go inline; a 1024-token prefill with histories is not."""
     assert wire_bytes(make_step(64, 1, 256, False)) < INLINE_STEP_BYTES
     assert wire_bytes(make_step(8, 128, 1024, True)) >= INLINE_STEP_BYTES
+
+
+def test_wire_bytes_counts_grammars() -> None:
+    """Steps carrying structured-output grammars (a large schema on every row) are still bounded above."""
+    import json
+
+    from actors.shard.grammar import GrammarRef, GrammarSpec
+
+    step = make_step(32, 1, 256, False)
+    schema = {"type": "object", "properties": {f"field_{i}": {"type": "string"} for i in range(200)}}
+    step.grammars = [GrammarRef(i, GrammarSpec("json_schema", json.dumps(schema))) for i in range(32)]
+    step.grammar_release = list(range(100))
+    assert len(pickle.dumps(step)) <= wire_bytes(step)
