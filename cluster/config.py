@@ -13,7 +13,7 @@ from actors.shard.spec import ModelSpec
 log = logging.getLogger("gridserve")
 
 DEFAULT_MODEL = "models/SmolLM2-135M-Instruct"  # fetched on first use (deployments/smollm2.py)
-FALLBACK_MODEL = "models/tiny-llama"  # random demo model written when the real one cannot be fetched
+FALLBACK_MODEL = "models/demo-random"  # random demo model written when the real one cannot be fetched
 MIN_BATCHED_TOKENS = 2048  # default step budget when the context is shorter (vLLM's default too)
 
 

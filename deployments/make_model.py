@@ -27,6 +27,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "bench-125m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
                        num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048),
 }
+# The offline stand-in for the bundled SmolLM2 (9 query / 3 KV heads): 12 / 3 heads split over every tp SmolLM2
+# does (1, 3), so the shipped ray_config.yaml layout starts either way.
+FALLBACK_SHAPE = dict(hidden_size=384, intermediate_size=768, num_attention_heads=12, num_key_value_heads=3)
 FAMILIES = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config"}
 
 
@@ -115,6 +118,6 @@ def ensure_default_model(args: dict[str, Any]) -> dict[str, Any]:
                     "answers are noise. Get the real one with `python -m deployments.smollm2` on a machine that "
                     "reaches PyPI.", smollm2.NAME, exc, FALLBACK_MODEL)
         if not (Path(FALLBACK_MODEL) / "config.json").is_file():
-            write_model(FALLBACK_MODEL)
+            write_model(FALLBACK_MODEL, **FALLBACK_SHAPE)
         args["model"] = FALLBACK_MODEL
     return args
