@@ -6,6 +6,7 @@ from ray.cluster_utils import Cluster
 
 from tests.cluster.test_grid import make_grid
 from tests.reference import PROMPTS, grid_greedy, hf_greedy
+from tests.waits import wait_until
 
 
 def test_stages_on_different_nodes_tp_groups_packed(two_nodes: Cluster, model_dirs: dict) -> None:
@@ -37,6 +38,8 @@ def test_grid_larger_than_cluster_fails_fast(two_nodes: Cluster, model_dirs: dic
 
     d = write_model(tmp_path / "m5", hidden_size=40, intermediate_size=80, num_hidden_layers=5,
                     num_attention_heads=4, num_key_value_heads=2, vocab_size=64, tokenizer=False)
+    # An earlier test's placement group is removed asynchronously: start from a free cluster.
+    wait_until(lambda: ray.available_resources().get("GPU") == 4, 30, "the earlier tests' GPUs to be released")
     with pytest.raises(ValueError, match=r"needs 5 GPU .* cluster has 4 GPU in total"):
         make_grid(str(d), 1, 5)
     assert ray.available_resources().get("GPU") == 4  # nothing reserved, nothing left pending
