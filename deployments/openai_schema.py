@@ -10,6 +10,14 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from actors.shard.sampler import SamplingParams
 
 
+class StreamOptions(BaseModel):
+    """`stream_options` of a streaming request."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool = Field(False, description="Send a last chunk with token usage (empty choices) before [DONE].")
+
+
 class SamplingFields(BaseModel):
     """Fields shared by completions and chat completions."""
 
@@ -24,6 +32,7 @@ class SamplingFields(BaseModel):
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stop: str | list[str] | None = Field(None, description="Up to 4 stop strings.")
     stream: bool = False
+    stream_options: StreamOptions | None = Field(None, description="Streaming only: include_usage.")
     n: int = Field(1, ge=1, le=16, description="Completions to generate for the prompt.")
     user: str | None = None
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)

@@ -58,8 +58,10 @@ def event(payload: dict) -> str:
     return f"data: {json.dumps(payload)}\n\n"
 
 
-async def sse(streams: list[TextStream], tokenizer: Any, rid: str, model: str, chat: bool) -> AsyncIterator[str]:
-    """Server-sent events for n choices interleaved as they produce text, then `data: [DONE]`."""
+async def sse(streams: list[TextStream], tokenizer: Any, rid: str, model: str, chat: bool,
+              usage_prompt_len: int | None = None) -> AsyncIterator[str]:
+    """Server-sent events for n choices interleaved as they produce text, then (with `usage_prompt_len`, the
+    prompt's token count: stream_options.include_usage) a usage chunk, then `data: [DONE]`."""
     obj = "chat.completion.chunk" if chat else "text_completion"
     queue: asyncio.Queue = asyncio.Queue()
 
@@ -91,6 +93,11 @@ async def sse(streams: list[TextStream], tokenizer: Any, rid: str, model: str, c
             part = {"delta": {"content": delta} if delta else {}} if chat else {"text": delta}
             yield event({"id": rid, "object": obj, "created": now(), "model": model,
                          "choices": [{"index": index, **part, "logprobs": lps, "finish_reason": reason}]})
+        if usage_prompt_len is not None:
+            completion = sum(s.num_tokens for s in streams)
+            yield event({"id": rid, "object": obj, "created": now(), "model": model, "choices": [],
+                         "usage": {"prompt_tokens": usage_prompt_len, "completion_tokens": completion,
+                                   "total_tokens": usage_prompt_len + completion}})
         yield "data: [DONE]\n\n"
     finally:
         for t in tasks:

@@ -263,7 +263,8 @@ class LLMServer:
             raise APIError(400, str(exc), param="prompt") from None
         rid = new_id("chatcmpl" if chat else "cmpl")
         if body.stream:
-            return StreamingResponse(sse(streams, self.tokenizer, rid, body.model, chat),
+            usage = len(ids) if body.stream_options is not None and body.stream_options.include_usage else None
+            return StreamingResponse(sse(streams, self.tokenizer, rid, body.model, chat, usage),
                                      media_type="text/event-stream")
         start = time.perf_counter()
         result, error = await collect(streams, self.tokenizer, rid, body.model, chat, len(ids))
