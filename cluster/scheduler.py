@@ -11,7 +11,7 @@ from actors.shard.sampler import SamplingParams
 from cluster.blocks import BlockManager
 
 
-@dataclass
+@dataclass(eq=False)  # identity: `seq in running` must not compare every field of every sequence (O(n^2) per step)
 class Sequence:
     """One generation in flight: its tokens, cache blocks and stopping rules."""
 
