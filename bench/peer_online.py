@@ -136,8 +136,8 @@ def run_server(label: str, cmd: list[str], env: dict[str, str], python: Path, mo
     return rows
 
 
-def online(python: Path, quick: bool) -> list[dict[str, Any]]:
-    """vLLM's server, gridserve tp=1 pp=1, gridserve tp=1 pp=2; the table and a throughput-latency PNG."""
+def online(python: Path, quick: bool, pps: list[int]) -> list[dict[str, Any]]:
+    """vLLM's server, then gridserve at tp=1 and each pp in `pps`; the table and a throughput-latency PNG."""
     from bench.peer import peer_env
 
     OUT.mkdir(parents=True, exist_ok=True)
@@ -146,9 +146,9 @@ def online(python: Path, quick: bool) -> list[dict[str, Any]]:
                 model.name, "--host", "127.0.0.1", "--port", str(PORT), "--dtype", "float32", "--max-model-len",
                 "1024", "--max-num-seqs", "32"]
     gs_env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    servers = [("vLLM", vllm_cmd, peer_env(None)),
-               ("gridserve tp1 pp1", [sys.executable, "-m", "deployments.cli", "serve", str(serve_config(model, 1, 1))], gs_env),
-               ("gridserve tp1 pp2", [sys.executable, "-m", "deployments.cli", "serve", str(serve_config(model, 1, 2))], gs_env)]
+    servers = [("vLLM", vllm_cmd, peer_env(None))]
+    servers += [(f"gridserve tp1 pp{pp}", [sys.executable, "-m", "deployments.cli", "serve",
+                                           str(serve_config(model, 1, pp))], gs_env) for pp in pps]
     rows = []
     for label, cmd, env in servers:
         rows += run_server(label, cmd, env, python, model, quick)

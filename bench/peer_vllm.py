@@ -44,9 +44,12 @@ def main() -> None:
         walls, first = [], None
         run(make_prompts(w.streams, 16, vocab, 500 + salt), 4)  # warm-up at this batch size
         for k, new in enumerate(w.new):
-            wall, tokens = run(make_prompts(w.streams, w.prompt, vocab, 10 * salt + k), new)
-            walls.append(wall)
-            first = first or tokens[0]
+            best = float("inf")
+            for rep in range(args.get("repeats", 1)):  # the fastest of a few: contention from other work only adds
+                wall, tokens = run(make_prompts(w.streams, w.prompt, vocab, 100 * salt + 10 * k + rep), new)
+                best = min(best, wall)
+                first = first or tokens[0]
+            walls.append(best)
         results.append({"workload": w.name, "walls": walls, "tokens_per_s": w.rate(walls), "first_tokens": first})
     print("RESULT " + json.dumps(results), flush=True)
 
