@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from actors.shard.cpu_gemm import pack_linears, packed_bytes
 from actors.shard.kv_cache import AttnMeta, PagedKVCache
 from actors.shard.loader import CheckpointReader, load_stage
 from actors.shard.model import StageModel
@@ -92,8 +91,6 @@ class StageRunner:
             self.model = StageModel(self.spec, tp, plan.pp_rank, layers, self.dtype, plan.max_model_len, device)
         reader = CheckpointReader(plan.model_dir)
         load_stage(self.model, reader.keys(), reader.get_slice, self.spec)
-        if device.type == "cpu":
-            pack_linears(self.model)  # oneDNN's blocked weight layout, once (see cpu_gemm)
         self.load_seconds = time.perf_counter() - start
         self.split = HeadSplit.of(self.spec, tp.rank, tp.size)
         self.cache: PagedKVCache | None = None
@@ -101,8 +98,8 @@ class StageRunner:
         self.is_first, self.is_last = plan.pp_rank == 0, plan.pp_rank == plan.pp_size - 1
 
     def weight_bytes(self) -> int:
-        """Bytes of parameters this shard holds (shared tensors counted once), packed CPU copies included."""
-        return sum(p.numel() * p.element_size() for p in self.model.parameters()) + packed_bytes(self.model)
+        """Bytes of parameters this shard holds (shared tensors counted once)."""
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
 
     def block_bytes(self) -> int:
         """Bytes one KV block costs on this worker."""
