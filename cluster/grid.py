@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import uuid
 from typing import Any
 
@@ -61,7 +62,7 @@ class WorkerGrid:
 
     def _start_workers(self) -> None:
         """One actor per worker, stage-major, in its stage's bundle (or its own, when TP may span nodes)."""
-        threads = 1 if self.resource == "GPU" else max(1, int(self.cfg.cpus_per_worker))
+        threads = 1 if self.resource == "GPU" else max(1, math.ceil(self.cfg.cpus_per_worker))  # 0.5 CPU: 1 thread
         partition = self.cfg.layer_partition()  # reads the model's config.json: once, not per worker
         for pp_rank in range(self.pp):
             stage = []

@@ -13,7 +13,7 @@ from cluster.blocks import BlockManager
 from cluster.request import RequestError
 
 
-@dataclass
+@dataclass(eq=False)  # identity: `seq in running` must not compare every field of every sequence (O(n^2) per step)
 class Sequence:
     """One generation in flight: its tokens, cache blocks and stopping rules."""
 

@@ -8,25 +8,26 @@ import torch
 import torch.nn.functional as F
 
 
-SMALL_GATHER = 64 * 1024  # values per K (or V) gather below which one index_select call is the faster way
 GATHER_CAP_BYTES = 256 * 2**20  # decode gathers K and V in chunks of sequences no bigger than this (bounded memory)
 
 
 class PagedKVCache:
     """K and V for this worker's layers in fixed-size blocks; slot = block * block_size + offset.
 
-    Head-major ([layer, kv_head, slot, d]) so that one block of one head is a contiguous run of
-    block_size * d values: decode gathers whole blocks with a row copy instead of per-token indexing.
+    Head-major ([layer, K|V, kv_head, slot, d]) so that one block of one head is a contiguous run of
+    block_size * d values: decode gathers whole blocks, of K and V and every head, with one row copy.
     """
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device) -> None:
         self.block_size = block_size
         self.num_blocks = num_blocks
-        shape = (num_layers, kv_heads, num_blocks * block_size, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.kv = torch.zeros((num_layers, 2, kv_heads, num_blocks * block_size, head_dim), dtype=dtype,
+                              device=device)
+        self.k, self.v = self.kv[:, 0], self.kv[:, 1]  # [layer, kv_head, slot, d] views
         self._scratch = torch.empty(0, dtype=dtype, device=device)  # decode gather buffer, reused every layer
+        self._rows_of: torch.Tensor | None = None  # the block list `_rows` was built for (same every layer)
+        self._rows = torch.empty(0, dtype=torch.long, device=device)
 
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, kv_heads: int, head_dim: int,
@@ -46,21 +47,19 @@ class PagedKVCache:
 
     def gather_blocks(self, layer: int, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of `blocks` [n] -> two [kv_heads, n * block_size, d] views of a buffer reused by the next call."""
-        kv_heads, _, d = self.k.shape[1:]
+        kv_heads, d = self.k.shape[1], self.k.shape[3]
         row = self.block_size * d
-        if kv_heads * blocks.numel() * row < SMALL_GATHER:  # few blocks: two calls beat the per-head loop
-            k = self.k[layer].view(kv_heads, self.num_blocks, row).index_select(1, blocks)
-            v = self.v[layer].view(kv_heads, self.num_blocks, row).index_select(1, blocks)
-            return k.view(kv_heads, -1, d), v.view(kv_heads, -1, d)
-        need = 2 * kv_heads * blocks.numel() * row
+        if self._rows_of is not blocks:  # once per step: every layer gathers the same blocks
+            # Row of block b of (K or V, head h) in the layer viewed as [2 * kv_heads * num_blocks, row].
+            first = torch.arange(2 * kv_heads, device=blocks.device)[:, None] * self.num_blocks
+            self._rows, self._rows_of = (first + blocks[None, :]).flatten(), blocks
+        need = self._rows.numel() * row
         if self._scratch.numel() < need:  # grows to the largest decode batch seen, then stays
-            self._scratch = torch.empty(need, dtype=self.k.dtype, device=self.k.device)
-        out = self._scratch[:need].view(2, kv_heads, blocks.numel(), row)
-        for src, dst in ((self.k[layer], out[0]), (self.v[layer], out[1])):
-            by_block = src.view(kv_heads, self.num_blocks, row)
-            for h in range(kv_heads):  # per head: a plain row gather, several times faster than indexing slots
-                torch.index_select(by_block[h], 0, blocks, out=dst[h])
-        return out[0].view(kv_heads, -1, d), out[1].view(kv_heads, -1, d)
+            self._scratch = torch.empty(need, dtype=self.kv.dtype, device=self.kv.device)
+        out = self._scratch[:need].view(-1, row)
+        torch.index_select(self.kv[layer].view(-1, row), 0, self._rows, out=out)
+        out = out.view(2, kv_heads, -1, d)  # [K|V, kv_heads, n * block_size, d]
+        return out[0], out[1]
 
 
 @dataclass

@@ -79,7 +79,6 @@ def test_decode_in_chunks_under_a_memory_cap(monkeypatch: pytest.MonkeyPatch) ->
     q = torch.randn(len(ctx_lens), 4, 8)
     whole = paged_attention(q, cache, 0, meta, scale=0.125)
     per_seq = 2 * 2 * 4 * BLOCK * 8 * 4  # K and V, 2 heads, 4 padded blocks, fp32
-    monkeypatch.setattr(kv_cache, "SMALL_GATHER", 0)  # exercise the reused buffer, not the small-gather path
     monkeypatch.setattr(kv_cache, "GATHER_CAP_BYTES", 2 * per_seq)  # two sequences per chunk
     cache._scratch = torch.empty(0)
     torch.testing.assert_close(paged_attention(q, cache, 0, meta, scale=0.125), whole)
