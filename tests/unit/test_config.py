@@ -189,3 +189,7 @@ def test_from_args_one_readable_line_per_problem(model_dir: Path) -> None:
     assert any("unknown setting 'max_modle_len'" in line and "max_model_len" in line for line in lines)
     with pytest.raises(ConfigError, match="max_model_len=1024 exceeds the model's context length.*=512"):
         GridServeConfig.from_args(dict(model=str(model_dir), max_model_len=1024))
+    with pytest.raises(ConfigError) as err:  # every problem with the model at once, not only the first
+        GridServeConfig.from_args(dict(model=str(model_dir), max_model_len=1024, tensor_parallel_size=3))
+    lines = str(err.value).splitlines()[1:]
+    assert len(lines) == 2 and "tensor_parallel_size=3" in lines[0] and "max_model_len=1024" in lines[1]
