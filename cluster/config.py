@@ -98,32 +98,28 @@ class GridServeConfig(BaseModel):
             self._model_len_from_model = True
         if self.max_num_batched_tokens is None:
             object.__setattr__(self, "max_num_batched_tokens", max(MIN_BATCHED_TOKENS, self.max_model_len))
-        problems = [str(exc) for exc in self._cross_field_errors(spec)]
+        problems = self._cross_field_errors(spec)
         if problems:
             raise ValueError("\n  - ".join(problems))  # one line each (describe_errors indents the first)
         return self
 
-    def _cross_field_errors(self, spec: ModelSpec) -> list[ValueError]:
+    def _cross_field_errors(self, spec: ModelSpec) -> list[str]:
         """Every problem between the settings and the model, not only the first."""
-        checks = [
-            lambda: spec.check_tp(self.tensor_parallel_size),
-            lambda: resolve_partition(spec, self.pipeline_parallel_size, self.pipeline_layer_partition),
-        ]
-        if self.max_num_batched_tokens < self.max_model_len:
-            checks.append(lambda: _fail(f"max_num_batched_tokens={self.max_num_batched_tokens} must be >= "
-                                        f"max_model_len={self.max_model_len} so a full-length prompt fits in one "
-                                        "step; raise it"))
-        if self.max_model_len > spec.max_position_embeddings:
-            checks.append(lambda: _fail(f"max_model_len={self.max_model_len} exceeds the model's context length "
-                                        f"(max_position_embeddings={spec.max_position_embeddings}); lower "
-                                        "max_model_len or leave it unset to use the model's"))
-        errors = []
-        for check in checks:
+        problems = []
+        for check in (lambda: spec.check_tp(self.tensor_parallel_size),
+                      lambda: resolve_partition(spec, self.pipeline_parallel_size, self.pipeline_layer_partition)):
             try:
                 check()
             except ValueError as exc:
-                errors.append(exc)
-        return errors
+                problems.append(str(exc))
+        if self.max_num_batched_tokens < self.max_model_len:
+            problems.append(f"max_num_batched_tokens={self.max_num_batched_tokens} must be >= max_model_len="
+                            f"{self.max_model_len} so a full-length prompt fits in one step; raise it")
+        if self.max_model_len > spec.max_position_embeddings:
+            problems.append(f"max_model_len={self.max_model_len} exceeds the model's context length "
+                            f"(max_position_embeddings={spec.max_position_embeddings}); lower max_model_len or "
+                            "leave it unset to use the model's")
+        return problems
 
     def fit_kv_cache(self, kv_tokens: int) -> "GridServeConfig":
         """This config with max_model_len within the `kv_tokens` the grid's KV cache holds (logs which limit won)."""
@@ -164,11 +160,6 @@ class GridServeConfig(BaseModel):
     def torch_dtype_name(self) -> str | None:
         """The dtype to build the model in, or None for the checkpoint's."""
         return None if self.dtype == "auto" else self.dtype
-
-
-def _fail(message: str) -> None:
-    """Raise `message` as a ValueError (a check that is a plain condition)."""
-    raise ValueError(message)
 
 
 def describe_errors(exc: ValidationError) -> str:
