@@ -4,6 +4,23 @@ from __future__ import annotations
 from collections import OrderedDict
 
 BlockKey = tuple[int, tuple[int, ...]]  # (content id of the previous block, -1 at the start; this block's tokens)
+ROOT_DIGEST = 0  # the digest "before" a prompt's first block
+
+
+def chain_digest(parent: int, block: tuple[int, ...]) -> int:
+    """A block's content digest, chained to the blocks before it. Only a routing hint (a collision misroutes,
+    never shares KV: cache lookups use exact keys). A tuple of ints hashes the same in every process (hash
+    randomization covers str and bytes only), so routers and replicas agree without exchanging tokens."""
+    return hash((parent, block))
+
+
+def prompt_digests(tokens: list[int], block_size: int) -> list[int]:
+    """Chained digests of the full blocks of `tokens`, as `BlockManager.digests` reports cached ones."""
+    out, parent = [], ROOT_DIGEST
+    for start in range(0, len(tokens) - block_size + 1, block_size):
+        parent = chain_digest(parent, tuple(tokens[start:start + block_size]))
+        out.append(parent)
+    return out
 
 
 class BlockManager:
@@ -28,6 +45,7 @@ class BlockManager:
         self.by_key: dict[BlockKey, int] = {}
         self.key_of: dict[int, BlockKey] = {}
         self.content_id: dict[int, int] = {}  # fresh per registration: a reused block id never aliases old content
+        self.digest: dict[int, int] = {}  # content id -> chain digest (what the replica reports to routers)
         self._next_id = 0
 
     def blocks_for(self, num_tokens: int) -> int:
@@ -55,7 +73,7 @@ class BlockManager:
         else:
             block, _ = self.cached.popitem(last=False)
             del self.by_key[self.key_of.pop(block)]
-            del self.content_id[block]
+            self.digest.pop(self.content_id.pop(block), None)
         self.refs[block] = 1
         return block
 
@@ -106,8 +124,15 @@ class BlockManager:
                 known = table[i]
                 self.by_key[key], self.key_of[known] = known, key
                 self.content_id[known], self._next_id = self._next_id, self._next_id + 1
+                before = ROOT_DIGEST if parent == -1 else self.digest.get(parent)
+                if before is not None:  # None: the parent's content was recycled meanwhile (a hint is lost)
+                    self.digest[self.content_id[known]] = chain_digest(before, key[1])
             parent = self.content_id[known]
         return max(done, num_computed // size), parent
+
+    def digests(self, limit: int) -> list[int]:
+        """Digests of the reusable (cached or referenced) blocks, the `limit` most recently registered."""
+        return list(self.digest.values())[-limit:]
 
     @property
     def usage(self) -> float:

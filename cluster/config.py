@@ -72,6 +72,14 @@ class GridServeConfig(BaseModel):
                                       "Retry-After.")
     replica_cpus: float = Field(1.0, ge=0, description="CPUs of the Serve replica actor (bundle 0 of its placement "
                                 "group).")
+    ingress_cpus: float = Field(0.0, ge=0, description="CPUs reserved for the HTTP ingress actor (parses, tokenizes, "
+                                "formats answers; mostly waiting), like Serve's own proxy: 0 by default.")
+    prefix_routing: bool = Field(True, description="With several Serve replicas, send a request to the replica whose "
+                                 "KV cache holds the longest prefix of its prompt (from the block digests the "
+                                 "replicas report); off: Serve's power-of-two-choices router.")
+    prefix_routing_imbalance: int = Field(8, ge=0, description="Prefix routing yields to load balancing when the "
+                                          "best-matching replica has more than this many ongoing requests above the "
+                                          "least-loaded one.")
     _model_len_from_model: bool = PrivateAttr(False)  # max_model_len was derived, so the KV cache may cap it
 
     @classmethod

@@ -50,6 +50,7 @@ class TextStream:
         self.num_tokens = 0
         self.error: str | None = None
         self.logprobs: list[tuple[int, Any]] = []  # (token id, (logprob, top-n)) when the request asked
+        self.cached_tokens = 0  # prompt tokens the prefix cache served (told on the first token)
 
     @property
     def ids(self) -> list[int]:
@@ -68,6 +69,8 @@ class TextStream:
                     yield "", "error"
                     return
                 self.num_tokens += 1
+                if ev.cached_tokens is not None:
+                    self.cached_tokens = ev.cached_tokens
                 start = len(self.decoder.text)
                 if ev.token_id is not None:
                     self.decoder.step(ev.token_id)

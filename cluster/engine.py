@@ -28,6 +28,7 @@ class TokenEvent:
     finish_reason: str | None = None
     error: str | None = None
     logprobs: Logprobs | None = None
+    cached_tokens: int | None = None  # on the first token: prompt tokens whose KV came from the prefix cache
 
 
 class StepGrid(Protocol):
@@ -222,7 +223,8 @@ class AsyncEngine:
             self.stats.generation_tokens += 1
             queue = self.streams.get(seq.seq_id)
             if queue is not None:
-                queue.put_nowait(TokenEvent(seq.output_ids[-1], seq.finish_reason, logprobs=lp))
+                cached = seq.cached_prompt_tokens if len(seq.output_ids) == 1 else None
+                queue.put_nowait(TokenEvent(seq.output_ids[-1], seq.finish_reason, logprobs=lp, cached_tokens=cached))
 
     def fail(self, reason: str) -> None:
         """Declare the grid broken from outside (a health probe found a dead worker): fail everything queued."""

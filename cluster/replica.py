@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # Ray is imported only where a Ray grid is made: tests run re
 log = logging.getLogger("gridserve.replica")
 RETRY_AFTER_REBUILD_S = 5  # Retry-After while a failed grid is rebuilt (a rebuild reloads every shard)
 RETRY_AFTER_OVERLOAD_S = 1  # Retry-After when the waiting queue is full (a few decode steps free seats)
+ROUTING_DIGESTS = 16384  # most cached-block digests per routing report: bounds what Serve's controller relays
 
 
 class ReplicaGrid(StepGrid, Protocol):
@@ -90,14 +91,6 @@ class Replica:
         return AsyncEngine.from_config(self.grid, self.cfg, self.spec.eos_token_ids, self.metrics.requests)
 
     # -- requests -----------------------------------------------------------------------------------------------
-    def tokenize(self, prompt: str | list[int]) -> list[int]:
-        """Token ids of a prompt given as text or as ids (RequestError for text without a tokenizer)."""
-        if isinstance(prompt, list):
-            return list(prompt)
-        if self.tokenizer is None:
-            raise RequestError("this model folder has no tokenizer; send the prompt as token ids", "prompt")
-        return list(self.tokenizer.encode(prompt))
-
     def generate(self, prompt_ids: list[int], params: GenerationParams, n: int = 1,
                  grammar: GrammarSpec | None = None) -> list[TextStream]:
         """Queue `n` choices of one request (tokens constrained by `grammar` if given); their text streams.
@@ -201,6 +194,12 @@ class Replica:
         e = self.engine
         return {"pending_tokens": float(e.pending_tokens()), "kv_cache_usage": float(e.scheduler.blocks.usage),
                 "running": float(e.num_running), "waiting": float(e.num_waiting)}
+
+    def routing_stats(self) -> dict[str, Any]:
+        """What a prefix-aware router needs: digests of the KV blocks this replica can reuse, and its queue."""
+        blocks = self.engine.scheduler.blocks
+        return {"block_size": blocks.block_size, "digests": blocks.digests(ROUTING_DIGESTS),
+                "running": self.engine.num_running, "waiting": self.engine.num_waiting}
 
     # -- teardown -----------------------------------------------------------------------------------------------
     def close_dag(self) -> None:

@@ -33,6 +33,7 @@ class Sequence:
     arrival: float = 0.0  # perf_counter() at submit (queue time, TTFT)
     scheduled_at: float | None = None  # perf_counter() of its first step
     grammar: GrammarSpec | None = None  # structured output: the sampling rank masks tokens by this grammar
+    cached_prompt_tokens: int | None = None  # prompt tokens found in the prefix cache at first admission
 
     @property
     def tokens(self) -> list[int]:
@@ -116,6 +117,8 @@ class Scheduler:
                 break
             self.waiting.popleft()
             self.prefix_hit_tokens += seq.num_cached
+            if seq.cached_prompt_tokens is None:  # what the client is told (usage.prompt_tokens_details)
+                seq.cached_prompt_tokens = seq.num_cached
             self.admitted_tokens += len(seq.tokens)
             self.blocks.grow(seq.block_table, len(seq.tokens))
             batch.append(seq)

@@ -8,6 +8,7 @@ from typing import Any
 
 from actors.shard.gguf import PlainReader, gguf_file
 from cluster.cache import cache_dir
+from cluster.request import RequestError
 
 log = logging.getLogger("gridserve")
 
@@ -62,3 +63,12 @@ def gguf_chat_template(fields: dict[str, Any]) -> str | None:
     """The chat template in a parsed GGUF file's metadata fields, if any."""
     field = fields.get("tokenizer.chat_template")
     return field.contents() if field is not None else None
+
+
+def prompt_ids(tokenizer: Any, prompt: str | list[int]) -> list[int]:
+    """Token ids of a prompt given as text or as ids (RequestError for text without a tokenizer)."""
+    if isinstance(prompt, list):
+        return list(prompt)
+    if tokenizer is None:
+        raise RequestError("this model folder has no tokenizer; send the prompt as token ids", "prompt")
+    return list(tokenizer.encode(prompt))

@@ -43,10 +43,11 @@ def choice_body(index: int, text: str, reason: str | None, logprobs: dict | None
     return body
 
 
-def usage(prompt_len: int, streams: list[TextStream]) -> dict[str, int]:
-    """OpenAI's usage object."""
+def usage(prompt_len: int, streams: list[TextStream]) -> dict[str, Any]:
+    """OpenAI's usage object; `cached_tokens`: prompt tokens the prefix cache served (first choice's admission)."""
     completion = sum(s.num_tokens for s in streams)
-    return {"prompt_tokens": prompt_len, "completion_tokens": completion, "total_tokens": prompt_len + completion}
+    return {"prompt_tokens": prompt_len, "completion_tokens": completion, "total_tokens": prompt_len + completion,
+            "prompt_tokens_details": {"cached_tokens": streams[0].cached_tokens if streams else 0}}
 
 
 async def collect_choices(streams: list[TextStream], tokenizer: Any, rid: str, model: str, chat: bool,

@@ -1,7 +1,10 @@
-"""Ray Serve app: an OpenAI-compatible HTTP face over one `cluster.replica.Replica` per Serve replica."""
+"""Ray Serve app: an OpenAI-compatible HTTP ingress in front of the model deployment (`deployments.llm_server`).
+
+The ingress parses, tokenizes and formats; the model replicas see token ids through a Serve handle, so the
+request router can place each prompt where its prefix is cached (`deployments.prefix_router`).
+"""
 # No `from __future__ import annotations` here: FastAPI must see real types on the route signatures.
 
-import logging
 import time
 from typing import Any
 
@@ -9,53 +12,52 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.serve import Application
-from ray.util import get_current_placement_group
+from ray.serve.handle import DeploymentHandle
 
 from cluster.config import GridServeConfig
 from cluster.metrics import CONTENT_TYPE
-from cluster.replica import Replica, ReplicaUnavailable
-from deployments.http import APIError, api, parse_body
+from cluster.replica import ReplicaUnavailable
+from cluster.tokenizer import load_tokenizer, prompt_ids
 from deployments.chat import chat_prompt_ids
+from deployments.http import APIError, api, parse_body
+from deployments.llm_server import LLMServer
 from deployments.openai_schema import ChatRequest, CompletionRequest, SamplingFields, new_id, now
+from deployments.remote_stream import RETRY_AFTER_LOST_S, Refusal, RemoteRequest
+from deployments.responses import collect_choices, sse
 from deployments.structured import grammar_of
 from deployments.tokenize_api import DetokenizeRequest, TokenizeRequest, detokenize, tokenize
 from deployments.tools import ToolOutput, tool_grammar, tool_mode
-from deployments.ray_metrics import RayMetrics
-from deployments.responses import collect_choices, sse
 
-log = logging.getLogger("gridserve.serve")
+ROUTING_STATS_PERIOD_S = 1.0  # how often replicas report their cached blocks to the prefix router
 
 
 @serve.deployment
 @serve.ingress(api)
-class LLMServer:
-    """HTTP <-> Replica. The workers are actors this replica actor owns: Ray ends them with it."""
+class OpenAIIngress:
+    """HTTP <-> the model deployment's handle."""
 
-    def __init__(self, args: dict[str, Any]) -> None:
-        cfg = GridServeConfig.from_args(args)
-        tag = serve.get_replica_context().replica_tag
-        pg = get_current_placement_group()  # Serve's group: bundle 0 is this actor, 1.. the workers
-        self.replica = Replica(cfg, tag, pg, bundle_offset=1 if pg is not None else 0)
-        self.cfg = self.replica.cfg  # max_model_len fitted to the grid's KV cache
-        self.ray_metrics = RayMetrics()
+    def __init__(self, llm: DeploymentHandle, args: dict[str, Any]) -> None:
+        self.cfg = GridServeConfig.from_args(args)
+        self.llm = llm
+        self.tokenizer = load_tokenizer(self.cfg.model)
+        self.model_info: dict[str, Any] | None = None  # from a replica: max_model_len fitted to its KV cache
 
-    async def record_autoscaling_stats(self) -> dict[str, float]:
-        """Load as LLM work, for deployments.autoscaling.TokenLoadPolicy."""
-        return self.replica.load()
-
-    async def check_health(self) -> None:
-        """Serve's periodic health check: probe the grid (a dead worker starts a rebuild), refresh Ray's gauges;
-        a failed rebuild fails the check and Serve replaces this replica."""
-        if (failure := self.replica.failure()) is not None:
-            raise RuntimeError(failure)
+    async def _call(self, method: str, *args: Any) -> Any:
+        """A unary call on some model replica; its Refusal, or its death, becomes the HTTP error."""
         try:
-            snapshot = await self.replica.snapshot()
-        except ReplicaUnavailable:
-            return  # being rebuilt: healthy unless the rebuild fails
-        try:
-            self.ray_metrics.update(snapshot)
-        except Exception:  # metrics must never fail the health check
-            log.exception("could not export Ray metrics")
+            value = await getattr(self.llm, method).remote(*args)
+        except Exception as exc:
+            raise ReplicaUnavailable(f"the model replica failed ({type(exc).__name__}); retry",
+                                     RETRY_AFTER_LOST_S) from None
+        if isinstance(value, Refusal):
+            raise value.exception()
+        return value
+
+    async def _info(self) -> dict[str, Any]:
+        """max_model_len and vocab_size as the replicas serve them (asked once)."""
+        if self.model_info is None:
+            self.model_info = await self._call("info")
+        return self.model_info
 
     def _authorize(self, request: Request) -> None:
         """Enforce the optional API key."""
@@ -65,47 +67,49 @@ class LLMServer:
 
     @api.get("/health")
     async def health(self) -> dict[str, str]:
-        """Liveness for load balancers (no API key needed)."""
-        self.replica.check_alive()  # a failed grid: 503 + Retry-After while it is rebuilt
+        """Liveness for load balancers (no API key needed): 503 + Retry-After while a failed grid is rebuilt."""
+        await self._call("health")
         return {"status": "ok"}
 
     @api.get("/status")
     async def status(self, request: Request) -> dict[str, Any]:
-        """The replica's grid (stage x TP rank -> node, device, memory, busy %, all-reduce %) and flags."""
+        """A replica's grid (stage x TP rank -> node, device, memory, busy %, all-reduce %) and flags."""
         self._authorize(request)
-        return await self.replica.snapshot()
+        return await self._call("status")
 
     @api.get("/metrics")
     async def metrics(self, request: Request) -> Response:
         """Prometheus text of the replica that answers (Ray's own exporter also carries Serve's metrics)."""
         self._authorize(request)
-        return Response(await self.replica.metrics_text(), media_type=CONTENT_TYPE)
+        return Response(await self._call("metrics_text"), media_type=CONTENT_TYPE)
 
     @api.get("/v1/models")
     async def models(self, request: Request) -> dict[str, Any]:
         """The one served model."""
         self._authorize(request)
+        max_len = (await self._info())["max_model_len"]
         return {"object": "list", "data": [{"id": self.cfg.model_name, "object": "model", "created": now(),
-                                            "owned_by": "gridserve", "max_model_len": self.cfg.max_model_len}]}
+                                            "owned_by": "gridserve", "max_model_len": max_len}]}
 
     @api.post("/v1/completions")
     async def completions(self, request: Request) -> Any:
         """Text completion, streamed as SSE when `stream` is true."""
         self._authorize(request)
         body = await parse_body(request, CompletionRequest)
-        return await self._respond(body, self.replica.tokenize(body.prompt), chat=False, grammar=grammar_of(body))
+        return await self._respond(body, prompt_ids(self.tokenizer, body.prompt), chat=False,
+                                   grammar=grammar_of(body))
 
     @api.post("/v1/chat/completions")
     async def chat(self, request: Request) -> Any:
         """Chat completion using the model's chat template; tools and structured outputs as OpenAI does them."""
         self._authorize(request)
         body = await parse_body(request, ChatRequest)
-        if self.replica.tokenizer is None:
+        if self.tokenizer is None:
             raise APIError(400, "this model has no tokenizer, so no chat template; use /v1/completions with "
                            "token ids", param="messages")
         mode, name = tool_mode(body.tools, body.tool_choice)
         grammar = grammar_of(body, tool_grammar(body.tools, mode, name, body.parallel_tool_calls))
-        ids = chat_prompt_ids(self.replica.tokenizer, body.messages, body.tools)  # tools listed even with none
+        ids = chat_prompt_ids(self.tokenizer, body.messages, body.tools)  # tools listed even with none
         tools = None if mode == "none" else (lambda: ToolOutput(mode, name))
         return await self._respond(body, ids, chat=True, grammar=grammar, tools=tools)
 
@@ -113,14 +117,14 @@ class LLMServer:
     async def tokenize_route(self, request: Request) -> dict[str, Any]:
         """vLLM's /tokenize: token ids of a prompt or of a rendered chat."""
         self._authorize(request)
-        return tokenize(self.replica.tokenizer, await parse_body(request, TokenizeRequest), self.cfg.max_model_len)
+        body = await parse_body(request, TokenizeRequest)
+        return tokenize(self.tokenizer, body, (await self._info())["max_model_len"])
 
     @api.post("/detokenize")
     async def detokenize_route(self, request: Request) -> dict[str, Any]:
         """vLLM's /detokenize: the text of token ids."""
         self._authorize(request)
-        return detokenize(self.replica.tokenizer, await parse_body(request, DetokenizeRequest),
-                          self.replica.spec.vocab_size)
+        return detokenize(self.tokenizer, await parse_body(request, DetokenizeRequest), self.cfg.spec().vocab_size)
 
     async def _respond(self, body: SamplingFields, ids: list[int], chat: bool, grammar: Any = None,
                        tools: Any = None) -> Any:
@@ -128,17 +132,19 @@ class LLMServer:
         if body.model != self.cfg.model_name:
             raise APIError(404, f"model {body.model!r} does not exist; this server serves {self.cfg.model_name!r}",
                            param="model")
-        streams = self.replica.generate(ids, body, body.n, grammar)
-        rid, tokenizer = new_id("chatcmpl" if chat else "cmpl"), self.replica.tokenizer
+        start = time.perf_counter()
+        chunks = self.llm.options(stream=True).generate.remote(ids, body, body.n, grammar)
+        streams = await RemoteRequest(chunks, body.n).start()  # a refusal raises here: 400 / 503
+        rid, tokenizer = new_id("chatcmpl" if chat else "cmpl"), self.tokenizer
         if body.stream:
             usage_of = len(ids) if body.stream_options is not None and body.stream_options.include_usage else None
             return StreamingResponse(sse(streams, tokenizer, rid, body.model, chat, tools, usage_of),
                                      media_type="text/event-stream")
-        start = time.perf_counter()
         result, error = await collect_choices(streams, tokenizer, rid, body.model, chat, len(ids), tools)
         if error is not None:
-            raise APIError(503, f"generation failed: {error}; retry", "server_error")
-        # Engine time (queue + steps + detokenize) lets clients split latency into engine vs Serve/HTTP.
+            raise APIError(503, f"generation failed: {error}; retry", "server_error",
+                           headers={"Retry-After": str(RETRY_AFTER_LOST_S)})
+        # Model time (routing + queue + steps + detokenize) lets clients split latency into model vs Serve/HTTP.
         return JSONResponse(result, headers={"x-gridserve-engine-ms": f"{1000 * (time.perf_counter() - start):.3f}"})
 
 
@@ -150,8 +156,9 @@ def build_app(args: dict[str, Any]) -> Application:
 
 
 def make_app(cfg: GridServeConfig, **deployment_options: Any) -> Application:
-    """The deployment with one placement group per replica, laid out by `cluster.placement` (bundle 0 for the
-    replica actor, then one bundle per stage: each TP group on one node)."""
+    """The ingress over the model deployment (`deployment_options` apply to the latter), one placement group per
+    model replica, laid out by `cluster.placement` (bundle 0 for the replica actor, then one bundle per stage:
+    each TP group on one node)."""
     import ray
 
     from cluster.placement import Layout, alive_nodes, plan_layout, serve_bundles, worker_resource
@@ -159,10 +166,28 @@ def make_app(cfg: GridServeConfig, **deployment_options: Any) -> Application:
     totals = ray.cluster_resources() if ray.is_initialized() else {}
     resource = worker_resource(cfg, totals)
     layout = plan_layout(cfg, alive_nodes(resource), resource) if totals else Layout.of(cfg, resource)
-    # Serve's default of 5 ongoing requests would hold requests at the proxy, outside our batch. Let more reach
+    # Serve's default of 5 ongoing requests would hold requests in the handle, outside our batch. Let more reach
     # the replica than its engine runs or queues, so the excess gets our prompt 503 + Retry-After instead of
-    # waiting in an unbounded proxy queue.
+    # waiting in an unbounded queue.
     options = {"max_ongoing_requests": 2 * (cfg.max_num_seqs + cfg.max_waiting_requests), **deployment_options}
-    return LLMServer.options(placement_group_bundles=serve_bundles(cfg, layout), placement_group_strategy="PACK",
-                             ray_actor_options={"num_cpus": cfg.replica_cpus}, **options).bind(
-        cfg.model_dump(exclude_unset=True))  # what was set: each replica derives the rest (e.g. max_model_len) again
+    if cfg.prefix_routing:
+        options.setdefault("request_router_config", prefix_router_config(cfg))
+    args = cfg.model_dump(exclude_unset=True)  # what was set: each replica derives the rest (max_model_len) again
+    llm = LLMServer.options(placement_group_bundles=serve_bundles(cfg, layout), placement_group_strategy="PACK",
+                            ray_actor_options={"num_cpus": cfg.replica_cpus}, **options).bind(args)
+    scaling = options.get("autoscaling_config")
+    most = (scaling.get("max_replicas") if isinstance(scaling, dict) else getattr(scaling, "max_replicas", None)) \
+        or options.get("num_replicas") or 1
+    return OpenAIIngress.options(ray_actor_options={"num_cpus": cfg.ingress_cpus},
+                                 max_ongoing_requests=options["max_ongoing_requests"] * most).bind(llm, args)
+
+
+def prefix_router_config(cfg: GridServeConfig) -> Any:
+    """Serve's router settings for prefix-aware routing (`deployments.prefix_router`)."""
+    from ray.serve.config import RequestRouterConfig
+
+    from deployments.prefix_router import PrefixAwareRouter
+
+    return RequestRouterConfig(request_router_class=PrefixAwareRouter, request_routing_stats_period_s=
+                               ROUTING_STATS_PERIOD_S, request_router_kwargs={
+                                   "imbalance": cfg.prefix_routing_imbalance, "block_size": cfg.block_size})

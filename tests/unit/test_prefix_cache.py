@@ -86,6 +86,25 @@ def test_scheduler_prefills_only_the_uncached_suffix() -> None:
     assert step.token_ids.tolist() == [70, 71, 72] and step.positions.tolist() == [8, 9, 10]
     assert step.block_tables[0][:2] == first.block_table[:2]
     assert sched.prefix_hit_tokens == 8 and sched.admitted_tokens == 10 + 11
+    assert (first.cached_prompt_tokens, second.cached_prompt_tokens) == (0, 8)  # what each client is told
+
+
+def test_first_token_event_tells_the_cached_prompt_tokens(model_dirs: dict) -> None:
+    """A request after one with the same 3-block prefix learns, on its first token, that 12 tokens were cached."""
+    from cluster.engine import AsyncEngine
+    from tests.local_grid import LocalGrid
+
+    shared = [3, 17, 5, 42, 8, 11, 2, 60, 33, 9, 14, 21, 7]
+    grid = LocalGrid(str(model_dirs["llama_gqa"]), 1, 1, num_blocks=32, block_size=BS)
+
+    async def run() -> list[list[int | None]]:
+        engine = AsyncEngine(grid, BS, 8, 256, 256)
+        told = []
+        for tail in ([1], [2, 3]):
+            told.append([ev.cached_tokens async for ev in engine.generate(shared + tail, GREEDY, 3)])
+        return told
+
+    assert asyncio.run(run()) == [[0, None, None], [12, None, None]]
 
 
 def test_engine_tokens_unchanged_with_shared_prefixes(model_dirs: dict) -> None:

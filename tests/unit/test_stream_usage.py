@@ -23,9 +23,9 @@ class CharTokenizer:
 
 
 async def events(n: int) -> AsyncIterator[TokenEvent]:
-    """n tokens, the last one with finish reason 'length'."""
+    """n tokens, the last one with finish reason 'length'; the first says 4 prompt tokens came from the cache."""
     for i in range(n):
-        yield TokenEvent(i, "length" if i == n - 1 else None)
+        yield TokenEvent(i, "length" if i == n - 1 else None, cached_tokens=4 if i == 0 else None)
 
 
 def frames(usage_prompt_len: int | None) -> list[dict | str]:
@@ -46,7 +46,8 @@ def test_usage_chunk_comes_last_before_done() -> None:
     assert got[-1] == "[DONE]"
     usage = got[-2]
     assert usage["choices"] == []
-    assert usage["usage"] == {"prompt_tokens": 7, "completion_tokens": 5, "total_tokens": 12}
+    assert usage["usage"] == {"prompt_tokens": 7, "completion_tokens": 5, "total_tokens": 12,
+                              "prompt_tokens_details": {"cached_tokens": 4}}
     assert all("usage" not in f for f in got[:-2])
 
 

@@ -1,0 +1,105 @@
+"""The model deployment: one `cluster.replica.Replica` per Serve replica, called by the ingress through a handle.
+
+It speaks token ids, not HTTP, so Serve's request router sees each prompt (`deployments.prefix_router`), and
+every answer a replica can refuse comes back as a `Refusal` value rather than an exception through Ray.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, AsyncIterator, Awaitable
+
+from ray import serve
+from ray.util import get_current_placement_group
+
+from actors.shard.grammar import GrammarSpec
+from cluster.config import GridServeConfig
+from cluster.replica import Replica, ReplicaUnavailable
+from cluster.request import GenerationParams, RequestError
+from deployments.ray_metrics import RayMetrics
+from deployments.remote_stream import ChoiceDelta, Refusal, send_choices
+
+log = logging.getLogger("gridserve.serve")
+
+
+def refusal(exc: RequestError | ReplicaUnavailable) -> Refusal:
+    """The value that carries a refused request back to the ingress."""
+    if isinstance(exc, RequestError):
+        return Refusal(400, str(exc), exc.param)
+    return Refusal(503, str(exc), retry_after_s=exc.retry_after_s)
+
+
+async def guarded(call: Awaitable[Any]) -> Any:
+    """`call`'s value, or a Refusal if the replica cannot answer now (grid being rebuilt)."""
+    try:
+        return await call
+    except ReplicaUnavailable as exc:
+        return refusal(exc)
+
+
+@serve.deployment
+class LLMServer:
+    """Token ids in, coalesced text deltas out. The workers are actors this replica actor owns: Ray ends them
+    with it."""
+
+    def __init__(self, args: dict[str, Any]) -> None:
+        cfg = GridServeConfig.from_args(args)
+        tag = serve.get_replica_context().replica_tag
+        pg = get_current_placement_group()  # Serve's group: bundle 0 is this actor, 1.. the workers
+        self.replica = Replica(cfg, tag, pg, bundle_offset=1 if pg is not None else 0)
+        self.ray_metrics = RayMetrics()
+
+    async def generate(self, prompt_ids: list[int], params: GenerationParams, n: int = 1,
+                       grammar: GrammarSpec | None = None) -> AsyncIterator[list[ChoiceDelta] | Refusal]:
+        """First a Refusal, or an empty list (accepted: the ingress may start its answer); then the n choices'
+        deltas, batched per wake-up."""
+        try:
+            streams = self.replica.generate(prompt_ids, params, n, grammar)
+        except (RequestError, ReplicaUnavailable) as exc:
+            yield refusal(exc)
+            return
+        yield []
+        async for chunk in send_choices(streams):
+            yield chunk
+
+    async def info(self) -> dict[str, Any]:
+        """What the ingress tells clients about the model (max_model_len as fitted to this grid's KV cache)."""
+        cfg = self.replica.cfg
+        return {"max_model_len": cfg.max_model_len, "vocab_size": self.replica.spec.vocab_size}
+
+    async def health(self) -> Refusal | None:
+        """None if the grid serves; a Refusal (and a rebuild started) if it failed."""
+        try:
+            self.replica.check_alive()
+        except ReplicaUnavailable as exc:
+            return refusal(exc)
+        return None
+
+    async def status(self) -> dict[str, Any] | Refusal:
+        """The replica's grid and engine state (GET /status)."""
+        return await guarded(self.replica.snapshot())
+
+    async def metrics_text(self) -> bytes | Refusal:
+        """Prometheus text of this replica (GET /metrics)."""
+        return await guarded(self.replica.metrics_text())
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Load as LLM work, for deployments.autoscaling.TokenLoadPolicy."""
+        return self.replica.load()
+
+    async def record_routing_stats(self) -> dict[str, Any]:
+        """Cached-block digests and queue, for deployments.prefix_router.PrefixAwareRouter."""
+        return self.replica.routing_stats()
+
+    async def check_health(self) -> None:
+        """Serve's periodic health check: probe the grid (a dead worker starts a rebuild), refresh Ray's gauges;
+        a failed rebuild fails the check and Serve replaces this replica."""
+        if (failure := self.replica.failure()) is not None:
+            raise RuntimeError(failure)
+        try:
+            snapshot = await self.replica.snapshot()
+        except ReplicaUnavailable:
+            return  # being rebuilt: healthy unless the rebuild fails
+        try:
+            self.ray_metrics.update(snapshot)
+        except Exception:  # metrics must never fail the health check
+            log.exception("could not export Ray metrics")

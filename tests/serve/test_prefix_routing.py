@@ -1,0 +1,55 @@
+"""Two replicas behind the prefix-aware router: a prompt sharing a prefix with an earlier one lands where that
+prefix is cached, which the answer's `usage.prompt_tokens_details.cached_tokens` shows."""
+from __future__ import annotations
+
+import random
+from typing import Iterator
+
+import httpx
+import pytest
+
+from tests.serve.conftest import serving
+
+BLOCK = 4
+PREFIX = 40  # tokens shared by the "users" of one system prompt: 10 full blocks
+
+
+@pytest.fixture(scope="module")
+def two_routed_replicas(chat_model: str) -> Iterator[str]:
+    """Two tp=1 replicas of the tiny model, prefix routing on (the default)."""
+    with serving({"model": chat_model, "served_model_name": "tiny", "cpus_per_worker": 0.5, "replica_cpus": 0.25,
+                  "max_model_len": 256, "max_num_batched_tokens": 256, "block_size": BLOCK}, num_replicas=2) as url:
+        yield url
+
+
+def cached_tokens(url: str, prompt: list[int]) -> tuple[int, str]:
+    """Prompt tokens the answering replica's prefix cache served, and the answer's engine header (for messages)."""
+    r = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": prompt, "max_tokens": 2,
+                                                  "temperature": 0}, timeout=120)
+    r.raise_for_status()
+    return r.json()["usage"]["prompt_tokens_details"]["cached_tokens"], r.headers.get("x-gridserve-engine-ms", "")
+
+
+@pytest.mark.timeout(600)
+def test_requests_sharing_a_prefix_follow_it(two_routed_replicas: str) -> None:
+    """4 system prompts x 4 users in random order: every user after a prompt's first finds its whole prefix
+    cached. Under random routing each of those 12 would miss with probability 1/2."""
+    rng = random.Random(0)
+    systems = [[rng.randrange(1, 200) for _ in range(PREFIX)] for _ in range(4)]
+    order = [(s, u) for s in range(4) for u in range(4)]
+    rng.shuffle(order)
+    seen: set[int] = set()
+    for s, u in order:
+        prompt = systems[s] + [200 + u, 201 + u, 202 + u]
+        hit, _ = cached_tokens(two_routed_replicas, prompt)
+        if s in seen:
+            assert hit >= PREFIX, f"system prompt {s}, user {u}: {hit} cached tokens, the prefix has {PREFIX}"
+        else:
+            assert hit == 0
+        seen.add(s)
+
+
+def test_status_reaches_both_replicas(two_routed_replicas: str) -> None:
+    """Calls without a prompt (here /status) are spread by the power-of-two fallback over both replicas."""
+    seen = {httpx.get(f"{two_routed_replicas}/status", timeout=30).json()["replica"] for _ in range(40)}
+    assert len(seen) == 2
