@@ -21,7 +21,7 @@ from actors.shard.tp import TPGroup
 from actors.shard.usage import StepWindow, memory_bytes
 
 
-@ray.remote
+@ray.remote(concurrency_groups={"probe": 1})  # stats answer from their own thread, even in a long step
 class Worker:
     """One (pp_rank, tp_rank) shard: joins its stage's process group, loads its slices, runs steps."""
 
@@ -124,6 +124,7 @@ class Worker:
             out.timings.update({f"stage_{k}_s": s for k, s in enumerate([*before, end - start])})
         return out
 
+    @ray.method(concurrency_group="probe")
     def stats(self) -> dict[str, Any]:
         """Where this worker runs, its memory, and its utilization over recent steps (for /status, /metrics)."""
         assert self.runner is not None

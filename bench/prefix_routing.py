@@ -55,6 +55,8 @@ async def one(http: httpx.AsyncClient, url: str, start: float, at: float, prompt
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise RuntimeError(f"request failed: {chunk['error']}")
             if chunk.get("choices") and ttft is None:
                 ttft = time.perf_counter() - sent
             usage = chunk.get("usage") or usage

@@ -176,6 +176,8 @@ class Replica:
             self.heal()
         try:
             workers = [] if self.engine.dead else await asyncio.to_thread(self.grid.worker_stats)
+        except TimeoutError:  # alive but slow to answer (a starved host): keep its last figures, fail nothing
+            workers = self.last_snapshot["workers"]
         except Exception as exc:  # a Ray error from a dead or unreachable worker
             self.engine.fail(f"worker unreachable: {type(exc).__name__}")
             self.heal()

@@ -27,15 +27,17 @@ class StepWindow:
     def summary(self, now: float | None = None) -> dict[str, float]:
         """busy % of the wall since the window's first step, all-reduce % of busy time, mean step ms, median
         hand-off ms (previous stage done -> this stage starts: transfer, dispatch and any queueing)."""
-        handoff = 1000 * statistics.median(self.handoffs) if self.handoffs else 0.0
-        if not self.steps:
+        # Copies first: the worker's probe thread reads while its step thread records (list(deque) is atomic).
+        steps, handoffs = list(self.steps), list(self.handoffs)
+        handoff = 1000 * statistics.median(handoffs) if handoffs else 0.0
+        if not steps:
             return {"steps": 0, "busy_pct": 0.0, "allreduce_pct": 0.0, "step_ms": 0.0, "handoff_ms": handoff}
         now = time.perf_counter() if now is None else now
-        busy = sum(end - start for start, end, _ in self.steps)
-        comm = sum(c for _, _, c in self.steps)
-        wall = max(now - self.steps[0][0], busy, 1e-9)
+        busy = sum(end - start for start, end, _ in steps)
+        comm = sum(c for _, _, c in steps)
+        wall = max(now - steps[0][0], busy, 1e-9)
         return {"steps": self.total, "busy_pct": 100 * busy / wall, "allreduce_pct": 100 * comm / max(busy, 1e-9),
-                "step_ms": 1000 * busy / len(self.steps), "handoff_ms": handoff}
+                "step_ms": 1000 * busy / len(steps), "handoff_ms": handoff}
 
 
 def memory_bytes(device: torch.device) -> dict[str, int]:

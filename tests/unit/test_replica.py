@@ -31,6 +31,29 @@ def test_generate_matches_hf_and_snapshot_reports_the_grid(model_dirs: dict) -> 
     assert snap["engine"]["generation_tokens_total"] == 18 and snap["replica"] == "r0" and snap["dead"] is None
 
 
+class SlowStatsGrid(LocalGrid):
+    """A grid whose workers are alive but too busy to answer the stats probe in time."""
+
+    def worker_stats(self, timeout_s: float = 10.0) -> list[dict[str, Any]]:
+        """Time out like ray.get does (Ray's GetTimeoutError is a TimeoutError)."""
+        raise TimeoutError("stats probe timed out")
+
+
+def test_a_slow_stats_probe_does_not_fail_the_replica(model_dirs: dict) -> None:
+    """Busy is not dead: a probe timeout keeps the last worker figures, refreshes the engine's, fails nothing."""
+    d = str(model_dirs["llama_gqa"])
+    replica = Replica(config(d), grid_factory=lambda: SlowStatsGrid(d, 1, 1))
+
+    async def main() -> tuple[dict, list[int]]:
+        stream = replica.generate(PROMPTS[0], greedy(3))[0]
+        await collect(stream)
+        return await replica.snapshot(), list(stream.ids)
+
+    snap, tokens = asyncio.run(main())
+    assert snap["dead"] is None and snap["workers"] == [] and snap["engine"]["generation_tokens_total"] == 3
+    assert tokens == hf_greedy(d, PROMPTS[0], 3)[0] and replica.rebuilds == 0
+
+
 def test_failed_grid_fails_in_flight_work_then_heals_in_place(model_dirs: dict) -> None:
     """A dying grid ends the running request with an error, new requests get 503-style ReplicaUnavailable with
     the rebuild Retry-After, and after the rebuild the replica serves again (rebuilds counted)."""
