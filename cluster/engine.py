@@ -158,14 +158,7 @@ class AsyncEngine:
         """Keep the pipeline full: launch steps while slots and ready sequences exist, finish them as they land."""
         inflight: dict[asyncio.Future, list[Sequence]] = {}
         while True:
-            while len(inflight) < self.max_inflight:
-                seqs = self.scheduler.schedule(self._micro_batch())
-                if not seqs:
-                    break
-                self.stats.prompt_tokens += sum(len(s.tokens) - s.num_cached for s in seqs if not s.output_ids)
-                self._first_scheduled(seqs)
-                step = self.scheduler.build_step(seqs)
-                inflight[asyncio.ensure_future(self._submit(step))] = seqs
+            self._launch(inflight)
             self._wakeup.clear()
             if not inflight:
                 await self._wakeup.wait()
@@ -175,17 +168,37 @@ class AsyncEngine:
             done, _ = await asyncio.wait([*inflight, waker], return_when=asyncio.FIRST_COMPLETED)
             self.stats.busy_s += time.perf_counter() - start
             waker.cancel()
+            landed = []
             for fut in done:
                 if fut is waker:
                     continue
                 seqs = inflight.pop(fut)
                 try:
-                    self._finish_step(seqs, fut.result())
+                    out = fut.result()
+                    self.stats.steps += 1
+                    self.scheduler.update(seqs, out)
                 except Exception as exc:  # a worker died or a step failed: fail every request, never hang
                     self._fail_all(f"{type(exc).__name__}: {exc}")
                     for other in inflight:
                         other.cancel()
                     return
+                landed.append((seqs, out))
+            # The next step goes out before the streams wake: its submit task runs first, so the workers compute
+            # while this event loop serves the consumers, instead of waiting behind them.
+            self._launch(inflight)
+            for seqs, out in landed:
+                self._deliver(seqs, out)
+
+    def _launch(self, inflight: dict[asyncio.Future, list[Sequence]]) -> None:
+        """Start steps while pipeline slots and ready sequences exist."""
+        while len(inflight) < self.max_inflight:
+            seqs = self.scheduler.schedule(self._micro_batch())
+            if not seqs:
+                return
+            self.stats.prompt_tokens += sum(len(s.tokens) - s.num_cached for s in seqs if not s.output_ids)
+            self._first_scheduled(seqs)
+            step = self.scheduler.build_step(seqs)
+            inflight[asyncio.ensure_future(self._submit(step))] = seqs
 
     def _first_scheduled(self, seqs: list[Sequence]) -> None:
         """Observe the queue time of sequences entering their first step."""
@@ -212,10 +225,8 @@ class AsyncEngine:
             raise TimeoutError(f"a grid step took over step_timeout_s={self.step_timeout_s} s: a worker is stuck "
                                "or dead") from None
 
-    def _finish_step(self, seqs: list[Sequence], out: StepOutput) -> None:
-        """Hand the step's tokens to the scheduler and to each live request's stream."""
-        self.stats.steps += 1
-        self.scheduler.update(seqs, out)
+    def _deliver(self, seqs: list[Sequence], out: StepOutput) -> None:
+        """Hand the step's tokens (already applied to the scheduler) to each live request's stream."""
         logprobs = out.logprobs or [None] * len(seqs)
         for seq, lp in zip(seqs, logprobs):
             if seq.finish_reason == "abort":
