@@ -124,6 +124,7 @@ class RemoteRequest:
         return self.choices
 
     def _deliver(self, chunk: list[ChoiceDelta]) -> None:
+        """Queue each delta on its choice; a finish closes the choice."""
         for d in chunk:
             self.choices[d.index].queue.put_nowait(d)
             if d.reason is not None:
