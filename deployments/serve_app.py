@@ -124,7 +124,8 @@ class OpenAIIngress:
     async def detokenize_route(self, request: Request) -> dict[str, Any]:
         """vLLM's /detokenize: the text of token ids."""
         self._authorize(request)
-        return detokenize(self.tokenizer, await parse_body(request, DetokenizeRequest), self.cfg.spec().vocab_size)
+        body = await parse_body(request, DetokenizeRequest)
+        return detokenize(self.tokenizer, body, (await self._info())["vocab_size"])  # asked once, not per request
 
     async def _respond(self, body: SamplingFields, ids: list[int], chat: bool, grammar: Any = None,
                        tools: Any = None) -> Any:
