@@ -14,7 +14,7 @@ log = logging.getLogger("gridserve")
 
 DEFAULT_MODEL = "models/SmolLM2-135M-Instruct"  # fetched on first use (deployments/smollm2.py)
 FALLBACK_MODEL = "models/demo-random"  # random demo model written when the real one cannot be fetched
-MIN_BATCHED_TOKENS = 2048  # default step budget when the context is shorter (vLLM's default too)
+DEFAULT_BATCHED_TOKENS = 2048  # default step budget: long prompts go in chunks, decodes never wait behind them
 
 
 class ConfigError(ValueError):
@@ -46,9 +46,10 @@ class GridServeConfig(BaseModel):
     max_model_len: int | None = Field(None, ge=2, description="Longest prompt + completion, in tokens; default: "
                                       "the model's context length, capped by what the KV cache holds.")
     max_num_seqs: int = Field(32, ge=1, description="Most sequences in one running batch.")
-    max_num_batched_tokens: int | None = Field(None, ge=1, description="Token budget of one engine step; a whole "
-                                               "prompt is prefilled in one step, so default: max(2048, "
-                                               "max_model_len).")
+    max_num_batched_tokens: int | None = Field(None, ge=1, description="Token budget of one engine step: a token "
+                                               "per decoding sequence, then prompt chunks (a longer prompt is "
+                                               "prefilled over several steps). Default 2048; at least "
+                                               "max_num_seqs.")
     block_size: int = Field(16, ge=1, le=1024, description="Tokens per KV-cache block.")
     kv_cache_memory_bytes: int = Field(256 * 2**20, ge=1, description="KV-cache budget per worker on CPU, in bytes.")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="Share of GPU memory a worker may use (CUDA).")
@@ -105,7 +106,7 @@ class GridServeConfig(BaseModel):
             object.__setattr__(self, "max_model_len", spec.max_position_embeddings)
             self._model_len_from_model = True
         if self.max_num_batched_tokens is None:
-            object.__setattr__(self, "max_num_batched_tokens", max(MIN_BATCHED_TOKENS, self.max_model_len))
+            object.__setattr__(self, "max_num_batched_tokens", max(DEFAULT_BATCHED_TOKENS, self.max_num_seqs))
         problems = self._cross_field_errors(spec)
         if problems:
             raise ValueError("\n  - ".join(problems))  # one line each (describe_errors indents the first)
@@ -120,9 +121,9 @@ class GridServeConfig(BaseModel):
                 check()
             except ValueError as exc:
                 problems.append(str(exc))
-        if self.max_num_batched_tokens < self.max_model_len:
-            problems.append(f"max_num_batched_tokens={self.max_num_batched_tokens} must be >= max_model_len="
-                            f"{self.max_model_len} so a full-length prompt fits in one step; raise it")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            problems.append(f"max_num_batched_tokens={self.max_num_batched_tokens} must be >= max_num_seqs="
+                            f"{self.max_num_seqs} so every running sequence can decode in one step; raise it")
         if self.max_model_len > spec.max_position_embeddings:
             problems.append(f"max_model_len={self.max_model_len} exceeds the model's context length "
                             f"(max_position_embeddings={spec.max_position_embeddings}); lower max_model_len or "

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any, AsyncGenerator, Protocol
 
 from actors.shard.grammar import GrammarSpec
-from actors.shard.runner import StepInput, StepOutput
+from actors.shard.runner import NO_TOKEN, StepInput, StepOutput
 from actors.shard.sampler import Logprobs, SamplingParams
 from cluster.blocks import BlockManager
 from cluster.metrics import RequestMetrics
@@ -195,7 +195,8 @@ class AsyncEngine:
             seqs = self.scheduler.schedule(self._micro_batch())
             if not seqs:
                 return
-            self.stats.prompt_tokens += sum(len(s.tokens) - s.num_cached for s in seqs if not s.output_ids)
+            self.stats.prompt_tokens += sum(max(0, min(s.num_cached + s.chunk, len(s.prompt_ids)) - s.num_cached)
+                                            for s in seqs)
             self._first_scheduled(seqs)
             step = self.scheduler.build_step(seqs)
             inflight[asyncio.ensure_future(self._submit(step))] = seqs
@@ -228,8 +229,8 @@ class AsyncEngine:
     def _deliver(self, seqs: list[Sequence], out: StepOutput) -> None:
         """Hand the step's tokens (already applied to the scheduler) to each live request's stream."""
         logprobs = out.logprobs or [None] * len(seqs)
-        for seq, lp in zip(seqs, logprobs):
-            if seq.finish_reason == "abort":
+        for seq, token, lp in zip(seqs, out.token_ids, logprobs):
+            if token == NO_TOKEN or seq.finish_reason == "abort":  # a prompt chunk short of its end samples nothing
                 continue
             self.stats.generation_tokens += 1
             queue = self.streams.get(seq.seq_id)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from actors.shard.grammar import GrammarRef, GrammarSpec
-from actors.shard.runner import StepInput, StepOutput
+from actors.shard.runner import NO_TOKEN, StepInput, StepOutput
 from actors.shard.sampler import SamplingParams
 from cluster.blocks import BlockManager
 from cluster.request import RequestError
@@ -34,11 +34,17 @@ class Sequence:
     scheduled_at: float | None = None  # perf_counter() of its first step
     grammar: GrammarSpec | None = None  # structured output: the sampling rank masks tokens by this grammar
     cached_prompt_tokens: int | None = None  # prompt tokens found in the prefix cache at first admission
+    chunk: int = 0  # tokens it computes in its current step (1 when decoding; a prompt chunk otherwise)
 
     @property
     def tokens(self) -> list[int]:
         """Prompt followed by everything generated so far."""
         return self.prompt_ids + self.output_ids
+
+    @property
+    def remaining(self) -> int:
+        """Tokens not yet in the cache: 1 while decoding, more while its prompt is (re)computed."""
+        return len(self.prompt_ids) + len(self.output_ids) - self.num_cached
 
     def finish(self, reason: str) -> None:
         """Mark the sequence done with an OpenAI finish reason ('stop', 'length', 'abort', 'error')."""
@@ -46,7 +52,7 @@ class Sequence:
 
 
 class Scheduler:
-    """Decides which sequences run in each step; prefill of waiting sequences goes first."""
+    """Decides which sequences run in each step: decodes first, prompt chunks in the rest of the token budget."""
 
     def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
                  max_model_len: int) -> None:
@@ -76,15 +82,24 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self, max_seqs: int | None = None) -> list[Sequence]:
-        """The next step: newly admitted prefills if any fit, else a decode of up to `max_seqs` ready sequences.
+        """The next step, one mixed batch: a token for each ready decoding sequence (at most `max_seqs`), then
+        prompt chunks of partly prefilled and newly admitted sequences in what is left of the token budget.
 
-        Sequences already in an unanswered step are skipped, so with pipeline parallelism several steps
-        (micro-batches over disjoint sequences) can be in flight at once.
+        Decodes ride along with prefills instead of waiting behind them, and a long prompt is prefilled over
+        several steps (chunked prefill). Sequences already in an unanswered step are skipped, so with pipeline
+        parallelism several steps (micro-batches over disjoint sequences) can be in flight at once.
         """
-        batch = self._admit()
-        if not batch:
-            ready = [s for s in self.running if not s.in_flight]
-            batch = self._grow(ready[:max_seqs] if max_seqs else ready)
+        budget = self.max_num_batched_tokens
+        ready = [s for s in self.running if not s.in_flight]
+        decodes = [s for s in ready if s.remaining == 1]
+        prefills = [s for s in ready if s.remaining > 1]
+        batch = []
+        for seq in self._grow(decodes[:min(max_seqs or len(decodes), budget)] + prefills):
+            seq.chunk = min(seq.remaining, budget)
+            budget -= seq.chunk
+            if seq.chunk:
+                batch.append(seq)
+        batch += self._admit(budget)
         for seq in batch:
             seq.in_flight = True
         return batch
@@ -103,16 +118,15 @@ class Scheduler:
                 scheduled.append(seq)
         return scheduled
 
-    def _admit(self) -> list[Sequence]:
-        """Move waiting sequences into the running batch while seats, token budget and blocks allow."""
+    def _admit(self, budget: int) -> list[Sequence]:
+        """Move waiting sequences into the running batch while seats, token budget and blocks allow; each gets
+        the blocks of its whole prompt now and the first chunk of it that fits the budget."""
         batch: list[Sequence] = []
-        budget = self.max_num_batched_tokens
-        while self.waiting and len(self.running) + len(batch) < self.max_num_seqs:
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             if not seq.block_table:
                 self._reuse_prefix(seq)
-            need = len(seq.tokens) - seq.num_cached
-            if need > budget or not self.blocks.can_grow(seq.block_table, len(seq.tokens)):
+            if not self.blocks.can_grow(seq.block_table, len(seq.tokens)):
                 self._forget(seq)  # a waiting sequence pins no blocks: the head must always fit eventually
                 break
             self.waiting.popleft()
@@ -121,9 +135,10 @@ class Scheduler:
                 seq.cached_prompt_tokens = seq.num_cached
             self.admitted_tokens += len(seq.tokens)
             self.blocks.grow(seq.block_table, len(seq.tokens))
+            seq.chunk = min(seq.remaining, budget)
+            budget -= seq.chunk
+            self.running.append(seq)
             batch.append(seq)
-            budget -= need
-        self.running.extend(batch)
         return batch
 
     def _reuse_prefix(self, seq: Sequence) -> None:
@@ -147,22 +162,27 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     def build_step(self, seqs: list[Sequence]) -> StepInput:
-        """Lay the scheduled sequences' uncached tokens end to end for the workers."""
-        ids, pos, qlens = [], [], []
+        """Lay each scheduled sequence's chunk of uncached tokens end to end for the workers."""
+        ids, pos, ends = [], [], []
         for seq in seqs:
-            toks = seq.tokens
-            ids.extend(toks[seq.num_cached:])
-            pos.extend(range(seq.num_cached, len(toks)))
-            qlens.append(len(toks) - seq.num_cached)
+            end = seq.num_cached + seq.chunk
+            ids.extend(seq.tokens[seq.num_cached:end])
+            pos.extend(range(seq.num_cached, end))
+            ends.append(end)
+        # Only a sequence whose chunk reaches its last token samples; penalties and grammars matter only there.
+        sample = [end == len(s.prompt_ids) + len(s.output_ids) for s, end in zip(seqs, ends)]
+        history = [s.params.needs_history and go for s, go in zip(seqs, sample)]
+        grammar = [s.grammar is not None and go for s, go in zip(seqs, sample)]
         return StepInput(
             token_ids=np.asarray(ids, dtype=np.int64), positions=np.asarray(pos, dtype=np.int64),
-            query_lens=qlens, context_lens=[len(s.tokens) for s in seqs],
+            query_lens=[s.chunk for s in seqs], context_lens=ends,
             block_tables=[list(s.block_table) for s in seqs], sampling=[s.params for s in seqs],
             output_index=[len(s.output_ids) for s in seqs],
-            histories=[(s.prompt_ids, s.output_ids) if s.params.needs_history else None for s in seqs]
-            if any(s.params.needs_history for s in seqs) else None,
-            grammars=[GrammarRef(s.seq_id, s.grammar) if s.grammar else None for s in seqs]
-            if any(s.grammar for s in seqs) else None, grammar_release=self._drain_grammar_done())
+            histories=[(s.prompt_ids, s.output_ids) if h else None for s, h in zip(seqs, history)]
+            if any(history) else None,
+            grammars=[GrammarRef(s.seq_id, s.grammar) if g else None for s, g in zip(seqs, grammar)]
+            if any(grammar) else None, grammar_release=self._drain_grammar_done(),
+            sample=None if all(sample) else sample)
 
     def _drain_grammar_done(self) -> list[int]:
         """Ids of retired grammar sequences not yet reported to the sampling rank."""
@@ -170,17 +190,21 @@ class Scheduler:
         return done
 
     def update(self, seqs: list[Sequence], out: StepOutput) -> list[Sequence]:
-        """Append each sampled token, apply stop rules, retire finished sequences; returns the finished."""
+        """Advance each sequence by its chunk, append the tokens sampled at prompt ends and decodes, apply stop
+        rules, retire finished sequences; returns the finished."""
         done = []
         for seq, token in zip(seqs, out.token_ids):
             seq.in_flight = False
             if seq.finish_reason is not None:  # aborted while its step ran: its blocks are free to go now
                 self.blocks.release(seq.block_table)
                 continue
-            seq.num_cached = len(seq.tokens)
+            seq.num_cached += seq.chunk
             if seq.num_cached // self.blocks.block_size > seq.hashed_blocks:
                 seq.hashed_blocks, seq.hash_parent = self.blocks.register(
                     seq.block_table, seq.tokens, seq.num_cached, seq.hashed_blocks, seq.hash_parent)
+            if seq.remaining:  # a prompt chunk short of the end: nothing was sampled for it
+                continue
+            assert token != NO_TOKEN, f"sequence {seq.seq_id} finished its chunk but the grid sampled no token"
             seq.output_ids.append(token)
             if token in seq.stop_ids:
                 seq.finish("stop")

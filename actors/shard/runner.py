@@ -17,6 +17,8 @@ from actors.shard.sampler import Logprobs, Sampler, SamplingParams
 from actors.shard.spec import HeadSplit
 from actors.shard.tp import TPGroup
 
+NO_TOKEN = -1  # StepOutput.token_ids entry of a sequence that sampled nothing (its prompt chunk ends short)
+
 
 @dataclass
 class StepInput:
@@ -33,6 +35,12 @@ class StepInput:
     histories: list[tuple[list[int], list[int]] | None] | None = None  # (prompt, output) where penalties apply
     grammars: list[GrammarRef | None] | None = None  # per sequence: its output grammar (structured outputs)
     grammar_release: list[int] = field(default_factory=list)  # sequences whose matchers the sampler may drop
+    sample: list[bool] | None = None  # per sequence: does its chunk end its known tokens (None: all do)
+
+    def sampled_rows(self) -> list[int]:
+        """Indices of the sequences that sample a token in this step."""
+        return list(range(len(self.query_lens))) if self.sample is None else [i for i, s in enumerate(self.sample)
+                                                                               if s]
 
 
 @dataclass
@@ -135,24 +143,32 @@ class StageRunner:
         sampling_rank = self.is_last and self.tp.rank == 0
         if sampling_rank:
             self.grammars.release(step.grammar_release)
+        rows = step.sampled_rows()
+        grammars = [step.grammars[i] for i in rows] if step.grammars else None
+        steps = [step.output_index[i] for i in rows]
         # Grammar masks depend only on tokens already sampled: compute them while the forward runs.
-        masks = self.grammars.start_masks(step.grammars, step.output_index) if sampling_rank and step.grammars \
-            else None
+        masks = self.grammars.start_masks(grammars, steps) if sampling_rank and grammars else None
         meta = AttnMeta.build(step.query_lens, step.context_lens, step.block_tables, self.plan.block_size,
                               self.spec.sliding_window, self.device)
         positions = torch.tensor(step.positions, device=self.device)
         out = self.model(inputs, positions, self.cache, meta)  # [T, hidden]
         if not self.is_last:
             return to_wire(out)
-        last = torch.tensor(np.cumsum(step.query_lens) - 1, device=self.device)
-        logits = self.model.logits(out[last])  # [B, vocab] on every TP rank
+        if not rows:  # every sequence is mid-prompt: no logits, nothing to sample (the same on every TP rank)
+            return StepOutput([NO_TOKEN] * len(step.query_lens)) if self.tp.rank == 0 else None
+        last = torch.tensor((np.cumsum(step.query_lens) - 1)[rows], device=self.device)
+        logits = self.model.logits(out[last])  # [rows, vocab] on every TP rank
         if self.tp.rank != 0:
             return None  # only TP rank 0 samples and answers
-        histories = step.histories or [None] * len(step.sampling)
-        tokens, logprobs = self.sampler.sample(logits, step.sampling, step.output_index, histories,
+        histories = [step.histories[i] for i in rows] if step.histories else [None] * len(rows)
+        tokens, logprobs = self.sampler.sample(logits, [step.sampling[i] for i in rows], steps, histories,
                                                masks.result() if masks is not None else None)
-        if step.grammars:
-            self.grammars.accept(step.grammars, tokens)
+        if grammars:
+            self.grammars.accept(grammars, tokens)
         timings = {"step_s": time.perf_counter() - start, "comm_s": self.tp.comm_seconds - comm_before}
-        return StepOutput(tokens, logits.cpu().numpy() if step.return_logits else None,
-                          logprobs if any(lp is not None for lp in logprobs) else None, timings)
+        all_tokens: list[int] = [NO_TOKEN] * len(step.query_lens)
+        all_logprobs: list[Logprobs | None] = [None] * len(step.query_lens)
+        for row, token, lp in zip(rows, tokens, logprobs):
+            all_tokens[row], all_logprobs[row] = token, lp
+        return StepOutput(all_tokens, logits.cpu().numpy() if step.return_logits else None,
+                          all_logprobs if any(lp is not None for lp in logprobs) else None, timings)

@@ -70,12 +70,14 @@ def test_pp_beyond_layers_refused(model_dir: Path) -> None:
         make(model_dir, pipeline_parallel_size=3)
 
 
-def test_batched_tokens_below_model_len_refused(model_dir: Path) -> None:
-    """max_num_batched_tokens < max_model_len raises, naming both."""
+def test_batched_tokens_below_max_num_seqs_refused(model_dir: Path) -> None:
+    """max_num_batched_tokens < max_num_seqs raises, naming both; below max_model_len is fine (chunked prefill)."""
     with pytest.raises(ValidationError) as err:
-        make(model_dir, max_model_len=256, max_num_batched_tokens=255)
-    assert "max_num_batched_tokens=255" in str(err.value) and "max_model_len=256" in str(err.value)
-    make(model_dir, max_model_len=256, max_num_batched_tokens=256)  # equal is fine
+        make(model_dir, max_num_seqs=64, max_num_batched_tokens=63)
+    assert "max_num_batched_tokens=63" in str(err.value) and "max_num_seqs=64" in str(err.value)
+    make(model_dir, max_num_seqs=64, max_num_batched_tokens=64)  # equal is fine
+    make(model_dir, max_model_len=256, max_num_batched_tokens=100)  # prompts longer than a step go in chunks
+    assert GridServeConfig(model=str(model_dir), max_num_seqs=4096).max_num_batched_tokens == 4096
 
 
 def test_model_len_beyond_positions_refused(model_dir: Path) -> None:
@@ -150,7 +152,7 @@ def test_block_manager_needs_a_block(n: int) -> None:
 # ----------------------------------------------------------------------------- lengths the model decides
 
 def test_model_len_defaults_to_the_models_context(model_dir: Path) -> None:
-    """Unset max_model_len is the model's context length; the step budget grows to hold a whole prompt."""
+    """Unset max_model_len is the model's context length; the step budget stays 2048 (prompts go in chunks)."""
     cfg = GridServeConfig(model=str(model_dir))
     assert cfg.max_model_len == 512 and cfg.max_num_batched_tokens == 2048
     assert GridServeConfig(model=str(model_dir), max_model_len=100).max_num_batched_tokens == 2048

@@ -72,7 +72,8 @@ def test_same_content_computed_twice_is_shared_once() -> None:
 
 
 def test_scheduler_prefills_only_the_uncached_suffix() -> None:
-    """After one request, a second with the same 2-block prefix starts with 8 cached tokens and sends 3."""
+    """After one request, a second with the same 2-block prefix starts with 8 cached tokens and sends 3 (in the
+    same step as the first one's decode)."""
     sched = Scheduler(BlockManager(16, BS, prefix_caching=True), 4, 64, 64)
     first = Sequence(0, list(range(10)), GREEDY, 2)
     sched.add(first)
@@ -81,10 +82,10 @@ def test_scheduler_prefills_only_the_uncached_suffix() -> None:
     second = Sequence(1, list(range(8)) + [70, 71, 72], GREEDY, 2)
     sched.add(second)
     batch = sched.schedule()
-    assert batch == [second] and second.num_cached == 8
+    assert batch == [first, second] and second.num_cached == 8
     step = sched.build_step(batch)
-    assert step.token_ids.tolist() == [70, 71, 72] and step.positions.tolist() == [8, 9, 10]
-    assert step.block_tables[0][:2] == first.block_table[:2]
+    assert step.token_ids.tolist() == [50, 70, 71, 72] and step.positions.tolist() == [10, 8, 9, 10]
+    assert step.block_tables[1][:2] == first.block_table[:2]
     assert sched.prefix_hit_tokens == 8 and sched.admitted_tokens == 10 + 11
     assert (first.cached_prompt_tokens, second.cached_prompt_tokens) == (0, 8)  # what each client is told
 

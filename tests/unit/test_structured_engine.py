@@ -36,9 +36,10 @@ async def run(engine: AsyncEngine, prompt: list[int], spec: GrammarSpec | None, 
     return ids, reason
 
 
-@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (1, 2), (2, 2)])
-def test_every_output_validates_against_its_schema(model_dir: str, tp: int, pp: int) -> None:
-    """8 random schemas x n=2 at once on a cache small enough to preempt: all outputs stop and validate."""
+@pytest.mark.parametrize("tp,pp,budget", [(1, 1, 512), (2, 1, 512), (1, 2, 512), (2, 2, 512), (1, 1, 24)])
+def test_every_output_validates_against_its_schema(model_dir: str, tp: int, pp: int, budget: int) -> None:
+    """8 random schemas x n=2 at once on a cache small enough to preempt: all outputs stop and validate (also
+    with a step budget of 24, where prompts and recomputed sequences go in chunks beside 16 decodes)."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -48,7 +49,7 @@ def test_every_output_validates_against_its_schema(model_dir: str, tp: int, pp: 
     prompt = tok.encode("Answer in JSON: the quick brown fox")
 
     async def main() -> tuple[list, int]:
-        engine = AsyncEngine(grid, 4, 16, 512, 512, grid.stages[-1][0].spec.eos_token_ids)
+        engine = AsyncEngine(grid, 4, 16, budget, 512, grid.stages[-1][0].spec.eos_token_ids)
         jobs = [run(engine, prompt, GrammarSpec("json_schema", json.dumps(s)), 100 * i + k, 200)
                 for i, s in enumerate(schemas) for k in range(2)]
         results = await asyncio.gather(*jobs)
