@@ -142,7 +142,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="interleaved repeats of every engine (offline)")
     ap.add_argument("--repeats", type=int, default=3, help="runs per output length; the fastest counts")
     ap.add_argument("--online-pp", nargs="+", type=int, default=[1, 2], help="gridserve serve layouts: tp=1, these pp")
-    ap.add_argument("--base", type=Path, help="a previous gridserve checkout, timed by the same script")
+    ap.add_argument("--base", type=Path, help="a previous gridserve checkout, timed by the same script (online: "
+                    "its tp1 pp1 server)")
     ap.add_argument("--venv", type=Path, default=ROOT / ".peer" / "vllm", help="the peer's venv (built if absent)")
     ap.add_argument("--quick", action="store_true", help="short workloads (a smoke run)")
     args = ap.parse_args()
@@ -158,7 +159,7 @@ def main() -> None:
     if "online" in args.parts:
         from bench.peer_online import online
 
-        record["online"] = online(python, args.quick, args.online_pp)
+        record["online"] = online(python, args.quick, args.online_pp, args.base)
     OUT.mkdir(parents=True, exist_ok=True)
     path = OUT / f"peer-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(record, indent=1))

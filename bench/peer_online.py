@@ -115,11 +115,11 @@ def bench_client(python: Path, model: Path, name: str, conc: int, prompts: int, 
 
 
 def run_server(label: str, cmd: list[str], env: dict[str, str], python: Path, model: Path,
-               quick: bool) -> list[dict[str, Any]]:
-    """Start one server, run the client at every concurrency, stop it; one row per concurrency."""
+               quick: bool, cwd: Path = ROOT) -> list[dict[str, Any]]:
+    """Start one server (in `cwd`), run the client at every concurrency, stop it; one row per concurrency."""
     rows = []
     log = open(OUT / f"peer-serve-{label.replace(' ', '_')}.log", "w")
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_ready(proc)
         bench_client(python, model, model.name, 1, 2, label.replace(" ", "_") + "-warm")  # first-request costs
@@ -136,8 +136,9 @@ def run_server(label: str, cmd: list[str], env: dict[str, str], python: Path, mo
     return rows
 
 
-def online(python: Path, quick: bool, pps: list[int]) -> list[dict[str, Any]]:
-    """vLLM's server, then gridserve at tp=1 and each pp in `pps`; the table and a throughput-latency PNG."""
+def online(python: Path, quick: bool, pps: list[int], base: Path | None = None) -> list[dict[str, Any]]:
+    """vLLM's server, then gridserve at tp=1 and each pp in `pps` (and the `base` checkout's at tp=1 pp=1, if
+    given); the table and a throughput-latency PNG."""
     from bench.peer import peer_env
 
     OUT.mkdir(parents=True, exist_ok=True)
@@ -145,13 +146,15 @@ def online(python: Path, quick: bool, pps: list[int]) -> list[dict[str, Any]]:
     vllm_cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--served-model-name",
                 model.name, "--host", "127.0.0.1", "--port", str(PORT), "--dtype", "float32", "--max-model-len",
                 "1024", "--max-num-seqs", "32"]
-    gs_env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    servers = [("vLLM", vllm_cmd, peer_env(None))]
-    servers += [(f"gridserve tp1 pp{pp}", [sys.executable, "-m", "deployments.cli", "serve",
-                                           str(serve_config(model, 1, pp))], gs_env) for pp in pps]
+    servers = [("vLLM", vllm_cmd, peer_env(None), ROOT)]
+    checkouts = [("gridserve", ROOT, pps)] + ([("gridserve@base", base.resolve(), [1])] if base else [])
+    for name, tree, layouts in checkouts:
+        servers += [(f"{name} tp1 pp{pp}", [sys.executable, "-m", "deployments.cli", "serve",
+                                            str(serve_config(model, 1, pp))], {**os.environ, "PYTHONPATH": str(tree)},
+                     tree) for pp in layouts]
     rows = []
-    for label, cmd, env in servers:
-        rows += run_server(label, cmd, env, python, model, quick)
+    for label, cmd, env, cwd in servers:
+        rows += run_server(label, cmd, env, python, model, quick, cwd)
     print_online(rows)
     plot(rows, OUT / "peer-online.png")
     return rows
