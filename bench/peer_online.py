@@ -56,16 +56,20 @@ def ensure_smol(python: Path) -> Path:
     return SMOL
 
 
-def serve_config(model: Path, tp: int, pp: int) -> Path:
-    """A Ray Serve config for `gridserve serve`: one replica of the chosen layout on loopback."""
+def serve_config(model: Path, tp: int, pp: int, colocate: bool = False) -> Path:
+    """A Ray Serve config for `gridserve serve`: one replica of the chosen layout on loopback (in the ingress's
+    process with `colocate`)."""
     cpus = (os.cpu_count() or 2) / (tp * pp) - 0.25 / (tp * pp)  # the replica actor takes the rest
     args = {"model": str(model), "tensor_parallel_size": tp, "pipeline_parallel_size": pp, "resource": "CPU",
             "cpus_per_worker": round(cpus, 3), "replica_cpus": 0.25, "max_model_len": 1024, "max_num_seqs": 32,
             "enable_prefix_caching": True}
+    if colocate:
+        args["colocate_ingress"] = True
+    deployment = "OpenAIIngress" if colocate else "LLMServer"
     doc = {"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": PORT},
            "applications": [{"name": "gridserve", "route_prefix": "/", "import_path": "deployments.serve_app:build_app",
-                             "args": args, "deployments": [{"name": "LLMServer", "num_replicas": 1}]}]}
-    path = OUT / f"peer-serve-tp{tp}-pp{pp}.yaml"
+                             "args": args, "deployments": [{"name": deployment, "num_replicas": 1}]}]}
+    path = OUT / f"peer-serve-tp{tp}-pp{pp}{'-colocated' if colocate else ''}.yaml"
     path.write_text(json.dumps(doc, indent=1))  # JSON is YAML
     return path
 
@@ -137,8 +141,8 @@ def run_server(label: str, cmd: list[str], env: dict[str, str], python: Path, mo
 
 
 def online(python: Path, quick: bool, pps: list[int], base: Path | None = None) -> list[dict[str, Any]]:
-    """vLLM's server, then gridserve at tp=1 and each pp in `pps` (and the `base` checkout's at tp=1 pp=1, if
-    given); the table and a throughput-latency PNG."""
+    """vLLM's server, then gridserve at tp=1 and each pp in `pps`, colocated at tp=1 pp=1, and the `base`
+    checkout's at tp=1 pp=1 if given; the table and a throughput-latency PNG."""
     from bench.peer import peer_env
 
     OUT.mkdir(parents=True, exist_ok=True)
@@ -147,11 +151,12 @@ def online(python: Path, quick: bool, pps: list[int], base: Path | None = None) 
                 model.name, "--host", "127.0.0.1", "--port", str(PORT), "--dtype", "float32", "--max-model-len",
                 "1024", "--max-num-seqs", "32"]
     servers = [("vLLM", vllm_cmd, peer_env(None), ROOT)]
-    checkouts = [("gridserve", ROOT, pps)] + ([("gridserve@base", base.resolve(), [1])] if base else [])
+    ours = [(pp, False) for pp in pps] + [(1, True)]
+    checkouts = [("gridserve", ROOT, ours)] + ([("gridserve@base", base.resolve(), [(1, False)])] if base else [])
     for name, tree, layouts in checkouts:
-        servers += [(f"{name} tp1 pp{pp}", [sys.executable, "-m", "deployments.cli", "serve",
-                                            str(serve_config(model, 1, pp))], {**os.environ, "PYTHONPATH": str(tree)},
-                     tree) for pp in layouts]
+        servers += [(f"{name} tp1 pp{pp}{' colocated' if co else ''}", [
+            sys.executable, "-m", "deployments.cli", "serve", str(serve_config(model, 1, pp, co))],
+            {**os.environ, "PYTHONPATH": str(tree)}, tree) for pp, co in layouts]
     rows = []
     for label, cmd, env, cwd in servers:
         rows += run_server(label, cmd, env, python, model, quick, cwd)

@@ -75,6 +75,11 @@ class GridServeConfig(BaseModel):
                                 "group).")
     ingress_cpus: float = Field(0.0, ge=0, description="CPUs reserved for the HTTP ingress actor (parses, tokenizes, "
                                 "formats answers; mostly waiting), like Serve's own proxy: 0 by default.")
+    colocate_ingress: bool = Field(False, description="Run each model replica inside the HTTP ingress: one Serve "
+                                   "deployment (OpenAIIngress; its num_replicas/autoscaling_config apply) and no "
+                                   "handle hop per streamed chunk, which leaves the workers more CPU on a small box; "
+                                   "Serve's proxy then balances replicas by queue length (prefix_routing is not "
+                                   "used). Off: OpenAIIngress calls the LLMServer deployment.")
     prefix_routing: bool = Field(True, description="With several Serve replicas, send a request to the replica whose "
                                  "KV cache holds the longest prefix of its prompt (from the block digests the "
                                  "replicas report); off: Serve's power-of-two-choices router.")

@@ -73,6 +73,30 @@ async def send_choices(streams: list[TextStream]) -> AsyncIterator[list[ChoiceDe
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+class LocalChunks:
+    """The replica's chunk stream read in the same process (colocated ingress), with the handle stream's cancel."""
+
+    def __init__(self, chunks: AsyncIterator[list[ChoiceDelta] | Refusal]) -> None:
+        self.chunks = chunks
+
+    def __aiter__(self) -> "LocalChunks":
+        return self
+
+    async def __anext__(self) -> list[ChoiceDelta] | Refusal:
+        return await self.chunks.__anext__()
+
+    def cancel(self) -> None:
+        """Close the generator (which aborts its requests); if a reader is inside it, that reader's cancellation
+        closes it instead."""
+        asyncio.ensure_future(self._close())
+
+    async def _close(self) -> None:
+        try:
+            await self.chunks.aclose()  # type: ignore[attr-defined]
+        except RuntimeError:  # "already running": the cancelled reader task is unwinding through it
+            pass
+
+
 class RemoteChoice:
     """Ingress side: one choice's (text delta, finish reason) pairs, plus what TextStream tells after the end."""
 
@@ -102,7 +126,8 @@ class RemoteChoice:
 
 
 class RemoteRequest:
-    """Reads a replica's chunk stream (a Serve DeploymentResponseGenerator) into one RemoteChoice per choice."""
+    """Reads a replica's chunk stream (a Serve DeploymentResponseGenerator, or LocalChunks) into one RemoteChoice
+    per choice."""
 
     def __init__(self, chunks: Any, n: int) -> None:
         self.chunks = chunks

@@ -1,7 +1,8 @@
 """Ray Serve app: an OpenAI-compatible HTTP ingress in front of the model deployment (`deployments.llm_server`).
 
 The ingress parses, tokenizes and formats; the model replicas see token ids through a Serve handle, so the
-request router can place each prompt where its prefix is cached (`deployments.prefix_router`).
+request router can place each prompt where its prefix is cached (`deployments.prefix_router`). With
+`colocate_ingress` each ingress replica runs its model replica in-process instead: one deployment, no handle hop.
 """
 # No `from __future__ import annotations` here: FastAPI must see real types on the route signatures.
 
@@ -22,7 +23,7 @@ from deployments.chat import chat_prompt_ids
 from deployments.http import APIError, api, parse_body
 from deployments.llm_server import LLMServer
 from deployments.openai_schema import ChatRequest, CompletionRequest, SamplingFields, new_id, now
-from deployments.remote_stream import RETRY_AFTER_LOST_S, Refusal, RemoteRequest
+from deployments.remote_stream import RETRY_AFTER_LOST_S, LocalChunks, Refusal, RemoteRequest
 from deployments.responses import collect_choices, sse
 from deployments.structured import grammar_of
 from deployments.tokenize_api import DetokenizeRequest, TokenizeRequest, detokenize, tokenize
@@ -34,18 +35,23 @@ ROUTING_STATS_PERIOD_S = 1.0  # how often replicas report their cached blocks to
 @serve.deployment
 @serve.ingress(api)
 class OpenAIIngress:
-    """HTTP <-> the model deployment's handle."""
+    """HTTP <-> the model deployment's handle, or (`llm` None: colocate_ingress) this actor's own model replica."""
 
-    def __init__(self, llm: DeploymentHandle, args: dict[str, Any]) -> None:
+    def __init__(self, llm: DeploymentHandle | None, args: dict[str, Any]) -> None:
         self.cfg = GridServeConfig.from_args(args)
         self.llm = llm
+        # Colocated: bundle 0 of this actor's placement group is itself, the workers take the rest.
+        self.local = LLMServer.func_or_class(args) if llm is None else None
         self.tokenizer = load_tokenizer(self.cfg.model)
         self.model_info: dict[str, Any] | None = None  # from a replica: max_model_len fitted to its KV cache
 
     async def _call(self, method: str, *args: Any) -> Any:
         """A unary call on some model replica; its Refusal, or its death, becomes the HTTP error."""
         try:
-            value = await getattr(self.llm, method).remote(*args)
+            if self.local is not None:
+                value = await getattr(self.local, method)(*args)
+            else:
+                value = await getattr(self.llm, method).remote(*args)
         except Exception as exc:
             raise ReplicaUnavailable(f"the model replica failed ({type(exc).__name__}); retry",
                                      RETRY_AFTER_LOST_S) from None
@@ -58,6 +64,15 @@ class OpenAIIngress:
         if self.model_info is None:
             self.model_info = await self._call("info")
         return self.model_info
+
+    async def check_health(self) -> None:
+        """Serve's periodic health check: the colocated model replica's own (LLMServer.check_health)."""
+        if self.local is not None:
+            await self.local.check_health()
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """The colocated replica's LLM load, for deployments.autoscaling.TokenLoadPolicy (none when split)."""
+        return await self.local.record_autoscaling_stats() if self.local is not None else {}
 
     def _authorize(self, request: Request) -> None:
         """Enforce the optional API key."""
@@ -134,7 +149,10 @@ class OpenAIIngress:
             raise APIError(404, f"model {body.model!r} does not exist; this server serves {self.cfg.model_name!r}",
                            param="model")
         start = time.perf_counter()
-        chunks = self.llm.options(stream=True).generate.remote(ids, body, body.n, grammar)
+        if self.local is not None:
+            chunks: Any = LocalChunks(self.local.generate(ids, body, body.n, grammar))
+        else:
+            chunks = self.llm.options(stream=True).generate.remote(ids, body, body.n, grammar)
         streams = await RemoteRequest(chunks, body.n).start()  # a refusal raises here: 400 / 503
         rid, tokenizer = new_id("chatcmpl" if chat else "cmpl"), self.tokenizer
         if body.stream:
@@ -157,9 +175,9 @@ def build_app(args: dict[str, Any]) -> Application:
 
 
 def make_app(cfg: GridServeConfig, **deployment_options: Any) -> Application:
-    """The ingress over the model deployment (`deployment_options` apply to the latter), one placement group per
-    model replica, laid out by `cluster.placement` (bundle 0 for the replica actor, then one bundle per stage:
-    each TP group on one node)."""
+    """The ingress over the model deployment (`deployment_options` apply to the latter; with colocate_ingress to the
+    one deployment), one placement group per model replica, laid out by `cluster.placement` (bundle 0 for the
+    replica actor, then one bundle per stage: each TP group on one node)."""
     import ray
 
     from cluster.placement import Layout, alive_nodes, plan_layout, serve_bundles, worker_resource
@@ -171,11 +189,14 @@ def make_app(cfg: GridServeConfig, **deployment_options: Any) -> Application:
     # the replica than its engine runs or queues, so the excess gets our prompt 503 + Retry-After instead of
     # waiting in an unbounded queue.
     options = {"max_ongoing_requests": 2 * (cfg.max_num_seqs + cfg.max_waiting_requests), **deployment_options}
+    args = cfg.model_dump(exclude_unset=True)  # what was set: each replica derives the rest (max_model_len) again
+    group = {"placement_group_bundles": serve_bundles(cfg, layout), "placement_group_strategy": "PACK",
+             "ray_actor_options": {"num_cpus": cfg.replica_cpus}}
+    if cfg.colocate_ingress:
+        return OpenAIIngress.options(**group, **options).bind(None, args)
     if cfg.prefix_routing:
         options.setdefault("request_router_config", prefix_router_config(cfg))
-    args = cfg.model_dump(exclude_unset=True)  # what was set: each replica derives the rest (max_model_len) again
-    llm = LLMServer.options(placement_group_bundles=serve_bundles(cfg, layout), placement_group_strategy="PACK",
-                            ray_actor_options={"num_cpus": cfg.replica_cpus}, **options).bind(args)
+    llm = LLMServer.options(**group, **options).bind(args)
     scaling = options.get("autoscaling_config")
     most = (scaling.get("max_replicas") if isinstance(scaling, dict) else getattr(scaling, "max_replicas", None)) \
         or options.get("num_replicas") or 1

@@ -1,4 +1,5 @@
-"""API key on every route but /health, a bounded queue (503 + Retry-After), and client disconnects that abort."""
+"""API key on every route but /health, a bounded queue (503 + Retry-After), and client disconnects that abort;
+both with the model replica behind a handle and colocated in the ingress."""
 from __future__ import annotations
 
 import threading
@@ -13,13 +14,27 @@ from tests.waits import wait_until
 KEY = {"Authorization": "Bearer s3cret"}
 
 
+@pytest.fixture(scope="module", params=[False, True], ids=["split", "colocated"])
+def colocated(request: pytest.FixtureRequest) -> bool:
+    """colocate_ingress off (OpenAIIngress -> LLMServer) and on (one deployment)."""
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def guarded(chat_model: str) -> Iterator[str]:
+def guarded(chat_model: str, colocated: bool) -> Iterator[str]:
     """tp=1 pp=1 with an API key, 2 running and 2 waiting sequences at most."""
     with serving({"model": chat_model, "served_model_name": "tiny", "cpus_per_worker": 1, "replica_cpus": 0.5,
                   "max_model_len": 256, "max_num_batched_tokens": 256, "max_num_seqs": 2, "max_waiting_requests": 2,
-                  "api_key": "s3cret"}) as url:
+                  "api_key": "s3cret", "colocate_ingress": colocated}) as url:
         yield url
+
+
+def test_colocated_ingress_is_the_only_deployment(guarded: str, colocated: bool) -> None:
+    """colocate_ingress runs one deployment (the model inside the ingress); off, the ingress calls LLMServer."""
+    from ray import serve
+
+    deployments = set(serve.status().applications["gridserve"].deployments)
+    assert deployments == ({"OpenAIIngress"} if colocated else {"OpenAIIngress", "LLMServer"})
 
 
 def test_api_key_on_every_route_but_health(guarded: str) -> None:
