@@ -69,25 +69,33 @@ class AttnMeta:
     query_lens: list[int]
     context_lens: list[int]
     write_slots: torch.Tensor  # [T] cache slot of every new token
-    read_slots: list[torch.Tensor]  # per sequence: [ctx] slots of its whole context (prefill steps)
-    masks: list[torch.Tensor | None]  # per sequence: [q, ctx] bool (True = attend) or None
-    decode_blocks: torch.Tensor | None  # [B * max_blocks] block ids, padded, when every sequence decodes one token
-    decode_bias: torch.Tensor | None  # [1, B, 1, max_blocks * block_size]: 0 where visible, -inf elsewhere
+    read_slots: list[torch.Tensor]  # per sequence after the first num_decode: [ctx] slots of its whole context
+    masks: list[torch.Tensor | None]  # per sequence after the first num_decode: [q, ctx] bool (True = attend) or None
+    decode_blocks: torch.Tensor | None  # [D * max_blocks] block ids, padded, of the num_decode leading sequences
+    decode_bias: torch.Tensor | None  # [1, D, 1, max_blocks * block_size]: 0 where visible, -inf elsewhere
+    num_decode: int = 0  # leading sequences with one new token each, attended in one vectorised pass
 
     @classmethod
     def build(cls, query_lens: list[int], context_lens: list[int], block_tables: list[list[int]],
               block_size: int, window: int | None, device: torch.device) -> "AttnMeta":
-        """Turn block tables into slot indices and causal (optionally sliding-window) masks."""
-        if query_lens and all(q == 1 for q in query_lens):
+        """Turn block tables into slot indices and causal (optionally sliding-window) masks.
+
+        The scheduler puts decodes first in a mixed step: those leading one-token sequences take the vectorised
+        decode path, each prompt chunk after them its own masked attention.
+        """
+        nd = next((i for i, q in enumerate(query_lens) if q != 1), len(query_lens))
+        if nd == len(query_lens):
             return cls._decode(context_lens, block_tables, block_size, window, device)
-        read, masks, write = [], [], []
-        for q, ctx, table in zip(query_lens, context_lens, block_tables):
+        head = cls._decode(context_lens[:nd], block_tables[:nd], block_size, window, device) if nd else None
+        read, masks, write = [], [], [head.write_slots] if head else []
+        for q, ctx, table in zip(query_lens[nd:], context_lens[nd:], block_tables[nd:]):
             blocks = torch.tensor(table, dtype=torch.long)
             slots = (blocks[:, None] * block_size + torch.arange(block_size)).flatten()[:ctx]
             read.append(slots.to(device))
-            write.append(slots[ctx - q:])
+            write.append(slots[ctx - q:].to(device))
             masks.append(causal_mask(q, ctx, window, device))
-        return cls(query_lens, context_lens, torch.cat(write).to(device), read, masks, None, None)
+        return cls(query_lens, context_lens, torch.cat(write), read, masks, head.decode_blocks if head else None,
+                   head.decode_bias if head else None, nd)
 
     @classmethod
     def _decode(cls, context_lens: list[int], block_tables: list[list[int]], block_size: int,
@@ -107,7 +115,7 @@ class AttnMeta:
             visible &= keys > last[:, None] - window
         bias = torch.from_numpy(np.where(visible, 0.0, -np.inf).astype(np.float32))[None, :, None, :]
         return cls([1] * len(ctx), list(context_lens), torch.from_numpy(write).to(device), [], [],
-                   torch.from_numpy(tables.reshape(-1)).to(device), bias.to(device))
+                   torch.from_numpy(tables.reshape(-1)).to(device), bias.to(device), len(ctx))
 
 
 def causal_mask(q: int, ctx: int, window: int | None, device: torch.device) -> torch.Tensor | None:
@@ -126,10 +134,9 @@ def causal_mask(q: int, ctx: int, window: int | None, device: torch.device) -> t
 def paged_attention(q: torch.Tensor, cache: PagedKVCache, layer: int, meta: AttnMeta,
                     scale: float) -> torch.Tensor:
     """Attention of new queries [T, heads, d] over each sequence's cached context -> [T, heads * d]."""
-    if meta.decode_blocks is not None:
-        return decode_attention(q, cache, layer, meta, scale)
-    outs, start = [], 0
-    for n, slots, mask in zip(meta.query_lens, meta.read_slots, meta.masks):
+    start = meta.num_decode
+    outs = [decode_attention(q[:start], cache, layer, meta, scale)] if start else []
+    for n, slots, mask in zip(meta.query_lens[start:], meta.read_slots, meta.masks):
         qi = q[start:start + n].transpose(0, 1)  # [heads, n, d]
         k, v = cache.read(layer, slots)  # [kv_heads, ctx, d]
         causal = mask is None and n > 1
@@ -137,12 +144,12 @@ def paged_attention(q: torch.Tensor, cache: PagedKVCache, layer: int, meta: Attn
                                            enable_gqa=True)  # [heads, n, d]
         outs.append(o.transpose(0, 1).reshape(n, -1))
         start += n
-    return torch.cat(outs)
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
 def decode_attention(q: torch.Tensor, cache: PagedKVCache, layer: int, meta: AttnMeta,
                      scale: float) -> torch.Tensor:
-    """One query per sequence [B, heads, d] over block-gathered contexts -> [B, heads * d].
+    """One query per leading decode sequence [D, heads, d] over block-gathered contexts -> [D, heads * d].
 
     Sequences go in chunks whose gathered K and V stay under GATHER_CAP_BYTES, so a large batch of long contexts
     cannot exhaust device memory on top of the KV cache.

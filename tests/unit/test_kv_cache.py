@@ -24,18 +24,20 @@ def dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None)
 
 
 @pytest.mark.parametrize("heads,kv_heads,window", [(6, 2, None), (4, 4, None), (4, 1, 5)])
-@pytest.mark.parametrize("decode", [True, False])
-def test_paged_attention_matches_dense(heads: int, kv_heads: int, window: int | None, decode: bool) -> None:
-    """Scattered blocks, ragged contexts, GQA and sliding windows give dense attention's answer."""
+@pytest.mark.parametrize("q_lens,num_decode", [([1] * 5, 5), ([1, 3, 12, 2, 4], 1), ([1, 1, 12, 1, 4], 2),
+                                              ([2, 1, 12, 1, 4], 0)])
+def test_paged_attention_matches_dense(heads: int, kv_heads: int, window: int | None, q_lens: list[int],
+                                       num_decode: int) -> None:
+    """Scattered blocks, ragged contexts, GQA and sliding windows give dense attention's answer: all decodes,
+    decodes leading prompt chunks (vectorised, then masked), and one-token rows after a chunk (masked)."""
     torch.manual_seed(0)
     d, layers, num_blocks = 8, 2, 40
     cache = PagedKVCache(layers, num_blocks, BLOCK, kv_heads, d, torch.float32, torch.device("cpu"))
     ctx_lens = [1, 7, 12, 3, 9]
-    q_lens = [1] * len(ctx_lens) if decode else [1, 3, 12, 2, 4]
     free = torch.randperm(num_blocks).tolist()
     tables = [[free.pop() for _ in range(-(-c // BLOCK) + 1)] for c in ctx_lens]  # one spare block each
     meta = AttnMeta.build(q_lens, ctx_lens, tables, BLOCK, window, torch.device("cpu"))
-    assert (meta.decode_blocks is not None) == decode
+    assert meta.num_decode == num_decode and (meta.decode_blocks is not None) == (num_decode > 0)
     full_k = [torch.randn(c, kv_heads, d) for c in ctx_lens]
     full_v = [torch.randn(c, kv_heads, d) for c in ctx_lens]
     layer = 1
