@@ -39,8 +39,9 @@ class StepInput:
 
     def sampled_rows(self) -> list[int]:
         """Indices of the sequences that sample a token in this step."""
-        return list(range(len(self.query_lens))) if self.sample is None else [i for i, s in enumerate(self.sample)
-                                                                               if s]
+        if self.sample is None:
+            return list(range(len(self.query_lens)))
+        return [i for i, go in enumerate(self.sample) if go]
 
 
 @dataclass
