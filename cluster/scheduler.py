@@ -41,6 +41,13 @@ class Sequence:
         """Prompt followed by everything generated so far."""
         return self.prompt_ids + self.output_ids
 
+    def span(self, start: int, end: int) -> list[int]:
+        """tokens[start:end] without building the whole list (a decode step slices one token per sequence)."""
+        p = len(self.prompt_ids)
+        if start >= p:
+            return self.output_ids[start - p:end - p]
+        return self.prompt_ids[start:end] + self.output_ids[:max(0, end - p)]
+
     @property
     def remaining(self) -> int:
         """Tokens not yet in the cache: 1 while decoding, more while its prompt is (re)computed."""
@@ -166,7 +173,7 @@ class Scheduler:
         ids, pos, ends = [], [], []
         for seq in seqs:
             end = seq.num_cached + seq.chunk
-            ids.extend(seq.tokens[seq.num_cached:end])
+            ids.extend(seq.span(seq.num_cached, end))
             pos.extend(range(seq.num_cached, end))
             ends.append(end)
         # Only a sequence whose chunk reaches its last token samples; penalties and grammars matter only there.

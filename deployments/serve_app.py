@@ -42,7 +42,7 @@ class OpenAIIngress:
         self.llm = llm
         # Colocated: bundle 0 of this actor's placement group is itself, the workers take the rest.
         self.local = LLMServer.func_or_class(args) if llm is None else None
-        self.tokenizer = load_tokenizer(self.cfg.model)
+        self.tokenizer = self.local.replica.tokenizer if self.local is not None else load_tokenizer(self.cfg.model)
         self.model_info: dict[str, Any] | None = None  # from a replica: max_model_len fitted to its KV cache
 
     async def _call(self, method: str, *args: Any) -> Any:
