@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from actors.comm_timer import tp_group
+from actors.shard.channel import StepServer
 from actors.shard.runner import ShardPlan, StageRunner, StepInput, StepOutput
 from actors.shard.shm import ShmGroup
 from actors.shard.sampler import Sampler
@@ -36,6 +37,7 @@ class Worker:
         self.runner: StageRunner | None = None
         self.window = StepWindow()
         self.listener: socket.socket | None = None  # rank 0's rendezvous socket until `load` hands it on
+        self.channel: StepServer | None = None  # the direct step channel, once the grid opens one
 
     def where(self) -> dict[str, Any]:
         """Node, address and devices of this worker (for the layout report and rendezvous)."""
@@ -123,6 +125,25 @@ class Worker:
         if isinstance(out, StepOutput):
             out.timings.update({f"stage_{k}_s": s for k, s in enumerate([*before, end - start])})
         return out
+
+    def open_channel(self, timeout_s: float) -> tuple[str, bytes]:
+        """Listen for the grid's direct step channel and serve it from a thread; returns (address, secret)."""
+        plan = self.plan
+        replies = plan.pp_rank == plan.pp_size - 1 and plan.tp_rank == 0
+        self.channel = StepServer(self.execute, f"stage {plan.pp_rank} rank {plan.tp_rank}", plan.pp_rank > 0,
+                                  replies)
+        self.channel.start(timeout_s, self._bind_thread)
+        return self.channel.address, self.channel.token
+
+    def connect_channel(self, address: str, token: bytes, timeout_s: float) -> None:
+        """Hand this stage's outputs to the next stage's worker of the same TP rank over the channel."""
+        assert self.channel is not None, "open_channel() must run before connect_channel()"
+        self.channel.connect_downstream(address, token, timeout_s)
+
+    def _bind_thread(self) -> None:
+        """The serving thread computes on this worker's device (CUDA's current device is per thread)."""
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
 
     @ray.method(concurrency_group="probe")
     def stats(self) -> dict[str, Any]:

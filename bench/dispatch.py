@@ -35,31 +35,35 @@ def decode_steps(execute: Callable[[StepInput], StepOutput], sched: Scheduler, n
 
 
 def dispatch_rows(model: str, tp: int, pp: int, n: int) -> list[list[Any]]:
-    """Plain calls vs compiled graph on one tp x pp grid: n single-sequence decode steps each."""
-    grid = make_grid(model, tp=tp, pp=pp, kv_mib=8, compiled=True)
-    loop = asyncio.new_event_loop()  # the compiled graph's channel readers live on this loop
-
-    def compiled(step: StepInput) -> StepOutput:
-        return loop.run_until_complete(grid.step_async(step))
-
-    variants: dict[str, Callable[[StepInput], StepOutput]] = {"plain actor calls": grid.execute,
-                                                               "Ray Compiled Graph": compiled}
+    """Plain actor calls, the socket channel and the compiled graph on one tp x pp layout: n single-sequence
+    decode steps each (the compiled graph needs a grid of its own: it replaces the channel)."""
     rows = []
-    try:
-        for name, execute in variants.items():
-            sched = Scheduler(BlockManager(grid.num_blocks, grid.cfg.block_size), 1, BUDGET, grid.cfg.max_model_len)
-            sched.add(Sequence(0, prompts(1, 8, model)[0], GREEDY, n + 20))
-            walls, computes = decode_steps(execute, sched, n)
-            ms, cms = 1000 * np.array(walls), 1000 * np.array(computes)
-            rows.append([f"tp={tp} pp={pp}", name, f"{CORES / (tp * pp):g}", n, ms.mean(), np.median(ms),
-                         np.percentile(ms, 99), cms.mean(), ms.mean() - cms.mean()])
-    finally:
-        async def close() -> None:
-            grid.close_dag()
+    for grid in (make_grid(model, tp=tp, pp=pp, kv_mib=8, channel="socket"),
+                 make_grid(model, tp=tp, pp=pp, kv_mib=8, compiled=True)):
+        loop = asyncio.new_event_loop()  # the compiled graph's channel readers live on this loop
 
-        loop.run_until_complete(close())
-        loop.close()
-        grid.shutdown()
+        def stepped(step: StepInput) -> StepOutput:
+            return loop.run_until_complete(grid.step_async(step))
+
+        variants: dict[str, Callable[[StepInput], StepOutput]] = (
+            {"Ray Compiled Graph": stepped} if grid.use_compiled
+            else {"plain actor calls": grid.execute, "socket channel": stepped})
+        try:
+            for name, execute in variants.items():
+                sched = Scheduler(BlockManager(grid.num_blocks, grid.cfg.block_size), 1, BUDGET,
+                                  grid.cfg.max_model_len)
+                sched.add(Sequence(0, prompts(1, 8, model)[0], GREEDY, n + 20))
+                walls, computes = decode_steps(execute, sched, n)
+                ms, cms = 1000 * np.array(walls), 1000 * np.array(computes)
+                rows.append([f"tp={tp} pp={pp}", name, f"{CORES / (tp * pp):g}", n, ms.mean(), np.median(ms),
+                             np.percentile(ms, 99), cms.mean(), ms.mean() - cms.mean()])
+        finally:
+            async def close() -> None:
+                grid.close_dag()
+
+            loop.run_until_complete(close())
+            loop.close()
+            grid.shutdown()
     return rows
 
 
@@ -144,7 +148,7 @@ def part_dispatch(quick: bool) -> None:
     model = ensure_model(TINY_MODEL, preset="tiny", **TINY)
     step = StepInput(np.array([5]), np.array([20]), [1], [21], [[0, 1]], [GREEDY], [3])
     rows, idle = [], {}
-    for tp, pp in ((2, 2), (1, 2)):
+    for tp, pp in ((1, 1), (2, 2), (1, 2)):
         floor, idle[f"tp={tp} pp={pp}"] = floor_rows(tp, pp, step, n)
         rows += dispatch_rows(model, tp, pp, n) + floor
     table(f"dispatch: batch 1 decode, {model_info(model)}",

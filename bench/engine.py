@@ -34,12 +34,12 @@ GREEDY = SamplingParams(temperature=0.0)
 
 
 def make_grid(model: str, tp: int = 1, pp: int = 1, kv_mib: int = 512, compiled: bool = False,
-              partition: str | list[int] = "even") -> WorkerGrid:
+              partition: str | list[int] = "even", channel: str = "auto") -> WorkerGrid:
     """A CPU grid whose tp*pp workers split the machine's cores equally (one torch thread at least)."""
     cfg = GridServeConfig(model=model, tensor_parallel_size=tp, pipeline_parallel_size=pp, resource="CPU",
                           cpus_per_worker=CORES / (tp * pp), max_model_len=512, max_num_batched_tokens=BUDGET,
                           kv_cache_memory_bytes=kv_mib * 2**20, compiled_graph=compiled,
-                          pipeline_layer_partition=partition)
+                          pipeline_layer_partition=partition, step_channel=channel)
     return WorkerGrid(cfg)
 
 

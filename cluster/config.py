@@ -63,6 +63,11 @@ class GridServeConfig(BaseModel):
                                  "because Ray 2.60's channels crashed the raylet across nodes in our tests, and their "
                                  "readers busy-wait: each worker keeps up to a core busy even while idle, so use it "
                                  "only with a spare core per worker.")
+    step_channel: Literal["auto", "socket", "ray"] = Field(
+        "auto", description="How the engine hands each step to its workers: 'socket' = one Unix socket per worker "
+        "and per stage hand-off (no Ray call per step; the driver and every worker on one Linux host), 'ray' = "
+        "Ray actor calls with object refs between stages, 'auto' = socket where it fits, else ray. "
+        "compiled_graph, when on, takes precedence.")
     shm_allreduce: bool = Field(True, description="CPU TP ranks on one host sum through shared memory (x86-64) "
                                 "instead of gloo over loopback TCP; false forces gloo. CUDA always uses NCCL.")
     enable_prefix_caching: bool = Field(True, description="Reuse the KV blocks of prompt prefixes already computed "

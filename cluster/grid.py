@@ -11,8 +11,10 @@ import ray
 from ray.util.placement_group import PlacementGroup, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from actors.shard import channel as step_channel
 from actors.shard.runner import ShardPlan, StepInput, StepOutput
 from actors.worker import Worker
+from cluster.channel import StepChannel
 from cluster.config import GridServeConfig
 from cluster.placement import Layout, create_replica_group
 
@@ -45,6 +47,7 @@ class WorkerGrid:
         self.stages: list[list[Any]] = []
         self.dag: Any = None  # compiled on the first async step, inside the caller's event loop
         self.dag_loop: asyncio.AbstractEventLoop | None = None
+        self.channel: StepChannel | None = None
         try:
             if self.pg is None:
                 self.pg, self.layout = create_replica_group(cfg)
@@ -56,6 +59,8 @@ class WorkerGrid:
             self._check_tp_groups_packed()
             # Compiled-graph channels only where they proved reliable: every worker on one node.
             self.use_compiled = self.cfg.compiled_graph and len({w["node_id"] for w in self.where}) == 1
+            if not self.use_compiled and self._channel_fits():
+                self.channel = self._open_channel()
         except BaseException:
             self.shutdown()
             raise
@@ -111,6 +116,29 @@ class WorkerGrid:
         rows = -(-spec.vocab_size // self.tp)
         return 4 * max(self.cfg.max_num_batched_tokens * spec.hidden_size, self.cfg.max_num_seqs * rows)
 
+    def _channel_fits(self) -> bool:
+        """Whether steps may go over the direct socket channel (every worker on the driver's host), per config."""
+        if self.cfg.step_channel == "ray":
+            return False
+        here = ray.get_runtime_context().get_node_id()
+        off_node = sorted({w["node_id"][:8] for w in self.where if w["node_id"] != here})
+        why = ("it needs Linux" if not step_channel.supported() else
+               f"workers run on other nodes ({', '.join(off_node)}) than this driver" if off_node else None)
+        if why and self.cfg.step_channel == "socket":
+            raise ValueError(f"step_channel='socket' cannot be used: {why}; set step_channel to 'auto' or 'ray'")
+        if why:
+            log.info("steps go through Ray actor calls: the socket channel is off because %s", why)
+        return why is None
+
+    def _open_channel(self) -> StepChannel:
+        """Every worker listens; stage k rank i connects to stage k+1 rank i; then this driver connects to all."""
+        timeout = self.cfg.placement_timeout_s
+        ends = ray.get([w.open_channel.remote(timeout) for stage in self.stages for w in stage], timeout=timeout)
+        links = [self.stages[k][i].connect_channel.remote(*ends[(k + 1) * self.tp + i], timeout)
+                 for k in range(self.pp - 1) for i in range(self.tp)]
+        ray.get(links, timeout=timeout)
+        return StepChannel(ends, reply_index=(self.pp - 1) * self.tp, timeout_s=timeout)
+
     def _check_tp_groups_packed(self) -> None:
         """Refuse a layout where a TP group straddles nodes unless the user asked for it."""
         if self.cfg.allow_tp_across_nodes:
@@ -133,7 +161,9 @@ class WorkerGrid:
         return hidden
 
     async def step_async(self, step: StepInput) -> StepOutput:
-        """Run one step from an event loop: through the compiled graph if enabled, else plain actor calls."""
+        """Run one step from an event loop: over the socket channel, the compiled graph, or plain actor calls."""
+        if self.channel is not None:
+            return await self.channel.step(step)
         if not self.use_compiled:
             return await self.submit(step)[0]
         loop = asyncio.get_running_loop()
@@ -183,6 +213,9 @@ class WorkerGrid:
         """Leave process groups, kill the actors and free the placement group."""
         workers = [w for stage in self.stages for w in stage]
         self.close_dag()
+        if self.channel is not None:
+            self.channel.close()
+            self.channel = None
         try:
             ray.get([w.shutdown.remote() for w in workers], timeout=10)
         except Exception:  # a dead or stuck worker must not block teardown

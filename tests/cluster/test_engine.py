@@ -36,16 +36,18 @@ def run(engine: AsyncEngine, reqs: list[Request], stagger: float = 0.0) -> list:
     return asyncio.run(main())
 
 
-@pytest.mark.parametrize("tp,pp,compiled,partition", [(1, 1, False, "even"), (2, 2, False, "even"),
-                                                      (2, 2, True, [3, 1])])
+@pytest.mark.parametrize("tp,pp,compiled,channel,partition", [(1, 1, False, "ray", "even"),
+                                                              (2, 2, False, "socket", "even"),
+                                                              (2, 2, True, "auto", [3, 1])])
 def test_32_concurrent_requests_equal_each_alone(local_ray: None, model_dirs: dict, tp: int, pp: int,
-                                                 compiled: bool, partition: str | list[int]) -> None:
-    """Requests arriving while others run (continuous batching, pp micro-batches, uneven stages) get HF's greedy
-    tokens, and the last stage reports every stage's compute time."""
+                                                 compiled: bool, channel: str, partition: str | list[int]) -> None:
+    """Requests arriving while others run (continuous batching, pp micro-batches in flight over the socket
+    channel, uneven stages) get HF's greedy tokens, and the last stage reports every stage's compute time."""
     d = model_dirs["llama_gqa"]
     reqs = mixed_requests(32)
-    grid = make_grid(str(d), tp, pp, compiled_graph=compiled, pipeline_layer_partition=partition)
-    assert grid.use_compiled == compiled
+    grid = make_grid(str(d), tp, pp, compiled_graph=compiled, pipeline_layer_partition=partition,
+                     step_channel=channel)
+    assert grid.use_compiled == compiled and (grid.channel is not None) == (channel == "socket")
     out = grid.execute(StepInput(np.array([5, 6]), np.array([0, 1]), [2], [2], [[0]], [SamplingParams()], [0]))
     assert sorted(k for k in out.timings if k.startswith("stage_")) == [f"stage_{k}_s" for k in range(pp)]
     try:

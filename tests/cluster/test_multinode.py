@@ -17,10 +17,17 @@ def test_stages_on_different_nodes_tp_groups_packed(two_nodes: Cluster, model_di
         assert nodes[(0, 0)] == nodes[(0, 1)]
         assert nodes[(1, 0)] == nodes[(1, 1)]
         assert nodes[(0, 0)] != nodes[(1, 0)]
+        assert grid.channel is None  # 'auto': a stage off the driver's node means Ray calls carry the steps
         ref = [hf_greedy(model_dirs["llama_gqa"], p, 6)[0] for p in PROMPTS]
         assert grid_greedy(grid, PROMPTS, 6, block_size=4) == ref
     finally:
         grid.shutdown()
+
+
+def test_socket_channel_across_nodes_is_refused(two_nodes: Cluster, model_dirs: dict) -> None:
+    """step_channel='socket' with a stage on another node than the driver: a ValueError naming the fix."""
+    with pytest.raises(ValueError, match=r"step_channel='socket' cannot be used: workers run on other nodes"):
+        make_grid(str(model_dirs["llama_gqa"]), 1, 2, step_channel="socket")
 
 
 def test_tp_wider_than_a_node_is_refused(two_nodes: Cluster, model_dirs: dict) -> None:
