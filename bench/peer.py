@@ -142,6 +142,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="interleaved repeats of every engine (offline)")
     ap.add_argument("--repeats", type=int, default=3, help="runs per output length; the fastest counts")
     ap.add_argument("--online-pp", nargs="+", type=int, default=[1, 2], help="gridserve serve layouts: tp=1, these pp")
+    ap.add_argument("--online-concurrency", nargs="+", type=int, default=[1, 4, 16, 32],
+                    help="client concurrencies of the online part")
     ap.add_argument("--base", type=Path, help="a previous gridserve checkout, timed by the same script (online: "
                     "its tp1 pp1 server)")
     ap.add_argument("--venv", type=Path, default=ROOT / ".peer" / "vllm", help="the peer's venv (built if absent)")
@@ -159,7 +161,7 @@ def main() -> None:
     if "online" in args.parts:
         from bench.peer_online import online
 
-        record["online"] = online(python, args.quick, args.online_pp, args.base)
+        record["online"] = online(python, args.quick, args.online_pp, args.base, tuple(args.online_concurrency))
     OUT.mkdir(parents=True, exist_ok=True)
     path = OUT / f"peer-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(record, indent=1))

@@ -119,7 +119,7 @@ def bench_client(python: Path, model: Path, name: str, conc: int, prompts: int, 
 
 
 def run_server(label: str, cmd: list[str], env: dict[str, str], python: Path, model: Path,
-               quick: bool, cwd: Path = ROOT) -> list[dict[str, Any]]:
+               quick: bool, cwd: Path = ROOT, concurrency: tuple[int, ...] = CONCURRENCY) -> list[dict[str, Any]]:
     """Start one server (in `cwd`), run the client at every concurrency, stop it; one row per concurrency."""
     rows = []
     log = open(OUT / f"peer-serve-{label.replace(' ', '_')}.log", "w")
@@ -127,7 +127,7 @@ def run_server(label: str, cmd: list[str], env: dict[str, str], python: Path, mo
     try:
         wait_ready(proc)
         bench_client(python, model, model.name, 1, 2, label.replace(" ", "_") + "-warm")  # first-request costs
-        for conc in CONCURRENCY:
+        for conc in concurrency:
             prompts = max(4, 2 * conc) if quick else max(8, 3 * conc)
             res = bench_client(python, model, model.name, conc, prompts, label.replace(" ", "_"))
             rows.append({"server": label, "concurrency": conc, "prompts": prompts, "load": os.getloadavg(), **{
@@ -140,7 +140,8 @@ def run_server(label: str, cmd: list[str], env: dict[str, str], python: Path, mo
     return rows
 
 
-def online(python: Path, quick: bool, pps: list[int], base: Path | None = None) -> list[dict[str, Any]]:
+def online(python: Path, quick: bool, pps: list[int], base: Path | None = None,
+           concurrency: tuple[int, ...] = CONCURRENCY) -> list[dict[str, Any]]:
     """vLLM's server, then gridserve at tp=1 and each pp in `pps`, colocated at tp=1 pp=1, and the `base`
     checkout's at tp=1 pp=1 if given; the table and a throughput-latency PNG."""
     from bench.peer import peer_env
@@ -159,7 +160,7 @@ def online(python: Path, quick: bool, pps: list[int], base: Path | None = None) 
             {**os.environ, "PYTHONPATH": str(tree)}, tree) for pp, co in layouts]
     rows = []
     for label, cmd, env, cwd in servers:
-        rows += run_server(label, cmd, env, python, model, quick, cwd)
+        rows += run_server(label, cmd, env, python, model, quick, cwd, concurrency)
     print_online(rows)
     plot(rows, OUT / "peer-online.png")
     return rows

@@ -26,6 +26,7 @@ from typing import Any, Callable
 HEADER = struct.Struct("<Q")  # every frame: payload length, then the pickled payload
 DRIVER, UPSTREAM = b"D", b"U"  # the first byte of a connection's hello says who connects
 TOKEN_BYTES = 32
+COPY_LIMIT = 1 << 20
 
 
 def supported() -> bool:
@@ -42,13 +43,16 @@ class StepFailure:
     trace: str
 
 
-def send_obj(sock: socket.socket, obj: Any) -> None:
-    """Write one framed pickle (blocking)."""
-    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    sock.sendall(HEADER.pack(len(data)) + data)
+def send_frame(sock: socket.socket, data: bytes) -> None:
+    """Write one frame (blocking): its length, then the bytes."""
+    if len(data) < COPY_LIMIT:
+        sock.sendall(HEADER.pack(len(data)) + data)  # one syscall, one wake-up of the reader
+    else:
+        sock.sendall(HEADER.pack(len(data)))
+        sock.sendall(data)  # a prefill's hidden states are megabytes: not worth a copy to save a syscall
 
 
-def recv_exact(sock: socket.socket, n: int) -> bytes | None:
+def recv_exact(sock: socket.socket, n: int) -> bytearray | None:
     """Read exactly n bytes (blocking); None if the peer closed the connection first."""
     buf = bytearray(n)
     view, got = memoryview(buf), 0
@@ -57,7 +61,7 @@ def recv_exact(sock: socket.socket, n: int) -> bytes | None:
         if k == 0:
             return None
         got += k
-    return bytes(buf)
+    return buf
 
 
 def recv_obj(sock: socket.socket) -> Any:
@@ -135,16 +139,23 @@ class StepServer:
                 step = recv_obj(driver)
                 hidden = recv_obj(upstream) if upstream is not None else None
                 result = hidden if isinstance(hidden, StepFailure) else self._step(step, hidden)
-                if self.downstream is not None:
-                    send_obj(self.downstream, result)
-                elif self.replies:
-                    send_obj(driver, result)
+                target = self.downstream if self.downstream is not None else driver if self.replies else None
+                if target is not None:
+                    self._send(target, result)
         except (EOFError, OSError):
             pass  # the driver closed the channel (grid shut down) or a neighbour died: nothing left to serve
         finally:
             for sock in (driver, upstream, self.downstream):
                 if sock is not None:
                     sock.close()
+
+    def _send(self, sock: socket.socket, result: Any) -> None:
+        """Hand a result on; one that cannot be pickled goes as a StepFailure, so nobody waits for it forever."""
+        try:
+            data = pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as exc:  # noqa: BLE001 - reported like a failed step
+            data = pickle.dumps(StepFailure(f"cannot send the result: {type(exc).__name__}: {exc}", self.where, ""))
+        send_frame(sock, data)
 
     def _step(self, step: Any, hidden: Any) -> Any:
         """Run the handler; an exception travels on as a StepFailure (the driver raises it)."""
@@ -163,4 +174,4 @@ def _read_hello(sock: socket.socket) -> tuple[bytes, bytes] | None:
         hello = recv_exact(sock, 1 + TOKEN_BYTES)
     except OSError:
         return None
-    return (hello[:1], hello[1:]) if hello is not None else None
+    return (bytes(hello[:1]), bytes(hello[1:])) if hello is not None else None
