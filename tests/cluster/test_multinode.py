@@ -25,9 +25,10 @@ def test_stages_on_different_nodes_tp_groups_packed(two_nodes: Cluster, model_di
 
 
 def test_socket_channel_across_nodes_is_refused(two_nodes: Cluster, model_dirs: dict) -> None:
-    """step_channel='socket' with a stage on another node than the driver: a ValueError naming the fix."""
+    """step_channel='socket' with a stage on another node than the driver: a ValueError naming the fix (tp=2 fills
+    a node, so the two stages cannot share one)."""
     with pytest.raises(ValueError, match=r"step_channel='socket' cannot be used: workers run on other nodes"):
-        make_grid(str(model_dirs["llama_gqa"]), 1, 2, step_channel="socket")
+        make_grid(str(model_dirs["llama_gqa"]), 2, 2, step_channel="socket").shutdown()  # (shut down if it fits)
 
 
 def test_tp_wider_than_a_node_is_refused(two_nodes: Cluster, model_dirs: dict) -> None:
