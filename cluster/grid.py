@@ -48,6 +48,7 @@ class WorkerGrid:
         self.dag: Any = None  # compiled on the first async step, inside the caller's event loop
         self.dag_loop: asyncio.AbstractEventLoop | None = None
         self.channel: StepChannel | None = None
+        self.serving: list[ray.ObjectRef] = []
         try:
             if self.pg is None:
                 self.pg, self.layout = create_replica_group(cfg)
@@ -137,6 +138,8 @@ class WorkerGrid:
         links = [self.stages[k][i].connect_channel.remote(*ends[(k + 1) * self.tp + i], timeout)
                  for k in range(self.pp - 1) for i in range(self.tp)]
         ray.get(links, timeout=timeout)
+        # Each worker's serving call runs until the channel closes; its ref is kept only to wait for it at the end.
+        self.serving = [w.serve_channel.remote(timeout) for stage in self.stages for w in stage]
         return StepChannel(ends, reply_index=(self.pp - 1) * self.tp, timeout_s=timeout)
 
     def _check_tp_groups_packed(self) -> None:

@@ -102,10 +102,9 @@ class StepServer:
         """Hand this stage's outputs to the next stage's worker of the same TP rank."""
         self.downstream = connect(address, UPSTREAM, token, timeout_s)
 
-    def start(self, timeout_s: float, on_thread_start: Callable[[], None] = lambda: None) -> None:
-        """Accept the expected peers and serve steps from a daemon thread."""
-        self.thread = threading.Thread(target=self._run, args=(timeout_s, on_thread_start),
-                                       name="gridserve-steps", daemon=True)
+    def start(self, timeout_s: float) -> None:
+        """Accept the expected peers and serve steps from a daemon thread (or call `serve` from one you own)."""
+        self.thread = threading.Thread(target=self.serve, args=(timeout_s,), name="gridserve-steps", daemon=True)
         self.thread.start()
 
     def _accept(self, timeout_s: float) -> tuple[socket.socket, socket.socket | None]:
@@ -127,9 +126,8 @@ class StepServer:
             self.listener.close()  # nobody else may connect once the peers are in
         return peers[DRIVER], peers.get(UPSTREAM)
 
-    def _run(self, timeout_s: float, on_thread_start: Callable[[], None]) -> None:
-        """Serve steps in order until the driver hangs up."""
-        on_thread_start()
+    def serve(self, timeout_s: float) -> None:
+        """Accept the expected peers, then serve steps in order until the driver hangs up (blocks)."""
         try:
             driver, upstream = self._accept(timeout_s)
         except OSError:
