@@ -138,7 +138,7 @@ class WorkerGrid:
         links = [self.stages[k][i].connect_channel.remote(*ends[(k + 1) * self.tp + i], timeout)
                  for k in range(self.pp - 1) for i in range(self.tp)]
         ray.get(links, timeout=timeout)
-        # Each worker's serving call runs until the channel closes; its ref is kept only to wait for it at the end.
+        # Each worker's serving call runs until the channel closes (kept for the grid's life; nothing awaits it).
         self.serving = [w.serve_channel.remote(timeout) for stage in self.stages for w in stage]
         return StepChannel(ends, reply_index=(self.pp - 1) * self.tp, timeout_s=timeout)
 
