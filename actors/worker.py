@@ -140,18 +140,14 @@ class Worker:
         """Serve the step channel until the driver hangs up (runs for the grid's life, on a Ray thread: steps
         computed there measured faster than on a Python-started thread, 2 torch threads, bench-125m)."""
         assert self.channel is not None, "open_channel() must run before serve_channel()"
-        self._bind_thread()
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # CUDA's current device is per thread
         self.channel.serve(timeout_s)
 
     def connect_channel(self, address: str, token: bytes, timeout_s: float) -> None:
         """Hand this stage's outputs to the next stage's worker of the same TP rank over the channel."""
         assert self.channel is not None, "open_channel() must run before connect_channel()"
         self.channel.connect_downstream(address, token, timeout_s)
-
-    def _bind_thread(self) -> None:
-        """The serving thread computes on this worker's device (CUDA's current device is per thread)."""
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
 
     @ray.method(concurrency_group="probe")
     def stats(self) -> dict[str, Any]:

@@ -103,7 +103,8 @@ class StepServer:
         self.downstream = connect(address, UPSTREAM, token, timeout_s)
 
     def start(self, timeout_s: float) -> None:
-        """Accept the expected peers and serve steps from a daemon thread (or call `serve` from one you own)."""
+        """Serve from a daemon thread of our own (tests, single-process use); a Ray worker calls `serve` from a
+        Ray thread instead, where its multi-threaded steps measured faster."""
         self.thread = threading.Thread(target=self.serve, args=(timeout_s,), name="gridserve-steps", daemon=True)
         self.thread.start()
 
