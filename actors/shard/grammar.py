@@ -14,8 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import llguidance
-import llguidance.hf
-import llguidance.torch
+import llguidance.numpy  # not llguidance.torch: that one imports torch's compiler (~3.4 s per process)
 import torch
 
 KINDS = ("json_schema", "json_object", "regex", "choice", "lark")
@@ -101,6 +100,8 @@ class GrammarBank:
             hf = self.load_tokenizer()
             if hf is None:
                 raise ValueError("structured outputs need the model's tokenizer; this model folder has none")
+            import llguidance.hf  # late: it imports transformers (~1.3 s), which most workers never need
+
             self._tokenizer = llguidance.hf.from_tokenizer(hf, n_vocab=self.vocab_size,
                                                            eos_token=self.eos_ids or None)
             self._executor = llguidance.LLExecutor(num_threads=max(1, torch.get_num_threads()))
@@ -151,11 +152,11 @@ class GrammarBank:
 
     def _masks(self, rows: list[int], lives: list[_Live]) -> tuple[list[int], torch.Tensor]:
         """Fill every grammar row's bitmask at once (llguidance's thread pool), then unpack it."""
-        bits = llguidance.torch.allocate_token_bitmask(len(rows), self.vocab_size)
+        bits = llguidance.numpy.allocate_token_bitmask(len(rows), self.vocab_size)  # int32 [G, ceil(V/32)]
         pairs = [(lv.matcher, g) for g, lv in enumerate(lives) if lv.matcher is not None]
         if pairs:
-            llguidance.torch.fill_next_token_bitmask_par(self._executor, pairs, bits)
-        allowed = unpack_bitmask(bits, self.vocab_size)
+            llguidance.numpy.fill_next_token_bitmask_par(self._executor, pairs, bits)
+        allowed = unpack_bitmask(torch.from_numpy(bits), self.vocab_size)
         for g, lv in enumerate(lives):
             if lv.matcher is None or lv.matcher.is_error() or lv.matcher.is_stopped() or not allowed[g].any():
                 # Finished (or broken) grammar: only a stop token may follow, so the sequence ends here.
