@@ -74,7 +74,7 @@ class WorkerGrid:
             stage = []
             for tp_rank in range(self.tp):
                 plan = ShardPlan(self.cfg.model, tp_rank, self.tp, pp_rank, self.pp, self.cfg.torch_dtype_name,
-                                 self.cfg.max_model_len, self.cfg.block_size, partition)
+                                 self.cfg.max_model_len, self.cfg.block_size, partition, self.cfg.cpu_weights)
                 index = self.offset + self.layout.bundle_index(pp_rank, tp_rank)
                 strategy = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=index)
                 stage.append(Worker.options(scheduling_strategy=strategy, **self.layout.worker_options()).remote(

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from actors.shard.cpu_gemm import packed_linear
 from actors.shard.spec import HeadSplit
 from actors.shard.tp import TPGroup
 
@@ -40,14 +41,18 @@ def read_cols(src: LazySlice, start: int, stop: int) -> torch.Tensor:
 SPLIT_MAX_TOKENS = 256  # above this, PyTorch's own multi-threaded GEMM is as fast as the split below
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [T, in] @ weight[out, in].T (+ bias) -> [T, out].
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           packed: torch.Tensor | None = None) -> torch.Tensor:
+    """x [T, in] @ weight[out, in].T (+ bias) -> [T, out]; with `packed` (the weight packed by cpu_gemm) oneDNN runs
+    it on the packed layout, except single-token steps while the plain copy is kept (faster there, see cpu_gemm).
 
     On CPU with few tokens (decode), PyTorch's GEMM streams the weights on one core; cutting the output rows
     into one block per thread and running them as one batched matmul keeps every core reading weights
     (1.2-1.9x at batch 1, 0.9-1.3x at 64 on a 2-core box: python -m bench.kernels). Each output is still one
     dot product over `in`.
     """
+    if packed is not None and (x.shape[0] > 1 or weight.numel() == 0):
+        return packed_linear(x, packed, bias)
     splits = torch.get_num_threads()
     rows, tokens = weight.shape[0], x.shape[0]
     if x.device.type != "cpu" or splits < 2 or tokens > SPLIT_MAX_TOKENS or rows % splits or x.dim() != 2:
@@ -102,10 +107,11 @@ class ColumnParallelLinear(nn.Module):
         local = sum(self.out_sizes) // tp.size
         self.weight = nn.Parameter(torch.empty(local, in_features, dtype=dtype), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(local, dtype=dtype), requires_grad=False) if bias else None
+        self.packed: torch.Tensor | None = None  # oneDNN layout of `weight`, set after loading (cpu_gemm.pack_linears)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[T, in] -> [T, local_out]."""
-        return linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, self.packed)
 
     def part_rows(self, part: int) -> tuple[int, int, int]:
         """(offset in the local weight, start row in the checkpoint tensor, row count) for merged part `part`."""
@@ -164,10 +170,11 @@ class RowParallelLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features // tp.size, dtype=dtype),
                                    requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
+        self.packed: torch.Tensor | None = None  # oneDNN layout of `weight`, set after loading (cpu_gemm.pack_linears)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[T, local_in] -> [T, out], summed over the TP group."""
-        y = self.tp.all_reduce(linear(x, self.weight))
+        y = self.tp.all_reduce(linear(x, self.weight, packed=self.packed))
         return y if self.bias is None else y + self.bias
 
     def weight_loader(self, param: nn.Parameter, src: LazySlice, key: str) -> None:
@@ -212,8 +219,10 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(VocabParallelEmbedding):
     """Output projection split by vocabulary rows; logits are gathered and trimmed to the real vocab."""
 
+    packed: torch.Tensor | None = None  # oneDNN layout of `weight`, set after loading (cpu_gemm.pack_linears)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         """[T, hidden] -> [T, vocab] float32 logits on every rank."""
-        local = linear(x, self.weight).float()  # [T, rows]
+        local = linear(x, self.weight, packed=self.packed).float()  # [T, rows]
         full = self.tp.all_gather(local, dim=-1)  # [T, rows * tp]
         return full[:, :self.vocab_size]

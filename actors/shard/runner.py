@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from actors.shard.cpu_gemm import CpuWeights, pack_linears, packed_bytes
 from actors.shard.grammar import GrammarBank, GrammarRef
 from actors.shard.kv_cache import AttnMeta, PagedKVCache
 from actors.shard.loader import load_stage, open_checkpoint
@@ -67,6 +68,7 @@ class ShardPlan:
     max_model_len: int = 2048
     block_size: int = 16
     partition: Partition | None = None  # decoder layers per stage; None = an even split
+    cpu_weights: CpuWeights = "auto"  # layout of large fp32 linear weights on CPU (see cpu_gemm)
 
     def layer_counts(self, num_layers: int) -> Partition:
         """Decoder layers per stage for a model of `num_layers` layers."""
@@ -103,6 +105,8 @@ class StageRunner:
         with torch.device(device):
             self.model = StageModel(self.spec, tp, plan.pp_rank, layers, self.dtype, plan.max_model_len, device)
         load_stage(self.model, reader.keys(), reader.get_slice, self.spec)
+        if device.type == "cpu":
+            pack_linears(self.model, plan.cpu_weights)  # oneDNN's blocked layout, once (see cpu_gemm)
         self.load_seconds = time.perf_counter() - start
         self.split = HeadSplit.of(self.spec, tp.rank, tp.size)
         self.cache: PagedKVCache | None = None
@@ -117,8 +121,8 @@ class StageRunner:
         return load_tokenizer(self.plan.model_dir)
 
     def weight_bytes(self) -> int:
-        """Bytes of parameters this shard holds (shared tensors counted once)."""
-        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+        """Bytes of parameters this shard holds (shared tensors counted once), packed CPU copies included."""
+        return sum(p.numel() * p.element_size() for p in self.model.parameters()) + packed_bytes(self.model)
 
     def block_bytes(self) -> int:
         """Bytes one KV block costs on this worker."""
