@@ -23,7 +23,7 @@ from actors.shard.usage import StepWindow, memory_bytes
 
 
 # stats answer from their own thread, even in a long step; the step channel is served from a Ray thread of its own
-@ray.remote(concurrency_groups={"probe": 1})
+@ray.remote(concurrency_groups={"probe": 1, "channel": 1})
 class Worker:
     """One (pp_rank, tp_rank) shard: joins its stage's process group, loads its slices, runs steps."""
 
@@ -135,13 +135,10 @@ class Worker:
                                   replies)
         return self.channel.address, self.channel.token
 
+    @ray.method(concurrency_group="channel")
     def serve_channel(self, timeout_s: float) -> None:
-        """Serve the step channel until the driver hangs up: holds the actor's default thread for the grid's life.
-
-        Steps must compute on the thread that loaded the shard. Each thread that runs parallel torch ops gets its
-        own OpenMP pool, and once a process has more OpenMP threads than cores, libgomp stops spinning between
-        parallel regions: a 2-thread bench-125m step on a second thread ran 10-30% slower.
-        """
+        """Serve the step channel until the driver hangs up (runs for the grid's life, on a Ray thread: steps
+        computed there measured faster than on a Python-started thread, 2 torch threads, bench-125m)."""
         assert self.channel is not None, "open_channel() must run before serve_channel()"
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)  # CUDA's current device is per thread

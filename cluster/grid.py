@@ -199,9 +199,7 @@ class WorkerGrid:
         return dag.experimental_compile(enable_asyncio=True)
 
     def execute(self, step: StepInput) -> StepOutput:
-        """Run one step and return the sampled tokens (from synchronous code: tests, benchmarks)."""
-        if self.channel is not None:  # the workers' default threads serve the channel: no Ray call gets through
-            return asyncio.run(self.channel.step(step))
+        """Run one step and return the sampled tokens."""
         out = ray.get(self.submit(step))[0]
         assert isinstance(out, StepOutput)
         return out
