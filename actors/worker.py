@@ -137,8 +137,12 @@ class Worker:
 
     @ray.method(concurrency_group="channel")
     def serve_channel(self, timeout_s: float) -> None:
-        """Serve the step channel until the driver hangs up (runs for the grid's life, on a Ray thread: steps
-        computed there measured faster than on a Python-started thread, 2 torch threads, bench-125m)."""
+        """Serve the step channel until the driver hangs up (runs for the grid's life, on a Ray thread).
+
+        Known cost: this is not the thread that loaded the shard, so a multi-threaded CPU worker gets a second
+        OpenMP pool and libgomp stops spinning between parallel ops; a 2-thread bench-125m step ran 10-30% slower
+        than on the loading thread (BENCHMARKS.md, fifth session). Single-thread workers (tp=2 on CPU) lose nothing.
+        """
         assert self.channel is not None, "open_channel() must run before serve_channel()"
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)  # CUDA's current device is per thread

@@ -70,8 +70,8 @@ class GridServeConfig(BaseModel):
         "compiled_graph, when on, takes precedence.")
     cpu_weights: Literal["auto", "packed", "packed+plain", "plain"] = Field(
         "auto", description="Layout of large fp32 linear weights on CPU workers: 'packed' = re-laid out once for "
-        "oneDNN, the plain copy freed (as vLLM's CPU path; 1.2-1.3x faster steps of 2+ tokens on bench-125m, "
-        "1.27x slower single-token steps); 'packed+plain' = both kept, single-token steps on the plain copy "
+        "oneDNN, the plain copy freed (as vLLM's CPU path; 1.25-1.45x faster steps of 2+ tokens on bench-125m, "
+        "1.27-1.57x slower single-token steps); 'packed+plain' = both kept, single-token steps on the plain copy "
         "(fastest, twice the weight memory); 'plain' = PyTorch's GEMM only; 'auto' = packed+plain while the "
         "extra copy costs at most 1 GiB per worker, else packed. Ignored on CUDA.")
     shm_allreduce: bool = Field(True, description="CPU TP ranks on one host sum through shared memory (x86-64) "
