@@ -60,8 +60,11 @@ class Worker:
              slot_bytes: int = 0) -> dict[str, Any]:
         """Join the stage's TP process group, build and load this shard; report its memory needs.
 
-        With `shm_path` (every rank of the stage on this host, CPU), collectives go through shared memory.
+        With `shm_path` (every rank of the stage on this host, CPU), collectives go through shared memory. The
+        grid calls this on the thread that will run the steps (the "channel" group's when it serves the channel).
         """
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # CUDA's current device is per thread
         tp = TPGroup.single()
         if self.plan.tp_size > 1:
             if master.startswith("127."):
@@ -139,9 +142,8 @@ class Worker:
     def serve_channel(self, timeout_s: float) -> None:
         """Serve the step channel until the driver hangs up (runs for the grid's life, on a Ray thread).
 
-        Known cost: this is not the thread that loaded the shard, so a multi-threaded CPU worker gets a second
-        OpenMP pool and libgomp stops spinning between parallel ops; a 2-thread bench-125m step ran 10-30% slower
-        than on the loading thread (BENCHMARKS.md, fifth session). Single-thread workers (tp=2 on CPU) lose nothing.
+        The grid ran `load` and `allocate_cache` on this same thread, so the process keeps one OpenMP pool: a
+        second one makes libgomp stop spinning between parallel ops (a 2-thread step ran 10-30% slower).
         """
         assert self.channel is not None, "open_channel() must run before serve_channel()"
         if self.device.type == "cuda":
