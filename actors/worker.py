@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 from datetime import timedelta
 from typing import Any
@@ -39,6 +40,8 @@ class Worker:
         self.window = StepWindow()
         self.listener: socket.socket | None = None  # rank 0's rendezvous socket until `load` hands it on
         self.channel: StepServer | None = None  # the direct step channel, once the grid opens one
+        # Python threads that ran this shard's torch work: each keeps its own OpenMP pool, so 1 is the goal.
+        self.torch_threads: set[int] = set()
 
     def where(self) -> dict[str, Any]:
         """Node, address and devices of this worker (for the layout report and rendezvous)."""
@@ -65,6 +68,7 @@ class Worker:
         """
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)  # CUDA's current device is per thread
+        self.torch_threads.add(threading.get_ident())
         tp = TPGroup.single()
         if self.plan.tp_size > 1:
             if master.startswith("127."):
@@ -106,6 +110,7 @@ class Worker:
     def allocate_cache(self, num_blocks: int) -> None:
         """Allocate the KV cache (same block count on every worker of the replica)."""
         assert self.runner is not None
+        self.torch_threads.add(threading.get_ident())
         self.runner.allocate_cache(num_blocks)
 
     def execute(self, step: StepInput, hidden: tuple[np.ndarray, float, list[float]] | None,
@@ -116,6 +121,7 @@ class Worker:
         stage can time the hand-off and the last one reports every stage's compute (`stage_<k>_s` timings).
         """
         assert self.runner is not None, "load() must run before execute()"
+        self.torch_threads.add(threading.get_ident())
         handoff, before = None, []
         if hidden is not None:
             hidden, done_at, before = hidden
@@ -161,7 +167,7 @@ class Worker:
         assert self.runner is not None
         kv = self.runner.cache.num_blocks * self.runner.block_bytes() if self.runner.cache is not None else 0
         return {**self.where(), **memory_bytes(self.device), **self.window.summary(),
-                "weight_bytes": self.runner.weight_bytes(), "kv_bytes": kv}
+                "weight_bytes": self.runner.weight_bytes(), "kv_bytes": kv, "torch_threads": len(self.torch_threads)}
 
     def shutdown(self) -> None:
         """Leave the process group so the actor can exit cleanly."""

@@ -155,6 +155,8 @@ WORKER_METRICS = {
     "allreduce_pct": ("gridserve_worker_allreduce_percent", "Share of step time spent in TP collectives (recent "
                       "steps; CUDA events on CUDA, the host clock on CPU)."),
     "step_ms": ("gridserve_worker_step_milliseconds", "Mean step time of the worker (recent steps)."),
+    "torch_threads": ("gridserve_worker_torch_threads", "Python threads that ran the worker's torch work; each keeps "
+                      "its own OpenMP pool, and more than one slows multi-threaded CPU steps (1 expected)."),
     "handoff_ms": ("gridserve_worker_handoff_milliseconds", "Median time from the previous stage finishing a step "
                    "to this worker starting it: activation transfer + dispatch + queueing (stage > 0)."),
 }

@@ -97,6 +97,7 @@ class LocalGrid:
                 kv = runner.cache.num_blocks * runner.block_bytes() if runner.cache is not None else 0
                 out.append({"node_id": "local", "pid": os.getpid(), "device": "cpu", "pp_rank": k, "tp_rank": r,
                             "weight_bytes": runner.weight_bytes(), "kv_bytes": kv, **memory_bytes(runner.device),
+                            "torch_threads": 0,  # no worker process of its own: nothing to count
                             **self.windows[k * self.tp + r].summary()})
         return out
 

@@ -46,6 +46,17 @@ def test_grid_greedy_matches_hf(local_ray: None, model_dirs: dict, variant: str,
         grid.shutdown()
 
 
+def test_channel_steps_run_on_the_thread_that_loaded(local_ray: None, model_dirs: dict) -> None:
+    """Over the step channel, each worker's loading and steps share one Python thread (one OpenMP pool)."""
+    grid = make_grid(str(model_dirs["llama_gqa"]), 1, 2, step_channel="socket")
+    try:
+        assert grid_greedy(grid, PROMPTS[:2], 3, block_size=4) == [t for t, _ in (hf_greedy(
+            model_dirs["llama_gqa"], p, 3) for p in PROMPTS[:2])]
+        assert [s["torch_threads"] for s in grid.worker_stats()] == [1, 1]
+    finally:
+        grid.shutdown()
+
+
 def test_stage_outputs_never_reach_the_driver(local_ray: None, model_dirs: dict) -> None:
     """Only the last stage's refs come back from submit(); the stage-0 refs are consumed actor to actor."""
     from cluster.scheduler import Scheduler, Sequence
