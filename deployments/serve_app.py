@@ -152,7 +152,8 @@ class OpenAIIngress:
         if self.local is not None:
             chunks: Any = LocalChunks(self.local.generate(ids, body, body.n, grammar))
         else:
-            chunks = self.llm.options(stream=True).generate.remote(ids, body, body.n, grammar)
+            # Deltas over Serve's gRPC transport instead of one Ray object per chunk (a message per token per request).
+            chunks = self.llm.options(stream=True, _by_reference=False).generate.remote(ids, body, body.n, grammar)
         streams = await RemoteRequest(chunks, body.n).start()  # a refusal raises here: 400 / 503
         rid, tokenizer = new_id("chatcmpl" if chat else "cmpl"), self.tokenizer
         if body.stream:
