@@ -40,8 +40,7 @@ class Worker:
         self.window = StepWindow()
         self.listener: socket.socket | None = None  # rank 0's rendezvous socket until `load` hands it on
         self.channel: StepServer | None = None  # the direct step channel, once the grid opens one
-        # Python threads that ran this shard's torch work: each keeps its own OpenMP pool, so 1 is the goal.
-        self.torch_threads: set[int] = set()
+        self.torch_threads: set[int] = set()  # Python threads that ran this shard's torch work (1 is the goal)
 
     def where(self) -> dict[str, Any]:
         """Node, address and devices of this worker (for the layout report and rendezvous)."""
@@ -148,8 +147,7 @@ class Worker:
     def serve_channel(self, timeout_s: float) -> None:
         """Serve the step channel until the driver hangs up (runs for the grid's life, on a Ray thread).
 
-        The grid ran `load` and `allocate_cache` on this same thread, so the process keeps one OpenMP pool: a
-        second one makes libgomp stop spinning between parallel ops (a 2-thread step ran 10-30% slower).
+        The grid ran `load` and `allocate_cache` on this same thread (one OpenMP pool; why: WorkerGrid.__init__).
         """
         assert self.channel is not None, "open_channel() must run before serve_channel()"
         if self.device.type == "cuda":
