@@ -31,16 +31,27 @@ def run_serve(monkeypatch: pytest.MonkeyPatch, ray_running: bool) -> list[str]:
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """No Ray address and none of the variables the command sets; each is restored (or removed) afterwards."""
-    for name in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_SERVE_PROXY_USE_GRPC"):
+    for name in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_SERVE_PROXY_USE_GRPC",
+                 "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP"):
         monkeypatch.setenv(name, "")  # records the original state, so what the command sets cannot leak
         monkeypatch.delenv(name)
 
 
 def test_fresh_local_ray_stays_on_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
-    """With no Ray running, Serve's own Ray start is kept on 127.0.0.1 and the gRPC proxy path is chosen."""
+    """With no Ray running, Serve's own Ray start is kept on 127.0.0.1; the gRPC proxy path is chosen and our
+    (all-async) methods run on the replica's own event loop."""
     assert run_serve(monkeypatch, ray_running=False) == ["serve", "run", "ray_config.yaml"]
     assert os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"
     assert os.environ["RAY_SERVE_PROXY_USE_GRPC"] == "1"
+    assert os.environ["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"] == "0"
+    assert os.environ["RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP"] == "0"
+
+
+def test_serve_keeps_a_users_serve_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Serve variables the user set win over the command's defaults."""
+    monkeypatch.setenv("RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD", "1")
+    run_serve(monkeypatch, ray_running=False)
+    assert os.environ["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"] == "1"
 
 
 def test_existing_cluster_is_joined_as_it_is(monkeypatch: pytest.MonkeyPatch) -> None:
