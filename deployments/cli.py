@@ -20,8 +20,9 @@ def main(argv: list[str] | None = None) -> int:
         config = rest[0] if rest else "ray_config.yaml"
         # Serve's proxy reaches replicas over gRPC instead of actor calls: ~1-2 ms less per request (BENCHMARKS.md).
         os.environ.setdefault("RAY_SERVE_PROXY_USE_GRPC", "1")
-        # Every method of ours is async and never blocks, so Serve may run it, and the ingress's handle router, on
-        # the replica's own event loop: no thread hop per streamed chunk (BENCHMARKS.md, "Serve's own loop").
+        # Every method of ours is async and waits only in awaits (steps go over non-blocking sockets), so Serve may
+        # run it, and the ingress's handle router, on the replica's own event loop: no thread hop per streamed
+        # chunk (BENCHMARKS.md, "Serve's own loop for our methods").
         os.environ.setdefault("RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD", "0")
         os.environ.setdefault("RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP", "0")
         loopback_if_starting_ray([])
