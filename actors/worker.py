@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from actors.comm_timer import tp_group
+from actors.shard import host_memory
 from actors.shard.channel import StepServer
 from actors.shard.runner import ShardPlan, StageRunner, StepInput, StepOutput
 from actors.shard.shm import ShmGroup
@@ -84,6 +85,8 @@ class Worker:
             tp = tp_group(self.plan.tp_rank, self.plan.tp_size, dist.group.WORLD, shm, self.device)
         self.runner = StageRunner(self.plan, tp, self.device)
         self.runner.sampler = Sampler(self.seed)
+        if self.device.type == "cpu":
+            host_memory.keep_step_buffers()  # after loading: the loader's temporaries go back to the kernel first
         return {"weight_bytes": self.runner.weight_bytes(), "block_bytes": self.runner.block_bytes(),
                 "load_s": self.runner.load_seconds}
 
