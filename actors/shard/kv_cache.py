@@ -137,12 +137,13 @@ def paged_attention(q: torch.Tensor, cache: PagedKVCache, layer: int, meta: Attn
     start = meta.num_decode
     outs = [decode_attention(q[:start], cache, layer, meta, scale)] if start else []
     for n, slots, mask in zip(meta.query_lens[start:], meta.read_slots, meta.masks):
-        qi = q[start:start + n].transpose(0, 1)  # [heads, n, d]
+        qi = q[start:start + n].transpose(0, 1)[None]  # [1, heads, n, d]
         k, v = cache.read(layer, slots)  # [kv_heads, ctx, d]
         causal = mask is None and n > 1
-        o = F.scaled_dot_product_attention(qi, k, v, attn_mask=mask, is_causal=causal, scale=scale,
-                                           enable_gqa=True)  # [heads, n, d]
-        outs.append(o.transpose(0, 1).reshape(n, -1))
+        # 4-D on purpose: given 3-D inputs, CPU SDPA takes its math path (2x slower for a 128-token prompt).
+        o = F.scaled_dot_product_attention(qi, k[None], v[None], attn_mask=mask, is_causal=causal, scale=scale,
+                                           enable_gqa=True)  # [1, heads, n, d]
+        outs.append(o[0].transpose(0, 1).reshape(n, -1))
         start += n
     return outs[0] if len(outs) == 1 else torch.cat(outs)
 
