@@ -1,6 +1,6 @@
-"""Micro-benchmarks behind two CPU decode choices, each beside the PyTorch call it replaces, in one run:
-the split matmul (`actors.shard.layers.linear`) vs `F.linear`, and the per-head block gather vs per-token indexing;
-then where the time of one engine step goes at the throughput benchmark's sizes (one tp=1 shard, no Ray).
+"""Micro-benchmarks behind the CPU matmul and decode choices, each beside the call it replaces, in one run:
+the split matmul (`actors.shard.layers.linear`) vs `F.linear`; oneDNN's packed weights vs `F.linear` at prefill
+sizes; the per-head block gather vs per-token indexing; then where the time of one engine step goes at the throughput benchmark's sizes (one tp=1 shard, no Ray).
 
 python -m bench.kernels
 """
@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 import numpy as np
 
+from actors.shard.cpu_gemm import pack, packed_linear
 from actors.shard.kv_cache import PagedKVCache
 from actors.shard.layers import linear
 from actors.shard.runner import ShardPlan, StageRunner, StepInput
@@ -50,6 +51,27 @@ def matmuls() -> None:
             rows.append([tokens, f"{out_f}x{in_f}", gbs / base, gbs / split, base / split])
     table(f"weight matmuls, fp32, {torch.get_num_threads()} threads", ["tokens", "weight", "F.linear GB/s",
           "split GB/s", "speed-up"], rows)
+
+
+def prefill_matmuls() -> None:
+    """oneDNN's packed weight vs `F.linear` on the plain one, GFLOP/s at prefill-sized token counts, on all threads
+    and on one (a tp=2 worker's share of this box); `linear` takes the plain copy above SPLIT_MAX_TOKENS on 2+."""
+    rows, threads = [], torch.get_num_threads()
+    for n in sorted({threads, 1}, reverse=True):
+        torch.set_num_threads(n)
+        for tokens in (128, 512, 2048):
+            for out_f, in_f in SHAPES[:4]:
+                x, w = torch.randn(tokens, in_f), torch.randn(out_f, in_f)
+                packed = pack(w)
+                if packed is None:
+                    return
+                flops = 2 * tokens * out_f * in_f / 1e9
+                plain = seconds(lambda: F.linear(x, w), 10)
+                onednn = seconds(lambda: packed_linear(x, packed, None), 10)
+                rows.append([n, tokens, f"{out_f}x{in_f}", flops / plain, flops / onednn, plain / onednn])
+    torch.set_num_threads(threads)
+    table("prefill weight matmuls, fp32, GFLOP/s", ["threads", "tokens", "weight", "F.linear", "packed",
+          "packed speed-up"], rows)
 
 
 def gathers() -> None:
@@ -111,6 +133,7 @@ def main() -> None:
     print(f"machine: {platform.machine()} {os.cpu_count()} cores; torch {torch.__version__}")
     with torch.inference_mode():
         matmuls()
+        prefill_matmuls()
         gathers()
         step_anatomy()
 

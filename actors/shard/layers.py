@@ -44,17 +44,20 @@ SPLIT_MAX_TOKENS = 256  # above this, PyTorch's own multi-threaded GEMM is as fa
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            packed: torch.Tensor | None = None) -> torch.Tensor:
     """x [T, in] @ weight[out, in].T (+ bias) -> [T, out]; with `packed` (the weight packed by cpu_gemm) oneDNN runs
-    it on the packed layout, except single-token steps while the plain copy is kept (faster there, see cpu_gemm).
+    it on the packed layout, except where the plain copy is kept and faster: single-token steps (see cpu_gemm), and
+    prefill-sized steps (over SPLIT_MAX_TOKENS) on 2+ threads, where PyTorch's own threaded GEMM beat the packed one
+    by 7-18% on three of bench-125m's four weight shapes and tied on the fourth (python -m bench.kernels).
 
     On CPU with few tokens (decode), PyTorch's GEMM streams the weights on one core; cutting the output rows
     into one block per thread and running them as one batched matmul keeps every core reading weights
     (1.2-1.9x at batch 1, 0.9-1.3x at 64 on a 2-core box: python -m bench.kernels). Each output is still one
     dot product over `in`.
     """
-    if packed is not None and (x.shape[0] > 1 or weight.numel() == 0):
-        return packed_linear(x, packed, bias)
     splits = torch.get_num_threads()
     rows, tokens = weight.shape[0], x.shape[0]
+    plain_wins = tokens == 1 or (tokens > SPLIT_MAX_TOKENS and splits > 1)
+    if packed is not None and (weight.numel() == 0 or not plain_wins):
+        return packed_linear(x, packed, bias)
     if x.device.type != "cpu" or splits < 2 or tokens > SPLIT_MAX_TOKENS or rows % splits or x.dim() != 2:
         return F.linear(x, weight, bias)
     blocks = weight.view(splits, rows // splits, weight.shape[1]).transpose(1, 2)  # [S, in, out / S]

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from actors.shard import cpu_gemm
-from actors.shard.layers import ColumnParallelLinear, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding, linear
+from actors.shard.layers import (SPLIT_MAX_TOKENS, ColumnParallelLinear, ParallelLMHead, RowParallelLinear,
+                                 VocabParallelEmbedding, linear)
 from actors.shard.tp import TPGroup
 
 pytestmark = pytest.mark.skipif(not cpu_gemm.available(), reason="this PyTorch build has no oneDNN")
@@ -86,3 +87,20 @@ def test_single_token_steps_take_the_plain_copy_when_kept(small_packable: None) 
     one, many = torch.randn(1, 16), torch.randn(4, 16)
     assert torch.equal(m.up(one), linear(one, m.up.weight))
     assert torch.equal(m.up(many), cpu_gemm.packed_linear(many, m.up.packed, None))
+
+
+@pytest.mark.parametrize("threads,plain", [(2, True), (1, False)])
+def test_prefill_sized_steps_take_the_plain_copy_on_several_threads(small_packable: None, threads: int,
+                                                                     plain: bool) -> None:
+    """Above SPLIT_MAX_TOKENS, 2+ threads run PyTorch's own GEMM on the plain copy; one thread stays on oneDNN."""
+    m = Tied()
+    cpu_gemm.pack_linears(m, "packed+plain")
+    x = torch.randn(SPLIT_MAX_TOKENS + 1, 16)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = m.up(x)
+    finally:
+        torch.set_num_threads(before)
+    want = F.linear(x, m.up.weight) if plain else cpu_gemm.packed_linear(x, m.up.packed, None)
+    assert torch.equal(got, want)
