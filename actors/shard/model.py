@@ -52,7 +52,7 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[T, hidden] -> [T, hidden] (after the down_proj all-reduce)."""
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # [T, inter / tp] each
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(F.silu(gate).mul_(up))  # in place: one [T, inter / tp] buffer fewer per layer
 
 
 class DecoderLayer(nn.Module):
