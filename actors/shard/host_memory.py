@@ -2,9 +2,10 @@
 
 glibc serves allocations above its mmap threshold (at most 32 MiB when it adapts it) with a new mapping and gives
 the pages back on free, and trims the heap top back to the kernel once 2x that threshold is free. A prefill step of
-bench-125m (16 x 128 tokens) allocates 24-32 MiB activations per layer, so every step page-faulted and zeroed them
-again: raising both limits made that step 2.53 s -> 2.20 s on this 2-core box (decode steps, whose buffers are small,
-were unchanged). vLLM's CPU path gets the same from tcmalloc, which it preloads; this needs no extra library.
+bench-125m (16 x 128 tokens) allocates 6-32 MiB activations per layer, so every step page-faulted and zeroed them
+again: raising both limits took that step from 2.53 s to 2.20 s on a 2-core box (in process; decode steps, whose
+buffers are small, were unchanged; tests/unit/test_host_memory.py counts the page faults). vLLM's CPU path gets the
+same from tcmalloc, which it preloads; this needs no extra library.
 """
 from __future__ import annotations
 
