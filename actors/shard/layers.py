@@ -45,8 +45,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
            packed: torch.Tensor | None = None) -> torch.Tensor:
     """x [T, in] @ weight[out, in].T (+ bias) -> [T, out]; with `packed` (the weight packed by cpu_gemm) oneDNN runs
     it on the packed layout, except where the plain copy is kept and faster: single-token steps (see cpu_gemm), and
-    prefill-sized steps (over SPLIT_MAX_TOKENS) on 2+ threads, where PyTorch's own threaded GEMM beat the packed one
-    by 7-18% on three of bench-125m's four weight shapes and tied on the fourth (python -m bench.kernels).
+    prefill-sized steps (over SPLIT_MAX_TOKENS) on 2+ threads, where PyTorch's own threaded GEMM ran bench-125m's
+    weights 1.1-1.2x as fast as oneDNN's packed one at 512 and 2048 tokens, one shape tied (python -m bench.kernels).
+    One thread (a tp=2 worker's) stays packed: there the two traded places by weight shape.
 
     On CPU with few tokens (decode), PyTorch's GEMM streams the weights on one core; cutting the output rows
     into one block per thread and running them as one batched matmul keeps every core reading weights
