@@ -1,6 +1,7 @@
 """Micro-benchmarks behind the CPU matmul and decode choices, each beside the call it replaces, in one run:
 the split matmul (`actors.shard.layers.linear`) vs `F.linear`; oneDNN's packed weights vs `F.linear` at prefill
-sizes; the per-head block gather vs per-token indexing; then where the time of one engine step goes at the throughput benchmark's sizes (one tp=1 shard, no Ray).
+sizes; the per-head block gather vs per-token indexing; then where the time of one engine step goes at the
+throughput benchmark's sizes (one tp=1 shard, no Ray).
 
 python -m bench.kernels
 """

@@ -24,12 +24,12 @@ def keep_step_buffers() -> bool:
     Called once the shard is loaded: set before, the loader's freed temporaries would stay resident.
     """
     name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-        mallopt, malloc_trim = (libc.mallopt, libc.malloc_trim) if libc else (None, None)
-    except (OSError, AttributeError):  # musl or another libc without these
+    if name is None:
         return False
-    if mallopt is None or malloc_trim is None:
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt, malloc_trim = libc.mallopt, libc.malloc_trim
+    except (OSError, AttributeError):  # musl or another libc without these
         return False
     malloc_trim(0)
     # mallopt answers 1 when it took the value; fixing the threshold also stops glibc from adapting it.
