@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 import numpy as np
 
+from actors.shard import cpu_gemm
 from actors.shard.cpu_gemm import pack, packed_linear
 from actors.shard.kv_cache import PagedKVCache
 from actors.shard.layers import linear
@@ -57,6 +58,9 @@ def matmuls() -> None:
 def prefill_matmuls() -> None:
     """oneDNN's packed weight vs `F.linear` on the plain one, GFLOP/s at prefill-sized token counts, on all threads
     and on one (a tp=2 worker's share of this box); `linear` takes the plain copy above SPLIT_MAX_TOKENS on 2+."""
+    if not cpu_gemm.available():
+        print("prefill weight matmuls: skipped, this PyTorch build has no oneDNN")
+        return
     rows, threads = [], torch.get_num_threads()
     for n in sorted({threads, 1}, reverse=True):
         torch.set_num_threads(n)
@@ -64,8 +68,7 @@ def prefill_matmuls() -> None:
             for out_f, in_f in SHAPES[:4]:
                 x, w = torch.randn(tokens, in_f), torch.randn(out_f, in_f)
                 packed = pack(w)
-                if packed is None:
-                    return
+                assert packed is not None, "oneDNN is available but refused to pack"
                 flops = 2 * tokens * out_f * in_f / 1e9
                 plain = seconds(lambda: F.linear(x, w), 10)
                 onednn = seconds(lambda: packed_linear(x, packed, None), 10)

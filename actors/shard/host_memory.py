@@ -33,5 +33,6 @@ def keep_step_buffers() -> bool:
         return False
     malloc_trim(0)
     # mallopt answers 1 when it took the value; fixing the threshold also stops glibc from adapting it.
-    return bool(mallopt(M_MMAP_THRESHOLD, STEP_BUFFER_MAX_BYTES)) and bool(mallopt(M_TRIM_THRESHOLD,
-                                                                                  KEEP_FREE_MAX_BYTES))
+    mapped = mallopt(M_MMAP_THRESHOLD, STEP_BUFFER_MAX_BYTES)
+    trimmed = mallopt(M_TRIM_THRESHOLD, KEEP_FREE_MAX_BYTES)
+    return mapped == 1 and trimmed == 1
