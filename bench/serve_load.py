@@ -12,7 +12,6 @@ import argparse
 import asyncio
 import os
 import platform
-import socket
 import time
 from typing import Any
 
@@ -26,15 +25,9 @@ from bench.serve_floor import Echo
 from cluster.config import DEFAULT_MODEL
 from deployments.make_model import ensure_default_model
 from deployments.serve_app import build_app
+from tests.loopback import free_port
 
 TOPICS = ["the sea", "a cat", "numbers", "code", "a story", "the sun", "questions", "answers"]
-
-
-def free_port() -> int:
-    """A free TCP port on loopback."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def hf_reference(model: str, prompts: list[str], new: int, batch: int) -> tuple[dict[str, str], float]:

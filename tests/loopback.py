@@ -1,6 +1,7 @@
 """Loopback-only Ray for tests: one free-port helper and one cluster helper, used by every fixture."""
 from __future__ import annotations
 
+import random
 import socket
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
@@ -8,9 +9,40 @@ from typing import Any, Callable, Iterator
 LOOPBACK = "127.0.0.1"
 
 
+# Ports handed out by this process, so two calls never return the same one.
+_GIVEN: set[int] = set()
+# Ray's worker processes take ports 10002-19999 by default; the ones above 20000 are ours to pick.
+_LOWEST = 20000
+# Its own generator: drawing ports must not move the global `random` state that seeded tests rely on.
+_RNG = random.Random()
+
+
+def _ephemeral_floor() -> int:
+    """The lowest port the kernel hands to bind(0) and outgoing connections (32768 when unreadable)."""
+    try:
+        return int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    """A free TCP port on loopback."""
-    with socket.socket() as s:
+    """A free TCP port on loopback, below the kernel's ephemeral range.
+
+    A port from bind(0) is ephemeral: between this check and the server's bind, any process (Ray's own daemons
+    starting up, an outgoing connection) may be handed it, and `ray start` then fails with "address already in
+    use". Ports below that range are only ever taken by an explicit bind."""
+    floor = _ephemeral_floor()
+    candidates = [p for p in _RNG.sample(range(_LOWEST, floor), min(200, floor - _LOWEST))
+                  if p not in _GIVEN] if floor - _LOWEST >= 1000 else []
+    for port in candidates:
+        with socket.socket() as s:
+            try:
+                s.bind((LOOPBACK, port))
+            except OSError:
+                continue
+        _GIVEN.add(port)
+        return port
+    with socket.socket() as s:  # no room below the ephemeral range on this machine
         s.bind((LOOPBACK, 0))
         return int(s.getsockname()[1])
 
