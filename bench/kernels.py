@@ -1,7 +1,7 @@
 """Micro-benchmarks behind the CPU matmul and decode choices, each beside the call it replaces, in one run:
 the split matmul (`actors.shard.layers.linear`) vs `F.linear`; oneDNN's packed weights vs `F.linear` at prefill
-sizes; the per-head block gather vs per-token indexing; then where the time of one engine step goes at the
-throughput benchmark's sizes (one tp=1 shard, no Ray).
+sizes; the per-head block gather vs per-token indexing; decode attention in the C kernel vs gather + matmul;
+then where the time of one engine step goes at the throughput benchmark's sizes (one tp=1 shard, no Ray).
 
 python -m bench.kernels
 """
@@ -17,9 +17,9 @@ import torch.nn.functional as F
 
 import numpy as np
 
-from actors.shard import cpu_gemm
+from actors.shard import cpu_gemm, native
 from actors.shard.cpu_gemm import pack, packed_linear
-from actors.shard.kv_cache import PagedKVCache
+from actors.shard.kv_cache import AttnMeta, PagedKVCache, gathered_decode
 from actors.shard.layers import linear
 from actors.shard.runner import ShardPlan, StageRunner, StepInput
 from actors.shard.sampler import SamplingParams
@@ -94,6 +94,35 @@ def gathers() -> None:
                                                                1000 * new, old / new]])
 
 
+def decode_attention() -> None:
+    """One layer's decode attention for 64 sequences over scattered blocks: the C kernel reading blocks in place
+    vs gathering them and two batched matmuls; bench-125m's heads (12 / 4 KV) and a tp=2 worker's (6 / 2)."""
+    if not native.available():
+        print("decode attention: skipped, the C kernel did not build here")
+        return
+    rows, threads = [], torch.get_num_threads()
+    for n in sorted({threads, 1}, reverse=True):
+        torch.set_num_threads(n)
+        for heads, kv_heads in ((12, 4), (6, 2)):
+            for ctx in (192, 256):
+                b, d, bs = 64, 64, 16
+                per_seq = ctx // bs
+                cache = PagedKVCache(1, b * per_seq, bs, kv_heads, d, torch.float32, torch.device("cpu"))
+                cache.kv.normal_()
+                tables = torch.randperm(b * per_seq).view(b, per_seq).tolist()  # blocks anywhere, as after churn
+                meta = AttnMeta.build([1] * b, [ctx] * b, tables, bs, None, torch.device("cpu"))
+                q = torch.randn(b, heads, d)
+                kernel = seconds(lambda: native.paged_decode(q, cache.k[0], cache.v[0], meta.decode_blocks.view(b, -1),
+                                                             meta.decode_lens, bs, None, 0.125), 20)
+                gather = seconds(lambda: gathered_decode(q, cache, 0, meta, 0.125), 20)
+                gbs = cache.kv.numel() * 4 / 1e9  # K and V of every sequence, read once
+                rows.append([n, f"{heads}/{kv_heads}", ctx, 1000 * gather, 1000 * kernel, gbs / kernel,
+                             gather / kernel])
+    torch.set_num_threads(threads)
+    table("decode attention, one layer, 64 sequences, fp32", ["threads", "heads/kv", "context", "gather+bmm ms",
+          "C kernel ms", "kernel GB/s", "speed-up"], rows)
+
+
 def step_anatomy() -> None:
     """One bench-125m shard: a 1024-token prefill chunk (8 prompts of 128) and batch-64 decode steps at contexts
     160 and 256, each with its share in weight/attention matmuls; plus a 2048^2 matmul as the cores' peak."""
@@ -139,6 +168,7 @@ def main() -> None:
         matmuls()
         prefill_matmuls()
         gathers()
+        decode_attention()
         step_anatomy()
 
 

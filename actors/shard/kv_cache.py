@@ -7,6 +7,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from actors.shard import native
+
 
 GATHER_CAP_BYTES = 256 * 2**20  # decode gathers K and V in chunks of sequences no bigger than this (bounded memory)
 
@@ -74,6 +76,8 @@ class AttnMeta:
     decode_blocks: torch.Tensor | None  # [D * max_blocks] block ids, padded, of the num_decode leading sequences
     decode_bias: torch.Tensor | None  # [1, D, 1, max_blocks * block_size]: 0 where visible, -inf elsewhere
     num_decode: int = 0  # leading sequences with one new token each, attended in one vectorised pass
+    decode_lens: torch.Tensor | None = None  # [D] int64 context lengths of those sequences (the C kernel's input)
+    window: int | None = None  # sliding window (keys at most window - 1 back are visible), None = full context
 
     @classmethod
     def build(cls, query_lens: list[int], context_lens: list[int], block_tables: list[list[int]],
@@ -95,7 +99,7 @@ class AttnMeta:
             write.append(slots[ctx - q:].to(device))
             masks.append(causal_mask(q, ctx, window, device))
         return cls(query_lens, context_lens, torch.cat(write), read, masks, head.decode_blocks if head else None,
-                   head.decode_bias if head else None, nd)
+                   head.decode_bias if head else None, nd, head.decode_lens if head else None, window)
 
     @classmethod
     def _decode(cls, context_lens: list[int], block_tables: list[list[int]], block_size: int,
@@ -115,7 +119,8 @@ class AttnMeta:
             visible &= keys > last[:, None] - window
         bias = torch.from_numpy(np.where(visible, 0.0, -np.inf).astype(np.float32))[None, :, None, :]
         return cls([1] * len(ctx), list(context_lens), torch.from_numpy(write).to(device), [], [],
-                   torch.from_numpy(tables.reshape(-1)).to(device), bias.to(device), len(ctx))
+                   torch.from_numpy(tables.reshape(-1)).to(device), bias.to(device), len(ctx),
+                   torch.from_numpy(ctx).to(device), window)
 
 
 def causal_mask(q: int, ctx: int, window: int | None, device: torch.device) -> torch.Tensor | None:
@@ -150,7 +155,22 @@ def paged_attention(q: torch.Tensor, cache: PagedKVCache, layer: int, meta: Attn
 
 def decode_attention(q: torch.Tensor, cache: PagedKVCache, layer: int, meta: AttnMeta,
                      scale: float) -> torch.Tensor:
-    """One query per leading decode sequence [D, heads, d] over block-gathered contexts -> [D, heads * d].
+    """One query per leading decode sequence [D, heads, d] over its paged context -> [D, heads * d].
+
+    On CPU (float32) the C kernel reads each key and value once, in place in its block; elsewhere the blocks are
+    gathered first (bench.kernels, "decode attention", compares the two).
+    """
+    assert meta.decode_blocks is not None and meta.decode_lens is not None
+    if q.device.type == "cpu" and cache.kv.dtype == torch.float32 and native.available():
+        b = q.shape[0]
+        return native.paged_decode(q, cache.k[layer], cache.v[layer], meta.decode_blocks.view(b, -1),
+                                   meta.decode_lens, cache.block_size, meta.window, scale)
+    return gathered_decode(q, cache, layer, meta, scale)
+
+
+def gathered_decode(q: torch.Tensor, cache: PagedKVCache, layer: int, meta: AttnMeta,
+                    scale: float) -> torch.Tensor:
+    """Decode attention over block-gathered contexts, as two batched matmuls -> [D, heads * d].
 
     Sequences go in chunks whose gathered K and V stay under GATHER_CAP_BYTES, so a large batch of long contexts
     cannot exhaust device memory on top of the KV cache.

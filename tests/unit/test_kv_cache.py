@@ -5,9 +5,26 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from actors.shard import native
 from actors.shard.kv_cache import AttnMeta, PagedKVCache, paged_attention
 
 BLOCK = 4
+
+
+@pytest.fixture(params=["native", "gather"])
+def decode_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test on the C kernel (where this machine builds it) and on the torch gather path."""
+    if request.param == "gather":
+        monkeypatch.setattr(native, "available", lambda: False)
+    else:
+        assert native.available(), "the C decode kernel did not build here (see the warning logged)"
+    return request.param
+
+
+@pytest.fixture
+def gather_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decode takes the torch gather path (the one non-CPU devices use)."""
+    monkeypatch.setattr(native, "available", lambda: False)
 
 
 def dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -27,7 +44,7 @@ def dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None)
 @pytest.mark.parametrize("q_lens,num_decode", [([1] * 5, 5), ([1, 3, 12, 2, 4], 1), ([1, 1, 12, 1, 4], 2),
                                               ([2, 1, 12, 1, 4], 0)])
 def test_paged_attention_matches_dense(heads: int, kv_heads: int, window: int | None, q_lens: list[int],
-                                       num_decode: int) -> None:
+                                       num_decode: int, decode_path: str) -> None:
     """Scattered blocks, ragged contexts, GQA and sliding windows give dense attention's answer: all decodes,
     decodes leading prompt chunks (vectorised, then masked), and one-token rows after a chunk (masked)."""
     torch.manual_seed(0)
@@ -57,18 +74,19 @@ def test_paged_attention_matches_dense(heads: int, kv_heads: int, window: int | 
     assert cache.k[0].abs().sum() == 0  # other layers untouched
 
 
-def test_decode_gather_buffer_is_reused() -> None:
+def test_decode_gather_buffer_is_reused(gather_path: None) -> None:
     """The decode gather buffer grows once and is then reused, not reallocated every layer."""
     cache = PagedKVCache(1, 8, BLOCK, 2, 4, torch.float32, torch.device("cpu"))
     meta = AttnMeta.build([1, 1], [5, 8], [[0, 1], [2, 3]], BLOCK, None, torch.device("cpu"))
     q = torch.randn(2, 2, 4)
     paged_attention(q, cache, 0, meta, scale=0.5)
     buffer = cache._scratch.data_ptr()
+    assert buffer != 0
     paged_attention(q, cache, 0, meta, scale=0.5)
     assert cache._scratch.data_ptr() == buffer
 
 
-def test_decode_in_chunks_under_a_memory_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_decode_in_chunks_under_a_memory_cap(monkeypatch: pytest.MonkeyPatch, gather_path: None) -> None:
     """With a cap smaller than the batch's gather, decode runs in chunks: same answer, buffer within the cap."""
     from actors.shard import kv_cache
 

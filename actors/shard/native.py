@@ -1,0 +1,107 @@
+"""The CPU decode-attention kernel (csrc/paged_decode.c): compiled once per machine with the system's C compiler,
+loaded with ctypes. Where no compiler works, `paged_decode` is None and callers keep the torch path.
+
+Why C and not torch: decode attention over a paged cache in torch must first gather each sequence's blocks into
+one buffer, so the context is read, written and read again; the kernel reads each key and value once, straight
+from its block (bench/kernels.py, "decode attention" table). Plain C with no torch headers compiles in about a
+second; `-march=native` is why it is built on the machine that runs it, and why the CPU's flags are in the key.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import subprocess
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "paged_decode.c"
+# -fopenmp: tasks share the OpenMP runtime torch already loaded (same soname, so the loader reuses it).
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared"]
+_I64, _PTR = ctypes.c_int64, ctypes.c_void_p
+
+
+def kernel_dir() -> Path:
+    """$GRIDSERVE_CACHE/kernels, else ~/.cache/gridserve/kernels: the root cluster.cache uses for models too."""
+    return Path(os.environ.get("GRIDSERVE_CACHE") or Path.home() / ".cache" / "gridserve") / "kernels"
+
+
+def _cpu_flags() -> str:
+    """The CPU's feature flags (what -march=native compiles for), '' where /proc/cpuinfo has none."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+    return next((line for line in text.splitlines() if line.startswith(("flags", "Features"))), "")
+
+
+def build(compiler: str | None = None) -> Path:
+    """Compile the kernel into the per-machine cache (reused while source, compiler and CPU stay the same)."""
+    cc = compiler or os.environ.get("CC", "gcc")
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30, check=True).stdout
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), version.encode(), _cpu_flags().encode(),
+                                     platform.machine().encode()])).hexdigest()[:20]
+    target = kernel_dir() / f"paged_decode-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Built under a private name, then renamed: workers starting together never load a half-written file.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True, timeout=300,
+                       check=True)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+@lru_cache(maxsize=1)
+def _library() -> ctypes.CDLL | None:
+    """The loaded kernel, or None (logged once) where it cannot be built here."""
+    try:
+        lib = ctypes.CDLL(str(build()))
+    except (OSError, subprocess.SubprocessError) as e:
+        detail = getattr(e, "stderr", "") or str(e)
+        log.warning("CPU decode attention falls back to torch (gather + matmul): the C kernel did not build "
+                    "(%s). Install gcc, or set CC to a C compiler, for the faster path.", detail.strip()[:500])
+        return None
+    fn = lib.paged_decode_f32
+    fn.argtypes = [_PTR] * 6 + [_I64] * 8 + [ctypes.c_float, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return lib
+
+
+def available() -> bool:
+    """True when the kernel is built and loaded (compiles it on first call)."""
+    return _library() is not None
+
+
+def paged_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor,
+                 block_size: int, window: int | None, scale: float) -> torch.Tensor:
+    """One query per sequence q [B, heads, d] over one layer's cache k, v [kv_heads, slots, d] through block
+    tables [B, width] and context lengths [B] -> [B, heads * d]. float32 CPU tensors only."""
+    lib = _library()
+    assert lib is not None, "paged_decode needs the kernel: check available() first"
+    b, heads, d = q.shape
+    kv_heads, slots, _ = k.shape
+    assert q.dtype == k.dtype == v.dtype == torch.float32 and k.stride() == v.stride() == (slots * d, d, 1)
+    assert tables.dtype == lens.dtype == torch.int64 and tables.shape[0] == lens.shape[0] == b
+    q, tables, lens = q.contiguous(), tables.contiguous(), lens.contiguous()
+    out = torch.empty(b, heads, d)
+    status = lib.paged_decode_f32(q.data_ptr(), k.data_ptr(), v.data_ptr(), tables.data_ptr(), lens.data_ptr(),
+                                  out.data_ptr(), b, heads, kv_heads, d, tables.shape[1], block_size, slots * d,
+                                  window or 0, scale, torch.get_num_threads())
+    if status != 0:
+        raise MemoryError(f"paged_decode: no memory for the scores of {b} sequences up to {int(lens.max())} tokens")
+    return out.view(b, heads * d)
