@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -43,3 +44,24 @@ def table(title: str, headers: list[str], rows: list[list[Any]], notes: list[str
         print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))))
     for note in notes:
         print(f"  {note}")
+
+
+def _cpu_times() -> tuple[int, int]:
+    """(idle, total) jiffies of all cores since boot, from /proc/stat."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return fields[3] + fields[4], sum(fields)  # idle + iowait
+
+
+def settle(max_s: float = 90.0, window_s: float = 2.0, idle_share: float = 0.9) -> tuple[float, float]:
+    """Wait until the cores are idle for two windows in a row (what a stopped engine left behind, such as its
+    memory being handed back, has finished), at most `max_s`; returns (seconds waited, last window's idle share)."""
+    start, calm, share = time.monotonic(), 0, 0.0
+    if not Path("/proc/stat").exists():
+        return 0.0, share
+    while time.monotonic() - start < max_s and calm < 2:
+        idle0, total0 = _cpu_times()
+        time.sleep(window_s)
+        idle1, total1 = _cpu_times()
+        share = (idle1 - idle0) / max(1, total1 - total0)
+        calm = calm + 1 if share >= idle_share else 0
+    return time.monotonic() - start, share

