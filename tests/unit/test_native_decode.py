@@ -67,3 +67,13 @@ def test_build_is_cached_and_a_missing_compiler_falls_back(tmp_path: Path) -> No
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False (1, 16)"
     assert "falls back to torch" in out.stderr and "Install gcc" in out.stderr
+
+
+def test_out_of_range_tables_are_refused_before_the_c_loop() -> None:
+    """A context longer than its table, or a block id past the cache, is a ValueError, never a stray read."""
+    assert native.available()
+    cache = PagedKVCache(1, 4, 4, 1, 8, torch.float32, torch.device("cpu"))
+    q = torch.randn(1, 2, 8)
+    for table, length in (([[1, 2]], 9), ([[1, 4]], 6), ([[1, 2]], 0)):
+        with pytest.raises(ValueError, match="paged_decode"):
+            native.paged_decode(q, cache.k[0], cache.v[0], torch.tensor(table), torch.tensor([length]), 4, None, 0.5)
