@@ -1,10 +1,10 @@
 """The CPU decode-attention kernel (csrc/paged_decode.c): compiled once per machine with the system's C compiler,
-loaded with ctypes. Where no compiler works, `paged_decode` is None and callers keep the torch path.
+loaded with ctypes. Where no compiler works, `available()` is False and callers keep the torch path.
 
 Why C and not torch: decode attention over a paged cache in torch must first gather each sequence's blocks into
 one buffer, so the context is read, written and read again; the kernel reads each key and value once, straight
-from its block (bench/kernels.py, "decode attention" table). Plain C with no torch headers compiles in about a
-second; `-march=native` is why it is built on the machine that runs it, and why the CPU's flags are in the key.
+from its block (bench/kernels.py, "decode attention" table). Plain C with no torch headers compiles in a few
+seconds; `-march=native` is why it is built on the machine that runs it, and why the CPU's flags are in the key.
 """
 from __future__ import annotations
 
