@@ -4,6 +4,7 @@ from __future__ import annotations
 import random
 import socket
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 LOOPBACK = "127.0.0.1"
@@ -20,7 +21,7 @@ _RNG = random.Random()
 def _ephemeral_floor() -> int:
     """The lowest port the kernel hands to bind(0) and outgoing connections (32768 when unreadable)."""
     try:
-        return int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     except (OSError, ValueError, IndexError):
         return 32768
 
