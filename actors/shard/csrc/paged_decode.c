@@ -163,14 +163,22 @@ static void attend(const float *q, const float *k, const float *v, const int64_t
     }
 }
 
-/* q, out: [B, heads, d]; k, v: one layer's cache, [kv_heads, slots, d] with `head_stride` values between heads;
- * tables: [B, width] block ids; ctx_lens: [B]; window <= 0 means none. Returns 0, or -1 if memory ran out. */
+/* q, out: [B, heads, d]; k, v: one layer's cache, [kv_heads, slots, d] with `head_stride` = slots * d values
+ * between heads; tables: [B, width] block ids; ctx_lens: [B]; window <= 0 means none. Returns 0; -1 if memory ran
+ * out; -2, before reading any key, if a length is outside 1..width * block_size or a block it reaches is not in
+ * the cache. */
 int paged_decode_f32(const float *q, const float *k, const float *v, const int64_t *tables,
                      const int64_t *ctx_lens, float *out, int64_t batch, int64_t heads, int64_t kv_heads,
                      int64_t d, int64_t width, int64_t block_size, int64_t head_stride, int64_t window,
                      float scale, int threads) {
-    int64_t group = heads / kv_heads, longest = 0;
-    for (int64_t b = 0; b < batch; b++) longest = ctx_lens[b] > longest ? ctx_lens[b] : longest;
+    int64_t group = heads / kv_heads, longest = 0, num_blocks = head_stride / d / block_size;
+    for (int64_t b = 0; b < batch; b++) {  /* the loops below trust these bounds: check them once, here */
+        int64_t ctx = ctx_lens[b];
+        if (ctx < 1 || ctx > width * block_size) return -2;
+        for (int64_t blk = 0; blk <= (ctx - 1) / block_size; blk++)
+            if (tables[b * width + blk] < 0 || tables[b * width + blk] >= num_blocks) return -2;
+        longest = ctx > longest ? ctx : longest;
+    }
     int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(| : failed)
     {
