@@ -1,5 +1,5 @@
 """Micro-benchmarks behind the CPU matmul and decode choices, each beside the call it replaces, in one run:
-the split matmul (`actors.shard.layers.linear`) vs `F.linear`; oneDNN's packed weights vs `F.linear` at prefill
+the C few-token matmul vs PyTorch's paths at one to eight tokens; the split matmul vs `F.linear`; oneDNN's packed weights vs `F.linear` at prefill
 sizes; the per-head block gather vs per-token indexing; decode attention in the C kernel vs gather + matmul;
 then where the time of one engine step goes at the throughput benchmark's sizes (one tp=1 shard, no Ray).
 
@@ -20,7 +20,7 @@ import numpy as np
 from actors.shard import cpu_gemm, native
 from actors.shard.cpu_gemm import pack, packed_linear
 from actors.shard.kv_cache import AttnMeta, PagedKVCache, gathered_decode
-from actors.shard.layers import linear
+from actors.shard.layers import GEMV_MAX_TOKENS, linear, split_linear
 from actors.shard.runner import ShardPlan, StageRunner, StepInput
 from actors.shard.sampler import SamplingParams
 from actors.shard.tp import TPGroup
@@ -40,10 +40,10 @@ def seconds(fn: Callable[[], object], repeat: int) -> float:
 
 
 def matmuls() -> None:
-    """F.linear vs the split matmul for the benchmark model's weight shapes at 1 and 64 tokens (4 weight copies
-    rotate so the weights come from memory, not cache)."""
+    """F.linear vs `linear` (the split matmul over GEMV_MAX_TOKENS tokens) for the benchmark model's weight shapes at
+    8 and 64 tokens (4 weight copies rotate so the weights come from memory, not cache)."""
     rows = []
-    for tokens in (1, 64):
+    for tokens in (8, 64):
         for out_f, in_f in SHAPES:
             x, ws = torch.randn(tokens, in_f), [torch.randn(out_f, in_f) for _ in range(4)]
             i = iter(range(10**9))
@@ -53,6 +53,31 @@ def matmuls() -> None:
             rows.append([tokens, f"{out_f}x{in_f}", gbs / base, gbs / split, base / split])
     table(f"weight matmuls, fp32, {torch.get_num_threads()} threads", ["tokens", "weight", "F.linear GB/s",
           "split GB/s", "speed-up"], rows)
+
+
+def few_token_matmuls() -> None:
+    """Every weight of bench-125m's decode step (12 layers and the LM head, ~400 MB, so each is read from memory)
+    at one to eight tokens: the C kernel (`native.gemv`) beside PyTorch's paths, on all threads and on one."""
+    weights = [torch.randn(o, i) for _ in range(12) for o, i in SHAPES[:4]] + [torch.randn(*SHAPES[4])]
+    packed = [pack(w) for w in weights] if cpu_gemm.available() else None
+    gbytes = sum(w.numel() for w in weights) * 4 / 1e9
+    rows = []
+    for n in thread_counts():
+        for tokens in (1, 2, 4, 8):
+            xs = {i: torch.randn(tokens, i) for i in {w.shape[1] for w in weights}}
+            paths = {"F.linear": lambda: [F.linear(xs[w.shape[1]], w) for w in weights],
+                     "packed": lambda: [packed_linear(xs[w.shape[1]], p, None) for w, p in zip(weights, packed)],
+                     "C kernel": lambda: [native.gemv(xs[w.shape[1]], w) for w in weights]}
+            if n > 1:
+                paths["split"] = lambda: [split_linear(xs[w.shape[1]], w) for w in weights]
+            ms = {name: min(seconds(fn, 3) for _ in range(3)) * 1e3 for name, fn in paths.items()
+                  if packed is not None or name != "packed"}
+            best_torch = min(v for k, v in ms.items() if k != "C kernel")
+            rows.append([n, tokens, *(f"{ms[k]:.1f}" if k in ms else "-" for k in ("F.linear", "split", "packed")),
+                         f"{ms['C kernel']:.1f}", gbytes / ms["C kernel"] * 1e3, best_torch / ms["C kernel"]])
+    table(f"few-token matmul, bench-125m's decode weights ({gbytes * 1e3:.0f} MB), ms per step",
+          ["threads", "tokens", "F.linear", "split", "packed", "C kernel", "C GB/s", "vs best torch"], rows,
+          [f"linear() takes the C kernel up to {GEMV_MAX_TOKENS} tokens"])
 
 
 def thread_counts() -> Iterator[int]:
@@ -172,6 +197,7 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     print(f"machine: {platform.machine()} {os.cpu_count()} cores; torch {torch.__version__}")
     with torch.inference_mode():
+        few_token_matmuls()
         matmuls()
         prefill_matmuls()
         gathers()

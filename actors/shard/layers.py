@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from actors.shard import native
 from actors.shard.cpu_gemm import packed_linear
 from actors.shard.spec import HeadSplit
 from actors.shard.tp import TPGroup
@@ -39,28 +40,41 @@ def read_cols(src: LazySlice, start: int, stop: int) -> torch.Tensor:
 
 
 SPLIT_MAX_TOKENS = 256  # above this, PyTorch's own multi-threaded GEMM is as fast as the split below
+GEMV_MAX_TOKENS = 4  # up to this many tokens the C few-token matmul (native.gemv) reads the plain weight fastest
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            packed: torch.Tensor | None = None) -> torch.Tensor:
-    """x [T, in] @ weight[out, in].T (+ bias) -> [T, out]; with `packed` (the weight packed by cpu_gemm) oneDNN runs
-    it on the packed layout, except where the plain copy is kept and faster: single-token steps (see cpu_gemm), and
-    prefill-sized steps (over SPLIT_MAX_TOKENS) on 2+ threads, where PyTorch's own threaded GEMM ran bench-125m's
-    weights 1.1-1.2x as fast as oneDNN's packed one at 512 and 2048 tokens, one shape tied (python -m bench.kernels).
-    One thread (a tp=2 worker's) stays packed: there the two traded places by weight shape.
+    """x [T, in] @ weight[out, in].T (+ bias) -> [T, out], on the fastest path for T (python -m bench.kernels).
 
-    On CPU with few tokens (decode), PyTorch's GEMM streams the weights on one core; cutting the output rows
-    into one block per thread and running them as one batched matmul keeps every core reading weights
-    (1.2-1.9x at batch 1, 0.9-1.3x at 64 on a 2-core box: python -m bench.kernels). Each output is still one
-    dot product over `in`.
+    On CPU in fp32 with one to GEMV_MAX_TOKENS tokens the step is bound by reading the weight: the C kernel streams
+    the plain copy (bench-125m's weights 1.1-1.3x as fast as the split below at one token, 1.3-1.5x as fast as
+    oneDNN's packed layout at two to four). With `packed` (the weight packed by cpu_gemm) oneDNN runs the rest on
+    the packed layout, except prefill-sized steps (over SPLIT_MAX_TOKENS) on 2+ threads, where PyTorch's own
+    threaded GEMM ran bench-125m's weights 1.1-1.2x as fast as oneDNN's packed one at 512 and 2048 tokens, one
+    shape tied. One thread (a tp=2 worker's) stays packed: there the two traded places by weight shape.
+
+    Without the C kernel or a packed copy, few tokens on 2+ threads cut the output rows into one block per thread
+    and run them as one batched matmul, which keeps every core reading weights where PyTorch's GEMM streams them
+    on one. Each output is still one dot product over `in`.
     """
     splits = torch.get_num_threads()
     rows, tokens = weight.shape[0], x.shape[0]
+    if (tokens <= GEMV_MAX_TOKENS and weight.numel() and x.dim() == 2 and x.dtype == weight.dtype == torch.float32
+            and x.device.type == "cpu" and native.gemv_available()):
+        return native.gemv(x, weight, bias)
     plain_wins = tokens == 1 or (tokens > SPLIT_MAX_TOKENS and splits > 1)
     if packed is not None and (weight.numel() == 0 or not plain_wins):
         return packed_linear(x, packed, bias)
     if x.device.type != "cpu" or splits < 2 or tokens > SPLIT_MAX_TOKENS or rows % splits or x.dim() != 2:
         return F.linear(x, weight, bias)
+    return split_linear(x, weight, bias)
+
+
+def split_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [T, in] @ weight[out, in].T (+ bias) as one batched matmul over one block of output rows per torch thread
+    (out must divide by the thread count)."""
+    splits, rows, tokens = torch.get_num_threads(), weight.shape[0], x.shape[0]
     blocks = weight.view(splits, rows // splits, weight.shape[1]).transpose(1, 2)  # [S, in, out / S]
     out = torch.bmm(x.expand(splits, tokens, x.shape[1]), blocks)  # [S, T, out / S]
     out = out.transpose(0, 1).reshape(tokens, rows)  # [T, out], rows back in order

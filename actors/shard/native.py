@@ -1,10 +1,13 @@
-"""The CPU decode-attention kernel (csrc/paged_decode.c): compiled once per machine with the system's C compiler,
-loaded with ctypes. Where no compiler works, `available()` is False and callers keep the torch path.
+"""The CPU kernels in csrc/ (decode attention over the paged cache, few-token matmul): compiled once per machine
+with the system's C compiler into one library, loaded with ctypes. Where no compiler works, `available()` is False
+and callers keep the torch path.
 
 Why C and not torch: decode attention over a paged cache in torch must first gather each sequence's blocks into
 one buffer, so the context is read, written and read again; the kernel reads each key and value once, straight
-from its block (bench/kernels.py, "decode attention" table). Plain C with no torch headers compiles in a few
-seconds; `-march=native` is why it is built on the machine that runs it, and why the CPU's flags are in the key.
+from its block. A decode step's linear layers are bound by reading their weights, which PyTorch's GEMMs do at
+half to two thirds of the read bandwidth with one to four tokens; `gemv_f32` streams them (bench/kernels.py).
+Plain C with no torch headers compiles in a few seconds; `-march=native` is why it is built on the machine that
+runs it, and why the CPU's flags are in the key.
 """
 from __future__ import annotations
 
@@ -22,10 +25,11 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "paged_decode.c"
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("paged_decode.c", "gemv.c")]
 # -fopenmp: tasks share the OpenMP runtime torch already loaded (same soname, so the loader reuses it).
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared"]
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
+GEMV_THREADED_MIN = 2**17  # weights smaller than this (512 KiB of fp32) are read on one thread
 
 
 def kernel_dir() -> Path:
@@ -43,13 +47,13 @@ def _cpu_flags() -> str:
 
 
 def build(compiler: str | None = None) -> Path:
-    """Compile the kernel into the per-machine cache (reused while source, compiler and CPU stay the same)."""
+    """Compile the kernels into the per-machine cache (reused while sources, compiler and CPU stay the same)."""
     cc = compiler or os.environ.get("CC", "gcc")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30, check=True).stdout
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), version.encode(), _cpu_flags().encode(),
+    sources = [path.read_bytes() for path in SOURCES]
+    key = hashlib.sha256(b"\0".join([*sources, " ".join(FLAGS).encode(), version.encode(), _cpu_flags().encode(),
                                      platform.machine().encode()])).hexdigest()[:20]
-    target = kernel_dir() / f"paged_decode-{key}.so"
+    target = kernel_dir() / f"kernels-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -57,7 +61,7 @@ def build(compiler: str | None = None) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True, timeout=300,
+        subprocess.run([cc, *FLAGS, "-o", tmp, *map(str, SOURCES), "-lm"], capture_output=True, text=True, timeout=300,
                        check=True)
         os.replace(tmp, target)
     finally:
@@ -73,18 +77,41 @@ def _library() -> ctypes.CDLL | None:
         lib = ctypes.CDLL(str(build()))
     except (OSError, subprocess.SubprocessError) as e:
         detail = getattr(e, "stderr", "") or str(e)
-        log.warning("CPU decode attention falls back to torch (gather + matmul): the C kernel did not build "
+        log.warning("CPU decode attention and few-token matmuls fall back to torch: the C kernels did not build "
                     "(%s). Install gcc, or set CC to a C compiler, for the faster path.", detail.strip()[:500])
         return None
     fn = lib.paged_decode_f32
     fn.argtypes = [_PTR] * 6 + [_I64] * 8 + [ctypes.c_float, ctypes.c_int]
     fn.restype = ctypes.c_int
+    lib.gemv_f32.argtypes = [_PTR] * 3 + [_I64] * 3 + [ctypes.c_int]
+    lib.gemv_f32.restype = None
+    lib.gemv_vectorised.restype = ctypes.c_int
     return lib
 
 
 def available() -> bool:
-    """True when the kernel is built and loaded (compiles it on first call)."""
+    """True when the kernels are built and loaded (compiles them on first call)."""
     return _library() is not None
+
+
+@lru_cache(maxsize=1)
+def gemv_available() -> bool:
+    """True when `gemv` is built with AVX2 + FMA here, so it beats PyTorch's few-token GEMMs (else keep those)."""
+    lib = _library()
+    return lib is not None and lib.gemv_vectorised() == 1
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [T, in] @ weight[out, in].T (+ bias) -> [T, out] for float32 CPU tensors (meant for T of one to four)."""
+    lib = _library()
+    assert lib is not None, "gemv needs the kernels: check gemv_available() first"
+    assert x.dtype == weight.dtype == torch.float32 and x.dim() == weight.dim() == 2 and x.shape[1] == weight.shape[1]
+    x, weight = x.contiguous(), weight.contiguous()
+    out = torch.empty(x.shape[0], weight.shape[0])
+    # Small weights (a tiny model's) run on one thread: waking the pool costs more than their read.
+    threads = torch.get_num_threads() if weight.numel() >= GEMV_THREADED_MIN else 1
+    lib.gemv_f32(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1], weight.shape[0], threads)
+    return out if bias is None else out.add_(bias)
 
 
 def paged_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor,

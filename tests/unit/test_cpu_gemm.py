@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from actors.shard import cpu_gemm
-from actors.shard.layers import (SPLIT_MAX_TOKENS, ColumnParallelLinear, ParallelLMHead, RowParallelLinear,
+from actors.shard import cpu_gemm, native
+from actors.shard.layers import (GEMV_MAX_TOKENS, SPLIT_MAX_TOKENS, ColumnParallelLinear, ParallelLMHead, RowParallelLinear,
                                  VocabParallelEmbedding, linear)
 from actors.shard.tp import TPGroup
 
@@ -80,12 +80,14 @@ def test_plain_mode_packs_nothing(small_packable: None) -> None:
     assert cpu_gemm.pack_linears(m, "plain") == 0 and m.up.packed is None
 
 
-def test_single_token_steps_take_the_plain_copy_when_kept(small_packable: None) -> None:
-    """With both copies, one token goes through the plain split GEMV and more tokens through oneDNN, bit for bit."""
+def test_few_token_steps_take_the_plain_copy_when_kept(small_packable: None) -> None:
+    """With both copies, up to GEMV_MAX_TOKENS tokens read the plain copy (C kernel) and more go through oneDNN, bit
+    for bit."""
     m = Tied()
     cpu_gemm.pack_linears(m, "packed+plain")
-    one, many = torch.randn(1, 16), torch.randn(4, 16)
-    assert torch.equal(m.up(one), linear(one, m.up.weight))
+    few, many = torch.randn(GEMV_MAX_TOKENS, 16), torch.randn(GEMV_MAX_TOKENS + 1, 16)
+    assert native.gemv_available()
+    assert torch.equal(m.up(few), native.gemv(few, m.up.weight))
     assert torch.equal(m.up(many), cpu_gemm.packed_linear(many, m.up.packed, None))
 
 

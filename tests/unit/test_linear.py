@@ -1,4 +1,5 @@
-"""The CPU split matmul behind every parallel layer equals `F.linear`, on and off its fast path."""
+"""The CPU matmuls behind every parallel layer (C few-token kernel, split GEMV) equal `F.linear`, on and off their
+fast paths, and each size takes the path meant for it."""
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -7,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from actors.shard import layers
-from actors.shard.layers import SPLIT_MAX_TOKENS, linear
+from actors.shard import layers, native
+from actors.shard.layers import GEMV_MAX_TOKENS, SPLIT_MAX_TOKENS, linear
 
 
 @pytest.fixture
@@ -20,7 +21,7 @@ def threads() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("tokens", [1, 3, 64, SPLIT_MAX_TOKENS, SPLIT_MAX_TOKENS + 1])
+@pytest.mark.parametrize("tokens", [1, 3, GEMV_MAX_TOKENS + 1, 64, SPLIT_MAX_TOKENS, SPLIT_MAX_TOKENS + 1])
 @pytest.mark.parametrize("rows", [96, 97])  # 97 rows cannot be cut in two: the plain path
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear_matches_f_linear(threads: None, tokens: int, rows: int, bias: bool) -> None:
@@ -32,11 +33,44 @@ def test_linear_matches_f_linear(threads: None, tokens: int, rows: int, bias: bo
 
 
 def test_linear_takes_the_split_path_at_decode_sizes(threads: None, monkeypatch: pytest.MonkeyPatch) -> None:
-    """At decode sizes the work goes through one batched matmul, not F.linear (so the fast path is exercised)."""
+    """Between the C kernel's sizes and prefill sizes the work goes through one batched matmul, not F.linear."""
     calls: list[str] = []
     real_bmm, real_linear = torch.bmm, F.linear
     monkeypatch.setattr(layers.torch, "bmm", lambda *a: calls.append("bmm") or real_bmm(*a))
     monkeypatch.setattr(layers.F, "linear", lambda *a: calls.append("linear") or real_linear(*a))
-    linear(torch.randn(4, 16), torch.randn(32, 16))
+    linear(torch.randn(GEMV_MAX_TOKENS + 1, 16), torch.randn(32, 16))
     linear(torch.randn(SPLIT_MAX_TOKENS + 1, 16), torch.randn(32, 16))
     assert calls == ["bmm", "linear"]
+
+
+@pytest.mark.parametrize("tokens", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("rows,cols", [(1, 8), (3, 7), (4, 16), (13, 77), (97, 80), (256, 771)])
+@pytest.mark.parametrize("num_threads", [1, 2])
+def test_gemv_matches_f_linear(tokens: int, rows: int, cols: int, num_threads: int) -> None:
+    """The C kernel's every branch (pairs of tokens and a lone one, blocks of four rows and leftover rows, columns
+    past the last eight, one or two threads) gives F.linear's values, bias included."""
+    assert native.gemv_available(), "the C kernels must build on this machine (gcc with AVX2 + FMA)"
+    g = torch.Generator().manual_seed(tokens * 1000 + rows + cols)
+    x, w, b = torch.randn(tokens, cols, generator=g), torch.randn(rows, cols, generator=g), torch.randn(rows, generator=g)
+    before, threaded = torch.get_num_threads(), native.GEMV_THREADED_MIN
+    torch.set_num_threads(num_threads)
+    native.GEMV_THREADED_MIN = 0  # small test weights take the threaded split too
+    try:
+        got, plain = native.gemv(x, w, b), native.gemv(x, w)
+    finally:
+        torch.set_num_threads(before)
+        native.GEMV_THREADED_MIN = threaded
+    torch.testing.assert_close(got, F.linear(x, w, b), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(plain, F.linear(x, w), atol=1e-4, rtol=1e-5)
+
+
+def test_linear_takes_the_c_kernel_up_to_its_token_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Up to GEMV_MAX_TOKENS fp32 CPU tokens go through native.gemv; more tokens, or another dtype, do not."""
+    calls: list[int] = []
+    real = native.gemv
+    monkeypatch.setattr(layers.native, "gemv", lambda x, *a: calls.append(x.shape[0]) or real(x, *a))
+    w = torch.randn(32, 16)
+    for tokens in (1, GEMV_MAX_TOKENS, GEMV_MAX_TOKENS + 1):
+        linear(torch.randn(tokens, 16), w)
+    linear(torch.randn(1, 16, dtype=torch.float64), w.double())
+    assert calls == [1, GEMV_MAX_TOKENS]

@@ -47,8 +47,8 @@ def test_kernel_shares_torchs_openmp_runtime() -> None:
 
 
 def test_build_is_cached_and_a_missing_compiler_falls_back(tmp_path: Path) -> None:
-    """A second build reuses the file; with no C compiler the kernel is unavailable, a warning says why, and
-    decode attention still answers through the gather path."""
+    """A second build reuses the file; with no C compiler the kernels are unavailable, a warning says why, and
+    decode attention and one-token matmuls still answer through torch."""
     env = {**os.environ, "GRIDSERVE_CACHE": str(tmp_path)}
     first = subprocess.run([sys.executable, "-c", "from actors.shard import native; print(native.build())"],
                            capture_output=True, text=True, timeout=300, env=env, check=True).stdout.strip()
@@ -61,12 +61,14 @@ def test_build_is_cached_and_a_missing_compiler_falls_back(tmp_path: Path) -> No
     code = ("import torch\nfrom actors.shard import native\nfrom actors.shard.kv_cache import *\n"
             "c = PagedKVCache(1, 4, 4, 1, 8, torch.float32, torch.device('cpu'))\n"
             "m = AttnMeta.build([1], [3], [[2]], 4, None, torch.device('cpu'))\n"
-            "print(native.available(), tuple(paged_attention(torch.randn(1, 2, 8), c, 0, m, 0.5).shape))")
+            "from actors.shard.layers import linear\n"
+            "print(native.available(), native.gemv_available(), tuple(paged_attention(torch.randn(1, 2, 8), c, 0, m, "
+            "0.5).shape), tuple(linear(torch.randn(1, 8), torch.randn(4, 8)).shape))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          env={**env, "CC": "/nonexistent/cc", "GRIDSERVE_CACHE": str(tmp_path / "other")})
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "False (1, 16)"
-    assert "falls back to torch" in out.stderr and "Install gcc" in out.stderr
+    assert out.stdout.strip() == "False False (1, 16) (1, 4)"
+    assert "fall back to torch" in out.stderr and "Install gcc" in out.stderr
 
 
 def test_out_of_range_tables_are_refused_before_the_c_loop() -> None:
