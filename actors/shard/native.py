@@ -25,7 +25,9 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("paged_decode.c", "gemv.c")]
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = [CSRC / name for name in ("paged_decode.c", "gemv.c", "pointwise.c")]
+HEADERS = [CSRC / "simd.h"]  # included by the sources: part of the build key
 # -fopenmp: tasks share the OpenMP runtime torch already loaded (same soname, so the loader reuses it).
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared"]
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
@@ -50,7 +52,7 @@ def build(compiler: str | None = None) -> Path:
     """Compile the kernels into the per-machine cache (reused while sources, compiler and CPU stay the same)."""
     cc = compiler or os.environ.get("CC", "gcc")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30, check=True).stdout
-    sources = [path.read_bytes() for path in SOURCES]
+    sources = [path.read_bytes() for path in SOURCES + HEADERS]
     key = hashlib.sha256(b"\0".join([*sources, " ".join(FLAGS).encode(), version.encode(), _cpu_flags().encode(),
                                      platform.machine().encode()])).hexdigest()[:20]
     target = kernel_dir() / f"kernels-{key}.so"
@@ -86,6 +88,8 @@ def _library() -> ctypes.CDLL | None:
     lib.gemv_f32.argtypes = [_PTR] * 3 + [_I64] * 3 + [ctypes.c_int]
     lib.gemv_f32.restype = None
     lib.gemv_vectorised.restype = ctypes.c_int
+    lib.rms_norm_f32.argtypes = [_PTR] * 3 + [_I64] * 2 + [ctypes.c_float, ctypes.c_int]
+    lib.rms_norm_f32.restype = None
     return lib
 
 
@@ -112,6 +116,19 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     threads = torch.get_num_threads() if weight.numel() >= GEMV_THREADED_MIN else 1
     lib.gemv_f32(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1], weight.shape[0], threads)
     return out if bias is None else out.add_(bias)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of the last dim of a float32 CPU tensor x [..., n] with weight [n], in one call."""
+    lib = _library()
+    assert lib is not None, "rms_norm needs the kernels: check available() first"
+    assert x.dtype == weight.dtype == torch.float32 and weight.shape == x.shape[-1:]
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    n = x.shape[-1]
+    lib.rms_norm_f32(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // max(n, 1), n, eps,
+                     torch.get_num_threads())
+    return out
 
 
 def paged_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor,

@@ -9,15 +9,9 @@
 #include <stdint.h>
 
 #if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
+#include "simd.h"
 
 int gemv_vectorised(void) { return 1; }
-
-/* The lanes of a0..a3 summed: element r of the result is the sum of a_r. */
-static inline __m128 sum4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
-    __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
-    return _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
-}
 
 /* Scalar tail of a dot product: the last in % 8 columns. */
 static inline float tail(const float *x, const float *w, int64_t from, int64_t in) {
@@ -63,10 +57,7 @@ static float row1(const float *x, const float *w, int64_t in) {
     const int64_t body = in & ~(int64_t)7;
     __m256 a = _mm256_setzero_ps();
     for (int64_t i = 0; i < body; i += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(w + i), _mm256_loadu_ps(x + i), a);
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    h = _mm_hadd_ps(h, h);
-    h = _mm_hadd_ps(h, h);
-    return _mm_cvtss_f32(h) + tail(x, w, body, in);
+    return sum1(a) + tail(x, w, body, in);
 }
 
 #else  /* no AVX2 + FMA: a plain loop, correct but not faster than torch (the caller checks gemv_vectorised) */

@@ -57,14 +57,8 @@ static float exp_shifted(float *x, int64_t n, float shift) {
 }
 
 #if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
+#include "simd.h"
 #define HAVE_AVX2 1
-
-/* The four sums of a..d's eight lanes, as one 4-lane vector. */
-static __m128 sum4(__m256 a, __m256 b, __m256 c, __m256 d) {
-    __m256 ab = _mm256_hadd_ps(a, b), cd = _mm256_hadd_ps(c, d), abcd = _mm256_hadd_ps(ab, cd);
-    return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
-}
 
 /* scores[j][i] = scale * q_j . key i for `count` consecutive keys at `keys` (d % 8 == 0): four keys at a time,
  * so one horizontal sum serves four dot products. */
