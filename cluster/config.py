@@ -71,9 +71,10 @@ class GridServeConfig(BaseModel):
     cpu_weights: Literal["auto", "packed", "packed+plain", "plain"] = Field(
         "auto", description="Layout of large fp32 linear weights on CPU workers: 'packed' = re-laid out once for "
         "oneDNN, the plain copy freed (as vLLM's CPU path; 1.25-1.45x faster steps of 2+ tokens on bench-125m, "
-        "1.27-1.57x slower single-token steps); 'packed+plain' = both kept, single-token steps on the plain copy "
-        "(fastest, twice the weight memory); 'plain' = PyTorch's GEMM only; 'auto' = packed+plain while the "
-        "extra copy costs at most 1 GiB per worker, else packed. Ignored on CUDA.")
+        "slower steps of 1-4 tokens); 'packed+plain' = both kept, steps of 1-4 tokens stream the plain copy "
+        "through a C kernel (fastest, twice the weight memory); 'plain' = no packed copy (PyTorch's GEMM, the C "
+        "kernel for 1-4 tokens); 'auto' = packed+plain while the extra copy costs at most 1 GiB per worker, else "
+        "packed. Ignored on CUDA.")
     shm_allreduce: bool = Field(True, description="CPU TP ranks on one host sum through shared memory (x86-64) "
                                 "instead of gloo over loopback TCP; false forces gloo. CUDA always uses NCCL.")
     enable_prefix_caching: bool = Field(True, description="Reuse the KV blocks of prompt prefixes already computed "

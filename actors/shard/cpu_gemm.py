@@ -3,8 +3,9 @@
 PyTorch's `F.linear` hands the plain [out, in] weight to the BLAS, which re-blocks it on every call; with a few to a
 few hundred tokens per step that costs more than the math. Packing each large weight once for oneDNN at load time
 (PyTorch's own `torch.ops.mkldnn` ops: no extension to build) made bench-125m's whole decode step 1.25-1.45x faster
-at 2-32 sequences on this 2-core box, but 1.27-1.57x slower at one sequence, where the plain split GEMV
-(`layers.linear`) streams the weight better. So single-token steps keep the plain copy where memory allows.
+at 2-32 sequences on this 2-core box, but 1.27-1.57x slower at one sequence, where the plain weight streams
+better; with one to four tokens the C kernel (`native.gemv`) streams the plain copy faster still. So those steps keep
+the plain copy where memory allows (`layers.linear`).
 """
 from __future__ import annotations
 
