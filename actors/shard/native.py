@@ -1,6 +1,6 @@
-"""The CPU kernels in csrc/ (decode attention over the paged cache, few-token matmul): compiled once per machine
-with the system's C compiler into one library, loaded with ctypes. Where no compiler works, `available()` is False
-and callers keep the torch path.
+"""The CPU kernels in csrc/ (decode attention over the paged cache, few-token matmul, RMSNorm): compiled once per
+machine with the system's C compiler into one library, loaded with ctypes. Where no compiler works, `available()`
+is False and callers keep the torch path.
 
 Why C and not torch: decode attention over a paged cache in torch must first gather each sequence's blocks into
 one buffer, so the context is read, written and read again; the kernel reads each key and value once, straight
@@ -111,7 +111,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     assert lib is not None, "gemv needs the kernels: check gemv_available() first"
     assert x.dtype == weight.dtype == torch.float32 and x.dim() == weight.dim() == 2 and x.shape[1] == weight.shape[1]
     x, weight = x.contiguous(), weight.contiguous()
-    out = torch.empty(x.shape[0], weight.shape[0])
+    out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32)
     # Small weights (a tiny model's) run on one thread: waking the pool costs more than their read.
     threads = torch.get_num_threads() if weight.numel() >= GEMV_THREADED_MIN else 1
     lib.gemv_f32(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1], weight.shape[0], threads)

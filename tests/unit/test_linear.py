@@ -51,7 +51,8 @@ def test_gemv_matches_f_linear(tokens: int, rows: int, cols: int, num_threads: i
     past the last eight, one or two threads) gives F.linear's values, bias included."""
     assert native.gemv_available(), "the C kernels must build on this machine (gcc with AVX2 + FMA)"
     g = torch.Generator().manual_seed(tokens * 1000 + rows + cols)
-    x, w, b = torch.randn(tokens, cols, generator=g), torch.randn(rows, cols, generator=g), torch.randn(rows, generator=g)
+    x, w = torch.randn(tokens, cols, generator=g), torch.randn(rows, cols, generator=g)
+    b = torch.randn(rows, generator=g)
     before, threaded = torch.get_num_threads(), native.GEMV_THREADED_MIN
     torch.set_num_threads(num_threads)
     native.GEMV_THREADED_MIN = 0  # small test weights take the threaded split too
