@@ -1,7 +1,7 @@
 """Micro-benchmarks behind the CPU matmul and decode choices, each beside the call it replaces, in one run:
 the C few-token matmul vs PyTorch's paths at one to eight tokens; the split matmul vs `F.linear`; oneDNN's packed
-weights vs `F.linear` at prefill sizes; the per-head block gather vs per-token indexing; decode attention in the C kernel vs gather + matmul;
-then where the time of one engine step goes at the throughput benchmark's sizes (one tp=1 shard, no Ray).
+weights vs `F.linear` at prefill sizes; the per-head block gather vs per-token indexing; decode attention in the C
+kernel vs gather + matmul; then where the time of one engine step goes at the throughput benchmark's sizes (one tp=1 shard, no Ray).
 
 python -m bench.kernels
 """
@@ -189,7 +189,8 @@ def step_anatomy() -> None:
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
     peak = 2 * 2048**3 / seconds(lambda: a @ b, 5) / 1e9
     table(f"engine step anatomy, one tp=1 shard in process (profiled); square 2048 matmul peak {peak:.0f} GFLOP/s",
-          ["step", "ms", "in matmuls", "aten calls"], rows)
+          ["step", "ms", "in aten matmuls", "aten calls"], rows,
+          ["the C kernels (few-token matmul, decode attention, RMSNorm) are ctypes calls the profiler does not see"])
 
 
 def main() -> None:
