@@ -1,7 +1,8 @@
 """Micro-benchmarks behind the CPU matmul and decode choices, each beside the call it replaces, in one run:
 the C few-token matmul vs PyTorch's paths at one to eight tokens; the split matmul vs `F.linear`; oneDNN's packed
 weights vs `F.linear` at prefill sizes; the per-head block gather vs per-token indexing; decode attention in the C
-kernel vs gather + matmul; then where the time of one engine step goes at the throughput benchmark's sizes (one tp=1 shard, no Ray).
+kernel vs gather + matmul; then where the time of one engine step goes at the throughput benchmark's sizes (one
+tp=1 shard, no Ray).
 
 python -m bench.kernels
 """
