@@ -98,6 +98,13 @@ def available() -> bool:
     return _library() is not None
 
 
+def _loaded(caller: str) -> ctypes.CDLL:
+    """The kernel library for `caller`, which its dispatcher has already checked with available()."""
+    lib = _library()
+    assert lib is not None, f"{caller} needs the C kernels: check available() first"
+    return lib
+
+
 @lru_cache(maxsize=1)
 def gemv_available() -> bool:
     """True when `gemv` is built with AVX2 + FMA here, so it beats PyTorch's few-token GEMMs (else keep those)."""
@@ -107,8 +114,7 @@ def gemv_available() -> bool:
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [T, in] @ weight[out, in].T (+ bias) -> [T, out] for float32 CPU tensors (meant for T of one to four)."""
-    lib = _library()
-    assert lib is not None, "gemv needs the kernels: check gemv_available() first"
+    lib = _loaded("gemv")
     assert x.dtype == weight.dtype == torch.float32 and x.dim() == weight.dim() == 2 and x.shape[1] == weight.shape[1]
     x, weight = x.contiguous(), weight.contiguous()
     out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32)
@@ -120,8 +126,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm of the last dim of a float32 CPU tensor x [..., n] with weight [n], in one call."""
-    lib = _library()
-    assert lib is not None, "rms_norm needs the kernels: check available() first"
+    lib = _loaded("rms_norm")
     assert x.dtype == weight.dtype == torch.float32 and weight.shape == x.shape[-1:]
     x = x.contiguous()
     out = torch.empty_like(x)
@@ -135,14 +140,13 @@ def paged_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tables: torc
                  block_size: int, window: int | None, scale: float) -> torch.Tensor:
     """One query per sequence q [B, heads, d] over one layer's cache k, v [kv_heads, slots, d] through block
     tables [B, width] and context lengths [B] -> [B, heads * d]. float32 CPU tensors only."""
-    lib = _library()
-    assert lib is not None, "paged_decode needs the kernel: check available() first"
+    lib = _loaded("paged_decode")
     b, heads, d = q.shape
     kv_heads, slots, _ = k.shape
     assert q.dtype == k.dtype == v.dtype == torch.float32 and k.stride() == v.stride() == (slots * d, d, 1)
     assert tables.dtype == lens.dtype == torch.int64 and tables.shape[0] == lens.shape[0] == b
     q, tables, lens = q.contiguous(), tables.contiguous(), lens.contiguous()
-    out = torch.empty(b, heads, d)
+    out = torch.empty(b, heads, d, dtype=torch.float32)
     status = lib.paged_decode_f32(q.data_ptr(), k.data_ptr(), v.data_ptr(), tables.data_ptr(), lens.data_ptr(),
                                   out.data_ptr(), b, heads, kv_heads, d, tables.shape[1], block_size, slots * d,
                                   window or 0, scale, torch.get_num_threads())
