@@ -1,5 +1,6 @@
 """Micro-benchmarks behind the CPU matmul and decode choices, each beside the call it replaces, in one run:
-the C few-token matmul vs PyTorch's paths at one to eight tokens; the split matmul vs `F.linear`; oneDNN's packed
+the C few-token matmul vs PyTorch's paths at one to eight tokens; the C many-token matmul vs oneDNN's packed
+weights and `F.linear` at 5 to 256 tokens; the split matmul vs `F.linear`; oneDNN's packed
 weights vs `F.linear` at prefill sizes; the per-head block gather vs per-token indexing; decode attention in the C
 kernel vs gather + matmul; then where the time of one engine step goes at the throughput benchmark's sizes (one
 tp=1 shard, no Ray).
@@ -21,7 +22,7 @@ import numpy as np
 from actors.shard import cpu_gemm, native
 from actors.shard.cpu_gemm import pack, packed_linear
 from actors.shard.kv_cache import AttnMeta, PagedKVCache, gathered_decode
-from actors.shard.layers import GEMV_MAX_TOKENS, linear, split_linear
+from actors.shard.layers import GEMM_MAX_TOKENS, GEMV_MAX_TOKENS, split_linear
 from actors.shard.runner import ShardPlan, StageRunner, StepInput
 from actors.shard.sampler import SamplingParams
 from actors.shard.tp import TPGroup
@@ -41,15 +42,15 @@ def seconds(fn: Callable[[], object], repeat: int) -> float:
 
 
 def matmuls() -> None:
-    """F.linear vs `linear` (the split matmul over GEMV_MAX_TOKENS tokens) for the benchmark model's weight shapes at
-    8 and 64 tokens (4 weight copies rotate so the weights come from memory, not cache)."""
+    """F.linear vs the split matmul (`linear` without the C kernels) for the benchmark model's weight shapes at 8 and
+    64 tokens (4 weight copies rotate so the weights come from memory, not cache)."""
     rows = []
     for tokens in (8, 64):
         for out_f, in_f in SHAPES:
             x, ws = torch.randn(tokens, in_f), [torch.randn(out_f, in_f) for _ in range(4)]
             i = iter(range(10**9))
             base = seconds(lambda: F.linear(x, ws[next(i) % 4]), 100)
-            split = seconds(lambda: linear(x, ws[next(i) % 4]), 100)
+            split = seconds(lambda: split_linear(x, ws[next(i) % 4]), 100)
             gbs = out_f * in_f * 4 / 1e9
             rows.append([tokens, f"{out_f}x{in_f}", gbs / base, gbs / split, base / split])
     table(f"weight matmuls, fp32, {torch.get_num_threads()} threads", ["tokens", "weight", "F.linear GB/s",
@@ -79,6 +80,29 @@ def few_token_matmuls() -> None:
     table(f"few-token matmul, bench-125m's decode weights ({gbytes * 1e3:.0f} MB), ms per step",
           ["threads", "tokens", "F.linear", "split", "packed", "C kernel", "C GB/s", "vs best torch"], rows,
           [f"linear() takes the C kernel up to {GEMV_MAX_TOKENS} tokens"])
+
+
+def batch_matmuls() -> None:
+    """bench-125m's decode weights (as in few_token_matmuls) at 5 to 256 tokens, GFLOP/s: the C register-blocked
+    kernel (`native.gemm`) beside oneDNN's packed layout and F.linear, on all threads and on one."""
+    weights = [torch.randn(o, i) for _ in range(12) for o, i in SHAPES[:4]] + [torch.randn(*SHAPES[4])]
+    packed = [pack(w) for w in weights] if cpu_gemm.available() else None
+    flop = 2 * sum(w.numel() for w in weights) / 1e9
+    rows = []
+    for n in thread_counts():
+        for tokens in (5, 8, 16, 32, 64, 128, 256):
+            xs = {i: torch.randn(tokens, i) for i in {w.shape[1] for w in weights}}
+            paths = {"F.linear": lambda: [F.linear(xs[w.shape[1]], w) for w in weights],
+                     "C kernel": lambda: [native.gemm(xs[w.shape[1]], w) for w in weights]}
+            if packed is not None:
+                paths["packed"] = lambda: [packed_linear(xs[w.shape[1]], p, None) for w, p in zip(weights, packed)]
+            gflops = {name: tokens * flop / min(seconds(fn, 2) for _ in range(3)) for name, fn in paths.items()}
+            best_torch = max(v for k, v in gflops.items() if k != "C kernel")
+            rows.append([n, tokens, *(f"{gflops[k]:.0f}" if k in gflops else "-" for k in ("F.linear", "packed")),
+                         f"{gflops['C kernel']:.0f}", gflops["C kernel"] / best_torch])
+    table("many-token matmul, bench-125m's decode weights, GFLOP/s", ["threads", "tokens", "F.linear", "packed",
+          "C kernel", "vs best torch"], rows,
+          [f"linear() takes the C kernel from {GEMV_MAX_TOKENS + 1} to {GEMM_MAX_TOKENS} tokens"])
 
 
 def thread_counts() -> Iterator[int]:
@@ -200,6 +224,7 @@ def main() -> None:
     print(f"machine: {platform.machine()} {os.cpu_count()} cores; torch {torch.__version__}")
     with torch.inference_mode():
         few_token_matmuls()
+        batch_matmuls()
         matmuls()
         prefill_matmuls()
         gathers()

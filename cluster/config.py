@@ -69,12 +69,13 @@ class GridServeConfig(BaseModel):
         "Ray actor calls with object refs between stages, 'auto' = socket where it fits, else ray. "
         "compiled_graph, when on, takes precedence.")
     cpu_weights: Literal["auto", "packed", "packed+plain", "plain"] = Field(
-        "auto", description="Layout of large fp32 linear weights on CPU workers: 'packed' = re-laid out once for "
-        "oneDNN, the plain copy freed (as vLLM's CPU path; 1.25-1.45x faster steps of 2+ tokens on bench-125m, "
-        "slower steps of 1-4 tokens); 'packed+plain' = both kept, steps of 1-4 tokens stream the plain copy "
-        "through a C kernel (fastest, twice the weight memory); 'plain' = no packed copy (PyTorch's GEMM, the C "
-        "kernel for 1-4 tokens); 'auto' = packed+plain while the extra copy costs at most 1 GiB per worker, else "
-        "packed. Ignored on CUDA.")
+        "auto", description="Layout of large fp32 linear weights on CPU workers: 'plain' = as loaded, run by the C "
+        "matmul kernels up to 256 tokens per step (1.15-1.4x oneDNN's packed layout at 8-64 tokens on bench-125m) "
+        "and PyTorch's GEMM above; 'packed' = re-laid out once for oneDNN, the plain copy freed (as vLLM's CPU "
+        "path; for machines where the C kernels do not build); 'packed+plain' = both kept, the C kernels up to 256 "
+        "tokens and oneDNN above on one thread (twice the weight memory); 'auto' = plain where the C kernels are "
+        "built (AVX2 + FMA and a C compiler), else packed+plain while the extra copy costs at most 1 GiB per "
+        "worker, else packed. Ignored on CUDA.")
     shm_allreduce: bool = Field(True, description="CPU TP ranks on one host sum through shared memory (x86-64) "
                                 "instead of gloo over loopback TCP; false forces gloo. CUDA always uses NCCL.")
     enable_prefix_caching: bool = Field(True, description="Reuse the KV blocks of prompt prefixes already computed "

@@ -4,8 +4,9 @@ PyTorch's `F.linear` hands the plain [out, in] weight to the BLAS, which re-bloc
 few hundred tokens per step that costs more than the math. Packing each large weight once for oneDNN at load time
 (PyTorch's own `torch.ops.mkldnn` ops: no extension to build) made bench-125m's whole decode step 1.25-1.45x faster
 at 2-32 sequences on this 2-core box, but 1.27-1.57x slower at one sequence, where the plain weight streams
-better; with one to four tokens the C kernel (`native.gemv`) streams the plain copy faster still. So those steps keep
-the plain copy where memory allows (`layers.linear`).
+better. The C kernels (`native.gemv`, `native.gemm`) have since beaten both on the plain weight at every step size up
+to 256 tokens, so "auto" packs nothing where they are built; packing remains for machines without them (no compiler,
+no AVX2), where few-token steps keep the plain copy too while memory allows (`layers.linear`).
 """
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from typing import Literal
 
 import torch
 from torch import nn
+
+from actors.shard import native
 
 PACK_BATCH = 32  # the token count oneDNN tunes the blocked layout for; any count runs on it
 PACK_MIN_ELEMENTS = 2**19  # smaller weights (a tiny model's) gained nothing from packing: kept plain
@@ -46,8 +49,9 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
 
 def pack_linears(model: nn.Module, mode: CpuWeights) -> int:
     """Give every module with a `packed` slot and a packable weight its packed copy; free the plain copy unless
-    `mode` keeps it (or another module shares it: a tied embedding). Returns how many were packed."""
-    if mode == "plain":
+    `mode` keeps it (or another module shares it: a tied embedding). Returns how many were packed. "auto" packs
+    nothing where the C matmuls are built: they run on the plain copy."""
+    if mode == "plain" or (mode == "auto" and native.gemv_available()):
         return 0
     targets = [m for m in model.modules() if hasattr(m, "packed") and isinstance(getattr(m, "weight", None),
                                                                                  nn.Parameter)

@@ -41,28 +41,29 @@ def read_cols(src: LazySlice, start: int, stop: int) -> torch.Tensor:
 
 SPLIT_MAX_TOKENS = 256  # above this, PyTorch's own multi-threaded GEMM is as fast as the split below
 GEMV_MAX_TOKENS = 4  # up to this many tokens the C few-token matmul (native.gemv) reads the plain weight fastest
+GEMM_MAX_TOKENS = 256  # up to this many the C matmul (native.gemm) beats or ties oneDNN and PyTorch's GEMM
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            packed: torch.Tensor | None = None) -> torch.Tensor:
     """x [T, in] @ weight[out, in].T (+ bias) -> [T, out], on the fastest path for T (python -m bench.kernels).
 
-    On CPU in fp32 with one to GEMV_MAX_TOKENS tokens the step is bound by reading the weight: the C kernel streams
-    the plain copy (bench-125m's weights 1.1-1.3x as fast as the split below at one token, 1.3-1.5x as fast as
-    oneDNN's packed layout at two to four). With `packed` (the weight packed by cpu_gemm) oneDNN runs the rest on
-    the packed layout, except prefill-sized steps (over SPLIT_MAX_TOKENS) on 2+ threads, where PyTorch's own
-    threaded GEMM ran bench-125m's weights 1.1-1.2x as fast as oneDNN's packed one at 512 and 2048 tokens, one
-    shape tied. One thread (a tp=2 worker's) stays packed: there the two traded places by weight shape.
+    On CPU in fp32 with the plain weight the C kernels take every step up to GEMM_MAX_TOKENS: with one to
+    GEMV_MAX_TOKENS tokens the step is bound by reading the weight and `native.gemv` streams it (1.1-1.5x PyTorch's
+    best paths on bench-125m's weights); with more it is bound by arithmetic and `native.gemm`'s register-blocked
+    loop runs 1.15-1.4x as fast as oneDNN's packed layout at 8-64 tokens, 0.97-1.06x at 128-256. Above that
+    PyTorch's threaded GEMM is as fast. With `packed` (the weight packed by cpu_gemm) oneDNN runs what the kernels do not,
+    except prefill-sized steps (over SPLIT_MAX_TOKENS) on 2+ threads, where PyTorch's own GEMM was 1.1-1.2x as fast.
 
-    Without the C kernel or a packed copy, few tokens on 2+ threads cut the output rows into one block per thread
+    Without the C kernels or a packed copy, few tokens on 2+ threads cut the output rows into one block per thread
     and run them as one batched matmul, which keeps every core reading weights where PyTorch's GEMM streams them
     on one. Each output is still one dot product over `in`.
     """
     splits = torch.get_num_threads()
     rows, tokens = weight.shape[0], x.shape[0]
-    if (tokens <= GEMV_MAX_TOKENS and weight.numel() and x.dim() == 2 and x.dtype == weight.dtype == torch.float32
+    if (tokens <= GEMM_MAX_TOKENS and weight.numel() and x.dim() == 2 and x.dtype == weight.dtype == torch.float32
             and x.device.type == "cpu" and native.gemv_available()):
-        return native.gemv(x, weight, bias)
+        return native.gemv(x, weight, bias) if tokens <= GEMV_MAX_TOKENS else native.gemm(x, weight, bias)
     plain_wins = tokens == 1 or (tokens > SPLIT_MAX_TOKENS and splits > 1)
     if packed is not None and (weight.numel() == 0 or not plain_wins):
         return packed_linear(x, packed, bias)

@@ -1,11 +1,13 @@
-"""The CPU kernels in csrc/ (decode attention over the paged cache, few-token matmul, RMSNorm): compiled once per
+"""The CPU kernels in csrc/ (decode attention over the paged cache, matmuls, RMSNorm): compiled once per
 machine with the system's C compiler into one library, loaded with ctypes. Where no compiler works, `available()`
 is False and callers keep the torch path.
 
 Why C and not torch: decode attention over a paged cache in torch must first gather each sequence's blocks into
 one buffer, so the context is read, written and read again; the kernel reads each key and value once, straight
 from its block. A decode step's linear layers are bound by reading their weights, which PyTorch's GEMMs do at
-half to two thirds of the read bandwidth with one to four tokens; `gemv_f32` streams them (bench/kernels.py).
+half to two thirds of the read bandwidth with one to four tokens; `gemv_f32` streams them. With 5 to 256
+tokens they are bound by arithmetic, where oneDNN's packed layout reached 50-140 GFLOP/s on two cores at 5-64
+tokens and `gemm_f32`'s register-blocked loop 56-157 (bench/kernels.py).
 Plain C with no torch headers compiles in a few seconds; `-march=native` is why it is built on the machine that
 runs it, and why the CPU's flags are in the key.
 """
@@ -26,7 +28,7 @@ import torch
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = [CSRC / name for name in ("paged_decode.c", "gemv.c", "pointwise.c")]
+SOURCES = [CSRC / name for name in ("paged_decode.c", "gemv.c", "gemm.c", "pointwise.c")]
 HEADERS = [CSRC / "simd.h"]  # included by the sources: part of the build key
 # -fopenmp: tasks share the OpenMP runtime torch already loaded (same soname, so the loader reuses it).
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared"]
@@ -79,7 +81,7 @@ def _library() -> ctypes.CDLL | None:
         lib = ctypes.CDLL(str(build()))
     except (OSError, subprocess.SubprocessError) as e:
         detail = getattr(e, "stderr", "") or str(e)
-        log.warning("CPU decode attention and few-token matmuls fall back to torch: the C kernels did not build "
+        log.warning("CPU decode attention and weight matmuls fall back to torch: the C kernels did not build "
                     "(%s). Install gcc, or set CC to a C compiler, for the faster path.", detail.strip()[:500])
         return None
     fn = lib.paged_decode_f32
@@ -88,6 +90,8 @@ def _library() -> ctypes.CDLL | None:
     lib.gemv_f32.argtypes = [_PTR] * 3 + [_I64] * 3 + [ctypes.c_int]
     lib.gemv_f32.restype = None
     lib.gemv_vectorised.restype = ctypes.c_int
+    lib.gemm_f32.argtypes = [_PTR] * 4 + [_I64] * 3 + [ctypes.c_int]
+    lib.gemm_f32.restype = ctypes.c_int
     lib.rms_norm_f32.argtypes = [_PTR] * 3 + [_I64] * 2 + [ctypes.c_float, ctypes.c_int]
     lib.rms_norm_f32.restype = None
     return lib
@@ -107,7 +111,7 @@ def _loaded(caller: str) -> ctypes.CDLL:
 
 @lru_cache(maxsize=1)
 def gemv_available() -> bool:
-    """True when `gemv` is built with AVX2 + FMA here, so it beats PyTorch's few-token GEMMs (else keep those)."""
+    """True when `gemv` and `gemm` are built with AVX2 + FMA here, so they beat PyTorch's GEMMs (else keep those)."""
     lib = _library()
     return lib is not None and lib.gemv_vectorised() == 1
 
@@ -122,6 +126,22 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     threads = torch.get_num_threads() if weight.numel() >= GEMV_THREADED_MIN else 1
     lib.gemv_f32(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1], weight.shape[0], threads)
     return out if bias is None else out.add_(bias)
+
+
+def gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [T, in] @ weight[out, in].T (+ bias) -> [T, out] for float32 CPU tensors (meant for T of 5 to 256)."""
+    lib = _loaded("gemm")
+    assert x.dtype == weight.dtype == torch.float32 and x.dim() == weight.dim() == 2 and x.shape[1] == weight.shape[1]
+    assert bias is None or (bias.dtype == torch.float32 and bias.shape == weight.shape[:1])
+    x, weight = x.contiguous(), weight.contiguous()
+    bias = None if bias is None else bias.contiguous()  # held here: the C call reads it
+    out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32)
+    threads = torch.get_num_threads() if weight.numel() >= GEMV_THREADED_MIN else 1
+    status = lib.gemm_f32(x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(),
+                          out.data_ptr(), x.shape[0], x.shape[1], weight.shape[0], threads)
+    if status != 0:
+        raise MemoryError(f"gemm: no memory to stage {x.shape[0]} tokens of width {x.shape[1]}")
+    return out
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from actors.shard import cpu_gemm, native
-from actors.shard.layers import (GEMV_MAX_TOKENS, SPLIT_MAX_TOKENS, ColumnParallelLinear, ParallelLMHead,
-                                 RowParallelLinear, VocabParallelEmbedding)
+from actors.shard.layers import (GEMM_MAX_TOKENS, GEMV_MAX_TOKENS, SPLIT_MAX_TOKENS, ColumnParallelLinear,
+                                 ParallelLMHead, RowParallelLinear, VocabParallelEmbedding)
 from actors.shard.tp import TPGroup
 
 pytestmark = pytest.mark.skipif(not cpu_gemm.available(), reason="this PyTorch build has no oneDNN")
@@ -69,26 +69,39 @@ def test_packed_mode_frees_plain_weights_but_keeps_shared_ones(small_packable: N
 @pytest.mark.parametrize("mode,limit,kept", [("packed+plain", 0, True), ("auto", 2**30, True), ("auto", 0, False)])
 def test_modes_that_keep_plain_copies(small_packable: None, monkeypatch: pytest.MonkeyPatch, mode: str, limit: int,
                                       kept: bool) -> None:
+    """Without the C kernels "auto" keeps the plain copy beside the packed one while it fits the limit."""
+    monkeypatch.setattr(cpu_gemm.native, "gemv_available", lambda: False)
     monkeypatch.setattr(cpu_gemm, "KEEP_PLAIN_MAX_BYTES", limit)
     m = Tied()
     assert cpu_gemm.pack_linears(m, mode) == 3  # type: ignore[arg-type]
     assert (m.up.weight.numel() == 16 * 32) is kept
 
 
-def test_plain_mode_packs_nothing(small_packable: None) -> None:
+@pytest.mark.parametrize("mode", ["plain", "auto"])
+def test_plain_and_auto_with_the_c_kernels_pack_nothing(small_packable: None, mode: str) -> None:
+    """"plain" never packs; "auto" does not where the C matmuls run on the plain weights."""
+    assert native.gemv_available()
     m = Tied()
-    assert cpu_gemm.pack_linears(m, "plain") == 0 and m.up.packed is None
+    assert cpu_gemm.pack_linears(m, mode) == 0 and m.up.packed is None  # type: ignore[arg-type]
+    assert m.up.weight.numel() == 16 * 32
 
 
-def test_few_token_steps_take_the_plain_copy_when_kept(small_packable: None) -> None:
-    """With both copies, up to GEMV_MAX_TOKENS tokens read the plain copy (C kernel) and more go through oneDNN, bit
-    for bit."""
+def test_steps_up_to_gemm_size_take_the_plain_copy_when_kept(small_packable: None) -> None:
+    """With both copies, up to GEMM_MAX_TOKENS tokens read the plain copy (the C kernels) and more on one thread go
+    through oneDNN, bit for bit."""
     m = Tied()
     cpu_gemm.pack_linears(m, "packed+plain")
-    few, many = torch.randn(GEMV_MAX_TOKENS, 16), torch.randn(GEMV_MAX_TOKENS + 1, 16)
+    few, some = torch.randn(GEMV_MAX_TOKENS, 16), torch.randn(GEMM_MAX_TOKENS, 16)
+    many = torch.randn(GEMM_MAX_TOKENS + 1, 16)
     assert native.gemv_available()
     assert torch.equal(m.up(few), native.gemv(few, m.up.weight))
-    assert torch.equal(m.up(many), cpu_gemm.packed_linear(many, m.up.packed, None))
+    assert torch.equal(m.up(some), native.gemm(some, m.up.weight))
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert torch.equal(m.up(many), cpu_gemm.packed_linear(many, m.up.packed, None))
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("threads,plain", [(2, True), (1, False)])

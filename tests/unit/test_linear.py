@@ -1,5 +1,5 @@
-"""The CPU matmuls behind every parallel layer (C few-token kernel, split GEMV) equal `F.linear`, on and off their
-fast paths, and each size takes the path meant for it."""
+"""The CPU matmuls behind every parallel layer (C few-token and many-token kernels, split GEMV) equal `F.linear`, on
+and off their fast paths, and each size takes the path meant for it."""
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from actors.shard import layers, native
-from actors.shard.layers import GEMV_MAX_TOKENS, SPLIT_MAX_TOKENS, linear
+from actors.shard.layers import GEMM_MAX_TOKENS, GEMV_MAX_TOKENS, SPLIT_MAX_TOKENS, linear
 
 
 @pytest.fixture
@@ -32,8 +32,9 @@ def test_linear_matches_f_linear(threads: None, tokens: int, rows: int, bias: bo
     torch.testing.assert_close(linear(x, w, b), F.linear(x, w, b), atol=1e-5, rtol=1e-5)
 
 
-def test_linear_takes_the_split_path_at_decode_sizes(threads: None, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Between the C kernel's sizes and prefill sizes the work goes through one batched matmul, not F.linear."""
+def test_linear_takes_the_split_path_without_the_c_kernels(threads: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the C kernels, decode sizes go through one batched matmul and prefill sizes through F.linear."""
+    monkeypatch.setattr(layers.native, "gemv_available", lambda: False)
     calls: list[str] = []
     real_bmm, real_linear = torch.bmm, F.linear
     monkeypatch.setattr(layers.torch, "bmm", lambda *a: calls.append("bmm") or real_bmm(*a))
@@ -65,13 +66,41 @@ def test_gemv_matches_f_linear(tokens: int, rows: int, cols: int, num_threads: i
     torch.testing.assert_close(plain, F.linear(x, w), atol=1e-4, rtol=1e-5)
 
 
-def test_linear_takes_the_c_kernel_up_to_its_token_count(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Up to GEMV_MAX_TOKENS fp32 CPU tokens go through native.gemv; more tokens, or another dtype, do not."""
-    calls: list[int] = []
-    real = native.gemv
-    monkeypatch.setattr(layers.native, "gemv", lambda x, *a: calls.append(x.shape[0]) or real(x, *a))
+@pytest.mark.parametrize("tokens", [5, 8, 9, 16, 17, 40, 300])
+@pytest.mark.parametrize("rows,cols", [(1, 8), (5, 3), (13, 77), (25, 96), (97, 80), (256, 771)])
+@pytest.mark.parametrize("num_threads", [1, 2])
+def test_gemm_matches_f_linear(tokens: int, rows: int, cols: int, num_threads: int) -> None:
+    """The many-token kernel's every branch (tiles of 8 and 16 tokens and a padded last one, blocks of 12 and 6 rows
+    and leftover rows, several token panels at 300 x 771, one or two threads) gives F.linear's values, bias
+    included."""
+    assert native.gemv_available(), "the C kernels must build on this machine (gcc with AVX2 + FMA)"
+    g = torch.Generator().manual_seed(tokens * 1000 + rows + cols)
+    x, w = torch.randn(tokens, cols, generator=g), torch.randn(rows, cols, generator=g)
+    b = torch.randn(rows, generator=g)
+    before, threaded = torch.get_num_threads(), native.GEMV_THREADED_MIN
+    torch.set_num_threads(num_threads)
+    native.GEMV_THREADED_MIN = 0  # small test weights take the threaded split too
+    try:
+        got, plain = native.gemm(x, w, b), native.gemm(x, w)
+    finally:
+        torch.set_num_threads(before)
+        native.GEMV_THREADED_MIN = threaded
+    torch.testing.assert_close(got, F.linear(x, w, b), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(plain, F.linear(x, w), atol=1e-4, rtol=1e-5)
+
+
+def test_linear_takes_each_c_kernel_at_its_token_counts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """fp32 CPU steps of up to GEMV_MAX_TOKENS go through native.gemv, up to GEMM_MAX_TOKENS through native.gemm;
+    longer steps, or another dtype, through neither."""
+    calls: list[tuple[str, int]] = []
+    for name in ("gemv", "gemm"):
+        real = getattr(native, name)
+        monkeypatch.setattr(layers.native, name,
+                            lambda x, *a, _n=name, _f=real: calls.append((_n, x.shape[0])) or _f(x, *a))
     w = torch.randn(32, 16)
-    for tokens in (1, GEMV_MAX_TOKENS, GEMV_MAX_TOKENS + 1):
+    for tokens in (1, GEMV_MAX_TOKENS, GEMV_MAX_TOKENS + 1, GEMM_MAX_TOKENS, GEMM_MAX_TOKENS + 1):
         linear(torch.randn(tokens, 16), w)
     linear(torch.randn(1, 16, dtype=torch.float64), w.double())
-    assert calls == [1, GEMV_MAX_TOKENS]
+    linear(torch.randn(8, 16, dtype=torch.float64), w.double())
+    assert calls == [("gemv", 1), ("gemv", GEMV_MAX_TOKENS), ("gemm", GEMV_MAX_TOKENS + 1),
+                     ("gemm", GEMM_MAX_TOKENS)]

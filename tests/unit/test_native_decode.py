@@ -63,11 +63,12 @@ def test_build_is_cached_and_a_missing_compiler_falls_back(tmp_path: Path) -> No
             "m = AttnMeta.build([1], [3], [[2]], 4, None, torch.device('cpu'))\n"
             "from actors.shard.layers import linear\n"
             "print(native.available(), native.gemv_available(), tuple(paged_attention(torch.randn(1, 2, 8), c, 0, m, "
-            "0.5).shape), tuple(linear(torch.randn(1, 8), torch.randn(4, 8)).shape))")
+            "0.5).shape), tuple(linear(torch.randn(1, 8), torch.randn(4, 8)).shape), "
+            "tuple(linear(torch.randn(9, 8), torch.randn(4, 8)).shape))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          env={**env, "CC": "/nonexistent/cc", "GRIDSERVE_CACHE": str(tmp_path / "other")})
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "False False (1, 16) (1, 4)"
+    assert out.stdout.strip() == "False False (1, 16) (1, 4) (9, 4)"
     assert "fall back to torch" in out.stderr and "Install gcc" in out.stderr
 
 
