@@ -215,7 +215,8 @@ def step_anatomy() -> None:
     peak = 2 * 2048**3 / seconds(lambda: a @ b, 5) / 1e9
     table(f"engine step anatomy, one tp=1 shard in process (profiled); square 2048 matmul peak {peak:.0f} GFLOP/s",
           ["step", "ms", "in aten matmuls", "aten calls"], rows,
-          ["the C kernels (few-token matmul, decode attention, RMSNorm) are ctypes calls the profiler does not see"])
+          ["the C kernels (weight matmuls up to 256 tokens, decode attention, RMSNorm) are ctypes calls the profiler "
+           "does not see"])
 
 
 def main() -> None:
