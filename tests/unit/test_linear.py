@@ -2,7 +2,7 @@
 and off their fast paths, and each size takes the path meant for it."""
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -44,12 +44,9 @@ def test_linear_takes_the_split_path_without_the_c_kernels(threads: None, monkey
     assert calls == ["bmm", "linear"]
 
 
-@pytest.mark.parametrize("tokens", [1, 2, 3, 4, 5])
-@pytest.mark.parametrize("rows,cols", [(1, 8), (3, 7), (4, 16), (13, 77), (97, 80), (256, 771)])
-@pytest.mark.parametrize("num_threads", [1, 2])
-def test_gemv_matches_f_linear(tokens: int, rows: int, cols: int, num_threads: int) -> None:
-    """The C kernel's every branch (pairs of tokens and a lone one, blocks of four rows and leftover rows, columns
-    past the last eight, one or two threads) gives F.linear's values, bias included."""
+def check_kernel(kernel: Callable[..., torch.Tensor], tokens: int, rows: int, cols: int, num_threads: int) -> None:
+    """`kernel` (native.gemv or native.gemm) on random [tokens, cols] x [rows, cols] with and without bias, on
+    `num_threads` threads (small weights too), gives F.linear's values."""
     assert native.gemv_available(), "the C kernels must build on this machine (gcc with AVX2 + FMA)"
     g = torch.Generator().manual_seed(tokens * 1000 + rows + cols)
     x, w = torch.randn(tokens, cols, generator=g), torch.randn(rows, cols, generator=g)
@@ -58,12 +55,21 @@ def test_gemv_matches_f_linear(tokens: int, rows: int, cols: int, num_threads: i
     torch.set_num_threads(num_threads)
     native.GEMV_THREADED_MIN = 0  # small test weights take the threaded split too
     try:
-        got, plain = native.gemv(x, w, b), native.gemv(x, w)
+        got, plain = kernel(x, w, b), kernel(x, w)
     finally:
         torch.set_num_threads(before)
         native.GEMV_THREADED_MIN = threaded
     torch.testing.assert_close(got, F.linear(x, w, b), atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(plain, F.linear(x, w), atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("tokens", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("rows,cols", [(1, 8), (3, 7), (4, 16), (13, 77), (97, 80), (256, 771)])
+@pytest.mark.parametrize("num_threads", [1, 2])
+def test_gemv_matches_f_linear(tokens: int, rows: int, cols: int, num_threads: int) -> None:
+    """The C kernel's every branch (pairs of tokens and a lone one, blocks of four rows and leftover rows, columns
+    past the last eight, one or two threads) gives F.linear's values, bias included."""
+    check_kernel(native.gemv, tokens, rows, cols, num_threads)
 
 
 @pytest.mark.parametrize("tokens", [5, 8, 9, 16, 17, 40, 300])
@@ -73,20 +79,7 @@ def test_gemm_matches_f_linear(tokens: int, rows: int, cols: int, num_threads: i
     """The many-token kernel's every branch (tiles of 8 and 16 tokens and a padded last one, blocks of 12 and 6 rows
     and leftover rows, several token panels at 300 x 771, one or two threads) gives F.linear's values, bias
     included."""
-    assert native.gemv_available(), "the C kernels must build on this machine (gcc with AVX2 + FMA)"
-    g = torch.Generator().manual_seed(tokens * 1000 + rows + cols)
-    x, w = torch.randn(tokens, cols, generator=g), torch.randn(rows, cols, generator=g)
-    b = torch.randn(rows, generator=g)
-    before, threaded = torch.get_num_threads(), native.GEMV_THREADED_MIN
-    torch.set_num_threads(num_threads)
-    native.GEMV_THREADED_MIN = 0  # small test weights take the threaded split too
-    try:
-        got, plain = native.gemm(x, w, b), native.gemm(x, w)
-    finally:
-        torch.set_num_threads(before)
-        native.GEMV_THREADED_MIN = threaded
-    torch.testing.assert_close(got, F.linear(x, w, b), atol=1e-4, rtol=1e-5)
-    torch.testing.assert_close(plain, F.linear(x, w), atol=1e-4, rtol=1e-5)
+    check_kernel(native.gemm, tokens, rows, cols, num_threads)
 
 
 def test_linear_takes_each_c_kernel_at_its_token_counts(monkeypatch: pytest.MonkeyPatch) -> None:
