@@ -79,7 +79,7 @@ def test_modes_that_keep_plain_copies(small_packable: None, monkeypatch: pytest.
 
 @pytest.mark.parametrize("mode", ["plain", "auto"])
 def test_plain_and_auto_with_the_c_kernels_pack_nothing(small_packable: None, mode: str) -> None:
-    """"plain" never packs; "auto" does not where the C matmuls run on the plain weights."""
+    """The "plain" mode never packs; "auto" does not where the C matmuls run on the plain weights."""
     assert native.gemv_available()
     m = Tied()
     assert cpu_gemm.pack_linears(m, mode) == 0 and m.up.packed is None  # type: ignore[arg-type]
