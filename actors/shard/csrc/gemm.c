@@ -90,13 +90,28 @@ static void transpose(const float *x, float *xt, int64_t t0, int64_t n, int64_t 
     }
 }
 
+/* The calling thread's token panel buffer of at least `floats`, kept between calls instead of a malloc and free
+ * of up to 128 KiB per matmul. */
+static float *staging(size_t floats) {
+    static __thread float *buffer = NULL;
+    static __thread size_t capacity = 0;
+    if (capacity < floats) {
+        free(buffer);
+        buffer = malloc(floats * sizeof(float));
+        capacity = buffer == NULL ? 0 : floats;
+    }
+    return buffer;
+}
+
 /* y[tokens, out] = x[tokens, in] . w[out, in]^T (+ bias[out] when not NULL), all contiguous, on `threads` OpenMP
  * threads. Returns 0, or -1 when the token panel could not be allocated. */
 int gemm_f32(const float *x, const float *w, const float *bias, float *y, int64_t tokens, int64_t in, int64_t out,
              int threads) {
     int64_t panel = PANEL_BYTES / (in * (int64_t)sizeof(float)) / TILE * TILE;
+    const int64_t padded = (tokens + TILE - 1) / TILE * TILE;
+    if (panel > padded) panel = padded;  /* a small step stages only its own tiles */
     if (panel < TILE) panel = TILE;
-    float *xt = malloc((size_t)(panel * in) * sizeof(float));
+    float *xt = staging((size_t)(panel * in));
     if (xt == NULL) return -1;
     const int64_t share = ((out + threads - 1) / threads + ROW_BLOCK - 1) / ROW_BLOCK * ROW_BLOCK;
     for (int64_t p0 = 0; p0 < tokens; p0 += panel) {
@@ -114,6 +129,5 @@ int gemm_f32(const float *x, const float *w, const float *bias, float *y, int64_
             }
         }
     }
-    free(xt);
     return 0;
 }
