@@ -1,11 +1,11 @@
-/* Matmul of 5 to a few hundred tokens against a plain row-major weight (CPU, float32):
- * y[T, out] = x[T, in] . w[out, in]^T (+ bias).
+/* Matmul of 5 to 256 tokens (layers.linear's range; any count works) against a plain row-major weight (CPU,
+ * float32): y[T, out] = x[T, in] . w[out, in]^T (+ bias).
  *
  * Decode steps of 5-64 sequences are where PyTorch's GEMMs are weakest on a 2-core AVX2 box: oneDNN's packed
- * layout reaches 50-140 GFLOP/s there, the plain BLAS less. This kernel keeps twelve
- * 8-lane accumulators in registers (12 rows x 8 tokens, or 6 rows x 16 tokens), broadcasts one weight element per
- * row and multiplies it into the tokens' values at that column, so every FMA has its operands in registers or L1
- * and the loop runs near the FMA units' rate (about 150 GFLOP/s on two cores, bench/kernels.py).
+ * layout reaches 50-140 GFLOP/s there, the plain BLAS less. This kernel keeps twelve 8-lane accumulators in
+ * registers (12 rows x 8 tokens, or 6 rows x 16 tokens), broadcasts one weight element per row and multiplies it
+ * into the tokens' values at that column, so every FMA has its operands in registers or L1 and the loop runs near
+ * the FMA units' rate (about 150 GFLOP/s on two cores, bench/kernels.py).
  * The tokens are first copied column-major, in tiles of 16 (zero padded), so one load gives 8 tokens' values at
  * one column; each thread takes a contiguous share of the rows and, block by block, runs every tile of a panel
  * of tokens against the block while it is still in L1: the weight is read from memory once per panel.
