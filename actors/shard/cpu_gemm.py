@@ -5,8 +5,8 @@ few hundred tokens per step that costs more than the math. Packing each large we
 (PyTorch's own `torch.ops.mkldnn` ops: no extension to build) made bench-125m's whole decode step 1.25-1.45x faster
 at 2-32 sequences on this 2-core box, but 1.27-1.57x slower at one sequence, where the plain weight streams
 better. The C kernels (`native.gemv`, `native.gemm`) have since beaten or matched both on the plain weight at every
-step size up to 256 tokens, so "auto" packs nothing where they are built; packing remains for machines without them (no compiler,
-no AVX2), where few-token steps keep the plain copy too while memory allows (`layers.linear`).
+step size up to 256 tokens, so "auto" packs nothing where they are built; packing remains for machines without
+them (no compiler, no AVX2), where few-token steps keep the plain copy too while memory allows (`layers.linear`).
 """
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def pack_linears(model: nn.Module, mode: CpuWeights) -> int:
     """Give every module with a `packed` slot and a packable weight its packed copy; free the plain copy unless
     `mode` keeps it (or another module shares it: a tied embedding). Returns how many were packed. "auto" packs
     nothing where the C matmuls are built: they run on the plain copy."""
-    if mode == "plain" or (mode == "auto" and native.gemv_available()):
+    if mode == "plain" or (mode == "auto" and native.matmuls_available()):
         return 0
     targets = [m for m in model.modules() if hasattr(m, "packed") and isinstance(getattr(m, "weight", None),
                                                                                  nn.Parameter)

@@ -63,7 +63,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     splits = torch.get_num_threads()
     rows, tokens = weight.shape[0], x.shape[0]
     if (tokens <= GEMM_MAX_TOKENS and weight.numel() and x.dim() == 2 and x.dtype == weight.dtype == torch.float32
-            and x.device.type == "cpu" and native.gemv_available()):
+            and x.device.type == "cpu" and native.matmuls_available()):
         return native.gemv(x, weight, bias) if tokens <= GEMV_MAX_TOKENS else native.gemm(x, weight, bias)
     plain_wins = tokens == 1 or (tokens > SPLIT_MAX_TOKENS and splits > 1)
     if packed is not None and (weight.numel() == 0 or not plain_wins):

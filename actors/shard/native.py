@@ -33,7 +33,7 @@ HEADERS = [CSRC / "simd.h"]  # included by the sources: part of the build key
 # -fopenmp: tasks share the OpenMP runtime torch already loaded (same soname, so the loader reuses it).
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared"]
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
-GEMV_THREADED_MIN = 2**17  # weights smaller than this (512 KiB of fp32) are read on one thread
+GEMV_THREADED_MIN = 2**17  # matmuls with weights smaller than this (512 KiB of fp32) run on one thread
 
 
 def kernel_dir() -> Path:
@@ -110,20 +110,25 @@ def _loaded(caller: str) -> ctypes.CDLL:
 
 
 @lru_cache(maxsize=1)
-def gemv_available() -> bool:
+def matmuls_available() -> bool:
     """True when `gemv` and `gemm` are built with AVX2 + FMA here, so they beat PyTorch's GEMMs (else keep those)."""
     lib = _library()
     return lib is not None and lib.gemv_vectorised() == 1
 
 
+def _matmul_operands(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Checked contiguous x [T, in] and weight [out, in], an empty float32 out [T, out], and the thread count."""
+    assert x.dtype == weight.dtype == torch.float32 and x.dim() == weight.dim() == 2 and x.shape[1] == weight.shape[1]
+    out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32)
+    # Small weights (a tiny model's) run on one thread: waking the pool costs more than their work.
+    threads = torch.get_num_threads() if weight.numel() >= GEMV_THREADED_MIN else 1
+    return x.contiguous(), weight.contiguous(), out, threads
+
+
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [T, in] @ weight[out, in].T (+ bias) -> [T, out] for float32 CPU tensors (meant for T of one to four)."""
     lib = _loaded("gemv")
-    assert x.dtype == weight.dtype == torch.float32 and x.dim() == weight.dim() == 2 and x.shape[1] == weight.shape[1]
-    x, weight = x.contiguous(), weight.contiguous()
-    out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32)
-    # Small weights (a tiny model's) run on one thread: waking the pool costs more than their read.
-    threads = torch.get_num_threads() if weight.numel() >= GEMV_THREADED_MIN else 1
+    x, weight, out, threads = _matmul_operands(x, weight)
     lib.gemv_f32(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1], weight.shape[0], threads)
     return out if bias is None else out.add_(bias)
 
@@ -131,12 +136,9 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 def gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [T, in] @ weight[out, in].T (+ bias) -> [T, out] for float32 CPU tensors (meant for T of 5 to 256)."""
     lib = _loaded("gemm")
-    assert x.dtype == weight.dtype == torch.float32 and x.dim() == weight.dim() == 2 and x.shape[1] == weight.shape[1]
     assert bias is None or (bias.dtype == torch.float32 and bias.shape == weight.shape[:1])
-    x, weight = x.contiguous(), weight.contiguous()
+    x, weight, out, threads = _matmul_operands(x, weight)
     bias = None if bias is None else bias.contiguous()  # held here: the C call reads it
-    out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32)
-    threads = torch.get_num_threads() if weight.numel() >= GEMV_THREADED_MIN else 1
     status = lib.gemm_f32(x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(),
                           out.data_ptr(), x.shape[0], x.shape[1], weight.shape[0], threads)
     if status != 0:

@@ -70,7 +70,7 @@ def test_packed_mode_frees_plain_weights_but_keeps_shared_ones(small_packable: N
 def test_modes_that_keep_plain_copies(small_packable: None, monkeypatch: pytest.MonkeyPatch, mode: str, limit: int,
                                       kept: bool) -> None:
     """Without the C kernels "auto" keeps the plain copy beside the packed one while it fits the limit."""
-    monkeypatch.setattr(cpu_gemm.native, "gemv_available", lambda: False)
+    monkeypatch.setattr(cpu_gemm.native, "matmuls_available", lambda: False)
     monkeypatch.setattr(cpu_gemm, "KEEP_PLAIN_MAX_BYTES", limit)
     m = Tied()
     assert cpu_gemm.pack_linears(m, mode) == 3  # type: ignore[arg-type]
@@ -80,7 +80,7 @@ def test_modes_that_keep_plain_copies(small_packable: None, monkeypatch: pytest.
 @pytest.mark.parametrize("mode", ["plain", "auto"])
 def test_plain_and_auto_with_the_c_kernels_pack_nothing(small_packable: None, mode: str) -> None:
     """The "plain" mode never packs; "auto" does not where the C matmuls run on the plain weights."""
-    assert native.gemv_available()
+    assert native.matmuls_available()
     m = Tied()
     assert cpu_gemm.pack_linears(m, mode) == 0 and m.up.packed is None  # type: ignore[arg-type]
     assert m.up.weight.numel() == 16 * 32
@@ -93,7 +93,7 @@ def test_steps_up_to_gemm_size_take_the_plain_copy_when_kept(small_packable: Non
     cpu_gemm.pack_linears(m, "packed+plain")
     few, some = torch.randn(GEMV_MAX_TOKENS, 16), torch.randn(GEMM_MAX_TOKENS, 16)
     many = torch.randn(GEMM_MAX_TOKENS + 1, 16)
-    assert native.gemv_available()
+    assert native.matmuls_available()
     assert torch.equal(m.up(few), native.gemv(few, m.up.weight))
     assert torch.equal(m.up(some), native.gemm(some, m.up.weight))
     before = torch.get_num_threads()

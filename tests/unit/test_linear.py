@@ -34,7 +34,7 @@ def test_linear_matches_f_linear(threads: None, tokens: int, rows: int, bias: bo
 
 def test_linear_takes_the_split_path_without_the_c_kernels(threads: None, monkeypatch: pytest.MonkeyPatch) -> None:
     """Without the C kernels, decode sizes go through one batched matmul and prefill sizes through F.linear."""
-    monkeypatch.setattr(layers.native, "gemv_available", lambda: False)
+    monkeypatch.setattr(layers.native, "matmuls_available", lambda: False)
     calls: list[str] = []
     real_bmm, real_linear = torch.bmm, F.linear
     monkeypatch.setattr(layers.torch, "bmm", lambda *a: calls.append("bmm") or real_bmm(*a))
@@ -47,7 +47,7 @@ def test_linear_takes_the_split_path_without_the_c_kernels(threads: None, monkey
 def check_kernel(kernel: Callable[..., torch.Tensor], tokens: int, rows: int, cols: int, num_threads: int) -> None:
     """`kernel` (native.gemv or native.gemm) on random [tokens, cols] x [rows, cols] with and without bias, on
     `num_threads` threads (small weights too), gives F.linear's values."""
-    assert native.gemv_available(), "the C kernels must build on this machine (gcc with AVX2 + FMA)"
+    assert native.matmuls_available(), "the C kernels must build on this machine (gcc with AVX2 + FMA)"
     g = torch.Generator().manual_seed(tokens * 1000 + rows + cols)
     x, w = torch.randn(tokens, cols, generator=g), torch.randn(rows, cols, generator=g)
     b = torch.randn(rows, generator=g)

@@ -62,8 +62,9 @@ def test_build_is_cached_and_a_missing_compiler_falls_back(tmp_path: Path) -> No
             "c = PagedKVCache(1, 4, 4, 1, 8, torch.float32, torch.device('cpu'))\n"
             "m = AttnMeta.build([1], [3], [[2]], 4, None, torch.device('cpu'))\n"
             "from actors.shard.layers import linear\n"
-            "print(native.available(), native.gemv_available(), tuple(paged_attention(torch.randn(1, 2, 8), c, 0, m, "
-            "0.5).shape), tuple(linear(torch.randn(1, 8), torch.randn(4, 8)).shape), "
+            "print(native.available(), native.matmuls_available(), "
+            "tuple(paged_attention(torch.randn(1, 2, 8), c, 0, m, 0.5).shape), "
+            "tuple(linear(torch.randn(1, 8), torch.randn(4, 8)).shape), "
             "tuple(linear(torch.randn(9, 8), torch.randn(4, 8)).shape))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          env={**env, "CC": "/nonexistent/cc", "GRIDSERVE_CACHE": str(tmp_path / "other")})
