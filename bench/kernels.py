@@ -57,11 +57,17 @@ def matmuls() -> None:
           "split GB/s", "speed-up"], rows)
 
 
+def decode_weights() -> tuple[list[torch.Tensor], list[torch.Tensor | None] | None]:
+    """Random weights shaped like bench-125m's whole decode step (12 layers and the LM head, ~400 MB, so each is read
+    from memory), and their oneDNN-packed copies where this PyTorch has oneDNN."""
+    weights = [torch.randn(o, i) for _ in range(12) for o, i in SHAPES[:4]] + [torch.randn(*SHAPES[4])]
+    return weights, ([pack(w) for w in weights] if cpu_gemm.available() else None)
+
+
 def few_token_matmuls() -> None:
     """Every weight of bench-125m's decode step (12 layers and the LM head, ~400 MB, so each is read from memory)
     at one to eight tokens: the C kernel (`native.gemv`) beside PyTorch's paths, on all threads and on one."""
-    weights = [torch.randn(o, i) for _ in range(12) for o, i in SHAPES[:4]] + [torch.randn(*SHAPES[4])]
-    packed = [pack(w) for w in weights] if cpu_gemm.available() else None
+    weights, packed = decode_weights()
     gbytes = sum(w.numel() for w in weights) * 4 / 1e9
     rows = []
     for n in thread_counts():
@@ -85,8 +91,7 @@ def few_token_matmuls() -> None:
 def batch_matmuls() -> None:
     """bench-125m's decode weights (as in few_token_matmuls) at 5 to 256 tokens, GFLOP/s: the C register-blocked
     kernel (`native.gemm`) beside oneDNN's packed layout and F.linear, on all threads and on one."""
-    weights = [torch.randn(o, i) for _ in range(12) for o, i in SHAPES[:4]] + [torch.randn(*SHAPES[4])]
-    packed = [pack(w) for w in weights] if cpu_gemm.available() else None
+    weights, packed = decode_weights()
     flop = 2 * sum(w.numel() for w in weights) / 1e9
     rows = []
     for n in thread_counts():
