@@ -59,10 +59,10 @@ class GridServeConfig(BaseModel):
     allow_tp_across_nodes: bool = Field(False, description="Let one TP group span nodes (slow: all-reduce crosses "
                                         "the network).")
     compiled_graph: bool = Field(False, description="Drive engine steps through a Ray Compiled Graph (shared-memory "
-                                 "channels, less dispatch time) when the whole grid sits on one node; off by default "
-                                 "because Ray 2.60's channels crashed the raylet across nodes in our tests, and their "
-                                 "readers busy-wait: each worker keeps up to a core busy even while idle, so use it "
-                                 "only with a spare core per worker.")
+                                 "channels) when the whole grid sits on one node; ignored when it spans nodes. Its "
+                                 "channel readers busy-wait, so each worker keeps up to a core busy even while idle: "
+                                 "pick it only with a spare core per worker; otherwise step_channel is the cheaper "
+                                 "hand-off.")
     step_channel: Literal["auto", "socket", "ray"] = Field(
         "auto", description="How the engine hands each step to its workers: 'socket' = one Unix socket per worker "
         "and per stage hand-off (no Ray call per step; the driver and every worker on one Linux host), 'ray' = "
@@ -70,12 +70,11 @@ class GridServeConfig(BaseModel):
         "compiled_graph, when on, takes precedence.")
     cpu_weights: Literal["auto", "packed", "packed+plain", "plain"] = Field(
         "auto", description="Layout of large fp32 linear weights on CPU workers: 'plain' = as loaded, run by the C "
-        "matmul kernels up to 256 tokens per step (1.15-1.4x oneDNN's packed layout at 8-64 tokens on bench-125m) "
-        "and PyTorch's GEMM above; 'packed' = re-laid out once for oneDNN, the plain copy freed (as vLLM's CPU "
-        "path; for machines where the C kernels do not build); 'packed+plain' = both kept, the C kernels up to 256 "
-        "tokens and oneDNN above on one thread (twice the weight memory); 'auto' = plain where the C kernels are "
-        "built (AVX2 + FMA and a C compiler), else packed+plain while the extra copy costs at most 1 GiB per "
-        "worker, else packed. Ignored on CUDA.")
+        "matmul kernels up to 256 tokens per step and PyTorch's GEMM above; 'packed' = re-laid out once for oneDNN, "
+        "the plain copy freed (as vLLM's CPU path; for machines where the C kernels do not build); 'packed+plain' "
+        "= both kept, the C kernels up to 256 tokens and oneDNN above on one thread (twice the weight memory); "
+        "'auto' = plain where the C kernels are built (AVX2 + FMA and a C compiler), else packed+plain while the "
+        "extra copy costs at most 1 GiB per worker, else packed. Ignored on CUDA.")
     shm_allreduce: bool = Field(True, description="CPU TP ranks on one host sum through shared memory (x86-64) "
                                 "instead of gloo over loopback TCP; false forces gloo. CUDA always uses NCCL.")
     enable_prefix_caching: bool = Field(True, description="Reuse the KV blocks of prompt prefixes already computed "
