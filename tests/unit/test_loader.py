@@ -236,10 +236,11 @@ def test_extra_layer_named(copy_dir: Path) -> None:
     assert key in str(err.value)
 
 
-def test_rotary_inv_freq_buffer_ignored(copy_dir: Path) -> None:
-    """Old exports' rotary_emb.inv_freq buffers are tolerated."""
+def test_rotary_inv_freq_buffer_ignored(copy_dir: Path, single_dir: Path) -> None:
+    """Old exports' rotary_emb.inv_freq buffers are tolerated: the same parameters load as without them."""
     rewrite(copy_dir, lambda t: t.__setitem__("model.layers.0.self_attn.rotary_emb.inv_freq", torch.ones(8)))
-    load(copy_dir)
+    got, want = params(load(copy_dir)), params(load(single_dir))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
 
 @pytest.mark.parametrize("key,shape", [("model.layers.0.self_attn.q_proj.weight", (64, 60)),
