@@ -9,13 +9,13 @@ import time
 from dataclasses import dataclass
 from typing import Any, AsyncGenerator, Protocol
 
-from actors.shard.grammar import GrammarSpec
 from actors.shard.runner import NO_TOKEN, StepInput, StepOutput
 from actors.shard.sampler import Logprobs, SamplingParams
 from cluster.blocks import BlockManager
 from cluster.metrics import RequestMetrics
-from cluster.request import token_budget
+from cluster.request import Limits
 from cluster.scheduler import Scheduler, Sequence
+from cluster.structured import GrammarMatchers, GrammarSpec
 
 log = logging.getLogger("gridserve.engine")
 
@@ -63,14 +63,14 @@ class AsyncEngine:
     def __init__(self, grid: StepGrid, block_size: int, max_num_seqs: int, max_num_batched_tokens: int,
                  max_model_len: int, eos_token_ids: tuple[int, ...] = (), max_inflight: int | None = None,
                  step_timeout_s: float | None = None, prefix_caching: bool = True,
-                 metrics: RequestMetrics | None = None) -> None:
+                 metrics: RequestMetrics | None = None, grammars: GrammarMatchers | None = None) -> None:
         self.grid = grid
         self.step_timeout_s = step_timeout_s  # a step slower than this means a stuck or dead worker
         self.eos = frozenset(eos_token_ids)
         self.max_inflight = max_inflight or grid.pp
         self.metrics = metrics
         self.scheduler = Scheduler(BlockManager(grid.num_blocks, block_size, prefix_caching), max_num_seqs,
-                                   max_num_batched_tokens, max_model_len)
+                                   max_num_batched_tokens, max_model_len, grammars)
         self.streams: dict[int, asyncio.Queue[TokenEvent]] = {}
         self.stats = EngineStats()
         self._ids = itertools.count()
@@ -78,19 +78,24 @@ class AsyncEngine:
         self._task: asyncio.Task | None = None
         self.dead: str | None = None  # set when the grid failed; new requests are refused
 
-    def generate(self, prompt_ids: list[int], sampling: SamplingParams, max_tokens: int | None,
+    def limits(self, vocab_size: int | None = None) -> Limits:
+        """What a request must fit: the context length and the tokens the whole KV cache holds."""
+        blocks = self.scheduler.blocks
+        return Limits(self.scheduler.max_model_len, blocks.num_blocks * blocks.block_size, vocab_size)
+
+    def generate(self, prompt_ids: list[int], sampling: SamplingParams, max_tokens: int,
                  stop_token_ids: tuple[int, ...] = (), ignore_eos: bool = False,
                  grammar: GrammarSpec | None = None) -> AsyncGenerator[TokenEvent, str | None]:
-        """Queue one request now and return its token stream; RequestError (a ValueError) at once if it can
-        never fit, RuntimeError if the grid failed. `max_tokens=None` fills max_model_len.
+        """Queue one request now and return its token stream; `max_tokens` is what `GenerationParams.check`
+        returned against `limits()`. RuntimeError if the grid failed, RequestError if `grammar` cannot be
+        compiled for this tokenizer.
 
         Leaving the stream early aborts the request and frees its blocks. Call from the event loop.
         """
         if self.dead:
             raise RuntimeError(f"this replica's grid failed ({self.dead}); retry on another replica")
-        budget = token_budget(len(prompt_ids), max_tokens, self.scheduler.max_model_len)
         stops = (frozenset() if ignore_eos else self.eos) | frozenset(stop_token_ids)
-        seq = Sequence(next(self._ids), list(prompt_ids), sampling, budget, stops, arrival=time.perf_counter(),
+        seq = Sequence(next(self._ids), list(prompt_ids), sampling, max_tokens, stops, arrival=time.perf_counter(),
                        grammar=grammar)
         self.scheduler.add(seq)
         queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
@@ -212,11 +217,11 @@ class AsyncEngine:
 
     @classmethod
     def from_config(cls, grid: StepGrid, cfg: Any, eos_token_ids: tuple[int, ...] = (),
-                    metrics: RequestMetrics | None = None) -> "AsyncEngine":
+                    metrics: RequestMetrics | None = None, grammars: GrammarMatchers | None = None) -> "AsyncEngine":
         """An engine over `grid` with the limits of a GridServeConfig."""
         return cls(grid, cfg.block_size, cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.max_model_len,
                    eos_token_ids, step_timeout_s=cfg.step_timeout_s, prefix_caching=cfg.enable_prefix_caching,
-                   metrics=metrics)
+                   metrics=metrics, grammars=grammars)
 
     async def _submit(self, step: Any) -> StepOutput:
         """Run one step on the grid; the last stage's TP rank 0 answers (or the step times out)."""

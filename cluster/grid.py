@@ -29,8 +29,8 @@ def wire_bytes(step: StepInput) -> int:
     """Generous estimate of a step's pickled size: arrays, block tables, penalty histories, sampling params."""
     ints = sum(len(t) for t in step.block_tables) + len(step.query_lens) * 3
     ints += sum(len(h[0]) + len(h[1]) for h in step.histories or [] if h is not None)
-    ints += len(step.grammar_release) + sum(256 + len(g.spec.text) // 8 for g in step.grammars or [] if g)
-    return 1024 + step.token_ids.nbytes + step.positions.nbytes + 8 * ints + 512 * len(step.sampling)
+    masks = step.allowed[1].nbytes + 8 * len(step.allowed[0]) if step.allowed is not None else 0
+    return 1024 + step.token_ids.nbytes + step.positions.nbytes + 8 * ints + 512 * len(step.sampling) + masks
 
 
 class WorkerGrid:

@@ -6,11 +6,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from actors.shard.grammar import GrammarRef, GrammarSpec
 from actors.shard.runner import NO_TOKEN, StepInput, StepOutput
 from actors.shard.sampler import SamplingParams
 from cluster.blocks import BlockManager
 from cluster.request import RequestError
+from cluster.structured import GrammarMatchers, GrammarSpec
 
 
 @dataclass(eq=False)  # identity: `seq in running` must not compare every field of every sequence (O(n^2) per step)
@@ -32,7 +32,7 @@ class Sequence:
     in_flight: bool = False  # part of a step the grid has not answered yet (pipelined steps)
     arrival: float = 0.0  # perf_counter() at submit (queue time, TTFT)
     scheduled_at: float | None = None  # perf_counter() of its first step
-    grammar: GrammarSpec | None = None  # structured output: the sampling rank masks tokens by this grammar
+    grammar: GrammarSpec | None = None  # structured output: its tokens are masked by this grammar
     cached_prompt_tokens: int | None = None  # prompt tokens found in the prefix cache at first admission
     chunk: int = 0  # tokens it computes in its current step (1 when decoding; a prompt chunk otherwise)
 
@@ -62,8 +62,9 @@ class Scheduler:
     """Decides which sequences run in each step: decodes first, prompt chunks in the rest of the token budget."""
 
     def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int) -> None:
+                 max_model_len: int, grammars: GrammarMatchers | None = None) -> None:
         self.blocks = blocks
+        self.grammars = grammars
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
@@ -72,16 +73,18 @@ class Scheduler:
         self.num_preemptions = 0
         self.prefix_hit_tokens = 0  # admitted tokens whose KV came from the prefix cache
         self.admitted_tokens = 0  # all tokens of admitted sequences (hit rate = the ratio)
-        self.grammar_done: list[int] = []  # retired grammar sequences, told to the sampling rank in the next step
 
     def add(self, seq: Sequence) -> None:
-        """Queue a new sequence (its length was checked by `cluster.request.token_budget`); one whose blocks
-        exceed the whole cache is refused."""
-        need = self.blocks.blocks_for(min(len(seq.prompt_ids) + seq.max_tokens, self.max_model_len))
-        if need > self.blocks.num_blocks:
-            raise RequestError(f"this request needs {need} KV blocks but the cache holds "
-                               f"{self.blocks.num_blocks}; lower max_tokens or give the KV cache more memory",
-                               "max_tokens")
+        """Queue a new sequence (checked by `GenerationParams.check`) and start its grammar matcher."""
+        if seq.grammar is not None:
+            if self.grammars is None:
+                raise RequestError("this engine has no tokenizer for structured outputs; send free-text requests",
+                                   "response_format")
+            try:
+                self.grammars.start(seq.seq_id, seq.grammar)
+            except ValueError as exc:
+                raise RequestError(f"the output constraint cannot be enforced with this model's tokenizer: {exc}",
+                                   "response_format") from None
         self.waiting.append(seq)
 
     def has_work(self) -> bool:
@@ -179,7 +182,6 @@ class Scheduler:
         # Only a sequence whose chunk reaches its last token samples; penalties and grammars matter only there.
         sample = [end == len(s.prompt_ids) + len(s.output_ids) for s, end in zip(seqs, ends)]
         history = [s.params.needs_history and go for s, go in zip(seqs, sample)]
-        grammar = [s.grammar is not None and go for s, go in zip(seqs, sample)]
         return StepInput(
             token_ids=np.asarray(ids, dtype=np.int64), positions=np.asarray(pos, dtype=np.int64),
             query_lens=[s.chunk for s in seqs], context_lens=ends,
@@ -187,14 +189,14 @@ class Scheduler:
             output_index=[len(s.output_ids) for s in seqs],
             histories=[(s.prompt_ids, s.output_ids) if h else None for s, h in zip(seqs, history)]
             if any(history) else None,
-            grammars=[GrammarRef(s.seq_id, s.grammar) if g else None for s, g in zip(seqs, grammar)]
-            if any(grammar) else None, grammar_release=self._drain_grammar_done(),
-            sample=None if all(sample) else sample)
+            allowed=self._masks(seqs, sample), sample=None if all(sample) else sample)
 
-    def _drain_grammar_done(self) -> list[int]:
-        """Ids of retired grammar sequences not yet reported to the sampling rank."""
-        done, self.grammar_done = self.grammar_done, []
-        return done
+    def _masks(self, seqs: list[Sequence], sample: list[bool]) -> tuple[list[int], np.ndarray] | None:
+        """Grammar bitmasks of the constrained sequences that sample in this step (None if there are none)."""
+        rows = [i for i, (s, go) in enumerate(zip(seqs, sample)) if go and s.grammar is not None]
+        if not rows or self.grammars is None:
+            return None
+        return rows, self.grammars.masks([seqs[i].seq_id for i in rows], [len(seqs[i].output_ids) for i in rows])
 
     def update(self, seqs: list[Sequence], out: StepOutput) -> list[Sequence]:
         """Advance each sequence by its chunk, append the tokens sampled at prompt ends and decodes, apply stop
@@ -213,6 +215,8 @@ class Scheduler:
                 continue
             assert token != NO_TOKEN, f"sequence {seq.seq_id} finished its chunk but the grid sampled no token"
             seq.output_ids.append(token)
+            if seq.grammar is not None and self.grammars is not None:
+                self.grammars.accept(seq.seq_id, token)
             if token in seq.stop_ids:
                 seq.finish("stop")
             elif len(seq.output_ids) >= seq.max_tokens or len(seq.tokens) >= self.max_model_len:
@@ -225,8 +229,8 @@ class Scheduler:
 
     def retire(self, seq: Sequence) -> None:
         """Drop a sequence from the batch (finished or aborted); blocks of a mid-step one are freed by update()."""
-        if seq.grammar is not None:
-            self.grammar_done.append(seq.seq_id)
+        if seq.grammar is not None and self.grammars is not None:
+            self.grammars.release(seq.seq_id)
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:

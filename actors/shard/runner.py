@@ -9,12 +9,11 @@ import numpy as np
 import torch
 
 from actors.shard.cpu_gemm import CpuWeights, pack_linears, packed_bytes
-from actors.shard.grammar import GrammarBank, GrammarRef
 from actors.shard.kv_cache import AttnMeta, PagedKVCache
 from actors.shard.loader import load_stage, open_checkpoint
 from actors.shard.model import StageModel
 from actors.shard.partition import Partition, even_partition
-from actors.shard.sampler import Logprobs, Sampler, SamplingParams
+from actors.shard.sampler import Logprobs, Sampler, SamplingParams, unpack_bitmask
 from actors.shard.spec import HeadSplit
 from actors.shard.tp import TPGroup
 
@@ -34,8 +33,9 @@ class StepInput:
     output_index: list[int]  # tokens already generated per sequence (feeds seeded sampling)
     return_logits: bool = False  # also send back the last-position logits (tests, debugging)
     histories: list[tuple[list[int], list[int]] | None] | None = None  # (prompt, output) where penalties apply
-    grammars: list[GrammarRef | None] | None = None  # per sequence: its output grammar (structured outputs)
-    grammar_release: list[int] = field(default_factory=list)  # sequences whose matchers the sampler may drop
+    # Structured outputs: (rows, int32 bitmask [len(rows), ceil(V/32)]) of the sampled rows whose next token is
+    # constrained (bit j of word w = token 32w+j allowed), made by the scheduler's grammar matchers.
+    allowed: tuple[list[int], np.ndarray] | None = None
     sample: list[bool] | None = None  # per sequence: does its chunk end its known tokens (None: all do)
 
     def sampled_rows(self) -> list[int]:
@@ -112,13 +112,14 @@ class StageRunner:
         self.cache: PagedKVCache | None = None
         self.sampler = Sampler()
         self.is_first, self.is_last = plan.pp_rank == 0, plan.pp_rank == plan.pp_size - 1
-        self.grammars = GrammarBank(self._tokenizer, self.spec.vocab_size, self.spec.eos_token_ids)
 
-    def _tokenizer(self) -> object:
-        """The model's tokenizer, loaded only when a structured-output request first needs it."""
-        from cluster.tokenizer import load_tokenizer  # Ray-free; imported late: most shards never need it
-
-        return load_tokenizer(self.plan.model_dir)
+    def _allowed(self, step: StepInput, rows: list[int]) -> tuple[list[int], torch.Tensor] | None:
+        """The step's grammar bitmasks as (positions among the sampled rows, bool [G, V]) for the sampler."""
+        if step.allowed is None:
+            return None
+        mask_rows, bits = step.allowed
+        where = {row: k for k, row in enumerate(rows)}
+        return [where[r] for r in mask_rows], unpack_bitmask(torch.from_numpy(bits), self.spec.vocab_size)
 
     def weight_bytes(self) -> int:
         """Bytes of parameters this shard holds (shared tensors counted once), packed CPU copies included."""
@@ -145,14 +146,8 @@ class StageRunner:
         else:
             assert hidden is not None, f"stage {self.plan.pp_rank} needs the previous stage's hidden states"
             inputs = from_wire(hidden, self.dtype, self.device)  # [T, hidden]
-        sampling_rank = self.is_last and self.tp.rank == 0
-        if sampling_rank:
-            self.grammars.release(step.grammar_release)
         rows = step.sampled_rows()
-        grammars = [step.grammars[i] for i in rows] if step.grammars else None
         steps = [step.output_index[i] for i in rows]
-        # Grammar masks depend only on tokens already sampled: compute them while the forward runs.
-        masks = self.grammars.start_masks(grammars, steps) if sampling_rank and grammars else None
         meta = AttnMeta.build(step.query_lens, step.context_lens, step.block_tables, self.plan.block_size,
                               self.spec.sliding_window, self.device)
         positions = torch.tensor(step.positions, device=self.device)
@@ -167,9 +162,7 @@ class StageRunner:
             return None  # only TP rank 0 samples and answers
         histories = [step.histories[i] for i in rows] if step.histories else [None] * len(rows)
         tokens, logprobs = self.sampler.sample(logits, [step.sampling[i] for i in rows], steps, histories,
-                                               masks.result() if masks is not None else None)
-        if grammars:
-            self.grammars.accept(grammars, tokens)
+                                               self._allowed(step, rows))
         timings = {"step_s": time.perf_counter() - start, "comm_s": self.tp.comm_seconds - comm_before}
         all_tokens: list[int] = [NO_TOKEN] * len(step.query_lens)
         all_logprobs: list[Logprobs | None] = [None] * len(step.query_lens)

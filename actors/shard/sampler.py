@@ -50,6 +50,13 @@ def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     return logits
 
 
+def unpack_bitmask(bits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """int32 bitmask [G, ceil(V/32)] (bit j of word w = token 32w+j allowed) -> bool [G, V]."""
+    shifts = torch.arange(32, dtype=torch.int32)
+    allowed = (bits.unsqueeze(-1) >> shifts) & 1  # [G, W, 32]
+    return allowed.view(bits.shape[0], -1)[:, :vocab_size].bool()
+
+
 Logprobs = tuple[float, list[tuple[int, float]]]  # (sampled token's logprob, [(token, logprob)] top-n)
 
 

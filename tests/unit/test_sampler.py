@@ -173,7 +173,7 @@ def test_greedy_with_repetition_penalty_avoids_repeats() -> None:
 
 def test_grammar_masks_and_logit_bias_steer_sampling() -> None:
     """Masked rows only draw allowed tokens (greedy or not); a +100 bias wins; other rows are untouched."""
-    from actors.shard.grammar import unpack_bitmask
+    from actors.shard.sampler import unpack_bitmask
 
     torch.manual_seed(0)
     logits = torch.randn(3, 70)

@@ -38,14 +38,11 @@ def test_decode_steps_travel_inline() -> None:
     assert wire_bytes(make_step(8, 128, 1024, True)) >= INLINE_STEP_BYTES
 
 
-def test_wire_bytes_counts_grammars() -> None:
-    """Steps carrying structured-output grammars (a large schema on every row) are still bounded above."""
-    import json
-
-    from actors.shard.grammar import GrammarRef, GrammarSpec
+def test_wire_bytes_counts_grammar_masks() -> None:
+    """Steps carrying structured-output bitmasks (every row constrained, a 150k-token vocabulary) stay bounded."""
+    import numpy as np
 
     step = make_step(32, 1, 256, False)
-    schema = {"type": "object", "properties": {f"field_{i}": {"type": "string"} for i in range(200)}}
-    step.grammars = [GrammarRef(i, GrammarSpec("json_schema", json.dumps(schema))) for i in range(32)]
-    step.grammar_release = list(range(100))
-    assert len(pickle.dumps(step)) <= wire_bytes(step)
+    step.allowed = (list(range(32)), np.full((32, (150_000 + 31) // 32), -1, dtype=np.int32))
+    real = len(pickle.dumps(step))
+    assert real <= wire_bytes(step) <= 2 * real + 4096

@@ -9,9 +9,9 @@ import random
 import jsonschema
 import pytest
 
-from actors.shard.grammar import GrammarSpec
 from actors.shard.sampler import SamplingParams
 from cluster.engine import AsyncEngine
+from cluster.structured import GrammarMatchers, GrammarSpec
 from tests.json_schemas import random_schema
 from tests.local_grid import LocalGrid
 
@@ -36,6 +36,13 @@ async def run(engine: AsyncEngine, prompt: list[int], spec: GrammarSpec | None, 
     return ids, reason
 
 
+def engine_over(grid: LocalGrid, tok: object, budget: int, max_model_len: int) -> AsyncEngine:
+    """An engine with grammar matchers over the grid's model (vocabulary and stop tokens from its spec)."""
+    spec = grid.stages[-1][0].spec
+    matchers = GrammarMatchers(tok, spec.vocab_size, spec.eos_token_ids)
+    return AsyncEngine(grid, 4, 16, budget, max_model_len, spec.eos_token_ids, grammars=matchers)
+
+
 @pytest.mark.parametrize("tp,pp,budget", [(1, 1, 512), (2, 1, 512), (1, 2, 512), (2, 2, 512), (1, 1, 24)])
 def test_every_output_validates_against_its_schema(model_dir: str, tp: int, pp: int, budget: int) -> None:
     """8 random schemas x n=2 at once on a cache small enough to preempt: all outputs stop and validate (also
@@ -49,21 +56,20 @@ def test_every_output_validates_against_its_schema(model_dir: str, tp: int, pp: 
     prompt = tok.encode("Answer in JSON: the quick brown fox")
 
     async def main() -> tuple[list, int]:
-        engine = AsyncEngine(grid, 4, 16, budget, 512, grid.stages[-1][0].spec.eos_token_ids)
+        engine = engine_over(grid, tok, budget, 512)
         jobs = [run(engine, prompt, GrammarSpec("json_schema", json.dumps(s)), 100 * i + k, 200)
                 for i, s in enumerate(schemas) for k in range(2)]
         results = await asyncio.gather(*jobs)
-        await run(engine, prompt, None, 0, 2)  # its steps carry the last releases to the sampling rank
-        return results, engine.scheduler.num_preemptions
+        return results, engine
 
-    results, preemptions = asyncio.run(main())
+    results, engine = asyncio.run(main())
     for i, (ids, reason) in enumerate(results):
         assert reason == "stop", (schemas[i // 2], tok.decode(ids))
         jsonschema.validate(json.loads(tok.decode(ids[:-1])), schemas[i // 2])
-    assert preemptions > 0  # matchers survived recompute
-    bank = grid.stages[-1][0].grammars
-    assert bank.compiles == len(schemas)  # once per schema, not per choice
-    assert not bank.live  # every finished sequence's matcher was released
+    assert engine.scheduler.num_preemptions > 0  # matchers survived recompute
+    matchers = engine.scheduler.grammars
+    assert matchers.compiles == len(schemas)  # once per schema, not per choice
+    assert not matchers.live  # every finished sequence's matcher was released
 
 
 def test_regex_choice_and_free_rows_share_a_batch(model_dir: str) -> None:
@@ -78,7 +84,7 @@ def test_regex_choice_and_free_rows_share_a_batch(model_dir: str) -> None:
     regex, choices = r"[0-9]{3}-[a-c]{2,4}", ["the cat", "the dog", "a \"fox\""]
 
     async def main() -> list:
-        engine = AsyncEngine(grid, 4, 16, 256, 256, grid.stages[-1][0].spec.eos_token_ids)
+        engine = engine_over(grid, tok, 256, 256)
         jobs = [run(engine, prompt, GrammarSpec("regex", regex), s, 40) for s in range(3)]
         jobs += [run(engine, prompt, GrammarSpec("choice", json.dumps(choices)), s, 40) for s in range(3)]
         jobs += [run(engine, prompt, None, s, 20) for s in range(2)]
