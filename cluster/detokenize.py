@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Any, AsyncGenerator, AsyncIterator
 
+from cluster.request import ChoiceDelta, TokenLogprob
+
 
 class IncrementalDecoder:
     """The text of a growing token list, decoding only a short window of recent tokens per new token.
@@ -39,58 +41,68 @@ class IncrementalDecoder:
 
 
 class TextStream:
-    """Turns an engine's token events into (text delta, finish reason) pairs, cutting at stop strings."""
+    """One choice: an engine's token events in, `ChoiceDelta`s out, text cut at stop strings, logprobs decoded."""
 
-    def __init__(self, events: AsyncGenerator[Any, str | None], tokenizer: Any, stop: list[str]) -> None:
+    def __init__(self, events: AsyncGenerator[Any, str | None], tokenizer: Any, stop: list[str], index: int = 0) -> None:
         self.events = events
+        self.tokenizer = tokenizer
         self.decoder = IncrementalDecoder(tokenizer)
         self.stop = stop
+        self.index = index
         self.longest_stop = max((len(s) for s in stop), default=0)
         self.sent = 0  # characters of decoder.text already handed out
-        self.num_tokens = 0
-        self.error: str | None = None
-        self.logprobs: list[tuple[int, Any]] = []  # (token id, (logprob, top-n)) when the request asked
-        self.cached_tokens = 0  # prompt tokens the prefix cache served (told on the first token)
+        self.ids: list[int] = []  # token ids not yet handed out
+        self.logprobs: list[TokenLogprob] = []  # their logprobs, when the request asked
+        self.cached_tokens: int | None = None  # told on the first delta
 
-    @property
-    def ids(self) -> list[int]:
-        """Token ids generated so far."""
-        return self.decoder.ids
-
-    def __aiter__(self) -> AsyncIterator[tuple[str, str | None]]:
+    def __aiter__(self) -> AsyncIterator[ChoiceDelta]:
         return self._run()
 
-    async def _run(self) -> AsyncIterator[tuple[str, str | None]]:
-        """Yield text deltas; hold back text that may be the start of a stop string."""
+    def _delta(self, text: str, reason: str | None = None, error: str | None = None) -> ChoiceDelta:
+        """A delta carrying every token since the last one."""
+        delta = ChoiceDelta(self.index, text, self.ids, reason, self.logprobs, self.cached_tokens, error)
+        self.ids, self.logprobs, self.cached_tokens = [], [], None
+        return delta
+
+    async def _run(self) -> AsyncIterator[ChoiceDelta]:
+        """Yield deltas; hold back text that may be the start of a stop string."""
         try:
             async for ev in self.events:
                 if ev.error is not None:
-                    self.error = ev.error
-                    yield "", "error"
+                    yield self._delta("", "error", ev.error)
                     return
-                self.num_tokens += 1
                 if ev.cached_tokens is not None:
                     self.cached_tokens = ev.cached_tokens
                 start = len(self.decoder.text)
                 if ev.token_id is not None:
                     self.decoder.step(ev.token_id)
+                    self.ids.append(ev.token_id)
                     if ev.logprobs is not None:
-                        self.logprobs.append((ev.token_id, ev.logprobs))
+                        self.logprobs.append(self._token_logprob(ev.token_id, ev.logprobs))
                 text = self.decoder.text
                 cut = self._find_stop(text, start)
                 if cut >= 0:
                     await self._finish("stop")
-                    yield text[self.sent:cut], "stop"
+                    yield self._delta(text[self.sent:cut], "stop")
                     return
                 if ev.finish_reason is not None:
-                    yield text[self.sent:], ev.finish_reason
+                    yield self._delta(text[self.sent:], ev.finish_reason)
                     return
                 safe = len(text) - self._held(text)
                 if safe > self.sent:
                     delta, self.sent = text[self.sent:safe], safe
-                    yield delta, None
+                    yield self._delta(delta)
         finally:
             await self.events.aclose()
+
+    def _token_logprob(self, token: int, logprobs: tuple[float, list[tuple[int, float]]]) -> TokenLogprob:
+        """The sampler's (logprob, top-n ids) with every token as its text."""
+        value, top = logprobs
+        return TokenLogprob(self._piece(token), value, [(self._piece(i), v) for i, v in top])
+
+    def _piece(self, token: int) -> str:
+        """One token's text (`token_id:N` without a tokenizer, as vLLM spells ids)."""
+        return self.tokenizer.decode([token]) if self.tokenizer is not None else f"token_id:{token}"
 
     async def _finish(self, reason: str) -> None:
         """Tell the engine the request ended normally here (not an abort: it counts as finished)."""

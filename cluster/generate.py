@@ -1,14 +1,14 @@
-"""From an engine's token events to text: one stream per choice, and the one helper that collects a stream."""
+"""From an engine's token events to choices: one text stream per choice, their deltas merged per wake-up, and the
+one place deltas are collected into whole choices (the batch job, non-streamed HTTP answers and tests use it)."""
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
 
-from actors.shard.grammar import GrammarSpec
 from cluster.detokenize import TextStream
 from cluster.engine import AsyncEngine
-from cluster.request import GenerationParams, Result, RequestError
+from cluster.request import ChoiceDelta, GenerationParams, RequestError, Result, TokenLogprob
 
 
 @dataclass
@@ -20,36 +20,90 @@ class Request:
     params: GenerationParams
 
 
-def open_stream(engine: AsyncEngine, tokenizer: Any, prompt_ids: list[int], params: GenerationParams,
-                index: int = 0, grammar: GrammarSpec | None = None) -> TextStream:
-    """Queue choice `index` of a request on `engine` (RequestError at once if it can never fit), its tokens
-    constrained by `grammar` if given; its text stream."""
-    events = engine.generate(prompt_ids, params.sampling(index), params.max_tokens,
-                             tuple(params.stop_token_ids), params.ignore_eos, grammar)
-    return TextStream(events, tokenizer, params.stop_list())
+@dataclass
+class Choice:
+    """One choice collected from its deltas."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    cached_tokens: int = 0
+    error: str | None = None
+
+    def add(self, delta: ChoiceDelta) -> None:
+        """Append one delta."""
+        self.text += delta.text
+        self.token_ids += delta.token_ids
+        self.logprobs += delta.logprobs
+        if delta.cached_tokens is not None:
+            self.cached_tokens = delta.cached_tokens
+        self.finish_reason = delta.finish_reason or self.finish_reason
+        self.error = delta.error or self.error
+
+    def result(self, request_id: Any, prompt_ids: list[int]) -> Result:
+        """This choice as the request's Result."""
+        return Result(request_id, prompt_ids, self.token_ids, self.text, self.finish_reason, self.error)
 
 
-async def collect(stream: TextStream) -> tuple[str, str | None]:
-    """Run one stream to its end: (text up to any stop string, finish reason); `stream.error` says if it failed."""
-    text, reason = "", None
-    async for delta, reason in stream:
-        text += delta
-    return text, reason
+def open_choices(engine: AsyncEngine, tokenizer: Any, prompt_ids: list[int], params: GenerationParams,
+                 max_tokens: int) -> list[TextStream]:
+    """Queue the request's n choices on `engine` (`max_tokens` as checked by `params.check`); their streams."""
+    return [TextStream(engine.generate(prompt_ids, params.sampling(i), max_tokens, tuple(params.stop_token_ids),
+                                       params.ignore_eos, params.grammar), tokenizer, params.stop_list(), i)
+            for i in range(params.n)]
 
 
-async def result_of(request_id: Any, prompt_ids: list[int], stream: TextStream) -> Result:
-    """Collect `stream` into the request's Result."""
-    text, reason = await collect(stream)
-    return Result(request_id, prompt_ids, list(stream.ids), text, reason, stream.error)
+async def merge_choices(streams: list[TextStream]) -> AsyncIterator[list[ChoiceDelta]]:
+    """Every choice's deltas as they come, batched into one list per wake-up (under load a chunk carries one
+    token of each choice instead of one message per token). Closing it aborts the unfinished choices."""
+    queue: asyncio.Queue[ChoiceDelta | None] = asyncio.Queue()
+
+    async def pump(stream: TextStream) -> None:
+        try:
+            async for delta in stream:
+                queue.put_nowait(delta)
+        finally:
+            queue.put_nowait(None)
+
+    tasks = [asyncio.ensure_future(pump(s)) for s in streams]
+    try:
+        remaining = len(streams)
+        while remaining:
+            batch = [await queue.get()]
+            while not queue.empty():
+                batch.append(queue.get_nowait())
+            remaining -= batch.count(None)
+            if chunk := [d for d in batch if d is not None]:
+                yield chunk
+    finally:
+        for t in tasks:
+            t.cancel()  # the caller went away: closing the text streams aborts their requests
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def collect(chunks: AsyncIterator[list[ChoiceDelta]], n: int = 1) -> list[Choice]:
+    """Run a request's chunk stream to its end: its n whole choices."""
+    choices = [Choice() for _ in range(n)]
+    async for chunk in chunks:
+        for delta in chunk:
+            choices[delta.index].add(delta)
+    return choices
+
+
+def failed(request_id: Any, prompt_ids: list[int], error: str) -> Result:
+    """The Result of a request that never ran."""
+    return Result(request_id, prompt_ids, [], "", None, error)
 
 
 async def run_one(engine: AsyncEngine, req: Request, tokenizer: Any) -> Result:
-    """Generate one request to the end; a request that cannot fit becomes a failed Result."""
+    """Generate one request's first choice to the end; a request that cannot fit becomes a failed Result."""
     try:
-        stream = open_stream(engine, tokenizer, req.prompt_ids, req.params)
+        budget = req.params.check(req.prompt_ids, engine.limits())
+        streams = open_choices(engine, tokenizer, req.prompt_ids, req.params.model_copy(update={"n": 1}), budget)
     except RequestError as exc:
-        return Result(req.request_id, req.prompt_ids, [], "", None, str(exc))
-    return await result_of(req.request_id, req.prompt_ids, stream)
+        return failed(req.request_id, req.prompt_ids, str(exc))
+    return (await collect(merge_choices(streams)))[0].result(req.request_id, req.prompt_ids)
 
 
 async def generate_all(engine: AsyncEngine, requests: list[Request], tokenizer: Any = None) -> list[Result]:

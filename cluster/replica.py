@@ -7,15 +7,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from typing import TYPE_CHECKING, Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Protocol
 
-from actors.shard.grammar import GrammarSpec
 from cluster.config import GridServeConfig
-from cluster.detokenize import TextStream
 from cluster.engine import AsyncEngine, StepGrid
-from cluster.generate import open_stream, result_of
+from cluster.generate import collect, failed, merge_choices, open_choices
 from cluster.metrics import ReplicaMetrics, grid_flags
-from cluster.request import GenerationParams, RequestError, Result, check_logit_bias, check_prompt
+from cluster.request import ChoiceDelta, GenerationParams, RequestError, Result
+from cluster.structured import GrammarMatchers
 from cluster.tokenizer import load_tokenizer
 
 if TYPE_CHECKING:  # Ray is imported only where a Ray grid is made: tests run replicas over in-process grids
@@ -61,6 +60,7 @@ class Replica:
         self.cfg, self.name = cfg, name
         self.spec = cfg.spec()
         self.tokenizer = load_tokenizer(cfg.model)
+        self.grammars = GrammarMatchers(self.tokenizer, self.spec.vocab_size, self.spec.eos_token_ids)
         self.metrics = ReplicaMetrics(name, cfg.model_name, lambda: self.last_snapshot)
         self.pg, self.offset, self.owns_pg = placement_group, bundle_offset, False
         if grid_factory is None and self.pg is None:
@@ -88,26 +88,24 @@ class Replica:
         return WorkerGrid(self.cfg, placement_group=self.pg, bundle_offset=self.offset)
 
     def _new_engine(self) -> AsyncEngine:
-        return AsyncEngine.from_config(self.grid, self.cfg, self.spec.eos_token_ids, self.metrics.requests)
+        return AsyncEngine.from_config(self.grid, self.cfg, self.spec.eos_token_ids, self.metrics.requests,
+                                       self.grammars)
 
     # -- requests -----------------------------------------------------------------------------------------------
-    def generate(self, prompt_ids: list[int], params: GenerationParams, n: int = 1,
-                 grammar: GrammarSpec | None = None) -> list[TextStream]:
-        """Queue `n` choices of one request (tokens constrained by `grammar` if given); their text streams.
+    def generate(self, prompt_ids: list[int], params: GenerationParams) -> AsyncIterator[list[ChoiceDelta]]:
+        """Queue the request's n choices now; their deltas, batched per wake-up (closing it aborts them).
         RequestError if it can never be served, ReplicaUnavailable if not now (grid rebuilding, queue full)."""
-        max_tokens = check_prompt(prompt_ids, self.spec.vocab_size, params.max_tokens, self.cfg.max_model_len)
-        check_logit_bias(params.logit_bias, self.spec.vocab_size)
+        max_tokens = params.check(prompt_ids, self.engine.limits(self.spec.vocab_size))
         self.check_available()
-        params = params.model_copy(update={"max_tokens": max_tokens})
-        return [open_stream(self.engine, self.tokenizer, prompt_ids, params, i, grammar) for i in range(n)]
+        return merge_choices(open_choices(self.engine, self.tokenizer, prompt_ids, params, max_tokens))
 
     async def complete(self, request_id: Any, prompt_ids: list[int], params: GenerationParams) -> Result:
-        """Generate one choice to the end; a request refused now or for good becomes a failed Result."""
+        """Generate the first choice to the end; a request refused now or for good becomes a failed Result."""
         try:
-            stream = self.generate(prompt_ids, params)[0]
+            chunks = self.generate(prompt_ids, params.model_copy(update={"n": 1}))
         except (RequestError, ReplicaUnavailable) as exc:
-            return Result(request_id, prompt_ids, [], "", None, str(exc))
-        return await result_of(request_id, prompt_ids, stream)
+            return failed(request_id, prompt_ids, str(exc))
+        return (await collect(chunks))[0].result(request_id, prompt_ids)
 
     def check_alive(self) -> None:
         """Raise ReplicaUnavailable (and start the rebuild) if the grid failed."""

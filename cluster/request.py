@@ -1,18 +1,20 @@
-"""The one request model: sampling and limits of a generation, shared by HTTP bodies and batch lines."""
+"""The request contract between a face and its replica: what to generate (`GenerationParams`, checked once
+against the replica's limits) and what comes back (`ChoiceDelta`s per choice, `Result` for a whole one)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from actors.shard.sampler import SamplingParams
+from cluster.structured import GrammarSpec
 
 MAX_STOP_STRINGS = 4  # OpenAI's limit
 
 
-class GenerationParams(BaseModel):
-    """How to generate: sampling, stop rules and the token limit (the prompt is the caller's)."""
+class SamplingOptions(BaseModel):
+    """How to sample and when to stop: the fields HTTP bodies and batch lines share."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -48,7 +50,7 @@ class GenerationParams(BaseModel):
         return v
 
     @model_validator(mode="after")
-    def _stops(self) -> "GenerationParams":
+    def _stops(self) -> "SamplingOptions":
         """At most 4 non-empty stop strings, as OpenAI allows."""
         stops = self.stop_list()
         if len(stops) > MAX_STOP_STRINGS or any(not s for s in stops):
@@ -59,16 +61,62 @@ class GenerationParams(BaseModel):
         """`stop` as a list."""
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
-    def top_logprobs_asked(self) -> int | None:
-        """How many top logprobs per token the request wants (None = no logprobs)."""
-        return None
+
+class GenerationParams(SamplingOptions):
+    """Everything a replica needs to run a request besides its prompt's token ids."""
+
+    n: int = Field(1, ge=1, le=16, description="Choices to generate for the prompt.")
+    logprobs: int | None = Field(None, ge=0, le=20, description="Return each token's logprob and this many top "
+                                 "alternatives; None = no logprobs.")
+    grammar: GrammarSpec | None = Field(None, description="Output constraint (structured outputs, forced tool "
+                                        "calls); None = free text.")
 
     def sampling(self, index: int = 0) -> SamplingParams:
         """The sampler's view of choice `index` (choices of one seeded request get consecutive seeds)."""
         seed = None if self.seed is None else self.seed + index
         return SamplingParams(self.temperature, self.top_p, self.top_k, self.min_p, seed, self.repetition_penalty,
-                              self.presence_penalty, self.frequency_penalty, self.top_logprobs_asked(),
+                              self.presence_penalty, self.frequency_penalty, self.logprobs,
                               tuple((int(k), float(v)) for k, v in (self.logit_bias or {}).items()))
+
+    def check(self, prompt_ids: list[int], limits: Limits) -> int:
+        """The one check against what a replica can serve; returns the tokens to generate (RequestError if never)."""
+        if limits.vocab_size is not None:
+            if prompt_ids and (min(prompt_ids) < 0 or max(prompt_ids) >= limits.vocab_size):
+                raise RequestError(f"prompt token ids must lie in [0, {limits.vocab_size})", "prompt")
+            if any(int(token) >= limits.vocab_size for token in self.logit_bias or {}):
+                raise RequestError(f"logit_bias token ids must lie in [0, {limits.vocab_size})", "logit_bias")
+        return token_budget(len(prompt_ids), self.max_tokens, min(limits.max_model_len, limits.kv_tokens))
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one replica can serve: its context length, KV-cache capacity and vocabulary (None: not checked)."""
+
+    max_model_len: int
+    kv_tokens: int
+    vocab_size: int | None = None
+
+
+@dataclass
+class TokenLogprob:
+    """One generated token's logprob and its top alternatives, decoded to text by the replica."""
+
+    token: str
+    logprob: float
+    top: list[tuple[str, float]]
+
+
+@dataclass
+class ChoiceDelta:
+    """What one choice produced since its last delta: the replica's answer, one or more per wake-up."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None  # set on a choice's last delta: stop, length, abort or error
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token id, when asked
+    cached_tokens: int | None = None  # on a choice's first delta: prompt tokens the prefix cache served
+    error: str | None = None  # with finish_reason "error": what failed
 
 
 @dataclass
@@ -84,11 +132,11 @@ class Result:
 
 
 class RequestError(ValueError):
-    """A request that can never be served as sent; `param` names the field to change."""
+    """A request that can never be served as sent; `param` names the field to change, `status` the HTTP code."""
 
-    def __init__(self, message: str, param: str | None = None) -> None:
+    def __init__(self, message: str, param: str | None = None, status: int = 400, code: str | None = None) -> None:
         super().__init__(message)
-        self.param = param
+        self.param, self.status, self.code = param, status, code
 
 
 def token_budget(prompt_len: int, max_tokens: int | None, max_model_len: int) -> int:
@@ -104,15 +152,3 @@ def token_budget(prompt_len: int, max_tokens: int | None, max_model_len: int) ->
                            f"max_model_len={max_model_len}; lower max_tokens to at most {room}", "max_tokens")
     return room if max_tokens is None else max_tokens
 
-
-def check_prompt(prompt_ids: list[int], vocab_size: int, max_tokens: int | None, max_model_len: int) -> int:
-    """Token ids in the vocabulary and within max_model_len; returns the tokens to generate."""
-    if prompt_ids and (min(prompt_ids) < 0 or max(prompt_ids) >= vocab_size):
-        raise RequestError(f"prompt token ids must lie in [0, {vocab_size})", "prompt")
-    return token_budget(len(prompt_ids), max_tokens, max_model_len)
-
-
-def check_logit_bias(bias: dict[str, float] | None, vocab_size: int) -> None:
-    """Every biased token id lies in the vocabulary."""
-    if any(int(token) >= vocab_size for token in bias or {}):
-        raise RequestError(f"logit_bias token ids must lie in [0, {vocab_size})", "logit_bias")

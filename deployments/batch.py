@@ -16,7 +16,7 @@ from typing import Any, Callable
 from pydantic import ValidationError
 
 from cluster.config import GridServeConfig
-from cluster.generate import Request
+from cluster.generate import Request, failed
 from cluster.placement import grids_that_fit
 from cluster.replica import Replica
 from cluster.request import Result
@@ -66,7 +66,7 @@ async def drain(queue: asyncio.Queue[Request | None], replicas: list[Replica],
     while not queue.empty():  # every replica failed for good: what is left fails, it is not dropped
         req = queue.get_nowait()
         if req is not None:
-            on_result(Result(req.request_id, req.prompt_ids, [], "", None, "every grid failed"), 0)
+            on_result(failed(req.request_id, req.prompt_ids, "every grid failed"), 0)
 
 
 def seats(cfg: GridServeConfig) -> int:

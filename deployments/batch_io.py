@@ -12,13 +12,13 @@ from typing import Any
 from pydantic import Field, ValidationError, model_validator
 
 from cluster.generate import Request
-from cluster.request import GenerationParams, Result, check_prompt
+from cluster.request import GenerationParams, Limits, Result, SamplingOptions
 
 BATCH_MAX_TOKENS = 16  # a line's default max_tokens, as for offline generation in vLLM (HTTP fills the context)
 
 
-class BatchLine(GenerationParams):
-    """One input line: the one request model plus the line's id and prompt."""
+class BatchLine(SamplingOptions):
+    """One input line: the sampling fields HTTP bodies share, plus the line's id and prompt."""
 
     id: str | int | None = Field(None, description="Caller's id, copied to the output line; a rerun skips "
                                  "ids already finished (default key: the line number).")
@@ -88,9 +88,9 @@ def read_requests(raw_lines: list[bytes], tokenizer: Any, vocab_size: int, max_m
             if tokenizer is None and (line.prompt is not None or line.stop):
                 raise ValueError("prompt/stop: the model folder has no tokenizer; send prompt_token_ids (no stop)")
             ids = line.prompt_token_ids or tokenizer.encode(line.prompt)
-            max_tokens = check_prompt(ids, vocab_size, line.max_tokens, max_model_len)
-            params = line.model_dump(include=set(GenerationParams.model_fields)) | {"max_tokens": max_tokens}
-            requests.append(Request(n, ids, GenerationParams(**params)))
+            params = GenerationParams(**line.model_dump(include=set(SamplingOptions.model_fields)))
+            params.check(ids, Limits(max_model_len, max_model_len, vocab_size))  # fail the line now, not on a grid
+            requests.append(Request(n, ids, params))
             records[n] = record
         except ValueError as exc:
             records[n] = {**record, "error": str(exc)}

@@ -8,21 +8,6 @@ from cluster.request import RequestError
 from deployments.openai_extras import ChatMessage, Tool
 
 
-def message_text(msg: ChatMessage, index: int) -> str:
-    """A message's text: a string as is, text parts joined by newlines; any other part is a 400 naming it."""
-    if msg.content is None:
-        return ""
-    if isinstance(msg.content, str):
-        return msg.content
-    texts = []
-    for j, part in enumerate(msg.content):
-        if part.type != "text" or part.text is None:
-            raise RequestError(f"messages[{index}].content[{j}] is a {part.type!r} part; this model reads text only, "
-                             "send 'text' parts", f"messages.{index}.content.{j}")
-        texts.append(part.text)
-    return "\n".join(texts)
-
-
 def _arguments(raw: str) -> Any:
     """Tool-call arguments as templates render them: the decoded object when the string is JSON."""
     try:
@@ -34,17 +19,14 @@ def _arguments(raw: str) -> Any:
 def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     """Plain dicts for `apply_chat_template` (Hugging Face's message format)."""
     out = []
-    for i, msg in enumerate(messages):
-        item: dict[str, Any] = {"role": "system" if msg.role == "developer" else msg.role,
-                                "content": message_text(msg, i)}
+    for msg in messages:
+        item: dict[str, Any] = {"role": "system" if msg.role == "developer" else msg.role, "content": msg.text()}
         if msg.name is not None:
             item["name"] = msg.name
         if msg.tool_calls:
             item["tool_calls"] = [{"id": c.id, "type": "function", "function": {
                 "name": c.function.name, "arguments": _arguments(c.function.arguments)}} for c in msg.tool_calls]
         if msg.role == "tool":
-            if msg.tool_call_id is None:
-                raise RequestError(f"messages[{i}] has role 'tool' but no tool_call_id", f"messages.{i}.tool_call_id")
             item["tool_call_id"] = msg.tool_call_id
         out.append(item)
     return out

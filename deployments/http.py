@@ -1,7 +1,8 @@
 """The HTTP plumbing of the Serve app: the FastAPI app, OpenAI-style errors, body parsing."""
 # No `from __future__ import annotations` here: FastAPI must see real types on the handler signatures.
 
-from typing import TypeVar
+import logging
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -12,6 +13,7 @@ from cluster.replica import ReplicaUnavailable
 from cluster.request import RequestError
 from deployments.openai_schema import error_body
 
+log = logging.getLogger("gridserve.http")
 T = TypeVar("T", bound=BaseModel)
 MAX_BODY_BYTES = 4 * 2**20
 api = FastAPI(title="gridserve", description="OpenAI-compatible API over a TP x PP grid of Ray actors")
@@ -34,8 +36,16 @@ async def _api_error(_: Request, exc: APIError) -> JSONResponse:
 
 @api.exception_handler(RequestError)
 async def _request_error(_: Request, exc: RequestError) -> JSONResponse:
-    """A request the replica can never serve: 400 naming the field."""
-    return JSONResponse(error_body(str(exc), param=exc.param), 400)
+    """A request that can never be served as sent: 4xx naming the field."""
+    return JSONResponse(error_body(str(exc), param=exc.param, code=exc.code), exc.status)
+
+
+@api.exception_handler(Exception)
+async def _bug(request: Request, exc: Exception) -> JSONResponse:
+    """Anything else is our bug: a 500 (not a retryable 503), its traceback in the log."""
+    log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+    return JSONResponse(error_body(f"internal error ({type(exc).__name__}); this is a bug in the server",
+                                   "server_error"), 500)
 
 
 @api.exception_handler(ReplicaUnavailable)
@@ -54,17 +64,30 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
     return JSONResponse(error_body(message, param=param), 400)
 
 
-async def parse_body(request: Request, schema: type[T]) -> T:
-    """Read and validate a JSON body; malformed JSON and bad fields become HTTP 400 naming the field."""
+async def parse_body(request: Request, schema: type[T], served_model: str | None = None) -> T:
+    """Read and validate a JSON body (against the served model's name, if given); malformed JSON and bad fields
+    become HTTP 4xx naming the field."""
     raw = await request.body()
     if len(raw) > MAX_BODY_BYTES:
         raise APIError(413, f"request body is {len(raw)} bytes; the limit is {MAX_BODY_BYTES}")
     try:
-        return schema.model_validate_json(raw)
+        return schema.model_validate_json(raw, context={"served_model": served_model})
     except ValidationError as exc:
         errors = exc.errors()
         if errors and errors[0]["type"] == "json_invalid":
             raise APIError(400, f"request body is not valid JSON: {errors[0]['msg']}") from None
+        if (found := request_error_in(errors)) is not None:
+            raise found from None
         first = ".".join(str(p) for p in errors[0]["loc"]) if errors else None
         message = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in errors[:5])
         raise APIError(400, message, param=first) from None
+
+
+def request_error_in(errors: list[Any]) -> RequestError | None:
+    """The first RequestError a validator raised, its `param` prefixed with where in the body it was raised."""
+    for e in errors:
+        cause = (e.get("ctx") or {}).get("error")
+        if isinstance(cause, RequestError):
+            where = [str(p) for p in e["loc"]] + ([cause.param] if cause.param else [])
+            return RequestError(str(cause), ".".join(where) or None, cause.status, cause.code)
+    return None

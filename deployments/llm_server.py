@@ -6,26 +6,19 @@ every answer a replica can refuse comes back as a `Refusal` value rather than an
 from __future__ import annotations
 
 import logging
+from contextlib import aclosing
 from typing import Any, AsyncIterator, Awaitable
 
 from ray import serve
 from ray.util import get_current_placement_group
 
-from actors.shard.grammar import GrammarSpec
 from cluster.config import GridServeConfig
 from cluster.replica import Replica, ReplicaUnavailable
-from cluster.request import GenerationParams, RequestError
+from cluster.request import ChoiceDelta, GenerationParams, RequestError
 from deployments.ray_metrics import RayMetrics
-from deployments.remote_stream import ChoiceDelta, Refusal, send_choices
+from deployments.remote_stream import Refusal
 
 log = logging.getLogger("gridserve.serve")
-
-
-def refusal(exc: RequestError | ReplicaUnavailable) -> Refusal:
-    """The value that carries a refused request back to the ingress."""
-    if isinstance(exc, RequestError):
-        return Refusal(400, str(exc), exc.param)
-    return Refusal(503, str(exc), retry_after_s=exc.retry_after_s)
 
 
 async def guarded(call: Awaitable[Any]) -> Any:
@@ -33,7 +26,7 @@ async def guarded(call: Awaitable[Any]) -> Any:
     try:
         return await call
     except ReplicaUnavailable as exc:
-        return refusal(exc)
+        return Refusal.of(exc)
 
 
 @serve.deployment
@@ -48,18 +41,19 @@ class LLMServer:
         self.replica = Replica(cfg, tag, pg, bundle_offset=1 if pg is not None else 0)
         self.ray_metrics = RayMetrics()
 
-    async def generate(self, prompt_ids: list[int], params: GenerationParams, n: int = 1,
-                       grammar: GrammarSpec | None = None) -> AsyncIterator[list[ChoiceDelta] | Refusal]:
-        """First a Refusal, or an empty list (accepted: the ingress may start its answer); then the n choices'
+    async def generate(self, prompt_ids: list[int], params: GenerationParams
+                       ) -> AsyncIterator[list[ChoiceDelta] | Refusal]:
+        """First a Refusal, or an empty list (accepted: the ingress may start its answer); then the choices'
         deltas, batched per wake-up."""
         try:
-            streams = self.replica.generate(prompt_ids, params, n, grammar)
+            chunks = self.replica.generate(prompt_ids, params)
         except (RequestError, ReplicaUnavailable) as exc:
-            yield refusal(exc)
+            yield Refusal.of(exc)
             return
         yield []
-        async for chunk in send_choices(streams):
-            yield chunk
+        async with aclosing(chunks):  # Serve cancelling this generator aborts the choices at once
+            async for chunk in chunks:
+                yield chunk
 
     async def info(self) -> dict[str, Any]:
         """What the ingress tells clients about the model (max_model_len as fitted to this grid's KV cache)."""
@@ -71,7 +65,7 @@ class LLMServer:
         try:
             self.replica.check_alive()
         except ReplicaUnavailable as exc:
-            return refusal(exc)
+            return Refusal.of(exc)
         return None
 
     async def status(self) -> dict[str, Any] | Refusal:

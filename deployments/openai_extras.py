@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from cluster.request import RequestError
 
 
 class ContentPart(BaseModel):
@@ -46,6 +48,23 @@ class ChatMessage(BaseModel):
     tool_calls: list[ToolCall] | None = Field(None, description="Assistant turns: the calls it made.")
     tool_call_id: str | None = Field(None, description="Tool turns: which call this answers.")
     refusal: str | None = Field(None, description="Assistant turns as OpenAI returns them (not rendered).")
+
+    @model_validator(mode="after")
+    def _readable(self) -> "ChatMessage":
+        """Text parts only (this model reads text); a tool turn says which call it answers."""
+        for j, part in enumerate(self.content if isinstance(self.content, list) else []):
+            if part.type != "text" or part.text is None:
+                raise RequestError(f"content[{j}] is a {part.type!r} part; this model reads text only, send "
+                                   "'text' parts", f"content.{j}")
+        if self.role == "tool" and self.tool_call_id is None:
+            raise RequestError("a message with role 'tool' needs the tool_call_id it answers", "tool_call_id")
+        return self
+
+    def text(self) -> str:
+        """The message's text: a string as is, text parts joined by newlines."""
+        if self.content is None or isinstance(self.content, str):
+            return self.content or ""
+        return "\n".join(part.text or "" for part in self.content)
 
 
 class FunctionDef(BaseModel):

@@ -23,11 +23,10 @@ from deployments.chat import chat_prompt_ids
 from deployments.http import APIError, api, parse_body
 from deployments.llm_server import LLMServer
 from deployments.openai_schema import ChatRequest, CompletionRequest, SamplingFields, new_id, now
-from deployments.remote_stream import RETRY_AFTER_LOST_S, LocalChunks, Refusal, RemoteRequest
-from deployments.responses import collect_choices, sse
-from deployments.structured import grammar_of
+from deployments.remote_stream import RETRY_AFTER_LOST_S, ChunkStream, Refusal, replica_lost
+from deployments.responses import ToolFactory, sse, whole_response
 from deployments.tokenize_api import DetokenizeRequest, TokenizeRequest, detokenize, tokenize
-from deployments.tools import ToolOutput, tool_grammar, tool_mode
+from deployments.tools import ToolOutput
 
 ROUTING_STATS_PERIOD_S = 1.0  # how often replicas report their cached blocks to the prefix router
 
@@ -46,13 +45,16 @@ class OpenAIIngress:
         self.model_info: dict[str, Any] | None = None  # from a replica: max_model_len fitted to its KV cache
 
     async def _call(self, method: str, *args: Any) -> Any:
-        """A unary call on some model replica; its Refusal, or its death, becomes the HTTP error."""
+        """A unary call on some model replica; its Refusal, or its loss (503), becomes the HTTP error; an error
+        its code raised is a bug and stays one (500, logged)."""
         try:
             if self.local is not None:
                 value = await getattr(self.local, method)(*args)
             else:
                 value = await getattr(self.llm, method).remote(*args)
         except Exception as exc:
+            if not replica_lost(exc):
+                raise
             raise ReplicaUnavailable(f"the model replica failed ({type(exc).__name__}); retry",
                                      RETRY_AFTER_LOST_S) from None
         if isinstance(value, Refusal):
@@ -110,23 +112,18 @@ class OpenAIIngress:
     async def completions(self, request: Request) -> Any:
         """Text completion, streamed as SSE when `stream` is true."""
         self._authorize(request)
-        body = await parse_body(request, CompletionRequest)
-        return await self._respond(body, prompt_ids(self.tokenizer, body.prompt), chat=False,
-                                   grammar=grammar_of(body))
+        body = await parse_body(request, CompletionRequest, self.cfg.model_name)
+        return await self._respond(body, prompt_ids(self.tokenizer, body.prompt), chat=False)
 
     @api.post("/v1/chat/completions")
     async def chat(self, request: Request) -> Any:
         """Chat completion using the model's chat template; tools and structured outputs as OpenAI does them."""
         self._authorize(request)
-        body = await parse_body(request, ChatRequest)
-        if self.tokenizer is None:
-            raise APIError(400, "this model has no tokenizer, so no chat template; use /v1/completions with "
-                           "token ids", param="messages")
-        mode, name = tool_mode(body.tools, body.tool_choice)
-        grammar = grammar_of(body, tool_grammar(body.tools, mode, name, body.parallel_tool_calls))
+        body = await parse_body(request, ChatRequest, self.cfg.model_name)
         ids = chat_prompt_ids(self.tokenizer, body.messages, body.tools)  # tools listed even with none
+        mode, name = body.tool_mode()
         tools = None if mode == "none" else (lambda: ToolOutput(mode, name))
-        return await self._respond(body, ids, chat=True, grammar=grammar, tools=tools)
+        return await self._respond(body, ids, chat=True, tools=tools)
 
     @api.post("/tokenize")
     async def tokenize_route(self, request: Request) -> dict[str, Any]:
@@ -142,25 +139,21 @@ class OpenAIIngress:
         body = await parse_body(request, DetokenizeRequest)
         return detokenize(self.tokenizer, body, (await self._info())["vocab_size"])  # asked once, not per request
 
-    async def _respond(self, body: SamplingFields, ids: list[int], chat: bool, grammar: Any = None,
-                       tools: Any = None) -> Any:
-        """Run the request's n choices (under `grammar` if set); answer as one body or as an SSE stream."""
-        if body.model != self.cfg.model_name:
-            raise APIError(404, f"model {body.model!r} does not exist; this server serves {self.cfg.model_name!r}",
-                           param="model")
-        start = time.perf_counter()
+    async def _respond(self, body: SamplingFields, ids: list[int], chat: bool, tools: ToolFactory = None) -> Any:
+        """Run the request's n choices; answer as one body or as an SSE stream."""
+        start, params = time.perf_counter(), body.params()
         if self.local is not None:
-            chunks: Any = LocalChunks(self.local.generate(ids, body, body.n, grammar))
+            source: Any = self.local.generate(ids, params)
         else:
             # Deltas over Serve's gRPC transport instead of one Ray object per chunk (a message per token per request).
-            chunks = self.llm.options(stream=True, _by_reference=False).generate.remote(ids, body, body.n, grammar)
-        streams = await RemoteRequest(chunks, body.n).start()  # a refusal raises here: 400 / 503
-        rid, tokenizer = new_id("chatcmpl" if chat else "cmpl"), self.tokenizer
+            source = self.llm.options(stream=True, _by_reference=False).generate.remote(ids, params)
+        chunks = await ChunkStream(source, body.n).start()  # a refusal raises here: 400 / 503
+        rid = new_id("chatcmpl" if chat else "cmpl")
         if body.stream:
             usage_of = len(ids) if body.stream_options is not None and body.stream_options.include_usage else None
-            return StreamingResponse(sse(streams, tokenizer, rid, body.model, chat, tools, usage_of),
+            return StreamingResponse(sse(chunks, body.n, rid, body.model, chat, tools, usage_of),
                                      media_type="text/event-stream")
-        result, error = await collect_choices(streams, tokenizer, rid, body.model, chat, len(ids), tools)
+        result, error = await whole_response(chunks, body.n, rid, body.model, chat, len(ids), tools)
         if error is not None:
             raise APIError(503, f"generation failed: {error}; retry", "server_error",
                            headers={"Retry-After": str(RETRY_AFTER_LOST_S)})

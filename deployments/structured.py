@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from actors.shard.grammar import GrammarSpec
+from cluster.structured import GrammarSpec
 from cluster.request import RequestError
 from deployments.openai_extras import ClientFields
 

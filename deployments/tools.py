@@ -11,7 +11,7 @@ import json
 import uuid
 from typing import Any
 
-from actors.shard.grammar import GrammarSpec
+from cluster.structured import GrammarSpec
 from cluster.request import RequestError
 from deployments.openai_extras import NamedToolChoice, Tool
 

@@ -40,9 +40,10 @@ async def events(ids: list[int]) -> AsyncIterator[TokenEvent]:
 def stream_text(tokenizer: Any, ids: list[int], stop: list[str]) -> tuple[str, str | None]:
     """All deltas of a TextStream over `ids`, and its finish reason."""
     async def main() -> tuple[str, str | None]:
-        text, reason = "", None
-        async for delta, reason in TextStream(events(ids), tokenizer, stop):
-            text += delta
+        text, reason, tokens = "", None, []
+        async for delta in TextStream(events(ids), tokenizer, stop):
+            text, reason, tokens = text + delta.text, delta.finish_reason, tokens + delta.token_ids
+        assert tokens == ids[:len(tokens)] and (reason == "stop" or tokens == ids)  # every token handed out once
         return text, reason
     return asyncio.run(main())
 

@@ -20,9 +20,8 @@ def test_generate_matches_hf_and_snapshot_reports_the_grid(model_dirs: dict) -> 
                       grid_factory=lambda: LocalGrid(str(d), 2, 2))
 
     async def main() -> tuple[list[list[int]], dict]:
-        streams = [replica.generate(p, greedy(6))[0] for p in PROMPTS]
-        await asyncio.gather(*(collect(s) for s in streams))
-        return [list(s.ids) for s in streams], await replica.snapshot()
+        choices = await asyncio.gather(*(collect(replica.generate(p, greedy(6))) for p in PROMPTS))
+        return [c[0].token_ids for c in choices], await replica.snapshot()
 
     tokens, snap = asyncio.run(main())
     assert tokens == [hf_greedy(d, p, 6)[0] for p in PROMPTS]
@@ -45,9 +44,8 @@ def test_a_slow_stats_probe_does_not_fail_the_replica(model_dirs: dict) -> None:
     replica = Replica(config(d), grid_factory=lambda: SlowStatsGrid(d, 1, 1))
 
     async def main() -> tuple[dict, list[int]]:
-        stream = replica.generate(PROMPTS[0], greedy(3))[0]
-        await collect(stream)
-        return await replica.snapshot(), list(stream.ids)
+        choice = (await collect(replica.generate(PROMPTS[0], greedy(3))))[0]
+        return await replica.snapshot(), choice.token_ids
 
     snap, tokens = asyncio.run(main())
     assert snap["dead"] is None and snap["workers"] == [] and snap["engine"]["generation_tokens_total"] == 3
@@ -61,14 +59,12 @@ def test_failed_grid_fails_in_flight_work_then_heals_in_place(model_dirs: dict) 
     replica = Replica(config(d), grid_factory=grids(lambda: DyingGrid(d, 3), lambda: LocalGrid(d, 1, 1)))
 
     async def main() -> tuple[Any, ReplicaUnavailable, bool, list[int]]:
-        stream = replica.generate(PROMPTS[0], greedy(10))[0]
-        _, reason = await collect(stream)
+        failed = (await collect(replica.generate(PROMPTS[0], greedy(10))))[0]
         with pytest.raises(ReplicaUnavailable) as refused:
             replica.generate(PROMPTS[0], greedy(2))
         ready = await replica.ready()
-        after = replica.generate(PROMPTS[1], greedy(4))[0]
-        await collect(after)
-        return (reason, stream.error), refused.value, ready, list(after.ids)
+        after = (await collect(replica.generate(PROMPTS[1], greedy(4))))[0]
+        return (failed.finish_reason, failed.error), refused.value, ready, after.token_ids
 
     (reason, error), refused, ready, tokens = asyncio.run(main())
     assert reason == "error" and "worker died" in error
@@ -87,7 +83,7 @@ def test_a_failed_rebuild_is_reported(model_dirs: dict) -> None:
     replica = Replica(config(d), grid_factory=grids(lambda: DyingGrid(d, 1), no_resources))
 
     async def main() -> bool:
-        await collect(replica.generate(PROMPTS[0], greedy(3))[0])
+        await collect(replica.generate(PROMPTS[0], greedy(3)))
         replica.heal()
         return await replica.ready()
 
@@ -114,7 +110,7 @@ def test_full_queue_is_refused_with_the_overload_retry_after(model_dirs: dict) -
     replica = Replica(config(d, max_num_seqs=1, max_waiting_requests=2), grid_factory=lambda: LocalGrid(d, 1, 1))
 
     async def main() -> ReplicaUnavailable:
-        streams = [replica.generate(PROMPTS[0], greedy(2))[0] for _ in range(2)]  # none admitted yet: 2 waiting
+        streams = [replica.generate(PROMPTS[0], greedy(2)) for _ in range(2)]  # none admitted yet: 2 waiting
         with pytest.raises(ReplicaUnavailable) as refused:
             replica.generate(PROMPTS[0], greedy(2))
         await asyncio.gather(*(collect(s) for s in streams))
@@ -132,10 +128,11 @@ def test_a_stop_string_finishes_the_request_and_is_counted_as_stop(model_dirs: d
     replica = Replica(config(d), "r0", grid_factory=lambda: LocalGrid(d, 1, 1))
 
     async def main() -> tuple[str, str, str, str | None]:
-        full, _ = await collect(replica.generate(PROMPTS[0], greedy(12))[0])
+        full = (await collect(replica.generate(PROMPTS[0], greedy(12))))[0].text
         stop = full.strip()[len(full.strip()) // 2:][:2]
-        text, reason = await collect(replica.generate(PROMPTS[0], greedy(12).model_copy(update={"stop": stop}))[0])
-        await collect(replica.generate(PROMPTS[1], greedy(2))[0])  # the stopped sequence's last step has landed
+        cut = (await collect(replica.generate(PROMPTS[0], greedy(12).model_copy(update={"stop": stop}))))[0]
+        text, reason = cut.text, cut.finish_reason
+        await collect(replica.generate(PROMPTS[1], greedy(2)))  # the stopped sequence's last step has landed
         return full, stop, text, reason
 
     full, stop, text, reason = asyncio.run(main())

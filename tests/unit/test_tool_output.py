@@ -4,12 +4,13 @@ from __future__ import annotations
 import json
 
 import pytest
+from pydantic import ValidationError
 
 from cluster.request import RequestError
 from deployments.chat import template_messages
 from deployments.openai_extras import ChatMessage, NamedToolChoice, Tool
 from deployments.openai_schema import ChatRequest
-from deployments.structured import grammar_of
+from deployments.http import request_error_in
 from deployments.tools import ToolOutput, merge, tool_grammar, tool_mode
 
 TOOLS = [Tool.model_validate({"type": "function", "function": {"name": "get_weather", "parameters": {
@@ -80,10 +81,7 @@ def test_tool_choice_checks_and_grammars() -> None:
     for mode, name in [("named", "get_weather"), ("required", None)]:
         param, spec = tool_grammar(TOOLS, mode, name, False)
         assert spec.error() is None
-    body = ChatRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "x"}],
-                                       "response_format": {"type": "json_object"}, "guided_regex": "a+"})
-    with pytest.raises(RequestError, match="at most one"):
-        grammar_of(body)
+    assert refusal({"response_format": {"type": "json_object"}, "guided_regex": "a+"}).param == "guided_regex"
 
 
 def test_messages_render_for_templates() -> None:
@@ -98,8 +96,20 @@ def test_messages_render_for_templates() -> None:
     assert out[0] == {"role": "system", "content": "be brief\nok"}
     assert out[1]["tool_calls"][0]["function"] == {"name": "now", "arguments": {}} and out[1]["content"] == ""
     assert out[2] == {"role": "tool", "content": "12:00", "tool_call_id": "c1"}
-    image = ChatMessage.model_validate({"role": "user", "content": [
-        {"type": "text", "text": "what is this"}, {"type": "image_url", "image_url": {"url": "http://x"}}]})
-    with pytest.raises(RequestError, match="image_url") as err:
-        template_messages([image])
-    assert err.value.param == "messages.0.content.1"
+    image = refusal({"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "what is this"}, {"type": "image_url", "image_url": {"url": "http://x"}}]}]})
+    assert "image_url" in str(image) and image.param == "messages.0.content.1"
+    unanswered = refusal({"messages": [{"role": "user", "content": "hi"}, {"role": "tool", "content": "12:00"}]})
+    assert unanswered.param == "messages.1.tool_call_id"
+    wrong_model = refusal({"model": "other"}, served="m")
+    assert wrong_model.status == 404 and wrong_model.param == "model" and wrong_model.code == "model_not_found"
+
+
+def refusal(fields: dict, served: str | None = None) -> RequestError:
+    """The RequestError (param as the HTTP answer names it) a chat body with these fields is refused with."""
+    body = {"model": "m", "messages": [{"role": "user", "content": "x"}], **fields}
+    with pytest.raises(ValidationError) as err:
+        ChatRequest.model_validate(body, context={"served_model": served})
+    found = request_error_in(err.value.errors())
+    assert found is not None, err.value
+    return found
