@@ -22,6 +22,7 @@ from actors.shard.sampler import SamplingParams
 from cluster.config import GridServeConfig
 from cluster.engine import AsyncEngine
 from cluster.grid import WorkerGrid
+from cluster.placement import create_replica_group
 from bench.common import BENCH_MODEL, ensure_model, model_info, prompts, table
 
 CORES = os.cpu_count() or 1
@@ -40,7 +41,7 @@ def make_grid(model: str, tp: int = 1, pp: int = 1, kv_mib: int = 512, compiled:
                           cpus_per_worker=CORES / (tp * pp), max_model_len=512, max_num_batched_tokens=BUDGET,
                           kv_cache_memory_bytes=kv_mib * 2**20, compiled_graph=compiled,
                           pipeline_layer_partition=partition, step_channel=channel)
-    return WorkerGrid(cfg)
+    return WorkerGrid(cfg, create_replica_group(cfg)[0], owns_group=True)
 
 
 def make_engine(grid: Any, max_num_seqs: int, max_inflight: int | None = None) -> AsyncEngine:

@@ -43,6 +43,7 @@ def grid_decode(model_dir: str, tp: int, prompt: list[int], new_tokens: int, rep
     from cluster.blocks import BlockManager
     from cluster.config import GridServeConfig
     from cluster.grid import WorkerGrid
+    from cluster.placement import create_replica_group
     from cluster.scheduler import Scheduler, Sequence
 
     # On CPU each worker gets an equal share of the cores (2 cores, tp=2: one thread each).
@@ -50,7 +51,7 @@ def grid_decode(model_dir: str, tp: int, prompt: list[int], new_tokens: int, rep
     cfg = GridServeConfig(model=model_dir, tensor_parallel_size=tp, resource="CPU", cpus_per_worker=max(1, cores // tp),
                           max_model_len=512, max_num_batched_tokens=512, kv_cache_memory_bytes=64 * 2**20,
                           **overrides)
-    grid = WorkerGrid(cfg)
+    grid = WorkerGrid(cfg, create_replica_group(cfg)[0], owns_group=True)
     try:
         rates, tokens, steps, shares = [], [], [], []
         for r in range(repeats + 1):  # first round warms up

@@ -36,6 +36,7 @@ def main() -> None:
     from cluster.config import GridServeConfig
     from cluster.engine import AsyncEngine
     from cluster.grid import WorkerGrid
+    from cluster.placement import create_replica_group
 
     args = json.loads(sys.argv[1])
     tp = args["tp"]
@@ -44,7 +45,7 @@ def main() -> None:
     cfg = GridServeConfig(model=args["model"], tensor_parallel_size=tp, resource="CPU", cpus_per_worker=CORES / tp,
                           max_model_len=512, max_num_seqs=64, max_num_batched_tokens=2048,
                           kv_cache_memory_bytes=512 * 2**20)
-    grid = WorkerGrid(cfg)
+    grid = WorkerGrid(cfg, create_replica_group(cfg)[0], owns_group=True)
     vocab, greedy = vocab_size(args["model"]), SamplingParams(temperature=0.0)
 
     async def run(prompts: list[list[int]], new: int) -> tuple[float, list[list[int]]]:

@@ -16,7 +16,7 @@ from actors.shard.runner import ShardPlan, StepInput, StepOutput
 from actors.worker import Worker
 from cluster.channel import StepChannel
 from cluster.config import GridServeConfig
-from cluster.placement import Layout, create_replica_group
+from cluster.placement import Layout
 
 log = logging.getLogger("gridserve")
 
@@ -36,12 +36,13 @@ def wire_bytes(step: StepInput) -> int:
 class WorkerGrid:
     """The TP x PP actors of one model replica; stage k's outputs feed stage k+1 as object refs."""
 
-    def __init__(self, cfg: GridServeConfig, placement_group: PlacementGroup | None = None,
-                 bundle_offset: int = 0) -> None:
-        """Reserve the bundles (or use a given group's from `bundle_offset` on: a Serve replica's) and start."""
+    def __init__(self, cfg: GridServeConfig, placement_group: PlacementGroup, bundle_offset: int = 0,
+                 owns_group: bool = False) -> None:
+        """Start the workers in `placement_group`'s bundles from `bundle_offset` on (made by `cluster.placement`;
+        removed at shutdown if `owns_group`)."""
         self.cfg = cfg
         self.tp, self.pp = cfg.tensor_parallel_size, cfg.pipeline_parallel_size
-        self.owns_pg = placement_group is None
+        self.owns_pg = owns_group
         self.pg: PlacementGroup | None = placement_group
         self.offset = bundle_offset
         self.stages: list[list[Any]] = []
@@ -50,15 +51,12 @@ class WorkerGrid:
         self.channel: StepChannel | None = None
         self.serving: list[ray.ObjectRef] = []
         try:
-            if self.pg is None:
-                self.pg, self.layout = create_replica_group(cfg)
-            else:
-                self.layout = Layout.of(cfg, "GPU" if self.pg.bundle_specs[bundle_offset].get("GPU") else "CPU")
+            self.layout = Layout.of(cfg, "GPU" if placement_group.bundle_specs[bundle_offset].get("GPU") else "CPU")
             self.resource = self.layout.resource
             self._start_workers()
             timeout = self.cfg.placement_timeout_s
             self.where = ray.get([w.where.remote() for stage in self.stages for w in stage], timeout=timeout)
-            # Compiled-graph channels only where they proved reliable: every worker on one node.
+            # Compiled-graph channels only with every worker on one node (Ray's channels across nodes are not used).
             self.use_compiled = self.cfg.compiled_graph and len({w["node_id"] for w in self.where}) == 1
             wants_channel = not self.use_compiled and self._channel_fits()
             # Load on the thread that will run the steps: each thread that runs parallel torch ops keeps its own

@@ -97,6 +97,18 @@ def serve_bundles(cfg: GridServeConfig, layout: Layout) -> list[dict[str, float]
     return [{"CPU": cfg.replica_cpus}] + layout.bundles
 
 
+def serve_group(cfg: GridServeConfig) -> dict[str, Any]:
+    """Serve deployment options that give each replica its placement group (checked against the connected
+    cluster's nodes when Ray runs; as configured otherwise)."""
+    import ray
+
+    totals = ray.cluster_resources() if ray.is_initialized() else {}
+    resource = worker_resource(cfg, totals)
+    layout = plan_layout(cfg, alive_nodes(resource), resource) if totals else Layout.of(cfg, resource)
+    return {"placement_group_bundles": serve_bundles(cfg, layout), "placement_group_strategy": "PACK",
+            "ray_actor_options": {"num_cpus": cfg.replica_cpus}}
+
+
 def create_replica_group(cfg: GridServeConfig) -> tuple[Any, Layout]:
     """Reserve one placement group for the replica's workers, or raise within `placement_timeout_s`."""
     import ray

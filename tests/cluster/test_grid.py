@@ -8,6 +8,7 @@ from actors.shard.runner import StepInput
 from actors.shard.sampler import SamplingParams
 from cluster.config import GridServeConfig
 from cluster.grid import WorkerGrid
+from cluster.placement import create_replica_group
 from tests.reference import PROMPTS, grid_greedy, hf_greedy
 from tests.waits import wait_until
 
@@ -28,7 +29,7 @@ def make_grid(model_dir: str, tp: int, pp: int, **extra: object) -> WorkerGrid:
     """A grid of logical-GPU workers for a small test model."""
     cfg = GridServeConfig(model=model_dir, tensor_parallel_size=tp, pipeline_parallel_size=pp, max_model_len=256,
                           max_num_batched_tokens=256, block_size=4, kv_cache_memory_bytes=2**20, **extra)
-    return WorkerGrid(cfg)
+    return WorkerGrid(cfg, create_replica_group(cfg)[0], owns_group=True)
 
 
 @pytest.mark.parametrize("variant,tp,pp", CASES)

@@ -13,6 +13,7 @@ def test_cuda_grid_bf16_matches_hf_greedy(model_dirs: dict) -> None:
 
     from cluster.config import GridServeConfig
     from cluster.grid import WorkerGrid
+    from cluster.placement import create_replica_group
     from tests.loopback import loopback_cluster
     from tests.reference import PROMPTS, grid_greedy
 
@@ -22,8 +23,9 @@ def test_cuda_grid_bf16_matches_hf_greedy(model_dirs: dict) -> None:
     ids = torch.tensor([PROMPTS[0]], device="cuda")
     ref = hf.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)[0, ids.shape[1]:]
     with loopback_cluster({}):
-        grid = WorkerGrid(GridServeConfig(model=str(d), dtype="bfloat16", max_model_len=256,
-                                          max_num_batched_tokens=256, block_size=4))
+        cfg = GridServeConfig(model=str(d), dtype="bfloat16", max_model_len=256, max_num_batched_tokens=256,
+                              block_size=4)
+        grid = WorkerGrid(cfg, create_replica_group(cfg)[0], owns_group=True)
         try:
             got = grid_greedy(grid, [PROMPTS[0]], 8, block_size=4)[0]
             assert grid.layout_table()[0]["device"].startswith("cuda")
