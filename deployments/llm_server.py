@@ -10,11 +10,13 @@ from contextlib import aclosing
 from typing import Any, AsyncIterator, Awaitable
 
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.util import get_current_placement_group
 
 from cluster.config import GridServeConfig
 from cluster.replica import Replica, ReplicaUnavailable
 from cluster.request import ChoiceDelta, GenerationParams, RequestError
+from deployments.metrics_board import board
 from deployments.ray_metrics import RayMetrics
 from deployments.remote_stream import Refusal
 
@@ -36,7 +38,8 @@ class LLMServer:
 
     def __init__(self, args: dict[str, Any]) -> None:
         cfg = GridServeConfig.from_args(args)
-        tag = serve.get_replica_context().replica_tag
+        context = serve.get_replica_context()
+        tag, self.board = context.replica_tag, board(context.app_name)
         pg = get_current_placement_group()  # Serve's group: bundle 0 is this actor, 1.. the workers
         self.replica = Replica(cfg, tag, pg, bundle_offset=1 if pg is not None else 0)
         self.ray_metrics = RayMetrics()
@@ -73,7 +76,7 @@ class LLMServer:
         return await guarded(self.replica.snapshot())
 
     async def metrics_text(self) -> bytes | Refusal:
-        """Prometheus text of this replica (GET /metrics)."""
+        """Prometheus text of this replica (GET /metrics before any replica has posted to the board)."""
         return await guarded(self.replica.metrics_text())
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
@@ -95,5 +98,21 @@ class LLMServer:
             return  # being rebuilt: healthy unless the rebuild fails
         try:
             self.ray_metrics.update(snapshot)
+            await self._post_metrics()
         except Exception:  # metrics must never fail the health check
-            log.exception("could not export Ray metrics")
+            log.exception("could not export metrics")
+
+    async def _post_metrics(self) -> None:
+        """Put this replica's Prometheus text on the app's board (what /metrics answers from)."""
+        try:
+            await self.board.post.remote(self.replica.name, self.replica.metrics.text())
+        except RayActorError:  # the board went with the process that made it: make a new one
+            self.board = board(serve.get_replica_context().app_name)
+            await self.board.post.remote(self.replica.name, self.replica.metrics.text())
+
+    def __del__(self) -> None:
+        """Serve is shutting this replica down: take it off the board now rather than when it goes stale."""
+        try:
+            self.board.drop.remote(self.replica.name)
+        except Exception:  # the board or Ray may already be gone; the entry then expires
+            pass

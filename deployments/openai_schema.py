@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 from pydantic import BaseModel, Field, PrivateAttr, ValidationInfo, model_validator
 
@@ -16,7 +16,7 @@ from cluster.request import GenerationParams, RequestError, SamplingOptions
 from cluster.structured import GrammarSpec
 from deployments.openai_extras import ChatMessage, ClientFields, NamedToolChoice, Tool
 from deployments.structured import grammar_of
-from deployments.tools import tool_grammar, tool_mode
+from deployments.tools import ToolOutput, tool_grammar, tool_mode
 
 
 class SamplingFields(SamplingOptions, ClientFields):
@@ -86,6 +86,11 @@ class ChatRequest(SamplingFields):
     def tool_mode(self) -> tuple[str, str | None]:
         """(mode, forced function name): 'none', 'auto', 'required' or 'named' (checked against `tools`)."""
         return tool_mode(self.tools, self.tool_choice)
+
+    def tool_parsers(self) -> Callable[[], ToolOutput] | None:
+        """A maker of one tool-call parser per choice (None when tools are off)."""
+        mode, name = self.tool_mode()
+        return None if mode == "none" else (lambda: ToolOutput(mode, name))
 
     def tool_constraint(self) -> tuple[str, GrammarSpec] | None:
         """The grammar of a `required` or named tool choice."""

@@ -18,6 +18,8 @@ from ray.serve.request_router import FIFOMixin, PendingRequest, ReplicaID, Reque
 
 from cluster.blocks import prompt_digests
 
+ROUTING_STATS_PERIOD_S = 1.0  # how often replicas report their cached blocks to the router
+
 GENERATE = "generate"  # the LLMServer method whose first argument is the prompt's token ids
 OWN_ROUTES_TTL_S = 10.0  # how long a prompt this router sent counts as cached there without a report saying so
 
@@ -114,3 +116,12 @@ def prompt_of(pending_request: PendingRequest | None) -> list[int] | None:
 def power_of_two(replicas: list[RunningReplica]) -> list[list[RunningReplica]]:
     """Serve's default choice: two random replicas in one rank (the router probes both, takes the shorter queue)."""
     return [random.sample(replicas, min(2, len(replicas)))] if replicas else []
+
+
+def router_config(imbalance: int, block_size: int) -> Any:
+    """Serve's settings for this router on a deployment."""
+    from ray.serve.config import RequestRouterConfig
+
+    return RequestRouterConfig(request_router_class=PrefixAwareRouter, request_routing_stats_period_s=
+                               ROUTING_STATS_PERIOD_S, request_router_kwargs={"imbalance": imbalance,
+                                                                              "block_size": block_size})

@@ -12,6 +12,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
@@ -22,13 +23,11 @@ from cluster.tokenizer import load_tokenizer, prompt_ids
 from deployments.chat import chat_prompt_ids
 from deployments.http import APIError, api, parse_body
 from deployments.llm_server import LLMServer
+from deployments.metrics_board import board, merge
 from deployments.openai_schema import ChatRequest, CompletionRequest, SamplingFields, new_id, now
 from deployments.remote_stream import RETRY_AFTER_LOST_S, ChunkStream, Refusal, replica_lost
 from deployments.responses import ToolFactory, sse, whole_response
 from deployments.tokenize_api import DetokenizeRequest, TokenizeRequest, detokenize, tokenize
-from deployments.tools import ToolOutput
-
-ROUTING_STATS_PERIOD_S = 1.0  # how often replicas report their cached blocks to the prefix router
 
 
 @serve.deployment
@@ -43,6 +42,7 @@ class OpenAIIngress:
         self.local = LLMServer.func_or_class(args) if llm is None else None
         self.tokenizer = self.local.replica.tokenizer if self.local is not None else load_tokenizer(self.cfg.model)
         self.model_info: dict[str, Any] | None = None  # from a replica: max_model_len fitted to its KV cache
+        self.board = board(serve.get_replica_context().app_name)
 
     async def _call(self, method: str, *args: Any) -> Any:
         """A unary call on some model replica; its Refusal, or its loss (503), becomes the HTTP error; an error
@@ -96,9 +96,13 @@ class OpenAIIngress:
 
     @api.get("/metrics")
     async def metrics(self, request: Request) -> Response:
-        """Prometheus text of the replica that answers (Ray's own exporter also carries Serve's metrics)."""
+        """Prometheus text of every model replica of the app (as of their last health check), merged."""
         self._authorize(request)
-        return Response(await self._call("metrics_text"), media_type=CONTENT_TYPE)
+        try:
+            texts = await self.board.texts_now.remote()
+        except RayActorError:  # the board went with the process that made it; replicas post to a new one
+            self.board, texts = board(serve.get_replica_context().app_name), []
+        return Response(merge(texts) if texts else await self._call("metrics_text"), media_type=CONTENT_TYPE)
 
     @api.get("/v1/models")
     async def models(self, request: Request) -> dict[str, Any]:
@@ -121,9 +125,7 @@ class OpenAIIngress:
         self._authorize(request)
         body = await parse_body(request, ChatRequest, self.cfg.model_name)
         ids = chat_prompt_ids(self.tokenizer, body.messages, body.tools)  # tools listed even with none
-        mode, name = body.tool_mode()
-        tools = None if mode == "none" else (lambda: ToolOutput(mode, name))
-        return await self._respond(body, ids, chat=True, tools=tools)
+        return await self._respond(body, ids, chat=True, tools=body.tool_parsers())
 
     @api.post("/tokenize")
     async def tokenize_route(self, request: Request) -> dict[str, Any]:
@@ -172,24 +174,20 @@ def make_app(cfg: GridServeConfig, **deployment_options: Any) -> Application:
     """The ingress over the model deployment (`deployment_options` apply to the latter; with colocate_ingress to the
     one deployment), one placement group per model replica, laid out by `cluster.placement` (bundle 0 for the
     replica actor, then one bundle per stage: each TP group on one node)."""
-    import ray
+    from cluster.placement import serve_group
 
-    from cluster.placement import Layout, alive_nodes, plan_layout, serve_bundles, worker_resource
-
-    totals = ray.cluster_resources() if ray.is_initialized() else {}
-    resource = worker_resource(cfg, totals)
-    layout = plan_layout(cfg, alive_nodes(resource), resource) if totals else Layout.of(cfg, resource)
     # Serve's default of 5 ongoing requests would hold requests in the handle, outside our batch. Let more reach
     # the replica than its engine runs or queues, so the excess gets our prompt 503 + Retry-After instead of
     # waiting in an unbounded queue.
     options = {"max_ongoing_requests": 2 * (cfg.max_num_seqs + cfg.max_waiting_requests), **deployment_options}
     args = cfg.model_dump(exclude_unset=True)  # what was set: each replica derives the rest (max_model_len) again
-    group = {"placement_group_bundles": serve_bundles(cfg, layout), "placement_group_strategy": "PACK",
-             "ray_actor_options": {"num_cpus": cfg.replica_cpus}}
+    group = serve_group(cfg)
     if cfg.colocate_ingress:
         return OpenAIIngress.options(**group, **options).bind(None, args)
     if cfg.prefix_routing:
-        options.setdefault("request_router_config", prefix_router_config(cfg))
+        from deployments.prefix_router import router_config
+
+        options.setdefault("request_router_config", router_config(cfg.prefix_routing_imbalance, cfg.block_size))
     llm = LLMServer.options(**group, **options).bind(args)
     scaling = options.get("autoscaling_config")
     most = (scaling.get("max_replicas") if isinstance(scaling, dict) else getattr(scaling, "max_replicas", None)) \
@@ -197,13 +195,3 @@ def make_app(cfg: GridServeConfig, **deployment_options: Any) -> Application:
     return OpenAIIngress.options(ray_actor_options={"num_cpus": cfg.ingress_cpus},
                                  max_ongoing_requests=options["max_ongoing_requests"] * most).bind(llm, args)
 
-
-def prefix_router_config(cfg: GridServeConfig) -> Any:
-    """Serve's router settings for prefix-aware routing (`deployments.prefix_router`)."""
-    from ray.serve.config import RequestRouterConfig
-
-    from deployments.prefix_router import PrefixAwareRouter
-
-    return RequestRouterConfig(request_router_class=PrefixAwareRouter, request_routing_stats_period_s=
-                               ROUTING_STATS_PERIOD_S, request_router_kwargs={
-                                   "imbalance": cfg.prefix_routing_imbalance, "block_size": cfg.block_size})

@@ -3,6 +3,7 @@ prefix is cached, which the answer's `usage.prompt_tokens_details.cached_tokens`
 from __future__ import annotations
 
 import random
+import time
 from typing import Iterator
 
 import httpx
@@ -18,7 +19,8 @@ PREFIX = 40  # tokens shared by the "users" of one system prompt: 10 full blocks
 def two_routed_replicas(chat_model: str) -> Iterator[str]:
     """Two tp=1 replicas of the tiny model, prefix routing on (the default)."""
     with serving({"model": chat_model, "served_model_name": "tiny", "cpus_per_worker": 0.5, "replica_cpus": 0.25,
-                  "max_model_len": 256, "max_num_batched_tokens": 256, "block_size": BLOCK}, num_replicas=2) as url:
+                  "max_model_len": 256, "max_num_batched_tokens": 256, "block_size": BLOCK}, num_replicas=2,
+                 health_check_period_s=1) as url:
         yield url
 
 
@@ -53,3 +55,26 @@ def test_status_reaches_both_replicas(two_routed_replicas: str) -> None:
     """Calls without a prompt (here /status) are spread by the power-of-two fallback over both replicas."""
     seen = {httpx.get(f"{two_routed_replicas}/status", timeout=30).json()["replica"] for _ in range(40)}
     assert len(seen) == 2
+
+
+def test_metrics_cover_both_replicas_on_every_scrape(two_routed_replicas: str) -> None:
+    """/metrics merges every replica's series (whichever ingress answers): once both have posted, every scrape
+    shows both, each family once, and the finished-request counters add up to at least what was sent here."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for i in range(6):  # finished requests on both replicas (the router spreads prompts no one caches)
+        cached_tokens(two_routed_replicas, [300 + i] * 8)
+
+    def scrape() -> tuple[set[str], float, list[str]]:
+        text = httpx.get(f"{two_routed_replicas}/metrics", timeout=30).text
+        families = list(text_string_to_metric_families(text))
+        ok = [s for f in families if f.name == "gridserve_request_success" for s in f.samples
+              if s.name.endswith("_total")]
+        return {s.labels["replica"] for s in ok}, sum(s.value for s in ok), [f.name for f in families]
+
+    deadline = time.monotonic() + 60
+    while (len(scrape()[0]) < 2 or scrape()[1] < 6) and time.monotonic() < deadline:
+        time.sleep(1)  # replicas post at each health check (every second here)
+    for _ in range(5):
+        replicas, finished, names = scrape()
+        assert len(replicas) == 2 and finished >= 6 and len(names) == len(set(names)), (replicas, finished)
