@@ -1,5 +1,6 @@
 """Structured-output cost: decode steps at batch 32 with every row under a JSON-schema grammar vs free rows,
-same model, same run; plus the grammar-mask time alone (computed while the forward runs).
+same model, same run; plus the grammar-mask time alone. A step is timed as the engine runs it: schedule and build
+it (the scheduler's matchers make the bitmasks), execute it, apply its tokens (the matchers advance).
 
 python -m bench.grammar [--batch 32] [--steps 24] [--vocab 32000]
 
@@ -20,13 +21,13 @@ from typing import Any, Callable
 
 import torch
 
-from actors.shard.grammar import GrammarSpec
 from actors.shard.runner import ShardPlan, StageRunner
 from actors.shard.sampler import SamplingParams
 from actors.shard.tp import TPGroup
 from bench.common import model_info, table
 from cluster.blocks import BlockManager
 from cluster.scheduler import Scheduler, Sequence
+from cluster.structured import GrammarMatchers, GrammarSpec
 
 ITEM = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
                                          "kind": {"enum": ["cat", "dog", "fox"]},
@@ -62,12 +63,12 @@ def ensure_model(path: Path, vocab: int) -> str:
     return str(path)
 
 
-def new_batch(runner: StageRunner, batch: int, steps: int, spec: GrammarSpec | None, seq0: int,
-              blocks: range) -> Scheduler:
+def new_batch(runner: StageRunner, matchers: GrammarMatchers, batch: int, steps: int, spec: GrammarSpec | None,
+              seq0: int, blocks: range) -> Scheduler:
     """A scheduler of `batch` sequences that uses only cache `blocks`, every row under `spec` if given."""
     manager = BlockManager(runner.cache.num_blocks, runner.plan.block_size, False)
     manager.free = list(reversed(blocks))  # two batches share one cache without sharing blocks
-    sched = Scheduler(manager, batch, 4096, 512)
+    sched = Scheduler(manager, batch, 4096, 512, matchers)
     params = SamplingParams(temperature=1.0, seed=1)
     for i in range(batch):
         sched.add(Sequence(seq0 + i, [10 + i, 20, 30, 40, 50, 60, 70, 80], params, steps + 2, grammar=spec))
@@ -75,22 +76,20 @@ def new_batch(runner: StageRunner, batch: int, steps: int, spec: GrammarSpec | N
 
 
 def one_step(runner: StageRunner, sched: Scheduler) -> float:
-    """Run the scheduler's next step; returns its seconds."""
-    seqs = sched.schedule()
-    step = sched.build_step(seqs)
+    """Schedule, build, run and apply the scheduler's next step; returns its seconds."""
     start = time.perf_counter()
-    out = runner.execute(step)
-    took = time.perf_counter() - start
+    seqs = sched.schedule()
+    out = runner.execute(sched.build_step(seqs))
     sched.update(seqs, out)
-    return took
+    return time.perf_counter() - start
 
 
-def paired_times(runner: StageRunner, batch: int, steps: int, spec: GrammarSpec, seq0: int,
-                 constrained_first: bool = False) -> tuple[list[float], list[float]]:
+def paired_times(runner: StageRunner, matchers: GrammarMatchers, batch: int, steps: int, spec: GrammarSpec,
+                 seq0: int, constrained_first: bool = False) -> tuple[list[float], list[float]]:
     """Decode-step seconds of a free batch and a constrained batch, stepped alternately (same conditions)."""
     half = runner.cache.num_blocks // 2  # each batch gets its own half of the cache
-    free = new_batch(runner, batch, steps, None, seq0, range(half))
-    constrained = new_batch(runner, batch, steps, spec, seq0 + batch, range(half, 2 * half))
+    free = new_batch(runner, matchers, batch, steps, None, seq0, range(half))
+    constrained = new_batch(runner, matchers, batch, steps, spec, seq0 + batch, range(half, 2 * half))
     times: tuple[list[float], list[float]] = ([], [])
     for k in range(steps + 1):
         pair = ((free, times[0]), (constrained, times[1]))
@@ -101,7 +100,6 @@ def paired_times(runner: StageRunner, batch: int, steps: int, spec: GrammarSpec,
     for sched in (free, constrained):
         for seq in list(sched.running):
             sched.retire(seq)
-    runner.grammars.release(constrained.grammar_done)
     return times
 
 
@@ -128,29 +126,33 @@ def main(argv: list[str] | None = None) -> None:
     runner = StageRunner(plan, TPGroup.single(), torch.device("cpu"))
     runner.allocate_cache(2 * args.batch * 4 + 8)
     spec = GrammarSpec("json_schema", json.dumps(SCHEMA))
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    matchers = GrammarMatchers(tokenizer, runner.spec.vocab_size, runner.spec.eos_token_ids)
     mask_s: list[float] = []
     masks: list[float] = []
-    runner.grammars._masks = timed(runner.grammars._masks, mask_s)  # the mask thread's work, per step
+    matchers.masks = timed(matchers.masks, mask_s)  # type: ignore[method-assign]  # the matchers' work per step
     start = time.perf_counter()
-    runner.grammars._template(spec)
+    matchers.start(-1, spec)
+    matchers.release(-1)
     compile_s = time.perf_counter() - start  # includes llguidance's tokenizer setup (once per process)
-    paired_times(runner, args.batch, 4, spec, 90_000)  # warm-up: allocator, caches, the lexer's lazy states
+    paired_times(runner, matchers, args.batch, 4, spec, 90_000)  # warm-up: allocator, caches, lazy lexer states
     mask_s.clear()
     free, constrained = [], []
     for r in range(args.rounds):
         n = len(mask_s)
-        f, c = paired_times(runner, args.batch, args.steps, spec, 10_000 * r, constrained_first=r % 2 == 1)
+        f, c = paired_times(runner, matchers, args.batch, args.steps, spec, 10_000 * r, constrained_first=r % 2 == 1)
         free, constrained, masks = free + f, constrained + c, masks + mask_s[n + 1:]  # mask 0 came with the prefill
     f, c, m = (statistics.median(x) * 1e3 for x in (free, constrained, masks))
     rows = [["free rows", f, "-", "-"], ["every row JSON schema", c, m, f"{100 * (c - f) / f:+.1f}%"]]
     table(f"Grammar masks: decode step at batch {args.batch} ({args.rounds} x {args.steps} steps each, stepped "
           "alternately, medians)",
-          ["run", "step ms", "mask ms (in thread)", "step cost"], rows,
-          [f"model: {model_info(path)}; tokenizer: byte-level BPE, {len(runner.grammars.load_tokenizer())} tokens",
+          ["run", "step ms", "mask ms (scheduler)", "step cost"], rows,
+          [f"model: {model_info(path)}; tokenizer: byte-level BPE, {len(tokenizer)} tokens",
            f"mask alone = {100 * m / f:.1f}% of a free step; first compile + tokenizer setup {compile_s:.2f} s",
            f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads "
-           f"{torch.get_num_threads()}, python {sys.version.split()[0]}, llguidance (LLExecutor, same threads)"])
-    runner.grammars.close()
+           f"{torch.get_num_threads()}, python {sys.version.split()[0]}, llguidance (LLExecutor, 2 threads)"])
 
 
 if __name__ == "__main__":
