@@ -1,5 +1,5 @@
 """Load time of a GGUF checkpoint per rank (parse, dequantize, copy into the shard) beside transformers' own
-GGUF load and the gguf package's reference dequantizer, in one run.
+GGUF load, and gridserve's runs-of-rows calls of gguf.quants beside its plain per-tensor call, in one run.
 
 python -m bench.gguf_load [--model FILE.gguf] [--tp 1 3] [--repeat 3]  (default model: the bundled SmolLM2)
 """
@@ -17,8 +17,7 @@ from pathlib import Path
 
 import torch
 
-from actors.shard.gguf import GGUFCheckpoint
-from actors.shard.quants import dequantize
+from actors.shard.gguf import GGUFCheckpoint, dequantize
 from actors.shard.runner import ShardPlan, StageRunner
 from actors.shard.tp import TPGroup
 from bench.common import table
@@ -37,7 +36,7 @@ def rank_load(model: str, rank: int, tp: int) -> tuple[float, float, float, int]
 
 
 def dequant_all(model: str) -> tuple[float, float]:
-    """Seconds to dequantize every tensor whole: ours, then gguf.quants.dequantize (the reference)."""
+    """Seconds to dequantize every tensor whole: gridserve's runs of rows, then gguf.quants.dequantize on 2-D rows."""
     import gguf
 
     tensors = GGUFCheckpoint(model).reader.tensors
@@ -85,8 +84,8 @@ def main() -> None:
         load, cpu, parse = (statistics.median(r[i] for r in got) for i in range(3))
         rows.append([f"gridserve tp={tp} rank {rank}", load, cpu, parse, got[0][3] / 2**20])
     ours, ref = dequant_all(args.model)
-    rows.append(["dequantize every tensor: gridserve", ours, "", "", ""])
-    rows.append(["dequantize every tensor: gguf.quants", ref, "", "", ""])
+    rows.append(["dequantize every tensor: gridserve (runs of rows)", ours, "", "", ""])
+    rows.append(["dequantize every tensor: gguf.quants (2-D rows)", ref, "", "", ""])
     rows.append(["transformers from_pretrained(gguf_file=)", *hf_load(args.model), "", ""])
     print(f"load average after: {os.getloadavg()[0]:.1f}")
     table("GGUF load per rank", ["what", "wall s", "CPU s", "parse wall s", "weights MiB"], rows,

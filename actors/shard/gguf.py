@@ -4,13 +4,19 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import gguf.quants
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFReader
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
 
 from actors.shard.gguf_meta import read_spec
-from actors.shard.quants import BLOCKS, dequantize, supported_names
 from actors.shard.spec import ModelSpec
+
+T = GGMLQuantizationType
+# gguf.quants decodes more; these are the types checked against transformers' GGUF load or gguf's own quantizer.
+SUPPORTED = (T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q4_K, T.Q5_K, T.Q6_K)
+# Weights per gguf.quants call: bounds the decoder's float32 temporaries, and small calls stay in cache.
+WEIGHTS_PER_CALL = 1 << 18
 
 GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 LAYER_NAMES = {
@@ -39,6 +45,23 @@ def gguf_file(model: str | Path) -> Path | None:
                          "`model` at one of them (split GGUF files are not supported: merge them with "
                          "llama.cpp's llama-gguf-split --merge)")
     return files[0] if files else None
+
+
+def dequantize(raw: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
+    """Raw bytes [rows, blocks * block bytes] (uint8) -> float32 [rows, blocks * block weights], by gguf.quants."""
+    # Each call gets one 1-D run of whole rows: over 2-D rows gguf.quants makes a numpy pass per 16 rows, which
+    # for narrow rows costs more than the decoding (SmolLM2's 210 Q4_1 tensors of 576-weight rows: 0.61 s CPU
+    # as 2-D rows, 0.38 s as runs; python -m bench.gguf_load compares the two).
+    elems, nbytes = GGML_QUANT_SIZES[qtype]
+    rows, width = raw.shape
+    if width % nbytes:
+        raise ValueError(f"{width} bytes per row is not a whole number of {qtype.name} blocks ({nbytes} B)")
+    out = np.empty((rows, width // nbytes * elems), dtype=np.float32)
+    step = max(1, WEIGHTS_PER_CALL // max(out.shape[1], 1))
+    for r in range(0, rows, step):
+        run = np.ascontiguousarray(raw[r:r + step]).reshape(-1)  # a view when the rows are whole
+        out[r:r + step] = gguf.quants.dequantize(run, qtype).reshape(-1, out.shape[1])
+    return out
 
 
 def hf_name(name: str) -> str | None:
@@ -118,7 +141,7 @@ class GGUFSlice:
         A column range aligned to the type's block (32 weights, 256 for K-quants) is read exactly; otherwise
         the covering blocks are (at most one extra block at each end) and the result is narrowed.
         """
-        elems, nbytes = BLOCKS[self.qtype]
+        elems, nbytes = GGML_QUANT_SIZES[self.qtype]
         c0, c1 = cols
         b0, b1 = c0 // elems, -(-c1 // elems)  # covering blocks
         out = dequantize(self.raw[r0:r1, b0 * nbytes:b1 * nbytes], self.qtype)
@@ -162,10 +185,10 @@ class GGUFCheckpoint:
 
     def _check_tensors(self) -> None:
         """Every tensor's type is one we decode and its shape is what the metadata implies."""
-        bad = [f"{n} ({t.tensor_type.name})" for n, t in self.tensors.items() if t.tensor_type not in BLOCKS]
+        bad = [f"{n} ({t.tensor_type.name})" for n, t in self.tensors.items() if t.tensor_type not in SUPPORTED]
         if bad:
             raise ValueError(f"{self.path}: GGUF tensor types not supported: {bad[:20]}; supported: "
-                             f"{supported_names()} (re-quantize with llama.cpp's llama-quantize, e.g. Q4_K_M)")
+                             f"{[t.name for t in SUPPORTED]} (re-quantize with llama.cpp's llama-quantize, e.g. Q4_K_M)")
         expected = expected_shapes(self._spec)
         for hf, name in self.names.items():
             got = self.hf_shape(name)

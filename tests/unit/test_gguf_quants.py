@@ -1,4 +1,4 @@
-"""GGUF dequantization against the gguf package's own reference decoder, and per-rank slice reads."""
+"""GGUF dequantization in runs of rows against the gguf package's plain call, and per-rank slice reads."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,11 +6,11 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
+from gguf import GGML_QUANT_SIZES as BLOCKS
 from gguf import GGMLQuantizationType as T
 
 import actors.shard.gguf as gg
-from actors.shard.gguf import GGUFCheckpoint, GGUFSlice, unpermute_rows
-from actors.shard.quants import BLOCKS, dequantize
+from actors.shard.gguf import GGUFCheckpoint, GGUFSlice, dequantize, unpermute_rows
 from tests.gguf_files import interleave_heads
 
 ALL = [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q4_K, T.Q5_K, T.Q6_K]
@@ -34,13 +34,17 @@ def random_blocks(qtype: T, rows: int, blocks: int, seed: int = 0) -> np.ndarray
     return raw.reshape(rows, blocks * nbytes)
 
 
+@pytest.mark.parametrize("per_call", [1 << 18, 64], ids=["one-call", "runs-of-rows"])
 @pytest.mark.parametrize("qtype", ALL, ids=lambda t: t.name)
-def test_random_blocks_decode_like_gguf(qtype: T) -> None:
-    """Every type decodes random valid blocks bit for bit as gguf.quants.dequantize does."""
+def test_random_blocks_decode_like_gguf(monkeypatch: pytest.MonkeyPatch, qtype: T, per_call: int) -> None:
+    """Every type decodes random valid blocks bit for bit as gguf.quants.dequantize does on 2-D rows, whole or
+    split into several calls, and the result is a writable array of its own (not a view of the file)."""
+    monkeypatch.setattr(gg, "WEIGHTS_PER_CALL", per_call)
     raw = random_blocks(qtype, 6, 4)
-    ours, ref = dequantize(raw, qtype), gguf.quants.dequantize(raw, qtype)
-    assert ours.dtype == np.float32 and ours.shape == ref.shape == (6, 4 * BLOCKS[qtype][0])
-    np.testing.assert_array_equal(ours, ref.astype(np.float32))
+    ours, ref = dequantize(raw[:, :-BLOCKS[qtype][1]], qtype), gguf.quants.dequantize(raw, qtype)
+    assert ours.dtype == np.float32 and ours.shape == (6, 3 * BLOCKS[qtype][0])
+    np.testing.assert_array_equal(ours, ref[:, :3 * BLOCKS[qtype][0]].astype(np.float32))
+    assert ours.flags.writeable and ours.flags.owndata
 
 
 @pytest.mark.parametrize("qtype", QUANTIZABLE, ids=lambda t: t.name)
