@@ -15,7 +15,7 @@ import time
 import ray
 import torch
 
-from actors.shard.spec import ModelSpec
+from actors.shard.checkpoint import model_spec
 from bench.common import table
 from bench.engine import make_grid, run_streams
 from deployments import smollm2
@@ -73,7 +73,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="shorter outputs (a smoke run, noisier)")
     a = ap.parse_args()
     model = str(smollm2.fetch("models"))
-    spec = ModelSpec.from_path(model)
+    spec = model_spec(model)
     short, long = (8, 24) if a.quick else (16, 64)
     workloads = {"batch 1": token_prompts(1, 32, spec.vocab_size), "32 streams": token_prompts(32, 64, spec.vocab_size)}
     ray.init(num_cpus=CORES, include_dashboard=False, _node_ip_address="127.0.0.1")

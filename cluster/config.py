@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
+from actors.shard.checkpoint import model_spec
 from actors.shard.partition import Partition, resolve_partition
 from actors.shard.spec import ModelSpec
 
@@ -165,7 +166,7 @@ class GridServeConfig(BaseModel):
 
     def spec(self) -> ModelSpec:
         """The model's architecture numbers (raises ValueError naming `model` if the folder or file is wrong)."""
-        return ModelSpec.from_path(self.model)
+        return model_spec(self.model)
 
     def layer_partition(self) -> Partition:
         """Decoder layers per pipeline stage, resolved against the model."""

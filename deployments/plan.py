@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+from actors.shard.checkpoint import model_spec
 from actors.shard.spec import ModelSpec
 from cluster.planner import GIB, ClusterShape, Target, format_plan, plan
 
@@ -15,7 +16,7 @@ def load_spec(path: str) -> ModelSpec:
     p = Path(path)
     if p.is_file() and p.suffix != ".gguf":
         return ModelSpec.from_hf_dict(json.loads(p.read_text()))
-    return ModelSpec.from_path(p)
+    return model_spec(p)
 
 
 def shape_from_ray(address: str | None, gpu_memory_gib: float, interconnect: str) -> ClusterShape:

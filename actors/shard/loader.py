@@ -10,7 +10,6 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from actors.shard.gguf import GGUFCheckpoint, gguf_file
 from actors.shard.layers import LazySlice
 from actors.shard.spec import ModelSpec
 
@@ -75,12 +74,6 @@ class CheckpointReader:
             except Exception as exc:  # safetensors raises its own error types for truncated files
                 raise ValueError(f"checkpoint file {path} is unreadable ({exc}); re-download or re-export it") from exc
         return self._handles[name].get_slice(key)
-
-
-def open_checkpoint(model: str | Path) -> CheckpointReader | GGUFCheckpoint:
-    """The reader for whatever `model` names: a .gguf file (or a folder holding one), else a safetensors folder."""
-    path = gguf_file(model)
-    return GGUFCheckpoint(path) if path is not None else CheckpointReader(model)
 
 
 class TensorSlice:

@@ -8,9 +8,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from actors.shard.checkpoint import open_checkpoint
 from actors.shard.cpu_gemm import CpuWeights, pack_linears, packed_bytes
 from actors.shard.kv_cache import AttnMeta, PagedKVCache
-from actors.shard.loader import load_stage, open_checkpoint
+from actors.shard.loader import load_stage
 from actors.shard.model import StageModel
 from actors.shard.partition import Partition, even_partition
 from actors.shard.sampler import Logprobs, Sampler, SamplingParams, unpack_bitmask

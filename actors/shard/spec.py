@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -43,17 +42,6 @@ class ModelSpec:
     sliding_window: int | None
     dtype: str
     eos_token_ids: tuple[int, ...] = field(default=())
-
-    @classmethod
-    def from_path(cls, model: str | Path) -> "ModelSpec":
-        """The spec of any checkpoint `model` names: a Hugging Face folder, a .gguf file, or a folder with one."""
-        from actors.shard.gguf import gguf_file  # the gguf package only when a file needs it
-
-        path = gguf_file(model)
-        if path is None:
-            return cls.from_dir(model)
-        stat = path.stat()
-        return _gguf_spec(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> "ModelSpec":
@@ -166,13 +154,3 @@ class HeadSplit:
             return cls(spec.num_heads // tp_size, kv, tp_rank * kv, 1)
         replicas = tp_size // spec.num_kv_heads
         return cls(spec.num_heads // tp_size, 1, tp_rank // replicas, replicas)
-
-
-
-@lru_cache(maxsize=8)
-def _gguf_spec(path: str, mtime_ns: int, size: int) -> ModelSpec:
-    """A GGUF file's spec, parsed once per process and file version: its metadata (the whole vocabulary with
-    merges) takes seconds to parse, and config validation, placement and planning each ask for the spec."""
-    from actors.shard.gguf import GGUFCheckpoint
-
-    return GGUFCheckpoint(Path(path)).spec()

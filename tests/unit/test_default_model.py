@@ -57,10 +57,11 @@ def test_gguf_tokenizer_is_converted_once_then_cached(tmp_path: Path, monkeypatc
 
 def test_fallback_model_splits_like_the_bundled_one(tmp_path: Path) -> None:
     """The offline stand-in takes every tensor-parallel size SmolLM2 takes, so ray_config.yaml's layout starts."""
+    from actors.shard.checkpoint import model_spec
     from actors.shard.spec import ModelSpec
     from deployments.make_model import FALLBACK_SHAPE, write_model
 
-    demo = ModelSpec.from_path(write_model(tmp_path / "demo", tokenizer=False, **FALLBACK_SHAPE))
+    demo = model_spec(write_model(tmp_path / "demo", tokenizer=False, **FALLBACK_SHAPE))
     smol = dict(num_heads=9, num_kv_heads=3, intermediate_size=1536)
     real = ModelSpec(**{**demo.__dict__, **smol})
     assert set(real.valid_tp_sizes()) <= set(demo.valid_tp_sizes()) and real.valid_tp_sizes() == [1, 3]

@@ -11,16 +11,15 @@ from gguf import GGMLQuantizationType as T
 from safetensors.torch import load_file, save_file
 
 import actors.shard.gguf as gg
-from actors.shard.loader import open_checkpoint
+from actors.shard.checkpoint import model_spec, open_checkpoint
 from actors.shard.spec import ModelSpec
 from cluster.config import GridServeConfig
 from cluster.tokenizer import load_tokenizer
 from deployments.make_model import write_model
-from tests.conftest import VARIANTS
+from tests.configs import VARIANTS
 from tests.gguf_files import write_gguf
 from tests.local_grid import LocalGrid
-from tests.reference import PROMPTS, grid_greedy, hf_greedy
-from tests.unit.test_model_vs_hf import prefill_logits
+from tests.reference import PROMPTS, grid_greedy, hf_greedy, prefill_logits
 
 NAMES = ["llama_gqa", "qwen2_bias", "llama_tied_mqa"]
 LONG = [int(x) for x in np.random.default_rng(5).integers(0, 90, 60)]  # reaches past Llama 3's 32-token band
@@ -113,7 +112,7 @@ def test_quantized_gguf_matches_hf_gguf_load(hf_dirs: dict, tmp_path: Path, name
 def test_spec_from_metadata(f32_files: dict, hf_dirs: dict) -> None:
     """The GGUF spec equals the config.json spec, except the rope form and the (float32) dtype."""
     for name in NAMES:
-        ours, hf = ModelSpec.from_path(f32_files[name]), ModelSpec.from_dir(hf_dirs[name])
+        ours, hf = model_spec(f32_files[name]), ModelSpec.from_dir(hf_dirs[name])
         assert ours.dtype == "float32"
         assert (ours.rope_scaling is not None) == (hf.rope_scaling is not None)
         fields = ["family", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
@@ -128,16 +127,16 @@ def test_folder_with_one_gguf_and_served_name(f32_files: dict, tmp_path: Path) -
     folder = tmp_path / "m"
     folder.mkdir()
     (folder / "tiny.Q8_0.gguf").write_bytes(f32_files["qwen2_bias"].read_bytes())
-    assert ModelSpec.from_path(folder) == ModelSpec.from_path(f32_files["qwen2_bias"])
+    assert model_spec(folder) == model_spec(f32_files["qwen2_bias"])
     cfg = GridServeConfig(model=str(folder / "tiny.Q8_0.gguf"), max_model_len=128)
     assert cfg.model_name == "tiny.Q8_0" and cfg.spec().family == "qwen2"
     assert GridServeConfig(model=str(folder), max_model_len=128).model_name == "m"
     assert load_tokenizer(str(folder)) is None  # no vocabulary in the file: requests must send token ids
     (folder / "other.gguf").write_bytes(b"")
     with pytest.raises(ValueError, match=r"2 GGUF files \['other.gguf', 'tiny.Q8_0.gguf'\]"):
-        ModelSpec.from_path(folder)
+        model_spec(folder)
     with pytest.raises(ValueError, match="does not exist"):
-        ModelSpec.from_path(tmp_path / "missing.gguf")
+        model_spec(tmp_path / "missing.gguf")
 
 
 def test_bad_files_are_named(hf_dirs: dict, tmp_path: Path) -> None:
@@ -159,4 +158,4 @@ def test_bad_files_are_named(hf_dirs: dict, tmp_path: Path) -> None:
         open_checkpoint(cut)
     foreign = write_gguf(d, tmp_path / "d.gguf", arch="gemma")
     with pytest.raises(ValueError, match=r"GGUF architecture 'gemma'.*supported: \['llama', 'qwen2'\]"):
-        ModelSpec.from_path(foreign)
+        model_spec(foreign)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from actors.shard.checkpoint import model_spec
 from actors.shard.gguf import PlainReader
-from actors.shard.spec import ModelSpec
 from cluster.tokenizer import gguf_chat_template, load_tokenizer
 from tests.local_grid import LocalGrid
 from tests.reference import grid_greedy, hf_greedy
@@ -49,7 +49,7 @@ def references(smollm2_gguf: Path, prompts: list[list[int]]) -> list[tuple[list[
 
 def test_metadata(smollm2_gguf: Path, tokenizer: Any) -> None:
     """The spec read from the file is SmolLM2-135M's; the tokenizer carries the file's chat template and EOS."""
-    spec = ModelSpec.from_path(smollm2_gguf)
+    spec = model_spec(smollm2_gguf)
     assert (spec.family, spec.num_layers, spec.hidden_size, spec.intermediate_size) == ("llama", 30, 576, 1536)
     assert (spec.num_heads, spec.num_kv_heads, spec.vocab_size, spec.tie_word_embeddings) == (9, 3, 49152, True)
     assert spec.max_position_embeddings == 8192 and spec.valid_tp_sizes(9) == [1, 3]  # 1536 does not divide by 9
