@@ -1,13 +1,12 @@
 """A real Serve app on a free loopback port, shared by the HTTP tests of a module."""
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Iterator
 
 import httpx
 import pytest
 
-from tests.loopback import LOOPBACK, free_port, loopback_cluster
+from tests.serving import serving
 
 
 @pytest.fixture(scope="session")
@@ -18,38 +17,6 @@ def chat_model(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(write_model(tmp_path_factory.mktemp("chat") / "tiny", hidden_size=64, intermediate_size=128,
                            num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, seed=3,
                            max_position_embeddings=256))
-
-
-@contextmanager
-def serve_on_loopback() -> Iterator[str]:
-    """Serve's HTTP proxy on a free loopback port of the connected Ray; yields the base URL."""
-    from ray import serve
-
-    port = free_port()
-    serve.start(http_options={"host": LOOPBACK, "port": port})
-    try:
-        yield f"http://{LOOPBACK}:{port}"
-    finally:
-        serve.shutdown()
-
-
-def deploy(args: dict, **deployment_options: Any) -> None:
-    """Deploy the gridserve app with `args`; returns once its replicas run."""
-    from ray import serve
-
-    from cluster.config import GridServeConfig
-    from deployments.serve_app import make_app
-
-    serve.run(make_app(GridServeConfig(**args), **deployment_options), name="gridserve", route_prefix="/")
-
-
-@contextmanager
-def serving(args: dict, metrics_port: int | None = None, **deployment_options: Any) -> Iterator[str]:
-    """A local loopback Ray (Ray's metrics exporter on `metrics_port` if given) serving the app; the base URL."""
-    extra = {"_metrics_export_port": metrics_port} if metrics_port else {}
-    with loopback_cluster({"num_cpus": 4, **extra}), serve_on_loopback() as url:
-        deploy(args, **deployment_options)
-        yield url
 
 
 @pytest.fixture(scope="module")

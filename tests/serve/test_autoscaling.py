@@ -8,7 +8,7 @@ import httpx
 import pytest
 from ray import serve
 
-from tests.serve.conftest import serve_on_loopback
+from tests.serving import serve_on_loopback
 from tests.waits import wait_until
 
 

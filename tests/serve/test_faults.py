@@ -12,7 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.loopback import free_port
-from tests.serve.conftest import serving
+from tests.serving import serving
 from tests.waits import wait_until
 
 

@@ -8,33 +8,46 @@ from typing import Iterator
 import httpx
 import pytest
 
-from tests.serve.conftest import serving
+from tests.loopback import loopback_cluster
+from tests.serving import deploy, serve_on_loopback
 from tests.waits import wait_until
 
 KEY = {"Authorization": "Bearer s3cret"}
-
-
-@pytest.fixture(scope="module", params=[False, True], ids=["split", "colocated"])
-def colocated(request: pytest.FixtureRequest) -> bool:
-    """colocate_ingress off (OpenAIIngress -> LLMServer) and on (one deployment)."""
-    return request.param
+LAYOUTS = {"split": False, "colocated": True}  # application name -> colocate_ingress
 
 
 @pytest.fixture(scope="module")
-def guarded(chat_model: str, colocated: bool) -> Iterator[str]:
-    """tp=1 pp=1 with an API key, 2 running and 2 waiting sequences at most."""
-    with serving({"model": chat_model, "served_model_name": "tiny", "cpus_per_worker": 1, "replica_cpus": 0.5,
-                  "max_model_len": 256, "max_num_batched_tokens": 256, "max_num_seqs": 2, "max_waiting_requests": 2,
-                  "api_key": "s3cret", "colocate_ingress": colocated}) as url:
+def both_layouts(chat_model: str) -> Iterator[str]:
+    """One loopback Ray and Serve running the app twice, tp=1 pp=1 with an API key, 2 running and 2 waiting
+    sequences at most: colocate_ingress off as application 'split', on as 'colocated' (each under its name)."""
+    with loopback_cluster({"num_cpus": 4}), serve_on_loopback() as url:
+        for name, colocated in LAYOUTS.items():
+            deploy({"model": chat_model, "served_model_name": "tiny", "cpus_per_worker": 1, "replica_cpus": 0.5,
+                    "max_model_len": 256, "max_num_batched_tokens": 256, "max_num_seqs": 2,
+                    "max_waiting_requests": 2, "api_key": "s3cret", "colocate_ingress": colocated},
+                   name=name, route_prefix=f"/{name}")
         yield url
 
 
-def test_colocated_ingress_is_the_only_deployment(guarded: str, colocated: bool) -> None:
+@pytest.fixture(params=list(LAYOUTS))
+def layout(request: pytest.FixtureRequest) -> str:
+    """The application under test: 'split' (OpenAIIngress -> LLMServer) or 'colocated' (one deployment)."""
+    return request.param
+
+
+@pytest.fixture
+def guarded(both_layouts: str, layout: str) -> str:
+    """The base URL of that application."""
+    return f"{both_layouts}/{layout}"
+
+
+def test_colocated_ingress_is_the_only_deployment(guarded: str, layout: str) -> None:
     """colocate_ingress runs one deployment (the model inside the ingress); off, the ingress calls LLMServer."""
     from ray import serve
 
-    deployments = set(serve.status().applications["gridserve"].deployments)
-    assert deployments == ({"OpenAIIngress"} if colocated else {"OpenAIIngress", "LLMServer"})
+    assert httpx.get(f"{guarded}/health", timeout=30).status_code == 200
+    deployments = set(serve.status().applications[layout].deployments)
+    assert deployments == ({"OpenAIIngress"} if LAYOUTS[layout] else {"OpenAIIngress", "LLMServer"})
 
 
 def test_api_key_on_every_route_but_health(guarded: str) -> None:

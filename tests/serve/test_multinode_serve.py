@@ -6,7 +6,7 @@ from typing import Any, Iterator
 import httpx
 import pytest
 
-from tests.serve.conftest import deploy, serve_on_loopback
+from tests.serving import deploy, serve_on_loopback
 
 
 @pytest.fixture(scope="module")

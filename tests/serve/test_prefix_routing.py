@@ -9,7 +9,7 @@ from typing import Iterator
 import httpx
 import pytest
 
-from tests.serve.conftest import serving
+from tests.serving import serving
 
 BLOCK = 4
 PREFIX = 40  # tokens shared by the "users" of one system prompt: 10 full blocks

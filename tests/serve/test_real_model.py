@@ -8,7 +8,7 @@ import openai
 import pytest
 
 from cluster.config import args_from_serve_config
-from tests.serve.conftest import serving
+from tests.serving import serving
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -10,7 +10,7 @@ import httpx
 import pytest
 from ray import serve
 
-from tests.serve.conftest import serving
+from tests.serving import serving
 from tests.waits import wait_until
 
 

@@ -13,7 +13,7 @@ import pytest
 from pydantic import BaseModel, ConfigDict, Field
 
 from tests.json_schemas import random_schema
-from tests.serve.conftest import serving
+from tests.serving import serving
 
 # Hermes-style: tools listed in the system turn, calls as <tool_call>{...}</tool_call>, results as a user turn.
 HERMES = ("{% if tools %}<|system|>\nTools: {% for t in tools %}{{ t | tojson }}{% endfor %}\n"
