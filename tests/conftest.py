@@ -8,19 +8,8 @@ from typing import Any, Iterator
 import pytest
 
 from cluster.loopback import pin_local_ray_to_loopback
+from tests.configs import VARIANTS
 from tests.loopback import loopback_cluster
-
-SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-             max_position_embeddings=256)
-# name -> (family, HF config overrides): GQA + Llama 3 rope scaling, Qwen2 with QKV bias, tied MQA, Mistral window.
-VARIANTS = {
-    "llama_gqa": ("llama", dict(SMALL, num_key_value_heads=2, vocab_size=96,
-                                rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                              "high_freq_factor": 4.0, "original_max_position_embeddings": 32})),
-    "qwen2_bias": ("qwen2", dict(SMALL, num_key_value_heads=2, vocab_size=101)),
-    "llama_tied_mqa": ("llama", dict(SMALL, num_key_value_heads=1, vocab_size=90, tie_word_embeddings=True)),
-    "mistral_window": ("mistral", dict(SMALL, num_key_value_heads=2, vocab_size=96, head_dim=16, sliding_window=12)),
-}
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -1,12 +1,16 @@
-"""Hugging Face reference outputs and a driver loop over any grid, shared by unit and cluster tests."""
+"""Hugging Face reference outputs, and a driver loop and a one-step prefill over any grid, shared by unit and cluster
+tests."""
 from __future__ import annotations
 
 import asyncio
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
+from actors.shard.runner import StepInput
+from actors.shard.sampler import SamplingParams
 from cluster.engine import AsyncEngine
 from cluster.generate import Request, generate_all
 from cluster.request import GenerationParams
@@ -42,6 +46,16 @@ def grid_greedy(grid: Any, prompts: list[list[int]], new_tokens: int, block_size
             grid.close_dag()  # inside the loop that ran it: its channel tasks end cleanly
 
     return asyncio.run(main())
+
+
+def prefill_logits(grid: Any, prompt: list[int]) -> np.ndarray:
+    """Last-position logits of one prompt after a single prefill step (into blocks 0..) of `grid`."""
+    n = len(prompt)
+    step = StepInput(np.asarray(prompt, dtype=np.int64), np.arange(n, dtype=np.int64), [n], [n],
+                     [list(range(-(-n // 4)))], [SamplingParams(temperature=0.0)], [0], return_logits=True)
+    out = grid.execute(step)
+    assert out.logits is not None
+    return out.logits[0]
 
 
 def greedy(max_tokens: int, ignore_eos: bool = True) -> GenerationParams:

@@ -12,7 +12,7 @@ from actors.shard.sampler import SamplingParams
 from cluster.engine import AsyncEngine
 from cluster.generate import Request, generate_all
 from cluster.request import GenerationParams
-from tests.cluster.test_grid import make_grid
+from tests.ray_grid import make_grid
 from tests.reference import greedy, hf_greedy
 
 

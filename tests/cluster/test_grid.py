@@ -6,9 +6,7 @@ import pytest
 
 from actors.shard.runner import StepInput
 from actors.shard.sampler import SamplingParams
-from cluster.config import GridServeConfig
-from cluster.grid import WorkerGrid
-from cluster.placement import create_replica_group
+from tests.ray_grid import make_grid
 from tests.reference import PROMPTS, grid_greedy, hf_greedy
 from tests.waits import wait_until
 
@@ -23,13 +21,6 @@ def prefill_step(prompt: list[int]) -> StepInput:
     return StepInput(np.asarray(prompt, dtype=np.int64), np.arange(n, dtype=np.int64), [n], [n],
                      [list(range(100, 100 + -(-n // 4)))], [SamplingParams(temperature=0.0)], [0],
                      return_logits=True)
-
-
-def make_grid(model_dir: str, tp: int, pp: int, **extra: object) -> WorkerGrid:
-    """A grid of logical-GPU workers for a small test model."""
-    cfg = GridServeConfig(model=model_dir, tensor_parallel_size=tp, pipeline_parallel_size=pp, max_model_len=256,
-                          max_num_batched_tokens=256, block_size=4, kv_cache_memory_bytes=2**20, **extra)
-    return WorkerGrid(cfg, create_replica_group(cfg)[0], owns_group=True)
 
 
 @pytest.mark.parametrize("variant,tp,pp", CASES)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 from ray.cluster_utils import Cluster
 
-from tests.cluster.test_grid import make_grid
+from tests.ray_grid import make_grid
 from tests.reference import PROMPTS, grid_greedy, hf_greedy
 from tests.waits import wait_until
 

@@ -5,7 +5,7 @@ import pytest
 
 from actors.shard.spec import ModelSpec
 from cluster.planner import rank_kv_bytes, rank_weight_bytes
-from tests.cluster.test_grid import make_grid
+from tests.ray_grid import make_grid
 
 
 @pytest.mark.parametrize("variant,tp,pp", [("qwen2_bias", 2, 2), ("llama_tied_mqa", 2, 1), ("llama_gqa", 1, 2)])

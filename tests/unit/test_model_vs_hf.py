@@ -4,10 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from actors.shard.runner import StepInput
-from actors.shard.sampler import SamplingParams
 from tests.local_grid import LocalGrid
-from tests.reference import PROMPTS, grid_greedy, hf_greedy
+from tests.reference import PROMPTS, grid_greedy, hf_greedy, prefill_logits
 
 LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2), (4, 1)]
 NEW = 14
@@ -17,16 +15,6 @@ NEW = 14
 def references(model_dirs: dict) -> dict:
     """HF greedy tokens and logits for every variant and prompt."""
     return {name: [hf_greedy(d, p, NEW) for p in PROMPTS] for name, d in model_dirs.items()}
-
-
-def prefill_logits(grid: LocalGrid, prompt: list[int]) -> np.ndarray:
-    """Last-position logits of one prompt after a single prefill step."""
-    n = len(prompt)
-    step = StepInput(np.asarray(prompt, dtype=np.int64), np.arange(n, dtype=np.int64), [n], [n],
-                     [list(range(-(-n // 4)))], [SamplingParams(temperature=0.0)], [0], return_logits=True)
-    out = grid.execute(step)
-    assert out.logits is not None
-    return out.logits[0]
 
 
 @pytest.mark.parametrize("tp,pp", LAYOUTS)

@@ -11,7 +11,7 @@ from actors.shard.partition import (balanced_partition, even_partition, layer_ma
                                     stage_layers)
 from actors.shard.spec import ModelSpec
 from cluster.config import GridServeConfig
-from tests.unit.test_spec import hf_config
+from tests.configs import hf_config
 
 BENCH_125M = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
                   num_key_value_heads=4, vocab_size=32000)
@@ -62,7 +62,8 @@ def test_balanced_is_even_when_the_head_is_cheap() -> None:
 @pytest.mark.parametrize("counts", [[6, 5], [6, 6, 0], [13, -1], [12]])
 def test_bad_counts_name_the_field_and_a_valid_split(counts: list[int]) -> None:
     """Counts that do not sum to the layers, miss a stage or leave one empty are refused with the fix."""
-    with pytest.raises(ValueError, match=r"pipeline_layer_partition=.*sum to the model's num_hidden_layers=12.*\[8, 4\]"):
+    fix = r"pipeline_layer_partition=.*sum to the model's num_hidden_layers=12.*\[8, 4\]"
+    with pytest.raises(ValueError, match=fix):
         resolve_partition(spec_of(**BENCH_125M), 2, counts)
 
 

@@ -12,8 +12,7 @@ from actors.shard.checkpoint import model_spec
 from actors.shard.gguf import PlainReader
 from cluster.tokenizer import gguf_chat_template, load_tokenizer
 from tests.local_grid import LocalGrid
-from tests.reference import grid_greedy, hf_greedy
-from tests.unit.test_model_vs_hf import prefill_logits
+from tests.reference import grid_greedy, hf_greedy, prefill_logits
 
 pytestmark = pytest.mark.slow
 QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "List three primary colors.",

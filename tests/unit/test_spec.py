@@ -6,17 +6,7 @@ from typing import Any
 import pytest
 
 from actors.shard.spec import HeadSplit, ModelSpec
-
-
-def hf_config(arch: str = "LlamaForCausalLM", **overrides: Any) -> dict[str, Any]:
-    """A Llama-7B-shaped config.json dict (32 heads, 8 KV heads), with overrides."""
-    cfg: dict[str, Any] = {
-        "architectures": [arch], "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
-        "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 32000,
-        "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
-    }
-    cfg.update(overrides)
-    return cfg
+from tests.configs import hf_config
 
 
 def spec_of(**overrides: Any) -> ModelSpec:
