@@ -1,6 +1,11 @@
-"""The CPU kernels in csrc/ (decode attention over the paged cache, matmuls, RMSNorm): compiled once per
-machine with the system's C compiler into one library, loaded with ctypes. Where no compiler works, `available()`
-is False and callers keep the torch path.
+"""The CPU kernels in csrc/ (decode attention over the paged cache, matmuls, RMSNorm), called through ctypes.
+
+`pip install` builds them (setup.py, with kernel_build's commands): -march=native ties the binary to the machine
+that installs it, which is the one that runs it, and plain C with no torch headers needs only setuptools and a C
+compiler in pip's isolated build environment, where torch.utils.cpp_extension would need torch there and compile
+the C as C++ against its headers. Where that build is missing or stale (edited sources, another CPU), the same
+commands build the kernels at first use into a per-machine cache; without a compiler `available()` is False and
+callers keep the torch paths.
 
 Why C and not torch: decode attention over a paged cache in torch must first gather each sequence's blocks into
 one buffer, so the context is read, written and read again; the kernel reads each key and value once, straight
@@ -8,85 +13,74 @@ from its block. A decode step's linear layers are bound by reading their weights
 half to two thirds of the read bandwidth with one to four tokens; `gemv_f32` streams them. With 5 to 256
 tokens they are bound by arithmetic, where oneDNN's packed layout reached 50-140 GFLOP/s on two cores at 5-64
 tokens and `gemm_f32`'s register-blocked loop 56-157 (bench/kernels.py).
-Plain C with no torch headers compiles in a few seconds; `-march=native` is why it is built on the machine that
-runs it, and why the CPU's flags are in the key.
 """
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
 import os
-import platform
 import subprocess
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 
+from actors.shard import kernel_build
+
 log = logging.getLogger(__name__)
 
-CSRC = Path(__file__).parent / "csrc"
-SOURCES = [CSRC / name for name in ("paged_decode.c", "gemv.c", "gemm.c", "pointwise.c")]
-HEADERS = [CSRC / "simd.h"]  # included by the sources: part of the build key
-# -fopenmp: tasks share the OpenMP runtime torch already loaded (same soname, so the loader reuses it).
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared"]
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
+F32, I64 = torch.float32, torch.int64
 GEMV_THREADED_MIN = 2**17  # matmuls with weights smaller than this (512 KiB of fp32) run on one thread
+OPENMP_NAMES = ("libgomp", "libiomp", "libomp")  # file names of the GNU, Intel and LLVM OpenMP runtimes
 
 
-def kernel_dir() -> Path:
-    """$GRIDSERVE_CACHE/kernels, else ~/.cache/gridserve/kernels: the root cluster.cache uses for models too."""
-    return Path(os.environ.get("GRIDSERVE_CACHE") or Path.home() / ".cache" / "gridserve") / "kernels"
+def library_path() -> Path:
+    """The install-time build when it is current, else the first-use build (compiled now if need be)."""
+    installed = kernel_build.installed_library()
+    if installed is not None:
+        return installed
+    if kernel_build.installed_path().exists():
+        log.info("The installed CPU kernels were built from other sources or for another CPU: building them here.")
+    return kernel_build.cached_library()
 
 
-def _cpu_flags() -> str:
-    """The CPU's feature flags (what -march=native compiles for), '' where /proc/cpuinfo has none."""
+def openmp_runtime() -> str | None:
+    """The OpenMP runtime mapped into this process (torch's own, first), or None where none is."""
     try:
-        text = Path("/proc/cpuinfo").read_text()
+        lines = Path("/proc/self/maps").read_text().splitlines()
     except OSError:
-        return ""
-    return next((line for line in text.splitlines() if line.startswith(("flags", "Features"))), "")
+        return None
+    mapped = {fields[5] for fields in (line.split(maxsplit=5) for line in lines) if len(fields) == 6}
+    runtimes = [path for path in mapped if Path(path).name.startswith(OPENMP_NAMES)]
+    torch_dir = str(Path(torch.__file__).parent)
+    return min(runtimes, key=lambda path: (not path.startswith(torch_dir), path), default=None)
 
 
-def build(compiler: str | None = None) -> Path:
-    """Compile the kernels into the per-machine cache (reused while sources, compiler and CPU stay the same)."""
-    cc = compiler or os.environ.get("CC", "gcc")
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30, check=True).stdout
-    sources = [path.read_bytes() for path in SOURCES + HEADERS]
-    key = hashlib.sha256(b"\0".join([*sources, " ".join(FLAGS).encode(), version.encode(), _cpu_flags().encode(),
-                                     platform.machine().encode()])).hexdigest()[:20]
-    target = kernel_dir() / f"kernels-{key}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Built under a private name, then renamed: workers starting together never load a half-written file.
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    try:
-        subprocess.run([cc, *FLAGS, "-o", tmp, *map(str, SOURCES), "-lm"], capture_output=True, text=True, timeout=300,
-                       check=True)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
+def _share_openmp_runtime() -> None:
+    """Open torch's OpenMP runtime again with RTLD_GLOBAL, so that the kernels' OpenMP calls bind to it."""
+    # Two OpenMP runtimes in one process are two thread pools, each sized to every core and spinning while it waits
+    # for work, so torch's ops and the kernels would oversubscribe the cores in turn. The kernels are linked against
+    # no runtime (kernel_build.LINK_FLAGS) and take the one torch already mapped, found by its path rather than by
+    # a soname guessed at build time; RTLD_NOLOAD never loads a second one.
+    path = openmp_runtime()
+    if path is not None:
+        ctypes.CDLL(path, mode=os.RTLD_GLOBAL | os.RTLD_NOLOAD)
 
 
 @lru_cache(maxsize=1)
 def _library() -> ctypes.CDLL | None:
-    """The loaded kernel, or None (logged once) where it cannot be built here."""
+    """The loaded kernels, or None (logged once) where they cannot be built or loaded here."""
     try:
-        lib = ctypes.CDLL(str(build()))
+        _share_openmp_runtime()
+        lib = ctypes.CDLL(str(library_path()))
     except (OSError, subprocess.SubprocessError) as e:
         detail = getattr(e, "stderr", "") or str(e)
-        log.warning("CPU decode attention and weight matmuls fall back to torch: the C kernels did not build "
-                    "(%s). Install gcc, or set CC to a C compiler, for the faster path.", detail.strip()[:500])
+        log.warning("CPU decode attention and weight matmuls fall back to torch: the C kernels did not build or "
+                    "load (%s). Install gcc, or set CC to a C compiler, for the faster path.", detail.strip()[:500])
         return None
-    fn = lib.paged_decode_f32
-    fn.argtypes = [_PTR] * 6 + [_I64] * 8 + [ctypes.c_float, ctypes.c_int]
-    fn.restype = ctypes.c_int
+    lib.paged_decode_f32.argtypes = [_PTR] * 6 + [_I64] * 8 + [ctypes.c_float, ctypes.c_int]
+    lib.paged_decode_f32.restype = ctypes.c_int
     lib.gemv_f32.argtypes = [_PTR] * 3 + [_I64] * 3 + [ctypes.c_int]
     lib.gemv_f32.restype = None
     lib.gemv_vectorised.restype = ctypes.c_int
@@ -98,15 +92,8 @@ def _library() -> ctypes.CDLL | None:
 
 
 def available() -> bool:
-    """True when the kernels are built and loaded (compiles them on first call)."""
+    """True when the kernels are built and loaded (builds them on first call where the install did not)."""
     return _library() is not None
-
-
-def _loaded(caller: str) -> ctypes.CDLL:
-    """The kernel library for `caller`, which its dispatcher has already checked with available()."""
-    lib = _library()
-    assert lib is not None, f"{caller} needs the C kernels: check available() first"
-    return lib
 
 
 @lru_cache(maxsize=1)
@@ -114,6 +101,14 @@ def matmuls_available() -> bool:
     """True when `gemv` and `gemm` are built with AVX2 + FMA here, so they beat PyTorch's GEMMs (else keep those)."""
     lib = _library()
     return lib is not None and lib.gemv_vectorised() == 1
+
+
+def _loaded(caller: str) -> ctypes.CDLL:
+    """The kernel library for `caller`, which its dispatcher has already checked with available()."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError(f"{caller} needs the C kernels, which did not build here: check available() first")
+    return lib
 
 
 def _matmul_operands(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:

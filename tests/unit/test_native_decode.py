@@ -1,10 +1,5 @@
-"""The C decode-attention kernel against the torch gather path, its per-machine build, and its fallback."""
+"""The C decode-attention kernel against the torch gather path (its build: test_native_build.py)."""
 from __future__ import annotations
-
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -34,43 +29,6 @@ def test_kernel_matches_the_gather_path(d: int, heads: int, kv_heads: int, block
         want = gathered_decode(q, cache, layer, meta, d ** -0.5)
         torch.testing.assert_close(got, want, atol=2e-6, rtol=2e-5)
 
-
-def test_kernel_shares_torchs_openmp_runtime() -> None:
-    """Loaded after torch, the kernel uses torch's libgomp: one OpenMP thread pool, not two competing for cores."""
-    code = ("import torch\nfrom actors.shard import native\nassert native.available()\n"
-            "maps = open('/proc/self/maps').read().split('\\n')\n"
-            "print(len({l.split()[-1] for l in maps if 'libgomp' in l}))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         cwd=Path(__file__).resolve().parents[2])
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "1"
-
-
-def test_build_is_cached_and_a_missing_compiler_falls_back(tmp_path: Path) -> None:
-    """A second build reuses the file; with no C compiler the kernels are unavailable, a warning says why, and
-    decode attention and one-token matmuls still answer through torch."""
-    env = {**os.environ, "GRIDSERVE_CACHE": str(tmp_path)}
-    first = subprocess.run([sys.executable, "-c", "from actors.shard import native; print(native.build())"],
-                           capture_output=True, text=True, timeout=300, env=env, check=True).stdout.strip()
-    stamp = os.stat(first).st_mtime_ns
-    again = subprocess.run([sys.executable, "-c", "from actors.shard import native; print(native.build())"],
-                           capture_output=True, text=True, timeout=300, env=env, check=True).stdout.strip()
-    assert again == first and os.stat(first).st_mtime_ns == stamp
-    assert [p.name for p in (tmp_path / "kernels").iterdir()] == [Path(first).name]  # no temporaries left
-
-    code = ("import torch\nfrom actors.shard import native\nfrom actors.shard.kv_cache import *\n"
-            "c = PagedKVCache(1, 4, 4, 1, 8, torch.float32, torch.device('cpu'))\n"
-            "m = AttnMeta.build([1], [3], [[2]], 4, None, torch.device('cpu'))\n"
-            "from actors.shard.layers import linear\n"
-            "print(native.available(), native.matmuls_available(), "
-            "tuple(paged_attention(torch.randn(1, 2, 8), c, 0, m, 0.5).shape), "
-            "tuple(linear(torch.randn(1, 8), torch.randn(4, 8)).shape), "
-            "tuple(linear(torch.randn(9, 8), torch.randn(4, 8)).shape))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         env={**env, "CC": "/nonexistent/cc", "GRIDSERVE_CACHE": str(tmp_path / "other")})
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "False False (1, 16) (1, 4) (9, 4)"
-    assert "fall back to torch" in out.stderr and "Install gcc" in out.stderr
 
 
 def test_out_of_range_tables_are_refused_before_the_c_loop() -> None:
