@@ -1,12 +1,25 @@
-"""Helpers the benchmarks share: seeded benchmark checkpoints, deterministic prompts, a plain-text table."""
+"""Helpers the benchmarks share: seeded benchmark checkpoints, deterministic prompts, a plain-text table, a CPU
+grid, the vLLM processes' environment.
+
+Only the standard library at module level: the vLLM comparison's driver (bench.peer) imports this and never
+needs torch or Ray itself.
+"""
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+if TYPE_CHECKING:
+    from actors.shard.sampler import SamplingParams
+    from cluster.grid import WorkerGrid
+
+ROOT = Path(__file__).resolve().parent.parent
 BENCH_MODEL = "models/bench-125m"
+CORES = os.cpu_count() or 1
+BUDGET = 1024  # engine max_num_batched_tokens: prefill chunk of one step
 
 
 def ensure_model(path: str, preset: str = "bench-125m", **overrides: Any) -> str:
@@ -16,6 +29,38 @@ def ensure_model(path: str, preset: str = "bench-125m", **overrides: Any) -> str
     if not (Path(path) / "config.json").is_file():
         write_model(path, preset=preset, tokenizer=False, **overrides)
     return path
+
+
+def make_grid(model: str, tp: int = 1, pp: int = 1, kv_mib: int = 512, compiled: bool = False,
+              partition: str | list[int] = "even", channel: str = "auto") -> WorkerGrid:
+    """A CPU grid whose tp*pp workers split the machine's cores equally (one torch thread at least)."""
+    from cluster.config import GridServeConfig
+    from cluster.grid import WorkerGrid
+    from cluster.placement import create_replica_group
+
+    cfg = GridServeConfig(model=model, tensor_parallel_size=tp, pipeline_parallel_size=pp, resource="CPU",
+                          cpus_per_worker=CORES / (tp * pp), max_model_len=512, max_num_batched_tokens=BUDGET,
+                          kv_cache_memory_bytes=kv_mib * 2**20, compiled_graph=compiled,
+                          pipeline_layer_partition=partition, step_channel=channel)
+    return WorkerGrid(cfg, create_replica_group(cfg)[0], owns_group=True)
+
+
+def greedy() -> SamplingParams:
+    """Greedy sampling, what every engine benchmark decodes with."""
+    from actors.shard.sampler import SamplingParams
+
+    return SamplingParams(temperature=0.0)
+
+
+def peer_env(binding: str | None) -> dict[str, str]:
+    """Environment of a vLLM process: a small KV cache, caches under .peer/, the chosen thread binding."""
+    cache = ROOT / ".peer" / "cache"
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CACHE_ROOT": str(cache),
+           "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"), "PYTHONPATH": ""}
+    env.pop("VLLM_CPU_OMP_THREADS_BIND", None)
+    if binding is not None:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = binding
+    return env
 
 
 def model_info(path: str) -> str:

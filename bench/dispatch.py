@@ -11,10 +11,13 @@ import numpy as np
 import ray
 
 from actors.shard.runner import StepInput, StepOutput
-from bench.common import ensure_model, model_info, prompts, table
-from bench.engine import BUDGET, CORES, GREEDY, TINY, TINY_MODEL, make_grid
+from bench.common import BUDGET, CORES, ensure_model, greedy, make_grid, model_info, prompts, table
 from cluster.blocks import BlockManager
 from cluster.scheduler import Scheduler, Sequence
+
+TINY_MODEL = "models/bench-dispatch-tiny"  # hidden 16, 2 layers: a step costs next to nothing but dispatch
+TINY = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+            num_key_value_heads=2, vocab_size=64)
 
 
 def decode_steps(execute: Callable[[StepInput], StepOutput], sched: Scheduler, n: int,
@@ -52,7 +55,7 @@ def dispatch_rows(model: str, tp: int, pp: int, n: int) -> list[list[Any]]:
             for name, execute in variants.items():
                 sched = Scheduler(BlockManager(grid.num_blocks, grid.cfg.block_size), 1, BUDGET,
                                   grid.cfg.max_model_len)
-                sched.add(Sequence(0, prompts(1, 8, model)[0], GREEDY, n + 20))
+                sched.add(Sequence(0, prompts(1, 8, model)[0], greedy(), n + 20))
                 walls, computes = decode_steps(execute, sched, n)
                 ms, cms = 1000 * np.array(walls), 1000 * np.array(computes)
                 rows.append([f"tp={tp} pp={pp}", name, f"{CORES / (tp * pp):g}", n, ms.mean(), np.median(ms),
@@ -146,7 +149,7 @@ def part_dispatch(quick: bool) -> None:
     same shape (no-op actors, same step payload)."""
     n = 200
     model = ensure_model(TINY_MODEL, preset="tiny", **TINY)
-    step = StepInput(np.array([5]), np.array([20]), [1], [21], [[0, 1]], [GREEDY], [3])
+    step = StepInput(np.array([5]), np.array([20]), [1], [21], [[0, 1]], [greedy()], [3])
     rows, idle = [], {}
     for tp, pp in ((1, 1), (2, 2), (1, 2)):
         floor, idle[f"tp={tp} pp={pp}"] = floor_rows(tp, pp, step, n)

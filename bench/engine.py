@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import os
 import platform
 import time
 from typing import Any
@@ -18,30 +17,11 @@ import ray
 import torch
 
 from actors.shard.runner import StepInput, StepOutput
-from actors.shard.sampler import SamplingParams
-from cluster.config import GridServeConfig
+from bench.common import BENCH_MODEL, BUDGET, CORES, ensure_model, greedy, make_grid, model_info, prompts, table
 from cluster.engine import AsyncEngine
 from cluster.grid import WorkerGrid
-from cluster.placement import create_replica_group
-from bench.common import BENCH_MODEL, ensure_model, model_info, prompts, table
 
-CORES = os.cpu_count() or 1
-TINY_MODEL = "models/bench-dispatch-tiny"  # hidden 16, 2 layers: a step costs next to nothing but dispatch
 SMALL_MODEL = "models/bench-small-256"  # hidden 256, 4 layers: the --quick latency model
-TINY = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-            num_key_value_heads=2, vocab_size=64)
-BUDGET = 1024  # engine max_num_batched_tokens: prefill chunk of one step
-GREEDY = SamplingParams(temperature=0.0)
-
-
-def make_grid(model: str, tp: int = 1, pp: int = 1, kv_mib: int = 512, compiled: bool = False,
-              partition: str | list[int] = "even", channel: str = "auto") -> WorkerGrid:
-    """A CPU grid whose tp*pp workers split the machine's cores equally (one torch thread at least)."""
-    cfg = GridServeConfig(model=model, tensor_parallel_size=tp, pipeline_parallel_size=pp, resource="CPU",
-                          cpus_per_worker=CORES / (tp * pp), max_model_len=512, max_num_batched_tokens=BUDGET,
-                          kv_cache_memory_bytes=kv_mib * 2**20, compiled_graph=compiled,
-                          pipeline_layer_partition=partition, step_channel=channel)
-    return WorkerGrid(cfg, create_replica_group(cfg)[0], owns_group=True)
 
 
 def make_engine(grid: Any, max_num_seqs: int, max_inflight: int | None = None) -> AsyncEngine:
@@ -54,7 +34,7 @@ async def stream_all(engine: AsyncEngine, reqs: list[list[int]], new: int) -> tu
     """Start every request at once (greedy, eos ignored); returns t0 and each stream's event arrival times."""
     async def one(prompt: list[int]) -> list[float]:
         times = []
-        async for ev in engine.generate(prompt, GREEDY, new, ignore_eos=True):
+        async for ev in engine.generate(prompt, greedy(), new, ignore_eos=True):
             if ev.error:
                 raise RuntimeError(ev.error)
             times.append(time.perf_counter())

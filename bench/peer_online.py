@@ -7,16 +7,15 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sys
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
 from typing import Any
 
-from bench.common import settle, table
+from bench.common import ROOT, peer_env, settle, table
 
-ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "out"
 SMOL = ROOT / "models" / "smollm2-135m"
 PORT = 18765
@@ -146,8 +145,6 @@ def online(python: Path, quick: bool, pps: list[int], base: Path | None = None,
            concurrency: tuple[int, ...] = CONCURRENCY) -> list[dict[str, Any]]:
     """vLLM's server, then gridserve at tp=1 and each pp in `pps`, colocated at tp=1 pp=1, and the `base`
     checkout's at tp=1 pp=1 if given; the table and a throughput-latency PNG."""
-    from bench.peer import peer_env
-
     OUT.mkdir(parents=True, exist_ok=True)
     model = ensure_smol(python)
     vllm_cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--served-model-name",

@@ -15,8 +15,7 @@ import numpy as np
 import ray
 import torch
 
-from bench.common import BENCH_MODEL, ensure_model, model_info, prompts, table
-from bench.engine import BUDGET, GREEDY, make_grid
+from bench.common import BENCH_MODEL, BUDGET, ensure_model, greedy, make_grid, model_info, prompts, table
 from cluster.engine import AsyncEngine
 
 
@@ -27,7 +26,7 @@ async def run(grid: Any, reqs: list[list[int]], new: int, cache: bool,
 
     async def one(prompt: list[int]) -> tuple[float, list[int]]:
         start, first, ids = time.perf_counter(), None, []
-        async for ev in engine.generate(prompt, GREEDY, new, ignore_eos=True):
+        async for ev in engine.generate(prompt, greedy(), new, ignore_eos=True):
             first = first or time.perf_counter() - start
             ids.append(ev.token_id)
         return first, ids

@@ -16,11 +16,9 @@ import ray
 import torch
 
 from actors.shard.checkpoint import model_spec
-from bench.common import table
-from bench.engine import make_grid, run_streams
+from bench.common import CORES, make_grid, table
+from bench.engine import run_streams
 from deployments import smollm2
-
-CORES = os.cpu_count() or 1
 
 
 def token_prompts(n: int, length: int, vocab: int) -> list[list[int]]:
