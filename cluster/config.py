@@ -55,8 +55,12 @@ class GridServeConfig(BaseModel):
     kv_cache_memory_bytes: int = Field(256 * 2**20, ge=1, description="KV-cache budget per worker on CPU, in bytes.")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="Share of GPU memory a worker may use (CUDA).")
     placement_timeout_s: float = Field(60.0, gt=0, description="Give up waiting for the grid's resources after this.")
-    step_timeout_s: float = Field(30.0, gt=0, description="A grid step slower than this fails the replica's "
-                                  "in-flight requests (a stuck or dead worker) instead of hanging them.")
+    step_timeout_s: float = Field(30.0, gt=0, description="A grid step slower than this declares the grid "
+                                  "failed (a stuck or dead worker) instead of hanging its requests.")
+    migration_timeout_s: float = Field(60.0, ge=0, description="When the grid fails under a request, how long the "
+                                       "request may wait for the rebuilt grid and continue there from its prompt "
+                                       "plus the tokens it already has (the client sees no error); 0 fails it at "
+                                       "once.")
     allow_tp_across_nodes: bool = Field(False, description="Let one TP group span nodes (slow: all-reduce crosses "
                                         "the network).")
     compiled_graph: bool = Field(False, description="Drive engine steps through a Ray Compiled Graph (shared-memory "

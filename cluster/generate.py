@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any, AsyncGenerator, AsyncIterator, Callable
 
 from cluster.detokenize import TextStream
-from cluster.engine import AsyncEngine
+from cluster.engine import AsyncEngine, TokenEvent
 from cluster.request import ChoiceDelta, GenerationParams, RequestError, Result, TokenLogprob
+
+Events = AsyncGenerator[TokenEvent, str | None]
 
 
 @dataclass
@@ -46,12 +48,17 @@ class Choice:
         return Result(request_id, prompt_ids, self.token_ids, self.text, self.finish_reason, self.error)
 
 
-def open_choices(engine: AsyncEngine, tokenizer: Any, prompt_ids: list[int], params: GenerationParams,
-                 max_tokens: int) -> list[TextStream]:
-    """Queue the request's n choices on `engine` (`max_tokens` as checked by `params.check`); their streams."""
-    return [TextStream(engine.generate(prompt_ids, params.sampling(i), max_tokens, tuple(params.stop_token_ids),
-                                       params.ignore_eos, params.grammar), tokenizer, params.stop_list(), i)
-            for i in range(params.n)]
+def submit(engine: AsyncEngine, prompt_ids: list[int], params: GenerationParams, index: int, max_tokens: int,
+           produced: list[int] | None = None) -> Events:
+    """Queue choice `index` of a request on `engine` (`max_tokens` as checked by `params.check`; `produced`: the
+    tokens it already has, when it resumes); its token events."""
+    return engine.generate(prompt_ids, params.sampling(index), max_tokens, tuple(params.stop_token_ids),
+                           params.ignore_eos, params.grammar, produced)
+
+
+def text_streams(open_events: Callable[[int], Events], tokenizer: Any, params: GenerationParams) -> list[TextStream]:
+    """One text stream per choice of a request, over the token events `open_events(index)` queues."""
+    return [TextStream(open_events(i), tokenizer, params.stop_list(), i) for i in range(params.n)]
 
 
 async def merge_choices(streams: list[TextStream]) -> AsyncIterator[list[ChoiceDelta]]:
@@ -100,7 +107,8 @@ async def run_one(engine: AsyncEngine, req: Request, tokenizer: Any) -> Result:
     """Generate one request's first choice to the end; a request that cannot fit becomes a failed Result."""
     try:
         budget = req.params.check(req.prompt_ids, engine.limits())
-        streams = open_choices(engine, tokenizer, req.prompt_ids, req.params.model_copy(update={"n": 1}), budget)
+        params = req.params.model_copy(update={"n": 1})
+        streams = text_streams(lambda i: submit(engine, req.prompt_ids, params, i, budget), tokenizer, params)
     except RequestError as exc:
         return failed(req.request_id, req.prompt_ids, str(exc))
     return (await collect(merge_choices(streams)))[0].result(req.request_id, req.prompt_ids)

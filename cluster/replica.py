@@ -11,8 +11,9 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Protocol
 
 from cluster.config import GridServeConfig
 from cluster.engine import AsyncEngine, StepGrid
-from cluster.generate import collect, failed, merge_choices, open_choices
+from cluster.generate import collect, failed, merge_choices, text_streams
 from cluster.metrics import ReplicaMetrics, grid_flags
+from cluster.migration import Resumable
 from cluster.request import ChoiceDelta, GenerationParams, RequestError, Result
 from cluster.structured import GrammarMatchers
 from cluster.tokenizer import load_tokenizer
@@ -79,6 +80,7 @@ class Replica:
             self._free_placement()
             raise
         self.engine = self._new_engine()
+        self.resumable = Resumable(lambda: self.engine, self.ready, cfg.migration_timeout_s)
         self.last_snapshot = self._status([])
 
     def _ray_grid(self) -> ReplicaGrid:
@@ -93,11 +95,13 @@ class Replica:
 
     # -- requests -----------------------------------------------------------------------------------------------
     def generate(self, prompt_ids: list[int], params: GenerationParams) -> AsyncIterator[list[ChoiceDelta]]:
-        """Queue the request's n choices now; their deltas, batched per wake-up (closing it aborts them).
-        RequestError if it can never be served, ReplicaUnavailable if not now (grid rebuilding, queue full)."""
+        """Queue the request's n choices now; their deltas, batched per wake-up (closing it aborts them). A
+        choice whose grid fails continues on the rebuilt one (`cluster.migration`). RequestError if it can never
+        be served, ReplicaUnavailable if not now (grid rebuilding, queue full)."""
         max_tokens = params.check(prompt_ids, self.engine.limits(self.spec.vocab_size))
         self.check_available()
-        return merge_choices(open_choices(self.engine, self.tokenizer, prompt_ids, params, max_tokens))
+        return merge_choices(text_streams(lambda i: self.resumable.open(prompt_ids, params, i, max_tokens),
+                                          self.tokenizer, params))
 
     async def complete(self, request_id: Any, prompt_ids: list[int], params: GenerationParams) -> Result:
         """Generate the first choice to the end; a request refused now or for good becomes a failed Result."""

@@ -82,6 +82,8 @@ class Scheduler:
                                    "response_format")
             try:
                 self.grammars.start(seq.seq_id, seq.grammar)
+                for token in seq.output_ids:  # a resumed sequence: its matcher catches up with what it generated
+                    self.grammars.accept(seq.seq_id, token)
             except ValueError as exc:
                 raise RequestError(f"the output constraint cannot be enforced with this model's tokenizer: {exc}",
                                    "response_format") from None

@@ -133,4 +133,10 @@ def config(model_dir: Any, **extra: Any) -> GridServeConfig:
 def grids(*makers: Callable[[], Any]) -> Callable[[], Any]:
     """A grid factory returning the next maker's grid on each call (first grid, then each rebuild)."""
     it = iter(makers)
-    return lambda: next(it)()
+
+    def make() -> Any:
+        maker = next(it, None)
+        if maker is None:  # a StopIteration raised into a thread's future would hang the test instead
+            raise RuntimeError("the test gave no grid for this rebuild")
+        return maker()
+    return make

@@ -53,10 +53,11 @@ def test_a_slow_stats_probe_does_not_fail_the_replica(model_dirs: dict) -> None:
 
 
 def test_failed_grid_fails_in_flight_work_then_heals_in_place(model_dirs: dict) -> None:
-    """A dying grid ends the running request with an error, new requests get 503-style ReplicaUnavailable with
+    """Without migration a dying grid ends the running request with an error, new requests get 503-style ReplicaUnavailable with
     the rebuild Retry-After, and after the rebuild the replica serves again (rebuilds counted)."""
     d = str(model_dirs["llama_gqa"])
-    replica = Replica(config(d), grid_factory=grids(lambda: DyingGrid(d, 3), lambda: LocalGrid(d, 1, 1)))
+    replica = Replica(config(d, migration_timeout_s=0),
+                      grid_factory=grids(lambda: DyingGrid(d, 3), lambda: LocalGrid(d, 1, 1)))
 
     async def main() -> tuple[Any, ReplicaUnavailable, bool, list[int]]:
         failed = (await collect(replica.generate(PROMPTS[0], greedy(10))))[0]
@@ -74,7 +75,8 @@ def test_failed_grid_fails_in_flight_work_then_heals_in_place(model_dirs: dict) 
 
 
 def test_a_failed_rebuild_is_reported(model_dirs: dict) -> None:
-    """If the new grid cannot start, `failure()` says why (Serve's health check then replaces the replica)."""
+    """If the new grid cannot start, the request that waited to migrate fails and `failure()` says why (Serve's
+    health check then replaces the replica)."""
     d = str(model_dirs["llama_gqa"])
 
     def no_resources() -> Any:
@@ -82,12 +84,11 @@ def test_a_failed_rebuild_is_reported(model_dirs: dict) -> None:
 
     replica = Replica(config(d), grid_factory=grids(lambda: DyingGrid(d, 1), no_resources))
 
-    async def main() -> bool:
-        await collect(replica.generate(PROMPTS[0], greedy(3)))
-        replica.heal()
-        return await replica.ready()
+    async def main() -> tuple[str | None, bool]:
+        choice = (await collect(replica.generate(PROMPTS[0], greedy(3))))[0]  # waits on the rebuild, which fails
+        return choice.finish_reason, await replica.ready()
 
-    assert asyncio.run(main()) is False
+    assert asyncio.run(main()) == ("error", False)
     assert "grid rebuild failed" in replica.failure() and "placement group" in replica.failure()
 
 
@@ -144,3 +145,22 @@ def test_a_stop_string_finishes_the_request_and_is_counted_as_stop(model_dirs: d
              if s.name.endswith("_total")}
     e2e = next(s.value for s in families["gridserve_e2e_request_latency_seconds"].samples if s.name.endswith("_count"))
     assert ended == {"length": 2.0, "stop": 1.0} and e2e == 3
+
+
+def test_requests_in_flight_migrate_to_the_rebuilt_grid(model_dirs: dict) -> None:
+    """The grid dies mid-generation: greedy and seeded sampled choices (n=2), a stop string and a penalty all
+    continue on the rebuilt grid from the tokens they had, exactly as an undisturbed replica generates them."""
+    d = str(model_dirs["llama_gqa"])
+    sampled = GenerationParams(temperature=0.9, seed=11, n=2, max_tokens=12, ignore_eos=True, presence_penalty=0.5)
+
+    def run(replica: Replica) -> list[list[tuple[list[int], str, str | None, str | None]]]:
+        async def main() -> list:
+            jobs = [collect(replica.generate(PROMPTS[0], greedy(10))), collect(replica.generate(PROMPTS[1], sampled), 2)]
+            return [[(c.token_ids, c.text, c.finish_reason, c.error) for c in out] for out in await asyncio.gather(*jobs)]
+        return asyncio.run(main())
+
+    calm = run(Replica(config(d), grid_factory=lambda: LocalGrid(d, 1, 1)))
+    dying = Replica(config(d), grid_factory=grids(lambda: DyingGrid(d, 4), lambda: LocalGrid(d, 1, 1)))
+    moved = run(dying)
+    assert dying.rebuilds == 1 and moved == calm
+    assert calm[0][0][0] == hf_greedy(d, PROMPTS[0], 10)[0] and all(c[3] is None for out in moved for c in out)
