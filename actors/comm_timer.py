@@ -50,7 +50,7 @@ class CudaTimedTPGroup(TPGroup):
         self.spans = CudaSpans()
         super().__init__(rank, size, process_group)
 
-    @property  # type: ignore[override]
+    @property
     def comm_seconds(self) -> float:
         """Device seconds spent in collectives so far."""
         return self.spans.total()

@@ -25,7 +25,7 @@ from actors.shard.usage import StepWindow, memory_bytes
 
 
 # stats answer from their own thread, even in a long step; the step channel is served from a Ray thread of its own
-@ray.remote(concurrency_groups={"probe": 1, "channel": 1})
+@ray.remote(concurrency_groups={"probe": 1, "channel": 1})  # type: ignore[call-overload]  # ray's overloads omit it
 class Worker:
     """One (pp_rank, tp_rank) shard: joins its stage's process group, loads its slices, runs steps."""
 
@@ -74,14 +74,14 @@ class Worker:
             if master.startswith("127."):
                 os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback-only clusters (tests)
             backend = "nccl" if self.device.type == "cuda" else "gloo"
-            hosting = self.listener is not None
-            listen = {"master_listen_fd": self.listener.detach()} if hosting else {}
-            self.listener = None  # the store owns the socket now
-            store = dist.TCPStore(master, port, self.plan.tp_size, hosting, timedelta(seconds=timeout_s), **listen)
+            listener, self.listener = self.listener, None  # the store owns the socket now
+            store = dist.TCPStore(master, port, self.plan.tp_size, listener is not None, timedelta(seconds=timeout_s),
+                                  master_listen_fd=listener.detach() if listener is not None else None)
             dist.init_process_group(backend, store=store, rank=self.plan.tp_rank, world_size=self.plan.tp_size,
                                     timeout=timedelta(seconds=timeout_s))
-            use_shm = shm_path is not None and self.device.type == "cpu" and shm_supported()
-            shm = self._open_shm(shm_path, slot_bytes, timeout_s) if use_shm else None
+            shm = None
+            if shm_path is not None and self.device.type == "cpu" and shm_supported():
+                shm = self._open_shm(shm_path, slot_bytes, timeout_s)
             tp = tp_group(self.plan.tp_rank, self.plan.tp_size, dist.group.WORLD, shm, self.device)
         self.runner = StageRunner(self.plan, tp, self.device)
         self.runner.sampler = Sampler(self.seed)
@@ -125,12 +125,14 @@ class Worker:
         """
         assert self.runner is not None, "load() must run before execute()"
         self.torch_threads.add(threading.get_ident())
-        handoff, before = None, []
+        handoff: float | None = None
+        before: list[float] = []
+        states: np.ndarray | None = None
         if hidden is not None:
-            hidden, done_at, before = hidden
+            states, done_at, before = hidden
             handoff = time.time() - done_at  # wall clocks: comparable across hosts to NTP precision
         start, comm = time.perf_counter(), self.runner.tp.comm_seconds
-        out = self.runner.execute(step, hidden)
+        out = self.runner.execute(step, states)
         end = time.perf_counter()
         self.window.record(start, end, self.runner.tp.comm_seconds - comm, handoff)
         if isinstance(out, np.ndarray):

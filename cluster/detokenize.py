@@ -23,7 +23,8 @@ class IncrementalDecoder:
         self.text = ""
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        text: str = self.tokenizer.decode(ids, skip_special_tokens=True)  # the tokenizer is held as Any
+        return text
 
     def step(self, token_id: int) -> str:
         """Add one token; returns the text it completes (may be empty)."""

@@ -49,7 +49,7 @@ class WorkerGrid:
         self.dag: Any = None  # compiled on the first async step, inside the caller's event loop
         self.dag_loop: asyncio.AbstractEventLoop | None = None
         self.channel: StepChannel | None = None
-        self.serving: list[ray.ObjectRef] = []
+        self.serving: list[ray.ObjectRef[Any]] = []
         try:
             self.layout = Layout.of(cfg, "GPU" if placement_group.bundle_specs[bundle_offset].get("GPU") else "CPU")
             self.resource = self.layout.resource
@@ -74,6 +74,8 @@ class WorkerGrid:
         """One actor per worker, stage-major, in its stage's bundle (or its own, when TP may span nodes)."""
         threads = 1 if self.resource == "GPU" else max(1, math.ceil(self.cfg.cpus_per_worker))  # 0.5 CPU: 1 thread
         partition = self.cfg.layer_partition()  # reads the model's config.json: once, not per worker
+        assert self.cfg.max_model_len is not None, "GridServeConfig's validator fills max_model_len"
+        assert self.pg is not None, "the placement group is only dropped at shutdown"
         for pp_rank in range(self.pp):
             stage = []
             for tp_rank in range(self.tp):
@@ -81,7 +83,9 @@ class WorkerGrid:
                                  self.cfg.max_model_len, self.cfg.block_size, partition, self.cfg.cpu_weights)
                 index = self.offset + self.layout.bundle_index(pp_rank, tp_rank)
                 strategy = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=index)
-                stage.append(Worker.options(scheduling_strategy=strategy, **self.layout.worker_options()).remote(
+                # @ray.remote gives the class `options`; mypy sees the undecorated class
+                stage.append(Worker.options(  # type: ignore[attr-defined]
+                    scheduling_strategy=strategy, **self.layout.worker_options()).remote(
                     plan, self.cfg.device, threads, self.cfg.seed))
             self.stages.append(stage)
 
@@ -101,7 +105,7 @@ class WorkerGrid:
         self.reports = ray.get(loads)
         budgets = ray.get([w.cache_budget.remote(self.cfg.kv_cache_memory_bytes, self.cfg.gpu_memory_utilization)
                            for stage in self.stages for w in stage])
-        num_blocks = min(b // r["block_bytes"] for b, r in zip(budgets, self.reports))
+        num_blocks = int(min(b // r["block_bytes"] for b, r in zip(budgets, self.reports)))
         if num_blocks < 1:
             raise ValueError("no memory left for the KV cache after loading weights; raise kv_cache_memory_bytes "
                              "or gpu_memory_utilization, or spread the model over more workers")
@@ -122,6 +126,7 @@ class WorkerGrid:
     def _slot_bytes(self) -> int:
         """Largest collective of a step: a full prefill chunk's hidden states, or the batch's logit shards."""
         spec = self.cfg.spec()
+        assert self.cfg.max_num_batched_tokens is not None, "GridServeConfig's validator fills it"
         rows = -(-spec.vocab_size // self.tp)
         return 4 * max(self.cfg.max_num_batched_tokens * spec.hidden_size, self.cfg.max_num_seqs * rows)
 
@@ -161,7 +166,7 @@ class WorkerGrid:
                                  "one node (set placement strategy STRICT_PACK, lower tensor_parallel_size, or set "
                                  "allow_tp_across_nodes=true)")
 
-    def submit(self, step: StepInput) -> list[ray.ObjectRef]:
+    def submit(self, step: StepInput) -> list[ray.ObjectRef[Any]]:
         """Launch one step through every stage; returns the last stage's refs (rank 0 holds the tokens)."""
         # A big step is put once and read by every worker; a small one is cheaper inline in each call.
         step_ref = step if wire_bytes(step) < INLINE_STEP_BYTES else ray.put(step)
@@ -176,14 +181,15 @@ class WorkerGrid:
         if self.channel is not None:
             return await self.channel.step(step)
         if not self.use_compiled:
-            return await self.submit(step)[0]
+            out: StepOutput = await self.submit(step)[0]
+            return out
         loop = asyncio.get_running_loop()
         if self.dag is not None and self.dag_loop is not loop:
             self.close_dag()  # its channel readers live on a loop that is gone; rebuild on this one
         if self.dag is None:
             self.dag, self.dag_loop = self._compile(), loop
         refs = await self.dag.execute_async(step)
-        outs = [await ref for ref in refs]  # every output channel must be drained before it is reused
+        outs: list[StepOutput] = [await ref for ref in refs]  # every output channel must be drained before reuse
         return outs[0]
 
     def close_dag(self) -> None:

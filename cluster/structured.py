@@ -11,15 +11,18 @@ from __future__ import annotations
 import json
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import llguidance
 import llguidance.numpy  # not llguidance.torch: that one imports torch's compiler (~3.4 s per process)
 import numpy as np
 
+if TYPE_CHECKING:
+    from llguidance._lib import JsonCompileOptions  # declared only in llguidance's stub
+
 KINDS = ("json_schema", "json_object", "regex", "choice", "lark")
 # Compact JSON like json.dumps: a random or weak model cannot pad the output with unbounded whitespace.
-JSON_OPTIONS: dict[str, Any] = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+JSON_OPTIONS: JsonCompileOptions = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
 @dataclass(frozen=True)
@@ -125,6 +128,7 @@ class GrammarMatchers:
         bits = llguidance.numpy.allocate_token_bitmask(len(lives), self.vocab_size)
         pairs = [(lv.matcher, g) for g, lv in enumerate(lives) if not lv.matcher.is_stopped()]
         if pairs:
+            assert self._executor is not None, "matchers exist only after _llg_tokenizer() built the executor"
             llguidance.numpy.fill_next_token_bitmask_par(self._executor, pairs, bits)
         for g, lv in enumerate(lives):
             if lv.matcher.is_error() or lv.matcher.is_stopped() or not bits[g].any():

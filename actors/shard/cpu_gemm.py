@@ -37,14 +37,16 @@ def packable(weight: torch.Tensor) -> bool:
 def pack(weight: torch.Tensor) -> torch.Tensor | None:
     """`weight` [out, in] re-laid out once for oneDNN (an opaque mkldnn tensor), or None where that is not possible."""
     try:
-        return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_BATCH)
+        packed: torch.Tensor = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_BATCH)  # untyped op
+        return packed
     except RuntimeError:  # a build without this op variant: keep the plain path
         return None
 
 
 def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x [T, in] @ W.T (+ bias) -> [T, out] with W pre-packed by `pack`."""
-    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
+    out: torch.Tensor = torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")  # untyped op
+    return out
 
 
 def pack_linears(model: nn.Module, mode: CpuWeights) -> int:
@@ -53,28 +55,39 @@ def pack_linears(model: nn.Module, mode: CpuWeights) -> int:
     nothing where the C matmuls are built: they run on the plain copy."""
     if mode == "plain" or (mode == "auto" and native.matmuls_available()):
         return 0
-    targets = [m for m in model.modules() if hasattr(m, "packed") and isinstance(getattr(m, "weight", None),
-                                                                                 nn.Parameter)
-               and packable(m.weight)]
-    keep = mode == "packed+plain" or (mode == "auto" and sum(m.weight.numel() * m.weight.element_size()
-                                                             for m in targets) <= KEEP_PLAIN_MAX_BYTES)
+    targets = [(m, w) for m in model.modules() if hasattr(m, "packed") and (w := _parameter(m, "weight")) is not None
+               and packable(w)]
+    keep = mode == "packed+plain" or (mode == "auto" and sum(w.numel() * w.element_size()
+                                                             for _, w in targets) <= KEEP_PLAIN_MAX_BYTES)
     users: dict[int, int] = {}
     for module in model.modules():
         for p in module.parameters(recurse=False):
             users[id(p)] = users.get(id(p), 0) + 1
     count = 0
     with torch.no_grad():
-        for module in targets:
-            module.packed = pack(module.weight)
-            if module.packed is None:
+        for module, weight in targets:
+            packed = pack(weight)
+            setattr(module, "packed", packed)  # noqa: B010 (nn.Module's __setattr__ is typed for tensors/modules only)
+            if packed is None:
                 continue
             count += 1
-            if not keep and users[id(module.weight)] == 1:  # the packed copy is the only one used from now on
-                module.weight = nn.Parameter(module.weight.new_empty(0), requires_grad=False)
+            if not keep and users[id(weight)] == 1:  # the packed copy is the only one used from now on
+                module.weight = nn.Parameter(weight.new_empty(0), requires_grad=False)
     return count
 
 
 def packed_bytes(model: nn.Module) -> int:
     """Bytes held by packed weights (beside the parameters)."""
-    return sum(m.packed.numel() * m.packed.element_size() for m in model.modules()
-               if getattr(m, "packed", None) is not None)
+    return sum(p.numel() * p.element_size() for m in model.modules() if (p := _tensor(m, "packed")) is not None)
+
+
+def _parameter(module: nn.Module, name: str) -> nn.Parameter | None:
+    """`module`'s attribute `name` where it is a Parameter, else None."""
+    value = getattr(module, name, None)
+    return value if isinstance(value, nn.Parameter) else None
+
+
+def _tensor(module: nn.Module, name: str) -> torch.Tensor | None:
+    """`module`'s attribute `name` where it is a tensor, else None."""
+    value = getattr(module, name, None)
+    return value if isinstance(value, torch.Tensor) else None

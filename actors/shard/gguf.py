@@ -10,6 +10,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
 
 from actors.shard.gguf_meta import read_spec
+from actors.shard.layers import SliceIndex
 from actors.shard.spec import ModelSpec
 
 T = GGMLQuantizationType
@@ -94,8 +95,8 @@ class PlainReader(GGUFReader):
     that is half of its parse time for a 49k-token vocabulary.
     """
 
-    @property
-    def data(self) -> np.ndarray:  # type: ignore[override]
+    @property  # type: ignore[override]  # a plain ndarray where gguf declares its memmap subclass
+    def data(self) -> np.ndarray:
         return self._plain
 
     @data.setter
@@ -115,7 +116,7 @@ class GGUFSlice:
         """Full HF shape ([out, in] for matrices)."""
         return list(self.shape)
 
-    def __getitem__(self, index: object) -> torch.Tensor:
+    def __getitem__(self, index: SliceIndex) -> torch.Tensor:
         """float32 part of the tensor for `x[a:b]`, `x[:, a:b]`, `x[a:b, c:d]` or `x[:]`."""
         parts = index if isinstance(index, tuple) else (index,)
         if len(parts) > len(self.shape) or not all(isinstance(p, slice) and p.step in (None, 1) for p in parts):

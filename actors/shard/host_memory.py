@@ -35,4 +35,4 @@ def keep_step_buffers() -> bool:
     # mallopt answers 1 when it took the value; fixing the threshold also stops glibc from adapting it.
     mapped = mallopt(M_MMAP_THRESHOLD, STEP_BUFFER_MAX_BYTES)
     trimmed = mallopt(M_TRIM_THRESHOLD, KEEP_FREE_MAX_BYTES)
-    return mapped == 1 and trimmed == 1
+    return bool(mapped == 1 and trimmed == 1)  # ctypes answers untyped ints

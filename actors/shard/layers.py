@@ -13,12 +13,15 @@ from actors.shard.spec import HeadSplit
 from actors.shard.tp import TPGroup
 
 
+SliceIndex = slice | tuple[slice, ...]  # what loading asks of a checkpoint tensor: x[a:b], x[:, a:b], x[:]
+
+
 class LazySlice(Protocol):
     """A checkpoint tensor read on demand: safetensors' `get_slice` result or an in-memory stand-in."""
 
     def get_shape(self) -> list[int]: ...
 
-    def __getitem__(self, index: object) -> torch.Tensor: ...
+    def __getitem__(self, index: SliceIndex) -> torch.Tensor: ...
 
 
 def check_shape(key: str, src: LazySlice, expected: Sequence[int]) -> None:
@@ -243,7 +246,7 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     packed: torch.Tensor | None = None  # oneDNN layout of `weight`, set after loading (cpu_gemm.pack_linears)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[T, hidden] -> [T, vocab] float32 logits on every rank."""
         local = linear(x, self.weight, packed=self.packed).float()  # [T, rows]
         full = self.tp.all_gather(local, dim=-1)  # [T, rows * tp]

@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from actors.shard.layers import LazySlice
+from actors.shard.layers import LazySlice, SliceIndex
 from actors.shard.spec import ModelSpec
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -73,7 +73,8 @@ class CheckpointReader:
                 self._handles[name] = safe_open(path, framework="pt")
             except Exception as exc:  # safetensors raises its own error types for truncated files
                 raise ValueError(f"checkpoint file {path} is unreadable ({exc}); re-download or re-export it") from exc
-        return self._handles[name].get_slice(key)
+        handle: LazySlice = self._handles[name].get_slice(key)  # safetensors' slice type is not exported
+        return handle
 
 
 class TensorSlice:
@@ -86,7 +87,7 @@ class TensorSlice:
         """Full shape of the tensor."""
         return list(self.tensor.shape)
 
-    def __getitem__(self, index: object) -> torch.Tensor:
+    def __getitem__(self, index: SliceIndex) -> torch.Tensor:
         """The requested part of the tensor."""
         return self.tensor[index]
 

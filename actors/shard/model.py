@@ -37,7 +37,8 @@ class Attention(nn.Module):
         q, k = qk.split([s.num_heads, s.num_kv_heads], dim=1)
         cache.write(layer, k, v.view(t, s.num_kv_heads, d), meta.write_slots)
         out = paged_attention(q, cache, layer, meta, self.scale)  # [T, heads * d]
-        return self.o_proj(out)
+        projected: torch.Tensor = self.o_proj(out)  # nn.Module calls are typed as returning Any
+        return projected
 
 
 class MLP(nn.Module):
@@ -52,7 +53,8 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[T, hidden] -> [T, hidden] (after the down_proj all-reduce)."""
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # [T, inter / tp] each
-        return self.down_proj(F.silu(gate).mul_(up))  # in place: one [T, inter / tp] buffer fewer per layer
+        down: torch.Tensor = self.down_proj(F.silu(gate).mul_(up))  # in place: one [T, inter / tp] buffer fewer
+        return down
 
 
 class DecoderLayer(nn.Module):
@@ -69,7 +71,8 @@ class DecoderLayer(nn.Module):
                 layer: int, meta: AttnMeta) -> torch.Tensor:
         """Residual stream [T, hidden] -> [T, hidden]."""
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        out: torch.Tensor = x + self.mlp(self.post_attention_layernorm(x))
+        return out
 
 
 class Backbone(nn.Module):
@@ -116,4 +119,5 @@ class StageModel(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final hidden states [B, hidden] -> float32 logits [B, vocab] (last stage only)."""
         assert self.lm_head is not None, "logits() is only available on the last pipeline stage"
-        return self.lm_head(hidden)
+        logits: torch.Tensor = self.lm_head(hidden)
+        return logits

@@ -32,7 +32,7 @@ def balanced_partition(spec: ModelSpec, pp: int) -> Partition:
     if pp == 1:
         return (layers,)
     head = spec.vocab_size * spec.hidden_size / layer_macs(spec)  # the LM head, in layers
-    best: tuple[float, int, Partition] | None = None
+    best: tuple[float, float, Partition] | None = None
     for last in range(1, layers - pp + 2):
         front = even_partition(layers - last, pp - 1)
         bottleneck = max(front[0], last + head)

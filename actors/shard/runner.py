@@ -161,7 +161,8 @@ class StageRunner:
         logits = self.model.logits(out[last])  # [rows, vocab] on every TP rank
         if self.tp.rank != 0:
             return None  # only TP rank 0 samples and answers
-        histories = [step.histories[i] for i in rows] if step.histories else [None] * len(rows)
+        histories: list[tuple[list[int], list[int]] | None] = (
+            [step.histories[i] for i in rows] if step.histories else [None] * len(rows))
         tokens, logprobs = self.sampler.sample(logits, [step.sampling[i] for i in rows], steps, histories,
                                                self._allowed(step, rows))
         timings = {"step_s": time.perf_counter() - start, "comm_s": self.tp.comm_seconds - comm_before}

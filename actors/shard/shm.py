@@ -45,7 +45,7 @@ class ShmGroup:
         self.flags = np.frombuffer(self.map, dtype=np.int64, count=header // 8)[:: FLAG_BYTES // 8]
         self.data = torch.frombuffer(self.map, dtype=torch.uint8, offset=header)  # [2 * size * slot_bytes]
         self.calls = int(self.flags[rank])  # a fresh file starts every rank at 0
-        self.views: dict[tuple, list[torch.Tensor]] = {}
+        self.views: dict[tuple[int, torch.dtype, tuple[int, ...]], list[torch.Tensor]] = {}
 
     def fits(self, x: torch.Tensor) -> bool:
         """True if `x` fits one slot (else the caller uses its fallback collective)."""
