@@ -1,5 +1,5 @@
-"""Builds the CPU kernels in csrc/ into one shared library: at install (setup.py puts it beside this file) and, where
-that file is missing or was built from other sources or for another CPU, at first use into a per-machine cache.
+"""Builds the CPU kernels in csrc/ into one shared library: at install (setup.py puts it beside the sources) and,
+where that file is missing or was built from other sources or for another CPU, at first use into a per-machine cache.
 
 Standard library only: setup.py loads this file by path inside pip's isolated build environment, where neither
 torch nor this package can be imported.
@@ -22,7 +22,9 @@ COMPILE_FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC"]
 # Linked without -fopenmp, so the library names no OpenMP runtime of its own: its GOMP_*/omp_* calls stay
 # unresolved until native.py loads it beside the runtime torch already uses (see native._openmp_runtime).
 LINK_FLAGS = ["-shared"]
-EXTENSION = "actors.shard._kernels"  # setup.py's name for the install-time build
+# setup.py's name for the install-time build: in csrc/, which is no package, so that pkgutil and importlib never
+# mistake the library (no Python module) for an extension module of actors.shard.
+EXTENSION = "actors.shard.csrc.kernels"
 MARKER = "gridserve-kernel-key:"  # prefix of the key stored in the library (csrc/build_key.c)
 TIMEOUT_S = 300
 
@@ -49,8 +51,8 @@ def key() -> str:
 
 
 def installed_path() -> Path:
-    """Where setup.py's build of the kernels lies (beside this file)."""
-    return Path(__file__).parent / f"_kernels{sysconfig.get_config_var('EXT_SUFFIX') or '.so'}"
+    """Where setup.py's build of the kernels lies (beside their sources)."""
+    return CSRC / f"kernels{sysconfig.get_config_var('EXT_SUFFIX') or '.so'}"
 
 
 def installed_library() -> Path | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import os
+import pkgutil
 import shutil
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import actors.shard
 from actors.shard import kernel_build, native
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -97,3 +99,10 @@ def test_openmp_runtime_prefers_torchs_own() -> None:
     path = native.openmp_runtime()
     assert path is not None and Path(path).name.startswith(native.OPENMP_NAMES)
     assert path.startswith(str(Path(torch.__file__).parent))
+
+
+def test_the_installed_library_is_no_module_of_the_package() -> None:
+    """The install-time build lies in csrc/, no package: walking actors.shard's modules never tries to import it."""
+    names = {module.name for module in pkgutil.iter_modules(actors.shard.__path__)}
+    assert kernel_build.installed_path().parent.name == "csrc" and "csrc" not in names
+    assert not any(name.startswith(("kernels", "_kernels")) for name in names), names
