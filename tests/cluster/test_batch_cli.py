@@ -6,7 +6,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.reference import hf_greedy
+
+pytestmark = pytest.mark.slow  # each test starts the batch job (and its own Ray) in a subprocess
 
 
 def test_batch_job_writes_one_line_per_input_in_order(model_dirs: dict, tmp_path: Path) -> None:

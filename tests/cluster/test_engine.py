@@ -15,6 +15,8 @@ from cluster.request import GenerationParams
 from tests.ray_grid import make_grid
 from tests.reference import greedy, hf_greedy
 
+pytestmark = pytest.mark.slow  # a Ray cluster per module
+
 
 def mixed_requests(n: int, seed: int = 0) -> list[Request]:
     """n greedy requests with prompts of 2..40 tokens and 1..16 new tokens."""

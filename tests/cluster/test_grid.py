@@ -10,6 +10,7 @@ from tests.ray_grid import make_grid
 from tests.reference import PROMPTS, grid_greedy, hf_greedy
 from tests.waits import wait_until
 
+pytestmark = pytest.mark.slow  # a Ray cluster per module
 NEW = 10
 LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2), (4, 1)]
 CASES = [(v, tp, pp) for v in ("llama_gqa", "qwen2_bias", "llama_tied_mqa") for tp, pp in LAYOUTS]

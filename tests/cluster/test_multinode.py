@@ -8,6 +8,8 @@ from tests.ray_grid import make_grid
 from tests.reference import PROMPTS, grid_greedy, hf_greedy
 from tests.waits import wait_until
 
+pytestmark = pytest.mark.slow  # a Ray cluster per module
+
 
 def test_stages_on_different_nodes_tp_groups_packed(two_nodes: Cluster, model_dirs: dict) -> None:
     """tp=2, pp=2: each stage's TP group shares a node, the two stages sit on different nodes."""

@@ -7,6 +7,8 @@ from actors.shard.spec import ModelSpec
 from cluster.planner import rank_kv_bytes, rank_weight_bytes
 from tests.ray_grid import make_grid
 
+pytestmark = pytest.mark.slow  # a Ray cluster per module
+
 
 @pytest.mark.parametrize("variant,tp,pp", [("qwen2_bias", 2, 2), ("llama_tied_mqa", 2, 1), ("llama_gqa", 1, 2)])
 def test_weight_and_kv_estimates_match_workers(local_ray: None, model_dirs: dict, variant: str, tp: int,

@@ -19,6 +19,8 @@ from tests.ray_cli import stop_processes, submit
 from tests.reference import hf_greedy
 from tests.waits import wait_until
 
+pytestmark = pytest.mark.slow  # a `ray start` cluster and two job submissions
+
 
 @pytest.fixture(scope="module")
 def ray_head() -> Iterator[tuple[str, dict[str, str]]]:

@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+              pytest.mark.slow]  # a Ray cluster in the test
 
 
 def test_cuda_grid_bf16_matches_hf_greedy(model_dirs: dict) -> None:

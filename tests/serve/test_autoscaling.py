@@ -11,6 +11,8 @@ from ray import serve
 from tests.serving import serve_on_loopback
 from tests.waits import wait_until
 
+pytestmark = pytest.mark.slow  # a Ray cluster and a Serve start-up in the module's fixture
+
 
 @pytest.fixture(scope="module")
 def cluster_url(two_nodes: Any, chat_model: str) -> Iterator[tuple[str, str]]:

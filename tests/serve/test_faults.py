@@ -15,6 +15,8 @@ from tests.loopback import free_port
 from tests.serving import serving
 from tests.waits import wait_until
 
+pytestmark = pytest.mark.slow  # a Ray cluster and a Serve start-up in the module's fixture
+
 
 @pytest.fixture(scope="module")
 def ray_metrics_port() -> int:

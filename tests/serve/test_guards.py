@@ -12,6 +12,7 @@ from tests.loopback import loopback_cluster
 from tests.serving import deploy, serve_on_loopback
 from tests.waits import wait_until
 
+pytestmark = pytest.mark.slow  # a Ray cluster and a Serve start-up in the module's fixture
 KEY = {"Authorization": "Bearer s3cret"}
 LAYOUTS = {"split": False, "colocated": True}  # application name -> colocate_ingress
 

@@ -8,6 +8,8 @@ import pytest
 
 from tests.serving import deploy, serve_on_loopback
 
+pytestmark = pytest.mark.slow  # a Ray cluster and a Serve start-up in the module's fixture
+
 
 @pytest.fixture(scope="module")
 def url(two_nodes: Any, chat_model: str) -> Iterator[str]:

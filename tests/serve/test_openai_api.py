@@ -7,6 +7,8 @@ import pytest
 
 from tests.reference import hf_greedy
 
+pytestmark = pytest.mark.slow  # a Ray cluster and a Serve start-up in the module's fixture
+
 
 @pytest.fixture(scope="module")
 def client(server: str) -> openai.OpenAI:

@@ -11,6 +11,7 @@ import pytest
 
 from tests.serving import serving
 
+pytestmark = pytest.mark.slow  # a Ray cluster and a Serve start-up in the module's fixture
 BLOCK = 4
 PREFIX = 40  # tokens shared by the "users" of one system prompt: 10 full blocks
 

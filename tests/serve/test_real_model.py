@@ -10,6 +10,7 @@ import pytest
 from cluster.config import args_from_serve_config
 from tests.serving import serving
 
+pytestmark = pytest.mark.slow  # a Ray cluster and a Serve start-up in the module's fixture, and the real model
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -22,7 +23,6 @@ def real_client(smollm2_dir: Path) -> Iterator[openai.OpenAI]:
         yield openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300)
 
 
-@pytest.mark.slow
 def test_capital_of_france(real_client: openai.OpenAI) -> None:
     """A greedy chat answer names Paris; the model's name and context length come from the GGUF."""
     model = real_client.models.list().data[0]

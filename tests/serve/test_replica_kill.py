@@ -13,6 +13,8 @@ from ray import serve
 from tests.serving import serving
 from tests.waits import wait_until
 
+pytestmark = pytest.mark.slow  # a Ray cluster and a Serve start-up in the module's fixture
+
 
 @pytest.fixture(scope="module")
 def two_replicas(chat_model: str) -> Iterator[str]:

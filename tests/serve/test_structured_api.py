@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tests.json_schemas import random_schema
 from tests.serving import serving
 
+pytestmark = pytest.mark.slow  # a Ray cluster and a Serve start-up in the module's fixture
 # Hermes-style: tools listed in the system turn, calls as <tool_call>{...}</tool_call>, results as a user turn.
 HERMES = ("{% if tools %}<|system|>\nTools: {% for t in tools %}{{ t | tojson }}{% endfor %}\n"
           "Call one as <tool_call>{\"name\": ..., \"arguments\": ...}</tool_call></s>\n{% endif %}"
