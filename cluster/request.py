@@ -14,7 +14,7 @@ MAX_STOP_STRINGS = 4  # OpenAI's limit
 
 
 class SamplingOptions(BaseModel):
-    """How to sample and when to stop: the fields HTTP bodies and batch lines share."""
+    """How to sample, when to stop and how urgent: the request fields HTTP bodies and batch lines share."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -37,6 +37,8 @@ class SamplingOptions(BaseModel):
     ignore_eos: bool = Field(False, description="vLLM extension: keep generating past the end-of-sequence token.")
     logit_bias: dict[str, float] | None = Field(None, description="Token id (as a string) -> bias in [-100, 100], "
                                                 "added to its logit before sampling.")
+    priority: int = Field(0, ge=-(2**31), le=2**31 - 1, description="vLLM extension: lower is admitted first and "
+                          "preempted last under KV pressure; ties go in arrival order.")
 
     @field_validator("logit_bias")
     @classmethod

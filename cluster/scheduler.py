@@ -1,7 +1,7 @@
 """Continuous-batching scheduler: admit, step, retire and (when blocks run out) preempt sequences."""
 from __future__ import annotations
 
-from collections import deque
+from bisect import insort
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -35,6 +35,12 @@ class Sequence:
     grammar: GrammarSpec | None = None  # structured output: its tokens are masked by this grammar
     cached_prompt_tokens: int | None = None  # prompt tokens found in the prefix cache at first admission
     chunk: int = 0  # tokens it computes in its current step (1 when decoding; a prompt chunk otherwise)
+    priority: int = 0  # lower runs first (vLLM's priority policy); ties go in arrival order
+
+    @property
+    def rank(self) -> tuple[int, int]:
+        """Admission order: priority, then arrival (sequence ids grow with arrival)."""
+        return self.priority, self.seq_id
 
     @property
     def tokens(self) -> list[int]:
@@ -68,7 +74,7 @@ class Scheduler:
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
-        self.waiting: deque[Sequence] = deque()
+        self.waiting: list[Sequence] = []  # in rank order
         self.running: list[Sequence] = []
         self.num_preemptions = 0
         self.prefix_hit_tokens = 0  # admitted tokens whose KV came from the prefix cache
@@ -87,7 +93,7 @@ class Scheduler:
             except ValueError as exc:
                 raise RequestError(f"the output constraint cannot be enforced with this model's tokenizer: {exc}",
                                    "response_format") from None
-        self.waiting.append(seq)
+        insort(self.waiting, seq, key=lambda s: s.rank)
 
     def has_work(self) -> bool:
         """Whether any sequence is waiting or running."""
@@ -121,7 +127,8 @@ class Scheduler:
         scheduled: list[Sequence] = []
         for seq in ready:
             while seq in self.running and not self.blocks.can_grow(seq.block_table, len(seq.tokens)):
-                victims = [v for v in reversed(self.running) if not v.in_flight and v not in scheduled]
+                victims = sorted((v for v in self.running if not v.in_flight and v not in scheduled),
+                                 key=lambda v: v.rank, reverse=True)  # lowest priority, newest first
                 if not victims:
                     break  # everything else is mid-step; retry once those steps return
                 self._preempt(victims[0])
@@ -134,14 +141,18 @@ class Scheduler:
         """Move waiting sequences into the running batch while seats, token budget and blocks allow; each gets
         the blocks of its whole prompt now and the first chunk of it that fits the budget."""
         batch: list[Sequence] = []
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        while self.waiting and budget > 0:
             seq = self.waiting[0]
+            if len(self.running) >= self.max_num_seqs and not self._seat_for(seq):
+                break
             if not seq.block_table:
                 self._reuse_prefix(seq)
             if not self.blocks.can_grow(seq.block_table, len(seq.tokens)):
+                if self._seat_for(seq):
+                    continue  # a lower-priority sequence gave its blocks back: try again
                 self._forget(seq)  # a waiting sequence pins no blocks: the head must always fit eventually
                 break
-            self.waiting.popleft()
+            self.waiting.pop(0)
             self.prefix_hit_tokens += seq.num_cached
             if seq.cached_prompt_tokens is None:  # what the client is told (usage.prompt_tokens_details)
                 seq.cached_prompt_tokens = seq.num_cached
@@ -152,6 +163,14 @@ class Scheduler:
             self.running.append(seq)
             batch.append(seq)
         return batch
+
+    def _seat_for(self, seq: Sequence) -> bool:
+        """Free a seat for `seq` by preempting an idle running sequence of lower priority, if there is one."""
+        idle = [v for v in self.running if not v.in_flight and v.priority > seq.priority]
+        if not idle:
+            return False
+        self._preempt(max(idle, key=lambda v: v.rank))
+        return True
 
     def _reuse_prefix(self, seq: Sequence) -> None:
         """Start a sequence on the cached blocks of its longest known prefix; only the rest is prefilled."""
@@ -171,7 +190,7 @@ class Scheduler:
         self._forget(seq)
         seq.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(seq)
+        insort(self.waiting, seq, key=lambda s: s.rank)  # ahead of everything that arrived after it
 
     def build_step(self, seqs: list[Sequence]) -> StepInput:
         """Lay each scheduled sequence's chunk of uncached tokens end to end for the workers."""
