@@ -13,18 +13,10 @@ import pytest
 from pydantic import BaseModel, ConfigDict, Field
 
 from tests.json_schemas import random_schema
+from tests.chat_templates import HERMES
 from tests.serving import serving
 
 pytestmark = pytest.mark.slow  # a Ray cluster and a Serve start-up in the module's fixture
-# Hermes-style: tools listed in the system turn, calls as <tool_call>{...}</tool_call>, results as a user turn.
-HERMES = ("{% if tools %}<|system|>\nTools: {% for t in tools %}{{ t | tojson }}{% endfor %}\n"
-          "Call one as <tool_call>{\"name\": ..., \"arguments\": ...}</tool_call></s>\n{% endif %}"
-          "{% for m in messages %}{% if m.role == 'assistant' and m.tool_calls %}<|assistant|>\n"
-          "{% for c in m.tool_calls %}<tool_call>{\"name\": \"{{ c.function.name }}\", \"arguments\": "
-          "{{ c.function.arguments | tojson }}}</tool_call>{% endfor %}</s>\n"
-          "{% elif m.role == 'tool' %}<|user|>\n<tool_response>{{ m.content }}</tool_response></s>\n"
-          "{% else %}<|{{ m.role }}|>\n{{ m.content }}</s>\n{% endif %}{% endfor %}"
-          "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city", "parameters": {
     "type": "object", "properties": {"city": {"enum": ["Paris", "Rome", "Oslo"]},
                                      "days": {"type": "integer", "minimum": 1, "maximum": 7}},
