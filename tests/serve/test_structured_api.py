@@ -12,8 +12,8 @@ import openai
 import pytest
 from pydantic import BaseModel, ConfigDict, Field
 
-from tests.json_schemas import random_schema
 from tests.chat_templates import HERMES
+from tests.json_schemas import random_schema
 from tests.serving import serving
 
 pytestmark = pytest.mark.slow  # a Ray cluster and a Serve start-up in the module's fixture
