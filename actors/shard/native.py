@@ -54,7 +54,7 @@ def openmp_runtime() -> str | None:
         return None
     mapped = {fields[5] for fields in (line.split(maxsplit=5) for line in lines) if len(fields) == 6}
     runtimes = [path for path in mapped if Path(path).name.startswith(OPENMP_NAMES)]
-    torch_dir = str(Path(torch.__file__).parent)
+    torch_dir = str(Path(torch.__file__).resolve().parent)  # maps name files by their real paths
     return min(runtimes, key=lambda path: (not path.startswith(torch_dir), path), default=None)
 
 

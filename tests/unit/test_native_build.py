@@ -88,7 +88,7 @@ def test_the_kernels_run_on_torchs_openmp_runtime() -> None:
     out = python(code)
     assert out.returncode == 0, out.stderr
     runtimes = ast.literal_eval(out.stdout)
-    assert len(runtimes) == 1 and runtimes[0].startswith(str(Path(torch.__file__).parent)), runtimes
+    assert len(runtimes) == 1 and runtimes[0].startswith(str(Path(torch.__file__).resolve().parent)), runtimes
     if shutil.which("readelf"):  # binutils: the library's own dependencies
         needed = subprocess.run(["readelf", "-d", str(native.library_path())], capture_output=True, text=True)
         assert "NEEDED" in needed.stdout and "omp" not in needed.stdout, needed.stdout
@@ -98,7 +98,7 @@ def test_openmp_runtime_prefers_torchs_own() -> None:
     """Of the OpenMP runtimes mapped here, the one in torch's folder is the one the kernels bind to."""
     path = native.openmp_runtime()
     assert path is not None and Path(path).name.startswith(native.OPENMP_NAMES)
-    assert path.startswith(str(Path(torch.__file__).parent))
+    assert path.startswith(str(Path(torch.__file__).resolve().parent))
 
 
 def test_the_installed_library_is_no_module_of_the_package() -> None:
