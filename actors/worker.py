@@ -17,8 +17,8 @@ from actors.comm_timer import tp_group
 from actors.shard import host_memory, native
 from actors.shard.channel import StepServer
 from actors.shard.runner import ShardPlan, StageRunner, StepInput, StepOutput
-from actors.shard.shm import ShmGroup
 from actors.shard.sampler import Sampler
+from actors.shard.shm import ShmGroup
 from actors.shard.shm import supported as shm_supported
 from actors.shard.tp import TPGroup
 from actors.shard.usage import StepWindow, memory_bytes
@@ -87,7 +87,7 @@ class Worker:
         self.runner.sampler = Sampler(self.seed)
         if self.device.type == "cpu":
             host_memory.keep_step_buffers()  # after loading: the loader's temporaries go back to the kernel first
-            native.available()  # builds the decode-attention kernel now, not in the first request's decode step
+            native.available()  # loads (or, without an install-time build, compiles) the kernels now, not in a step
         return {"weight_bytes": self.runner.weight_bytes(), "block_bytes": self.runner.block_bytes(),
                 "load_s": self.runner.load_seconds}
 
