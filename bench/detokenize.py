@@ -10,8 +10,9 @@ import os
 import platform
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from bench.common import table
 from cluster.detokenize import IncrementalDecoder

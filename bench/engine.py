@@ -72,7 +72,7 @@ def hf_throughput(model: str, reqs: list[list[int]], new: int, batch: int) -> fl
         width = max(map(len, chunk))
         ids = torch.tensor([[0] * (width - len(p)) + p for p in chunk])
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
-        out = hf.generate(input_ids=ids, attention_mask=mask, do_sample=False, pad_token_id=0,
+        out = hf.generate(input_ids=ids, attention_mask=mask, do_sample=False, pad_token_id=0,  # noqa: F821 (the del is after its last call)
                           max_new_tokens=n, min_new_tokens=n)
         assert out.shape == (len(chunk), width + n)
 
@@ -198,8 +198,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="smaller runs (see each table's title)")
     args = ap.parse_args()
     ensure_model(BENCH_MODEL)
-    print(f"machine: {platform.machine()} {CORES} cores (grids on CPU); torch {torch.__version__}, Ray {ray.__version__}, "
-          f"transformers {transformers.__version__}; model {model_info(BENCH_MODEL)}{'; --quick' if args.quick else ''}")
+    print(f"machine: {platform.machine()} {CORES} cores (grids on CPU); torch {torch.__version__}, "
+          f"Ray {ray.__version__}, transformers {transformers.__version__}; model {model_info(BENCH_MODEL)}"
+          f"{'; --quick' if args.quick else ''}")
     ray.init(address="local", num_cpus=max(CORES, 4), include_dashboard=False, _node_ip_address="127.0.0.1")
     try:
         for name in args.only:

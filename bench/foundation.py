@@ -95,7 +95,8 @@ def main() -> None:
         write_model(args.model, preset="bench-125m", tokenizer=False)
     prompt = [(7 * i + 3) % 31000 + 10 for i in range(args.prompt_len)]
     hf_rate, ref = hf_decode(args.model, prompt, args.new_tokens, args.repeats)
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, max(args.tp)), include_dashboard=False, _node_ip_address="127.0.0.1")
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, max(args.tp)), include_dashboard=False,
+             _node_ip_address="127.0.0.1")
     rows = [("HF generate", hf_rate, 1000 / hf_rate, None, True)]
     for tp in args.tp:
         rate, tokens, step_ms, share = grid_decode(args.model, tp, prompt, args.new_tokens, args.repeats)

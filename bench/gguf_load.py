@@ -92,8 +92,8 @@ def main() -> None:
           ["gridserve: one rank alone (a grid loads its ranks in parallel, one process each); 'wall s' includes "
            "parsing the file, building the shard and dequantizing its rows into float32 parameters; 'parse wall "
            "s' is the gguf reader's parse alone (a separate open of the same file)",
-           f"median of {args.repeat} loads per rank, taken round robin; the references run once (transformers: its own parse, "
-           "gguf.quants dequantization of the whole file and its model build)"])
+           f"median of {args.repeat} loads per rank, taken round robin; the references run once "
+           "(transformers: its own parse, gguf.quants dequantization of the whole file and its model build)"])
 
 
 if __name__ == "__main__":

@@ -12,12 +12,11 @@ from __future__ import annotations
 import os
 import platform
 import time
-from typing import Callable, Iterator
-
-import torch
-import torch.nn.functional as F
+from collections.abc import Callable, Iterator
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from actors.shard import cpu_gemm, native
 from actors.shard.cpu_gemm import pack, packed_linear

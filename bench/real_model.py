@@ -37,7 +37,8 @@ def hf_rates(model: str, workloads: dict[str, list[list[int]]], short: int, long
     def timed(ids: torch.Tensor, n: int) -> float:
         start = time.perf_counter()
         with torch.inference_mode():
-            hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
+            hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids),  # noqa: F821 (deleted after the last call)
+                        do_sample=False, max_new_tokens=n,
                         min_new_tokens=n, pad_token_id=0)
         return time.perf_counter() - start
 

@@ -106,7 +106,7 @@ class GridServeConfig(BaseModel):
     _model_len_from_model: bool = PrivateAttr(False)  # max_model_len was derived, so the KV cache may cap it
 
     @classmethod
-    def from_args(cls, args: dict[str, Any]) -> "GridServeConfig":
+    def from_args(cls, args: dict[str, Any]) -> GridServeConfig:
         """Validate `args`, raising ConfigError with one readable line per problem instead of pydantic's dump."""
         try:
             return cls(**args)
@@ -121,7 +121,7 @@ class GridServeConfig(BaseModel):
         return str(path.resolve()) if path.exists() else value
 
     @model_validator(mode="after")
-    def _check(self) -> "GridServeConfig":
+    def _check(self) -> GridServeConfig:
         """Fill the lengths the model decides, then cross-field checks that need the model's own config."""
         spec = self.spec()
         if self.max_model_len is None:
@@ -136,6 +136,7 @@ class GridServeConfig(BaseModel):
 
     def _cross_field_errors(self, spec: ModelSpec) -> list[str]:
         """Every problem between the settings and the model, not only the first."""
+        assert self.max_model_len is not None and self.max_num_batched_tokens is not None, "_check fills both"
         problems = []
         for check in (lambda: spec.check_tp(self.tensor_parallel_size),
                       lambda: resolve_partition(spec, self.pipeline_parallel_size, self.pipeline_layer_partition)):
@@ -152,8 +153,9 @@ class GridServeConfig(BaseModel):
                             "leave it unset to use the model's")
         return problems
 
-    def fit_kv_cache(self, kv_tokens: int) -> "GridServeConfig":
+    def fit_kv_cache(self, kv_tokens: int) -> GridServeConfig:
         """This config with max_model_len within the `kv_tokens` the grid's KV cache holds (logs which limit won)."""
+        assert self.max_model_len is not None, "the validator fills max_model_len"
         if self.max_model_len <= kv_tokens:
             log.info("max_model_len=%d (%s; the KV cache holds %d tokens)", self.max_model_len,
                      "the model's context length" if self._model_len_from_model else "as configured", kv_tokens)
@@ -209,7 +211,7 @@ def describe_errors(exc: ValidationError) -> str:
     return "invalid gridserve settings:\n" + "\n".join(f"  - {line}" for line in lines)
 
 
-def args_from_serve_config(path: str | Path, app: int = 0) -> dict:
+def args_from_serve_config(path: str | Path, app: int = 0) -> dict[str, Any]:
     """The `args` of application `app` in a Ray Serve config file such as ray_config.yaml."""
     import yaml
 

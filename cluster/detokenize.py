@@ -1,7 +1,8 @@
 """Incremental detokenization with stop strings: token events in, text deltas out, O(1) decode work per token."""
 from __future__ import annotations
 
-from typing import Any, AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any
 
 from cluster.request import ChoiceDelta, TokenLogprob
 
@@ -44,7 +45,8 @@ class IncrementalDecoder:
 class TextStream:
     """One choice: an engine's token events in, `ChoiceDelta`s out, text cut at stop strings, logprobs decoded."""
 
-    def __init__(self, events: AsyncGenerator[Any, str | None], tokenizer: Any, stop: list[str], index: int = 0) -> None:
+    def __init__(self, events: AsyncGenerator[Any, str | None], tokenizer: Any, stop: list[str],
+                 index: int = 0) -> None:
         self.events = events
         self.tokenizer = tokenizer
         self.decoder = IncrementalDecoder(tokenizer)

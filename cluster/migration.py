@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 from cluster.engine import AsyncEngine, TokenEvent
 from cluster.generate import Events, submit

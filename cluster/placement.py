@@ -30,7 +30,7 @@ class Layout:
     per_stage: bool
 
     @classmethod
-    def of(cls, cfg: GridServeConfig, resource: str) -> "Layout":
+    def of(cls, cfg: GridServeConfig, resource: str) -> Layout:
         """The layout `cfg` asks for, with workers taking `resource`."""
         per = 1.0 if resource == "GPU" else cfg.cpus_per_worker
         return cls(resource, per, cfg.tensor_parallel_size, cfg.pipeline_parallel_size,

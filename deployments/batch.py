@@ -10,8 +10,9 @@ import math
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -34,8 +35,8 @@ async def drain(queue: asyncio.Queue[Request | None], replicas: list[Replica],
     """Feed the shared queue to every replica (a few more requests than its batch, so it never waits on us).
 
     A replica whose grid fails is healed (`Replica.ready` -> `Replica.heal`, the one failure policy) before it
-    takes more work, and its unfinished requests go back to the queue; a replica whose rebuild fails stops. Workers wait for such
-    hand-backs until every request has a result, then a None per worker tells them to stop.
+    takes more work, and its unfinished requests go back to the queue; a replica whose rebuild fails stops. Workers
+    wait for such hand-backs until every request has a result, then a None per worker tells them to stop.
     """
     slots = [r for r, rep in enumerate(replicas) for _ in range(seats(rep.cfg))]
     remaining, attempts = queue.qsize(), Counter[Any]()
@@ -90,6 +91,7 @@ def run(cfg: GridServeConfig, input_path: Path, output_path: Path, address: str 
 
     tokenizer = load_tokenizer(cfg.model)
     results = ResultLog(output_path)
+    assert cfg.max_model_len is not None, "GridServeConfig's validator fills max_model_len"
     requests, records, skipped = read_requests(input_path.read_bytes().splitlines(), tokenizer,
                                                cfg.spec().vocab_size, cfg.max_model_len, results.finished())
     for n in sorted(records):

@@ -28,7 +28,7 @@ class BatchLine(SamplingOptions):
                                    "max_model_len.")
 
     @model_validator(mode="after")
-    def _one_prompt(self) -> "BatchLine":
+    def _one_prompt(self) -> BatchLine:
         """Exactly one of prompt / prompt_token_ids."""
         if (self.prompt is None) == (self.prompt_token_ids is None):
             raise ValueError("give exactly one of `prompt` and `prompt_token_ids`")

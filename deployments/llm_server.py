@@ -6,8 +6,9 @@ every answer a replica can refuse comes back as a `Refusal` value rather than an
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import aclosing
-from typing import Any, AsyncIterator, Awaitable
+from typing import Any
 
 from ray import serve
 from ray.exceptions import RayActorError

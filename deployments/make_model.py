@@ -29,7 +29,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 # The offline stand-in for the bundled SmolLM2 (9 query / 3 KV heads): 12 / 3 heads split over every tp SmolLM2
 # does (1, 3), so the shipped ray_config.yaml layout starts either way.
-FALLBACK_SHAPE = dict(hidden_size=384, intermediate_size=768, num_attention_heads=12, num_key_value_heads=3)
+FALLBACK_SHAPE: dict[str, Any] = dict(hidden_size=384, intermediate_size=768, num_attention_heads=12,
+                                      num_key_value_heads=3)
 FAMILIES = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config"}
 
 

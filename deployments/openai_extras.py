@@ -50,7 +50,7 @@ class ChatMessage(BaseModel):
     refusal: str | None = Field(None, description="Assistant turns as OpenAI returns them (not rendered).")
 
     @model_validator(mode="after")
-    def _readable(self) -> "ChatMessage":
+    def _readable(self) -> ChatMessage:
         """Text parts only (this model reads text); a tool turn says which call it answers."""
         for j, part in enumerate(self.content if isinstance(self.content, list) else []):
             if part.type != "text" or part.text is None:

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Callable, Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
-from pydantic import BaseModel, Field, PrivateAttr, ValidationInfo, model_validator
+from pydantic import Field, PrivateAttr, ValidationInfo, model_validator
 
 from cluster.request import GenerationParams, RequestError, SamplingOptions
 from cluster.structured import GrammarSpec
@@ -29,7 +30,7 @@ class SamplingFields(SamplingOptions, ClientFields):
     _grammar: GrammarSpec | None = PrivateAttr(None)
 
     @model_validator(mode="after")
-    def _served_model_and_grammar(self, info: ValidationInfo) -> "SamplingFields":
+    def _served_model_and_grammar(self, info: ValidationInfo) -> SamplingFields:
         """The model is the one served (when the caller says which) and at most one enforceable constraint."""
         served = (info.context or {}).get("served_model")
         if served is not None and self.model != served:
@@ -77,7 +78,7 @@ class ChatRequest(SamplingFields):
     parallel_tool_calls: bool | None = Field(None, description="With `required`: allow more than one call.")
 
     @model_validator(mode="after")
-    def _max_completion_tokens(self) -> "ChatRequest":
+    def _max_completion_tokens(self) -> ChatRequest:
         """Accept the newer `max_completion_tokens` as `max_tokens`."""
         if self.max_tokens is None and self.max_completion_tokens is not None:
             self.max_tokens = self.max_completion_tokens

@@ -27,7 +27,8 @@ OWN_ROUTES_TTL_S = 10.0  # how long a prompt this router sent counts as cached t
 class PrefixAwareRouter(FIFOMixin, RequestRouter):
     """Longest cached prefix first (within the imbalance threshold), else power of two choices."""
 
-    def initialize_state(self, imbalance: int = 8, block_size: int = 16) -> None:
+    # Serve calls it with request_router_kwargs, which router_config() fills with exactly these names.
+    def initialize_state(self, imbalance: int = 8, block_size: int = 16) -> None:  # type: ignore[override]
         """`imbalance`: ongoing requests above the least-loaded replica beyond which a prefix match is ignored;
         `block_size`: the replicas' KV block size (their reports carry it too)."""
         self.imbalance, self.block_size = imbalance, block_size
@@ -122,6 +123,7 @@ def router_config(imbalance: int, block_size: int) -> Any:
     """Serve's settings for this router on a deployment."""
     from ray.serve.config import RequestRouterConfig
 
-    return RequestRouterConfig(request_router_class=PrefixAwareRouter, request_routing_stats_period_s=
-                               ROUTING_STATS_PERIOD_S, request_router_kwargs={"imbalance": imbalance,
-                                                                              "block_size": block_size})
+    # ray's model is built on its pydantic-v1 shim, which mypy reads with the wrong field types
+    return RequestRouterConfig(request_router_class=PrefixAwareRouter,  # type: ignore[arg-type]
+                               request_routing_stats_period_s=ROUTING_STATS_PERIOD_S,  # type: ignore[arg-type]
+                               request_router_kwargs={"imbalance": imbalance, "block_size": block_size})

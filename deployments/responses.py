@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import json
-from typing import Any, AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from cluster.generate import Choice, collect
 from cluster.request import ChoiceDelta, TokenLogprob

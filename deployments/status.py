@@ -9,7 +9,6 @@ from typing import Any
 
 from cluster.metrics import status_table
 
-
 PLOT_INSTALL = "pip install 'gridserve[plot]'"
 
 

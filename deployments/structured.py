@@ -4,8 +4,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from cluster.structured import GrammarSpec
 from cluster.request import RequestError
+from cluster.structured import GrammarSpec
 from deployments.openai_extras import ClientFields
 
 

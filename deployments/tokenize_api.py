@@ -5,8 +5,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from deployments.chat import chat_prompt_ids
 from cluster.request import RequestError
+from deployments.chat import chat_prompt_ids
 from deployments.openai_extras import ChatMessage, Tool
 
 
@@ -24,7 +24,7 @@ class TokenizeRequest(BaseModel):
     return_token_strs: bool = Field(False, description="Also return each token's text.")
 
     @model_validator(mode="after")
-    def _one_input(self) -> "TokenizeRequest":
+    def _one_input(self) -> TokenizeRequest:
         """Exactly one of prompt and messages."""
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give exactly one of `prompt` and `messages`")

@@ -11,8 +11,8 @@ import json
 import uuid
 from typing import Any
 
-from cluster.structured import GrammarSpec
 from cluster.request import RequestError
+from cluster.structured import GrammarSpec
 from deployments.openai_extras import NamedToolChoice, Tool
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"

@@ -5,8 +5,9 @@ import asyncio
 import os
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -82,7 +83,7 @@ class LocalGrid:
         hidden = None
         for k, stage in enumerate(self.stages):
             start = time.perf_counter()
-            outs = list(self.pool.map(lambda r: r.execute(step, hidden), stage))
+            outs = list(self.pool.map(lambda r, h=hidden: r.execute(step, h), stage))
             for r in range(self.tp):
                 self.windows[k * self.tp + r].record(start, time.perf_counter(), 0.0)
             hidden = outs[0]

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import random
 import socket
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 LOOPBACK = "127.0.0.1"
 

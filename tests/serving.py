@@ -1,8 +1,9 @@
 """Starting the gridserve Serve app on a loopback Ray for the HTTP tests (module fixtures call these)."""
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 from tests.loopback import LOOPBACK, free_port, loopback_cluster
 

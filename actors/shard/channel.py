@@ -20,8 +20,9 @@ import sys
 import threading
 import traceback
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 HEADER = struct.Struct("<Q")  # every frame: payload length, then the pickled payload
 DRIVER, UPSTREAM = b"D", b"U"  # the first byte of a connection's hello says who connects

@@ -9,7 +9,6 @@ import torch.nn.functional as F
 
 from actors.shard import native
 
-
 GATHER_CAP_BYTES = 256 * 2**20  # decode gathers K and V in chunks of sequences no bigger than this (bounded memory)
 
 
@@ -81,7 +80,7 @@ class AttnMeta:
 
     @classmethod
     def build(cls, query_lens: list[int], context_lens: list[int], block_tables: list[list[int]],
-              block_size: int, window: int | None, device: torch.device) -> "AttnMeta":
+              block_size: int, window: int | None, device: torch.device) -> AttnMeta:
         """Turn block tables into slot indices and causal (optionally sliding-window) masks.
 
         The scheduler puts decodes first in a mixed step: those leading one-token sequences take the vectorised
@@ -103,7 +102,7 @@ class AttnMeta:
 
     @classmethod
     def _decode(cls, context_lens: list[int], block_tables: list[list[int]], block_size: int,
-                window: int | None, device: torch.device) -> "AttnMeta":
+                window: int | None, device: torch.device) -> AttnMeta:
         """Decode-only step, vectorised: one new token per sequence, contexts as padded block rows."""
         ctx = np.asarray(context_lens, dtype=np.int64)
         used = (ctx + block_size - 1) // block_size

@@ -1,7 +1,8 @@
 """Megatron-style parallel layers; each allocates only its shard and loads it with `weight_loader`."""
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -11,7 +12,6 @@ from actors.shard import native
 from actors.shard.cpu_gemm import packed_linear
 from actors.shard.spec import HeadSplit
 from actors.shard.tp import TPGroup
-
 
 SliceIndex = slice | tuple[slice, ...]  # what loading asks of a checkpoint tensor: x[a:b], x[:, a:b], x[:]
 

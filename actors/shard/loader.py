@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -150,7 +151,7 @@ def load_stage(model: nn.Module, keys: Iterable[str], get_slice: Callable[[str],
             continue  # belongs to another pipeline stage
         src_key = "model.embed_tokens.weight" if key == "lm_head.weight" and key not in keys else key
         owner = owners[name.rsplit(".", 1)[0]]
-        loader = getattr(owner, "weight_loader")
+        loader = owner.weight_loader
         args = (params[name], get_slice(src_key), src_key) + (() if part is None else (part,))
         loader(*args)
         filled.add(name)

@@ -6,10 +6,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from actors.shard.kv_cache import AttnMeta, PagedKVCache, paged_attention
-from actors.shard.layers import (ColumnParallelLinear, ParallelLMHead, QKVParallelLinear, RMSNorm,
-                                 RowParallelLinear, VocabParallelEmbedding)
-from actors.shard.rope import Rotary, apply_rotary
+from actors.shard.layers import (
+    ColumnParallelLinear,
+    ParallelLMHead,
+    QKVParallelLinear,
+    RMSNorm,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+)
 from actors.shard.partition import Partition, resolve_partition, stage_layers
+from actors.shard.rope import Rotary, apply_rotary
 from actors.shard.spec import HeadSplit, ModelSpec
 from actors.shard.tp import TPGroup
 

@@ -1,7 +1,7 @@
 """Which decoder layers each pipeline stage owns: an even split, a cost-balanced one, or the user's own."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from actors.shard.spec import ModelSpec
 

@@ -44,7 +44,7 @@ class ModelSpec:
     eos_token_ids: tuple[int, ...] = field(default=())
 
     @classmethod
-    def from_dir(cls, model_dir: str | Path) -> "ModelSpec":
+    def from_dir(cls, model_dir: str | Path) -> ModelSpec:
         """Read `config.json` from a local Hugging Face model folder."""
         path = Path(model_dir) / "config.json"
         if not path.is_file():
@@ -54,7 +54,7 @@ class ModelSpec:
         return cls.from_hf_dict(json.loads(path.read_text()))
 
     @classmethod
-    def from_hf_dict(cls, cfg: dict[str, Any]) -> "ModelSpec":
+    def from_hf_dict(cls, cfg: dict[str, Any]) -> ModelSpec:
         """Build a spec from a parsed `config.json`, refusing architectures we do not implement."""
         archs = cfg.get("architectures") or []
         family = next((SUPPORTED[a] for a in archs if a in SUPPORTED), None)
@@ -146,7 +146,7 @@ class HeadSplit:
     kv_replicas: int  # how many ranks hold the same KV head (tp > num_kv_heads)
 
     @classmethod
-    def of(cls, spec: ModelSpec, tp_rank: int, tp_size: int) -> "HeadSplit":
+    def of(cls, spec: ModelSpec, tp_rank: int, tp_size: int) -> HeadSplit:
         """Split `spec`'s heads for `tp_rank` of `tp_size` (assumes `check_tp` passed)."""
         spec.check_tp(tp_size)
         if tp_size <= spec.num_kv_heads:

@@ -26,7 +26,7 @@ class TPGroup:
         self.num_collectives = 0
 
     @classmethod
-    def single(cls) -> "TPGroup":
+    def single(cls) -> TPGroup:
         """A group of one: every collective is the identity."""
         return cls(0, 1, None)
 

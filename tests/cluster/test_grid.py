@@ -52,10 +52,11 @@ def test_channel_steps_run_on_the_thread_that_loaded(local_ray: None, model_dirs
 
 def test_stage_outputs_never_reach_the_driver(local_ray: None, model_dirs: dict) -> None:
     """Only the last stage's refs come back from submit(); the stage-0 refs are consumed actor to actor."""
-    from cluster.scheduler import Scheduler, Sequence
-    from cluster.blocks import BlockManager
-    from actors.shard.sampler import SamplingParams
     import ray
+
+    from actors.shard.sampler import SamplingParams
+    from cluster.blocks import BlockManager
+    from cluster.scheduler import Scheduler, Sequence
 
     grid = make_grid(str(model_dirs["llama_gqa"]), 2, 2)
     try:

@@ -1,7 +1,7 @@
 """A real Serve app on a free loopback port, shared by the HTTP tests of a module."""
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import httpx
 import pytest

@@ -3,7 +3,7 @@ both with the model replica behind a handle and colocated in the ingress."""
 from __future__ import annotations
 
 import threading
-from typing import Iterator
+from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -87,7 +87,7 @@ def test_client_disconnect_aborts_the_request(guarded: str) -> None:
     body = {"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 200, "ignore_eos": True, "stream": True}
     before = httpx.get(f"{guarded}/status", headers=KEY, timeout=30).json()["engine"]["generation_tokens_total"]
     with httpx.stream("POST", f"{guarded}/v1/completions", json=body, headers=KEY, timeout=60) as r:
-        for n, line in enumerate(r.iter_lines()):
+        for n, _line in enumerate(r.iter_lines()):
             if n >= 4:
                 break  # leaving the block closes the connection mid-stream
 

@@ -1,7 +1,8 @@
 """The Serve path on a simulated 2-node cluster: a tp=2 x pp=2 replica keeps each TP group on one node."""
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest

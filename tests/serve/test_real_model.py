@@ -1,8 +1,8 @@
 """The real bundled model through HTTP, in the layout ray_config.yaml ships: it knows things."""
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import openai
 import pytest

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import random
-from typing import Iterator, Literal
+from collections.abc import Iterator
+from typing import Literal
 
 import httpx
 import jsonschema

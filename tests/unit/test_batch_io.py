@@ -24,7 +24,7 @@ def lines(*objs: object) -> list[bytes]:
 
 
 def test_bad_lines_get_records_with_line_numbers_and_the_rest_runs() -> None:
-    """Bad JSON, unknown field, empty prompt, non-UTF-8, too long, duplicate id: error records; others become requests."""
+    """Bad JSON, unknown field, empty prompt, non-UTF-8, too long, duplicate id: error records; the rest run."""
     raw = lines({"id": "a", "prompt": "x yy"}, "{oops", {"prompt": "x", "bogus": 1}, {"prompt": ""},
                 {"id": "a", "prompt": "zz"}, {"prompt_token_ids": [1] * 60, "max_tokens": 10},
                 {"prompt_token_ids": [99]}) + [b"\xff\xfe", b""] + lines({"id": 7, "prompt_token_ids": [3, 4]})
@@ -70,7 +70,8 @@ def test_parse_line_names_the_field() -> None:
         parse_line(b'{"prompt": "x", "prompt_token_ids": [1]}')
 
 
-OBJECTS = st.dictionaries(st.sampled_from(["id", "prompt", "prompt_token_ids", "max_tokens", "temperature", "stop", "x"]),
+KEYS = ["id", "prompt", "prompt_token_ids", "max_tokens", "temperature", "stop", "x"]
+OBJECTS = st.dictionaries(st.sampled_from(KEYS),
                           st.none() | st.integers(-2**70, 2**70) | st.text(max_size=10)
                           | st.lists(st.integers(-3, 80), max_size=5))
 LINES = st.lists(st.binary(max_size=80) | OBJECTS.map(lambda d: json.dumps(d).encode()), max_size=8)

@@ -81,7 +81,8 @@ def test_probe_for_a_local_ray_does_not_import_ray() -> None:
     import subprocess
     import sys
 
-    code = "import sys; from cluster.loopback import local_ray_running; local_ray_running(); print('ray' in sys.modules)"
+    code = ("import sys; from cluster.loopback import local_ray_running; local_ray_running(); "
+            "print('ray' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

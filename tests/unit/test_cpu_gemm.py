@@ -7,8 +7,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from actors.shard import cpu_gemm, native
-from actors.shard.layers import (GEMM_MAX_TOKENS, GEMV_MAX_TOKENS, SPLIT_MAX_TOKENS, ColumnParallelLinear,
-                                 ParallelLMHead, RowParallelLinear, VocabParallelEmbedding)
+from actors.shard.layers import (
+    GEMM_MAX_TOKENS,
+    GEMV_MAX_TOKENS,
+    SPLIT_MAX_TOKENS,
+    ColumnParallelLinear,
+    ParallelLMHead,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+)
 from actors.shard.tp import TPGroup
 
 pytestmark = pytest.mark.skipif(not cpu_gemm.available(), reason="this PyTorch build has no oneDNN")

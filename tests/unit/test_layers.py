@@ -1,16 +1,22 @@
 """Every Megatron-style parallel layer against its plain torch reference at tp=1, 2 and 4."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from actors.shard.layers import (ColumnParallelLinear, ParallelLMHead, QKVParallelLinear, RowParallelLinear,
-                                 VocabParallelEmbedding)
+from actors.shard.layers import (
+    ColumnParallelLinear,
+    ParallelLMHead,
+    QKVParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+)
 from actors.shard.loader import TensorSlice
 from actors.shard.spec import HeadSplit, ModelSpec
 from actors.shard.tp import TPGroup
@@ -137,7 +143,8 @@ def test_qkv_parallel_rows_and_outputs(heads: int, kv_heads: int, tp: int, bias:
     d = 4
     hidden = heads * d
     spec = make_spec(heads, kv_heads, d)
-    wq, wk, wv = rand(heads * d, hidden, seed=20), rand(kv_heads * d, hidden, seed=21), rand(kv_heads * d, hidden, seed=22)
+    wq = rand(heads * d, hidden, seed=20)
+    wk, wv = rand(kv_heads * d, hidden, seed=21), rand(kv_heads * d, hidden, seed=22)
     bq, bk, bv = rand(heads * d, seed=23), rand(kv_heads * d, seed=24), rand(kv_heads * d, seed=25)
     x = rand(3, hidden, seed=26)
     q_ref = F.linear(x, wq, bq if bias else None)

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
@@ -155,7 +155,10 @@ class RecordingSlice:
         return t
 
 
-def recorder(log: dict[str, list[tuple[int, ...]]]) -> Callable[[Callable[[str], LazySlice]], Callable[[str], LazySlice]]:
+SliceGetter = Callable[[str], LazySlice]
+
+
+def recorder(log: dict[str, list[tuple[int, ...]]]) -> Callable[[SliceGetter], SliceGetter]:
     """A `wrap` for `load` that records reads into `log`."""
     def wrap(get: Callable[[str], LazySlice]) -> Callable[[str], LazySlice]:
         return lambda key: RecordingSlice(get(key), key, log)

@@ -7,8 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from actors.shard.partition import (balanced_partition, even_partition, layer_macs, resolve_partition,
-                                    stage_layers)
+from actors.shard.partition import balanced_partition, even_partition, layer_macs, resolve_partition, stage_layers
 from actors.shard.spec import ModelSpec
 from cluster.config import GridServeConfig
 from tests.configs import hf_config

@@ -112,8 +112,8 @@ def test_engine_tokens_unchanged_with_shared_prefixes(model_dirs: dict) -> None:
     """Requests sharing a long prefix give HF's greedy tokens with prefix caching on, and do hit the cache."""
     from cluster.engine import AsyncEngine
     from cluster.generate import Request, generate_all
-    from tests.reference import greedy
     from tests.local_grid import LocalGrid
+    from tests.reference import greedy
 
     shared = [3, 17, 5, 42, 8, 11, 2, 60, 33, 9, 14, 21, 7]
     prompts = [shared + tail for tail in ([1], [2, 3], [4, 5, 6], [])] + [shared[:6] + [40]]
@@ -139,8 +139,8 @@ def test_prefix_sharing_survives_preemption(model_dirs: dict) -> None:
     """With too few blocks for everyone, sequences that share blocks are preempted and resumed; tokens stay HF's."""
     from cluster.engine import AsyncEngine
     from cluster.generate import Request, generate_all
-    from tests.reference import greedy
     from tests.local_grid import LocalGrid
+    from tests.reference import greedy
 
     shared = [3, 17, 5, 42, 8, 11, 2, 60]
     prompts = [shared + [i + 1, 2 * i + 7] for i in range(6)]

@@ -53,8 +53,9 @@ def test_a_slow_stats_probe_does_not_fail_the_replica(model_dirs: dict) -> None:
 
 
 def test_failed_grid_fails_in_flight_work_then_heals_in_place(model_dirs: dict) -> None:
-    """Without migration a dying grid ends the running request with an error, new requests get 503-style ReplicaUnavailable with
-    the rebuild Retry-After, and after the rebuild the replica serves again (rebuilds counted)."""
+    """Without migration a dying grid ends the running request with an error, new requests get 503-style
+    ReplicaUnavailable with the rebuild Retry-After, and after the rebuild the replica serves again (rebuilds
+    counted)."""
     d = str(model_dirs["llama_gqa"])
     replica = Replica(config(d, migration_timeout_s=0),
                       grid_factory=grids(lambda: DyingGrid(d, 3), lambda: LocalGrid(d, 1, 1)))
@@ -96,7 +97,8 @@ def test_a_failed_rebuild_is_reported(model_dirs: dict) -> None:
     ([], 4, "prompt", "empty"), (list(range(1, 50)) * 6, None, "prompt", "max_model_len is 256"),
     ([5, 6], 255, "max_tokens", "at most 254"), ([5, 96], 4, "prompt", "[0, 96)")])
 def test_requests_that_can_never_fit_are_refused_naming_the_field(model_dirs: dict, prompt: list[int],
-                                                                  max_tokens: int | None, param: str, text: str) -> None:
+                                                                  max_tokens: int | None, param: str,
+                                                                  text: str) -> None:
     """Empty, too long, too many tokens asked, out of the vocabulary: RequestError with the field to change."""
     d = str(model_dirs["llama_gqa"])
     replica = Replica(config(d), grid_factory=lambda: LocalGrid(d, 1, 1))
@@ -155,8 +157,10 @@ def test_requests_in_flight_migrate_to_the_rebuilt_grid(model_dirs: dict) -> Non
 
     def run(replica: Replica) -> list[list[tuple[list[int], str, str | None, str | None]]]:
         async def main() -> list:
-            jobs = [collect(replica.generate(PROMPTS[0], greedy(10))), collect(replica.generate(PROMPTS[1], sampled), 2)]
-            return [[(c.token_ids, c.text, c.finish_reason, c.error) for c in out] for out in await asyncio.gather(*jobs)]
+            jobs = [collect(replica.generate(PROMPTS[0], greedy(10))),
+                    collect(replica.generate(PROMPTS[1], sampled), 2)]
+            outs = await asyncio.gather(*jobs)
+            return [[(c.token_ids, c.text, c.finish_reason, c.error) for c in out] for out in outs]
         return asyncio.run(main())
 
     calm = run(Replica(config(d), grid_factory=lambda: LocalGrid(d, 1, 1)))

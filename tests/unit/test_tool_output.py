@@ -8,9 +8,9 @@ from pydantic import ValidationError
 
 from cluster.request import RequestError
 from deployments.chat import template_messages
+from deployments.http import request_error_in
 from deployments.openai_extras import ChatMessage, NamedToolChoice, Tool
 from deployments.openai_schema import ChatRequest
-from deployments.http import request_error_in
 from deployments.tools import ToolOutput, merge, tool_grammar, tool_mode
 
 TOOLS = [Tool.model_validate({"type": "function", "function": {"name": "get_weather", "parameters": {
