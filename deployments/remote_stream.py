@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
 from cluster.replica import ReplicaUnavailable
-from cluster.request import ChoiceDelta, RequestError
+from cluster.request import ChoiceDelta, GenerationParams, RequestError
 
 RETRY_AFTER_LOST_S = 1  # Retry-After when the replica died before answering (another one takes the retry)
 
@@ -99,3 +99,14 @@ class ChunkStream:
             await self.source.aclose()
         except RuntimeError:  # "already running": the cancelled reader task is unwinding through it
             pass
+
+
+async def open_chunks(local: Any, llm: Any, ids: list[int], params: GenerationParams) -> ChunkStream:
+    """A request's chunks from the colocated replica (`local`) or over the model deployment's handle (`llm`),
+    accepted: a refusal raises here (400 / 503)."""
+    if local is not None:
+        source: Any = local.generate(ids, params)
+    else:
+        # Deltas over Serve's gRPC transport instead of one Ray object per chunk (a message per token per request).
+        source = llm.options(stream=True, _by_reference=False).generate.remote(ids, params)
+    return await ChunkStream(source, params.n).start()
