@@ -37,6 +37,7 @@ def test_fetched_model_is_linked_from_the_cache(tmp_path: Path, monkeypatch: pyt
     assert ensure_default_model({"model": "elsewhere"}) == {"model": "elsewhere"}
 
 
+@pytest.mark.slow  # converts the real model's 49k-token vocabulary
 def test_gguf_tokenizer_is_converted_once_then_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                       smollm2_dir: Path) -> None:
     """The second load reads the cached conversion: same ids, same chat template, same EOS."""

@@ -32,6 +32,7 @@ def faults(mode: str) -> int:
     return int(out.stdout.split()[-1])
 
 
+@pytest.mark.slow  # two fresh interpreters that import torch and touch 100 MiB each
 @pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
 def test_keep_step_buffers_stops_page_faults_on_repeated_steps() -> None:
     """By default each step faults its 48 MiB buffer in again (12k pages); kept, the heap serves it already mapped."""
