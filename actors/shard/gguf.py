@@ -16,7 +16,8 @@ from actors.shard.spec import ModelSpec
 T = GGMLQuantizationType
 # gguf.quants decodes more; these are the types checked against transformers' GGUF load or gguf's own quantizer.
 SUPPORTED = (T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q4_K, T.Q5_K, T.Q6_K)
-# Weights per gguf.quants call: bounds the decoder's float32 temporaries, and small calls stay in cache.
+# Weights per gguf.quants call: its float32 temporaries (a few times the output) stay in cache; 4x more doubled
+# SmolLM2's decode time. Tensors this small go in one call, without a copy into a joint output.
 WEIGHTS_PER_CALL = 1 << 18
 
 GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
@@ -50,19 +51,27 @@ def gguf_file(model: str | Path) -> Path | None:
 
 def dequantize(raw: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
     """Raw bytes [rows, blocks * block bytes] (uint8) -> float32 [rows, blocks * block weights], by gguf.quants."""
-    # Each call gets one 1-D run of whole rows: over 2-D rows gguf.quants makes a numpy pass per 16 rows, which
-    # for narrow rows costs more than the decoding (SmolLM2's 210 Q4_1 tensors of 576-weight rows: 0.61 s CPU
-    # as 2-D rows, 0.38 s as runs; python -m bench.gguf_load compares the two).
     elems, nbytes = GGML_QUANT_SIZES[qtype]
     rows, width = raw.shape
     if width % nbytes:
         raise ValueError(f"{width} bytes per row is not a whole number of {qtype.name} blocks ({nbytes} B)")
-    out = np.empty((rows, width // nbytes * elems), dtype=np.float32)
-    step = max(1, WEIGHTS_PER_CALL // max(out.shape[1], 1))
+    cols = width // nbytes * elems
+    step = max(1, WEIGHTS_PER_CALL // max(cols, 1))
+    if rows <= step:
+        return _decode_run(raw, qtype)
+    out = np.empty((rows, cols), dtype=np.float32)
     for r in range(0, rows, step):
-        run = np.ascontiguousarray(raw[r:r + step]).reshape(-1)  # a view when the rows are whole
-        out[r:r + step] = gguf.quants.dequantize(run, qtype).reshape(-1, out.shape[1])
+        out[r:r + step] = _decode_run(raw[r:r + step], qtype)
     return out
+
+
+def _decode_run(raw: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
+    """Whole rows decoded in one gguf.quants call over them as one 1-D run of blocks."""
+    # Over 2-D rows gguf.quants makes a numpy pass per 16 rows, which for narrow rows costs more than the
+    # decoding: one tp=1 rank of SmolLM2 (Q4_1, 576-weight rows) loads in ~4.2 s CPU that way, ~3.4 s as runs
+    # (python -m bench.gguf_load compares the two calls on every tensor).
+    out = gguf.quants.dequantize(np.ascontiguousarray(raw).reshape(-1), qtype).reshape(len(raw), -1)
+    return out if out.flags.writeable else out.copy()  # F32 comes back as a view of the read-only file
 
 
 def hf_name(name: str) -> str | None:
@@ -189,7 +198,8 @@ class GGUFCheckpoint:
         bad = [f"{n} ({t.tensor_type.name})" for n, t in self.tensors.items() if t.tensor_type not in SUPPORTED]
         if bad:
             raise ValueError(f"{self.path}: GGUF tensor types not supported: {bad[:20]}; supported: "
-                             f"{[t.name for t in SUPPORTED]} (re-quantize with llama.cpp's llama-quantize, e.g. Q4_K_M)")
+                             f"{[t.name for t in SUPPORTED]} (re-quantize with llama.cpp's llama-quantize, "
+                             "e.g. Q4_K_M)")
         expected = expected_shapes(self._spec)
         for hf, name in self.names.items():
             got = self.hf_shape(name)
