@@ -26,7 +26,7 @@ from deployments.http import APIError, api, parse_body
 from deployments.llm_server import LLMServer
 from deployments.metrics_board import board, merge
 from deployments.openai_schema import ChatRequest, CompletionRequest, SamplingFields, new_id, now
-from deployments.remote_stream import RETRY_AFTER_LOST_S, ChunkStream, Refusal, replica_lost
+from deployments.remote_stream import RETRY_AFTER_LOST_S, Refusal, open_chunks, replica_lost
 from deployments.responses import ToolFactory, sse, whole_response
 from deployments.tokenize_api import DetokenizeRequest, TokenizeRequest, detokenize, tokenize
 
@@ -145,12 +145,7 @@ class OpenAIIngress:
     async def _respond(self, body: SamplingFields, ids: list[int], chat: bool, tools: ToolFactory = None) -> Any:
         """Run the request's n choices; answer as one body or as an SSE stream."""
         start, params = time.perf_counter(), body.params()
-        if self.local is not None:
-            source: Any = self.local.generate(ids, params)
-        else:
-            # Deltas over Serve's gRPC transport instead of one Ray object per chunk (a message per token per request).
-            source = self.llm.options(stream=True, _by_reference=False).generate.remote(ids, params)
-        chunks = await ChunkStream(source, body.n).start()  # a refusal raises here: 400 / 503
+        chunks = await open_chunks(self.local, self.llm, ids, params)  # a refusal raises here: 400 / 503
         rid = new_id("chatcmpl" if chat else "cmpl")
         if body.stream:
             usage_of = len(ids) if body.stream_options is not None and body.stream_options.include_usage else None
