@@ -125,3 +125,12 @@ def test_store_evicts_oldest_by_count_bytes_and_age() -> None:
     store.put("d", b"123456789", now=4)  # 4 + 2 + 9 bytes > 10: b goes, then c
     assert store.get("b", now=5) is None and store.get("c", now=5) is None and store.bytes == 9
     assert not store.put("e", b"x" * 11) and store.get("d", now=65) is None  # too big; expired
+
+
+def test_a_failed_generation_is_a_failed_response() -> None:
+    """A replica lost mid-way: status failed with the error, no output; the body still validates."""
+    builder = OutputBuilder(None)
+    builder.feed(ChoiceDelta(0, "Hi", [1]))
+    builder.feed(ChoiceDelta(0, "", [], "error", error="model replica lost"))
+    body = Response.model_validate(response_body("resp_3", 1.0, parse({"input": "x"}), builder, 2))
+    assert body.status == "failed" and "model replica lost" in body.error.message and body.output == []
