@@ -77,8 +77,12 @@ class LLMServer:
         return await guarded(self.replica.snapshot())
 
     async def metrics_text(self) -> bytes | Refusal:
-        """Prometheus text of this replica (GET /metrics before any replica has posted to the board)."""
-        return await guarded(self.replica.metrics_text())
+        """Prometheus text of this replica as of now, also posted to the app's board (GET /metrics then merges
+        it with the other replicas' last posts)."""
+        text = await guarded(self.replica.metrics_text())
+        if not isinstance(text, Refusal):
+            await self._post_metrics(text)
+        return text
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """Load as LLM work, for deployments.autoscaling.TokenLoadPolicy."""
@@ -99,17 +103,17 @@ class LLMServer:
             return  # being rebuilt: healthy unless the rebuild fails
         try:
             self.ray_metrics.update(snapshot)
-            await self._post_metrics()
+            await self._post_metrics(self.replica.metrics.text())
         except Exception:  # metrics must never fail the health check
             log.exception("could not export metrics")
 
-    async def _post_metrics(self) -> None:
+    async def _post_metrics(self, text: bytes) -> None:
         """Put this replica's Prometheus text on the app's board (what /metrics answers from)."""
         try:
-            await self.board.post.remote(self.replica.name, self.replica.metrics.text())
+            await self.board.post.remote(self.replica.name, text)
         except RayActorError:  # the board went with the process that made it: make a new one
             self.board = board(serve.get_replica_context().app_name)
-            await self.board.post.remote(self.replica.name, self.replica.metrics.text())
+            await self.board.post.remote(self.replica.name, text)
 
     def __del__(self) -> None:
         """Serve is shutting this replica down: take it off the board now rather than when it goes stale."""

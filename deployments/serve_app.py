@@ -97,13 +97,15 @@ class OpenAIIngress:
 
     @api.get("/metrics")
     async def metrics(self, request: Request) -> Response:
-        """Prometheus text of every model replica of the app (as of their last health check), merged."""
+        """Prometheus text of every model replica of the app merged: the answering one's as of now, the others'
+        as of their last post."""
         self._authorize(request)
+        fresh = await self._call("metrics_text")  # also posted to the board
         try:
             texts = await self.board.texts_now.remote()
         except RayActorError:  # the board went with the process that made it; replicas post to a new one
             self.board, texts = board(serve.get_replica_context().app_name), []
-        return Response(merge(texts) if texts else await self._call("metrics_text"), media_type=CONTENT_TYPE)
+        return Response(merge(texts) if texts else fresh, media_type=CONTENT_TYPE)
 
     @api.get("/v1/models")
     async def models(self, request: Request) -> dict[str, Any]:
