@@ -6,8 +6,9 @@ import itertools
 import logging
 import math
 import time
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
-from typing import Any, AsyncGenerator, Protocol
+from typing import Any, Protocol
 
 from actors.shard.runner import NO_TOKEN, StepInput, StepOutput
 from actors.shard.sampler import Logprobs, SamplingParams
@@ -75,7 +76,7 @@ class AsyncEngine:
         self.stats = EngineStats()
         self._ids = itertools.count()
         self._wakeup = asyncio.Event()
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task[None] | None = None
         self.dead: str | None = None  # set when the grid failed; new requests are refused
 
     def limits(self, vocab_size: int | None = None) -> Limits:
@@ -163,7 +164,7 @@ class AsyncEngine:
 
     async def _loop(self) -> None:
         """Keep the pipeline full: launch steps while slots and ready sequences exist, finish them as they land."""
-        inflight: dict[asyncio.Future, list[Sequence]] = {}
+        inflight: dict[asyncio.Future[Any], list[Sequence]] = {}
         while True:
             self._launch(inflight)
             self._wakeup.clear()
@@ -196,7 +197,7 @@ class AsyncEngine:
             for seqs, out in landed:
                 self._deliver(seqs, out)
 
-    def _launch(self, inflight: dict[asyncio.Future, list[Sequence]]) -> None:
+    def _launch(self, inflight: dict[asyncio.Future[Any], list[Sequence]]) -> None:
         """Start steps while pipeline slots and ready sequences exist."""
         while len(inflight) < self.max_inflight:
             seqs = self.scheduler.schedule(self._micro_batch())
@@ -219,7 +220,7 @@ class AsyncEngine:
 
     @classmethod
     def from_config(cls, grid: StepGrid, cfg: Any, eos_token_ids: tuple[int, ...] = (),
-                    metrics: RequestMetrics | None = None, grammars: GrammarMatchers | None = None) -> "AsyncEngine":
+                    metrics: RequestMetrics | None = None, grammars: GrammarMatchers | None = None) -> AsyncEngine:
         """An engine over `grid` with the limits of a GridServeConfig."""
         return cls(grid, cfg.block_size, cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.max_model_len,
                    eos_token_ids, step_timeout_s=cfg.step_timeout_s, prefix_caching=cfg.enable_prefix_caching,

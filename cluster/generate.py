@@ -3,8 +3,9 @@ one place deltas are collected into whole choices (the batch job, non-streamed H
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncGenerator, AsyncIterable, Callable
 from dataclasses import dataclass, field
-from typing import Any, AsyncGenerator, AsyncIterator, Callable
+from typing import Any
 
 from cluster.detokenize import TextStream
 from cluster.engine import AsyncEngine, TokenEvent
@@ -61,7 +62,7 @@ def text_streams(open_events: Callable[[int], Events], tokenizer: Any, params: G
     return [TextStream(open_events(i), tokenizer, params.stop_list(), i) for i in range(params.n)]
 
 
-async def merge_choices(streams: list[TextStream]) -> AsyncIterator[list[ChoiceDelta]]:
+async def merge_choices(streams: list[TextStream]) -> AsyncGenerator[list[ChoiceDelta], None]:
     """Every choice's deltas as they come, batched into one list per wake-up (under load a chunk carries one
     token of each choice instead of one message per token). Closing it aborts the unfinished choices."""
     queue: asyncio.Queue[ChoiceDelta | None] = asyncio.Queue()
@@ -89,7 +90,7 @@ async def merge_choices(streams: list[TextStream]) -> AsyncIterator[list[ChoiceD
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def collect(chunks: AsyncIterator[list[ChoiceDelta]], n: int = 1) -> list[Choice]:
+async def collect(chunks: AsyncIterable[list[ChoiceDelta]], n: int = 1) -> list[Choice]:
     """Run a request's chunk stream to its end: its n whole choices."""
     choices = [Choice() for _ in range(n)]
     async for chunk in chunks:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from cluster.config import GridServeConfig
@@ -88,6 +88,7 @@ class Replica:
         """Workers in this replica's placement group, from bundle `offset` on."""
         from cluster.grid import WorkerGrid
 
+        assert self.pg is not None, "a replica without a grid factory made its placement group in __init__"
         return WorkerGrid(self.cfg, placement_group=self.pg, bundle_offset=self.offset)
 
     def _new_engine(self) -> AsyncEngine:
@@ -95,7 +96,7 @@ class Replica:
                                        self.grammars)
 
     # -- requests -----------------------------------------------------------------------------------------------
-    def generate(self, prompt_ids: list[int], params: GenerationParams) -> AsyncIterator[list[ChoiceDelta]]:
+    def generate(self, prompt_ids: list[int], params: GenerationParams) -> AsyncGenerator[list[ChoiceDelta], None]:
         """Queue the request's n choices now; their deltas, batched per wake-up (closing it aborts them). A
         choice whose grid fails continues on the rebuilt one (`cluster.migration`). RequestError if it can never
         be served, ReplicaUnavailable if not now (grid rebuilding, queue full)."""

@@ -52,7 +52,7 @@ class SamplingOptions(BaseModel):
         return v
 
     @model_validator(mode="after")
-    def _stops(self) -> "SamplingOptions":
+    def _stops(self) -> SamplingOptions:
         """At most 4 non-empty stop strings, as OpenAI allows."""
         stops = self.stop_list()
         if len(stops) > MAX_STOP_STRINGS or any(not s for s in stops):

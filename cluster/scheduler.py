@@ -194,7 +194,9 @@ class Scheduler:
 
     def build_step(self, seqs: list[Sequence]) -> StepInput:
         """Lay each scheduled sequence's chunk of uncached tokens end to end for the workers."""
-        ids, pos, ends = [], [], []
+        ids: list[int] = []
+        pos: list[int] = []
+        ends: list[int] = []
         for seq in seqs:
             end = seq.num_cached + seq.chunk
             ids.extend(seq.span(seq.num_cached, end))
@@ -222,7 +224,7 @@ class Scheduler:
     def update(self, seqs: list[Sequence], out: StepOutput) -> list[Sequence]:
         """Advance each sequence by its chunk, append the tokens sampled at prompt ends and decodes, apply stop
         rules, retire finished sequences; returns the finished."""
-        done = []
+        done: list[Sequence] = []
         for seq, token in zip(seqs, out.token_ids):
             seq.in_flight = False
             if seq.finish_reason is not None:  # aborted while its step ran: its blocks are free to go now

@@ -4,8 +4,9 @@ replica (503, retry elsewhere) rather than a bug (500)."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, AsyncIterator
+from typing import Any
 
 from cluster.replica import ReplicaUnavailable
 from cluster.request import ChoiceDelta, GenerationParams, RequestError
@@ -23,7 +24,7 @@ class Refusal:
     retry_after_s: int = RETRY_AFTER_LOST_S
 
     @classmethod
-    def of(cls, exc: RequestError | ReplicaUnavailable) -> "Refusal":
+    def of(cls, exc: RequestError | ReplicaUnavailable) -> Refusal:
         """The value that carries a refused request back to the ingress."""
         if isinstance(exc, RequestError):
             return cls(exc.status, str(exc), exc.param)
@@ -55,7 +56,7 @@ class ChunkStream:
         self.open = set(range(n))  # choices whose last delta has not arrived
         self.ended = False  # the replica's stream ran out
 
-    async def start(self) -> "ChunkStream":
+    async def start(self) -> ChunkStream:
         """Wait for the replica's acceptance (an empty chunk) or refusal."""
         try:
             first = await self.source.__anext__()
