@@ -40,7 +40,8 @@ class OpenAIIngress:
         self.cfg = GridServeConfig.from_args(args)
         self.llm = llm
         # Colocated: bundle 0 of this actor's placement group is itself, the workers take the rest.
-        self.local = LLMServer.func_or_class(args) if llm is None else None
+        # from @serve.deployment, which mypy does not apply to the class
+        self.local = LLMServer.func_or_class(args) if llm is None else None  # type: ignore[attr-defined]
         self.tokenizer = self.local.replica.tokenizer if self.local is not None else load_tokenizer(self.cfg.model)
         self.model_info: dict[str, Any] | None = None  # from a replica: max_model_len fitted to its KV cache
         self.board = board(serve.get_replica_context().app_name)
@@ -181,15 +182,18 @@ def make_app(cfg: GridServeConfig, **deployment_options: Any) -> Application:
     args = cfg.model_dump(exclude_unset=True)  # what was set: each replica derives the rest (max_model_len) again
     group = serve_group(cfg)
     if cfg.colocate_ingress:
-        return OpenAIIngress.options(**group, **options).bind(None, args)
+        # from @serve.deployment, which mypy does not apply to the class
+        return OpenAIIngress.options(**group, **options).bind(None, args)  # type: ignore[attr-defined]
     if cfg.prefix_routing:
         from deployments.prefix_router import router_config
 
         options.setdefault("request_router_config", router_config(cfg.prefix_routing_imbalance, cfg.block_size))
-    llm = LLMServer.options(**group, **options).bind(args)
+    # from @serve.deployment, which mypy does not apply to the class
+    llm = LLMServer.options(**group, **options).bind(args)  # type: ignore[attr-defined]
     scaling = options.get("autoscaling_config")
     most = (scaling.get("max_replicas") if isinstance(scaling, dict) else getattr(scaling, "max_replicas", None)) \
         or options.get("num_replicas") or 1
-    return OpenAIIngress.options(ray_actor_options={"num_cpus": cfg.ingress_cpus},
+    # from @serve.deployment, which mypy does not apply to the class
+    return OpenAIIngress.options(ray_actor_options={"num_cpus": cfg.ingress_cpus},  # type: ignore[attr-defined]
                                  max_ongoing_requests=options["max_ongoing_requests"] * most).bind(llm, args)
 
