@@ -110,3 +110,26 @@ def settle(max_s: float = 90.0, window_s: float = 2.0, idle_share: float = 0.9) 
         share = (idle1 - idle0) / max(1, total1 - total0)
         calm = calm + 1 if share >= idle_share else 0
     return time.monotonic() - start, share
+
+
+def cpu_snapshot(sessions: set[int]) -> tuple[int, int, dict[int, int]]:
+    """(busy, total) jiffies of all cores since boot and, by pid, the CPU jiffies of every live process in one
+    of `sessions` (a server started in its own session keeps Ray's and vLLM's processes in it)."""
+    idle, total = _cpu_times()
+    ours = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                f = (d / "stat").read_text().rsplit(")", 1)[1].split()  # the name may hold spaces
+            except OSError:
+                continue  # exited meanwhile
+            if int(f[3]) in sessions:
+                ours[int(d.name)] = int(f[11]) + int(f[12])  # utime + stime
+    return total - idle, total, ours
+
+
+def foreign_cores(before: tuple[int, int, dict[int, int]], after: tuple[int, int, dict[int, int]]) -> float:
+    """Cores kept busy between two snapshots by processes outside the measured sessions (other work on the box)."""
+    busy, total = after[0] - before[0], after[1] - before[1]
+    ours = sum(j - before[2].get(pid, 0) for pid, j in after[2].items())
+    return max(0.0, (busy - ours) / max(1, total / CORES))

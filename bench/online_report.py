@@ -83,7 +83,7 @@ def check(best: dict, group: str, shape: str, conc: int, key: str, limit: float,
     row = best.get((group, GRIDSERVE, shape, conc))
     ref = reference(best, group, shape, conc)
     if row is None or ref is None or not usable(row):
-        return "not measured", f"{shape} @ {conc}"
+        return "not measured", f"{shape} @ {conc}: {key}"
     value = ratios(row, ref)[key]
     sign = ">=" if higher else "<="
     detail = f"{shape} @ {conc}: {key} {value:.2f}x (limit {sign} {limit}, vs vLLM {ref['binding']})"

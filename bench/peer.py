@@ -137,8 +137,8 @@ def main() -> None:
     ap.add_argument("--tp", nargs="+", type=int, default=[1, 2])
     ap.add_argument("--rounds", type=int, default=2, help="interleaved repeats of every engine (offline)")
     ap.add_argument("--repeats", type=int, default=3, help="runs per output length; the fastest counts")
-    ap.add_argument("--online-shapes", nargs="+", choices=list(ONLINE_SHAPES), help="online workload shapes "
-                    f"(default: all; --quick: {' '.join(QUICK_SHAPES)})")
+    ap.add_argument("--online-shapes", nargs="*", choices=list(ONLINE_SHAPES), help="online workload shapes "
+                    f"(default: all; --quick: {' '.join(QUICK_SHAPES)}; none: the tiny row alone)")
     ap.add_argument("--online-concurrency", nargs="+", type=int, default=[1, 4, 16, 32],
                     help="client concurrencies of the online part (--quick: 1 on the first shape only)")
     ap.add_argument("--online-layouts", nargs="+", choices=["shipped", "pp1", "colocated"], default=["shipped", "pp1"],
@@ -168,7 +168,8 @@ def main() -> None:
         tiny = args.online_tiny_concurrency
         record["online"] = online(
             python, args.quick, args.online_layouts, args.online_bindings,
-            args.online_shapes or list(QUICK_SHAPES if args.quick else ONLINE_SHAPES), args.online_concurrency,
+            list(QUICK_SHAPES if args.quick else ONLINE_SHAPES) if args.online_shapes is None else args.online_shapes,
+            args.online_concurrency,
             ([16] if args.quick else [1, 16]) if tiny is None else tiny,
             args.online_rounds or (1 if args.quick else 2), args.base)
     OUT.mkdir(parents=True, exist_ok=True)

