@@ -32,10 +32,7 @@ class SamplingFields(SamplingOptions, ClientFields):
     @model_validator(mode="after")
     def _served_model_and_grammar(self, info: ValidationInfo) -> SamplingFields:
         """The model is the one served (when the caller says which) and at most one enforceable constraint."""
-        served = (info.context or {}).get("served_model")
-        if served is not None and self.model != served:
-            raise RequestError(f"model {self.model!r} does not exist; this server serves {served!r}", "model", 404,
-                               "model_not_found")
+        check_served(self.model, info)
         self._grammar = grammar_of(self, self.tool_constraint())
         return self
 
@@ -101,6 +98,14 @@ class ChatRequest(SamplingFields):
     def logprob_count(self) -> int | None:
         """Chat: `logprobs: true` turns them on, `top_logprobs` sets the count."""
         return (self.top_logprobs or 0) if self.logprobs else None
+
+
+def check_served(model: str, info: ValidationInfo) -> None:
+    """A 404 naming `model` unless it is the one the server serves (given as validation context, if at all)."""
+    served = (info.context or {}).get("served_model")
+    if served is not None and model != served:
+        raise RequestError(f"model {model!r} does not exist; this server serves {served!r}", "model", 404,
+                           "model_not_found")
 
 
 def new_id(prefix: str) -> str:

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, 
 from cluster.request import GenerationParams, RequestError
 from cluster.structured import GrammarSpec
 from deployments.openai_extras import ChatMessage, FunctionDef, NamedFunction, NamedToolChoice, Tool
+from deployments.openai_schema import check_served
 from deployments.responses_items import ITEM_TYPES, TEXT_PARTS, InputItem, chat_turns, item_type, unreadable_part
 from deployments.structured import checked
 from deployments.tools import ToolOutput, tool_grammar, tool_mode
@@ -167,10 +168,7 @@ class ResponsesRequest(BaseModel):
     @model_validator(mode="after")
     def _served_model_tools_and_format(self, info: ValidationInfo) -> ResponsesRequest:
         """The served model; tool_choice against tools; one output constraint (a forced call's, else text.format)."""
-        served = (info.context or {}).get("served_model")
-        if served is not None and self.model != served:
-            raise RequestError(f"model {self.model!r} does not exist; this server serves {served!r}", "model", 404,
-                               "model_not_found")
+        check_served(self.model, info)
         mode, name = self.tool_mode()
         forced = tool_grammar(self.chat_tools(), mode, name, self.parallel_tool_calls)
         # A forced call leaves no text to format, so its grammar is the one constraint.
