@@ -26,7 +26,7 @@ from bench.online_shapes import SHAPES, SLO, TINY, Run, Shape, client_args, esti
 OUT = ROOT / "bench" / "out"
 PORT = 18765
 URL = f"http://127.0.0.1:{PORT}"
-START_S = 120  # a server start, its warm-up runs, its stop and settle() (a guess for the printed estimate)
+START_S = 150  # a server start, its warm-up runs, its stop and settle() (a guess for the printed estimate)
 WARMUP = [Shape("warm-short", 128, 16), Shape("warm-long", 1000, 8)]  # first-request and long-prompt paths
 
 
