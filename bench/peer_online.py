@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,12 +114,17 @@ def run_server(python: Path, server: Server, round_no: int, quick: bool) -> list
     started = time.monotonic()
     proc, log = start(server.cmd, server.env, server.cwd, OUT / f"online-{tag}.log", URL)
     rows: list[dict[str, Any]] = []
+    client = None
     try:
         print(f"  round {round_no + 1} {server.label} ({server.group}): ready after "
               f"{time.monotonic() - started:.0f} s", flush=True)
         client = subprocess.Popen([str(python), str(ROOT / "bench" / "online_client.py"), str(plan)],
                                   env=peer_env(None), stdout=subprocess.PIPE, stderr=log, text=True,
                                   start_new_session=True)
+        # A server that stops answering would hold the client for hours (aiohttp's timeout): stop it well past
+        # any plausible duration; the runs not reported stay out of the table.
+        watchdog = threading.Timer(900 + 10 * sum(estimate_s(r) for r in runs), stop, (client,))
+        watchdog.start()
         sessions = {proc.pid, client.pid}
         snap = cpu_snapshot(sessions)
         for line in client.stdout:
@@ -137,8 +143,13 @@ def run_server(python: Path, server: Server, round_no: int, quick: bool) -> list
             print(f"    {run.shape.name} c={run.conc}: " + (res.get("error") or
                   f"{res['output_throughput']:.1f} tok/s, TPOT p50 {res['median_tpot_ms']:.0f} ms") +
                   f" (other work: {other:.2f} cores)", flush=True)
-        client.wait()
+        watchdog.cancel()
+        if len(rows) < len(runs):
+            print(f"    client ended after {len(rows)} of {len(runs)} runs (exit {client.wait()}); see the log",
+                  flush=True)
     finally:
+        if client is not None and client.poll() is None:
+            stop(client)
         stop(proc)
         log.close()
         waited, idle = settle()  # the next server must not start while this one's exit still uses the cores
