@@ -3,7 +3,8 @@ tokens it already produced, so its client sees neither an error nor a repeated o
 
 The resumed sequence is recomputed like a preempted one: seeded sampling keys on the output position, penalties
 read the produced tokens, the grammar matcher replays them; the text stream above keeps its detokenizer and
-stop-string buffer. Only when no grid serves again within the timeout does the choice end with the error.
+stop-string buffer. Only when no grid serves again within the timeout, or the choice was in flight on
+`MAX_GRIDS` failed grids (it may be what kills them), does it end with the error.
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from collections.abc import Awaitable, Callable
 from cluster.engine import AsyncEngine, TokenEvent
 from cluster.generate import Events, submit
 from cluster.request import GenerationParams
+
+MAX_GRIDS = 3  # a choice in flight on this many failed grids fails: it may be what kills them
 
 
 class Resumable:
@@ -32,7 +35,7 @@ class Resumable:
                       max_tokens: int) -> Events:
         produced: list[int] = []
         deadline = time.monotonic() + self.timeout_s
-        while True:
+        for grid in range(1, MAX_GRIDS + 1):
             failed: TokenEvent | None = None
             try:
                 async for ev in events:
@@ -51,7 +54,9 @@ class Resumable:
                 await events.aclose()
             if failed is None:
                 return
-            resumed = await self._resubmit(deadline, prompt_ids, params, index, max_tokens, produced)
+            resumed = None
+            if grid < MAX_GRIDS:
+                resumed = await self._resubmit(deadline, prompt_ids, params, index, max_tokens, produced)
             if resumed is None:
                 yield failed
                 return

@@ -27,16 +27,17 @@ from deployments.batch_io import Progress, ResultLog, Summary, read_requests
 
 log = logging.getLogger("gridserve.batch")
 QUEUE_AHEAD_FACTOR = 1.5  # requests handed to a replica per batch seat: the next ones wait in its queue, not ours
-MAX_ATTEMPTS = 3  # a request in flight on this many failed grids is failed (it may be what kills them)
+MAX_ATTEMPTS = 3  # replicas whose rebuild failed under a request before it is failed
 
 
 async def drain(queue: asyncio.Queue[Request | None], replicas: list[Replica],
                 on_result: Callable[[Result, int], None]) -> None:
     """Feed the shared queue to every replica (a few more requests than its batch, so it never waits on us).
 
-    A replica whose grid fails is healed (`Replica.ready` -> `Replica.heal`, the one failure policy) before it
-    takes more work, and its unfinished requests go back to the queue; a replica whose rebuild fails stops. Workers
-    wait for such hand-backs until every request has a result, then a None per worker tells them to stop.
+    A replica whose grid fails is healed (`Replica.ready` -> `Replica.heal`, the one failure policy) and its
+    requests in flight migrate to the rebuilt grid (`cluster.migration`); a replica whose rebuild fails stops, and
+    the requests it could not finish go back to the queue for the others. Workers wait for such hand-backs until
+    every request has a result, then a None per worker tells them to stop.
     """
     slots = [r for r, rep in enumerate(replicas) for _ in range(seats(rep.cfg))]
     remaining, attempts = queue.qsize(), Counter[Any]()
@@ -56,7 +57,7 @@ async def drain(queue: asyncio.Queue[Request | None], replicas: list[Replica],
                 queue.put_nowait(req)
                 return
             result = await replica.complete(req.request_id, req.prompt_ids, req.params)
-            if result.error is not None and replica.engine.dead:  # not the request's fault: the grid failed
+            if result.error is not None and replica.failure() is not None:  # this replica is gone, not the request
                 attempts[req.request_id] += 1
                 if attempts[req.request_id] < MAX_ATTEMPTS:
                     queue.put_nowait(req)

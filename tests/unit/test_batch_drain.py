@@ -5,9 +5,10 @@ import asyncio
 from typing import Any
 
 from cluster.generate import Request
+from cluster.migration import MAX_GRIDS
 from cluster.replica import Replica
 from cluster.request import Result
-from deployments.batch import MAX_ATTEMPTS, drain
+from deployments.batch import drain
 from tests.local_grid import DyingGrid, LocalGrid, config, grids
 from tests.reference import greedy, hf_greedy
 
@@ -53,9 +54,9 @@ def test_when_every_rebuild_fails_each_request_fails_once_without_hanging(model_
     assert all("grid rebuild failed" in rep.failure() for rep in replicas)
 
 
-def test_a_request_that_keeps_killing_grids_is_failed_after_max_attempts(model_dirs: dict) -> None:
-    """Every grid dies on its first step: the request is retried MAX_ATTEMPTS times, then failed, not looped."""
+def test_a_request_that_keeps_killing_grids_is_failed_after_max_grids(model_dirs: dict) -> None:
+    """Every grid dies on its first step: the request migrates to MAX_GRIDS grids in all, then fails, not looped."""
     d = str(model_dirs["llama_gqa"])
     replica = Replica(config(d), "grid-0", grid_factory=lambda: DyingGrid(d, 1))
     out = run([replica], 1)
-    assert len(out) == 1 and out[0][0].error and replica.rebuilds == MAX_ATTEMPTS - 1
+    assert len(out) == 1 and out[0][0].error and replica.rebuilds == MAX_GRIDS - 1
