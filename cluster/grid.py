@@ -20,8 +20,8 @@ from cluster.placement import Layout
 
 log = logging.getLogger("gridserve")
 
-# Steps smaller than this travel inside each actor call (Ray inlines arguments under 100 KiB); a ray.put through
-# the object store cost ~3-4 ms more per step on a 2-core box, which at batch-1 decode is a tenth of the step.
+# Steps smaller than this travel inside each actor call (Ray inlines arguments under 100 KiB): a ray.put through
+# the object store adds a round trip to every small decode step (BENCHMARKS.md, "Step dispatch and collectives").
 INLINE_STEP_BYTES = 64 * 1024
 
 
@@ -60,8 +60,8 @@ class WorkerGrid:
             self.use_compiled = self.cfg.compiled_graph and len({w["node_id"] for w in self.where}) == 1
             wants_channel = not self.use_compiled and self._channel_fits()
             # Load on the thread that will run the steps: each thread that runs parallel torch ops keeps its own
-            # OpenMP pool for life, and with two pools per process libgomp stops spinning between ops (a 2-thread
-            # CPU step ran 10-30% slower). The channel is served from the "channel" group's thread.
+            # OpenMP pool for life, and with two pools per process libgomp stops spinning between ops, which slows a
+            # multi-threaded CPU step. The channel is served from the "channel" group's thread.
             self.num_blocks = self._load("channel" if wants_channel else None)
             self._check_tp_groups_packed()
             if wants_channel:

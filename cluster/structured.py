@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import llguidance
-import llguidance.numpy  # not llguidance.torch: that one imports torch's compiler (~3.4 s per process)
+import llguidance.numpy  # not llguidance.torch: that one imports torch's compiler, seconds per process
 import numpy as np
 
 if TYPE_CHECKING:
@@ -76,7 +76,7 @@ class GrammarMatchers:
         self.compiled: OrderedDict[GrammarSpec, llguidance.LLMatcher] = OrderedDict()
         self.live: dict[int, _Live] = {}
         self.compiles = 0
-        self._tokenizer: llguidance.LLTokenizer | None = None  # built on first use (~1 s for a large vocab)
+        self._tokenizer: llguidance.LLTokenizer | None = None  # built on first use: it reads the whole vocabulary
         self._executor: llguidance.LLExecutor | None = None
 
     @property

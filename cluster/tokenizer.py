@@ -28,7 +28,7 @@ def load_tokenizer(model: str) -> Any:
 def gguf_tokenizer(path: Path) -> Any:
     """The tokenizer transformers builds from a GGUF file's vocabulary with the file's chat template (None if the
     file carries no vocabulary); built once per file version and machine, then read back from the cache (building
-    it converts the whole vocabulary and merges in Python: ~10 s for SmolLM2, paid by every replica otherwise)."""
+    it converts the whole vocabulary and merges in Python, seconds that every replica would pay otherwise)."""
     import transformers
     from transformers import AutoTokenizer
 

@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     cmd, rest = argv[0], argv[1:]
     if cmd == "serve":
         config = rest[0] if rest else "ray_config.yaml"
-        # Serve's proxy reaches replicas over gRPC instead of actor calls: ~1-2 ms less per request (BENCHMARKS.md).
+        # Serve's proxy reaches replicas over gRPC instead of actor calls: less per request (BENCHMARKS.md).
         os.environ.setdefault("RAY_SERVE_PROXY_USE_GRPC", "1")
         # Every method of ours is async and waits only in awaits (steps go over non-blocking sockets), so Serve may
         # run it, and the ingress's handle router, on the replica's own event loop: no thread hop per streamed

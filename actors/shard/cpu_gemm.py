@@ -2,11 +2,11 @@
 
 PyTorch's `F.linear` hands the plain [out, in] weight to the BLAS, which re-blocks it on every call; with a few to a
 few hundred tokens per step that costs more than the math. Packing each large weight once for oneDNN at load time
-(PyTorch's own `torch.ops.mkldnn` ops: no extension to build) made bench-125m's whole decode step 1.25-1.45x faster
-at 2-32 sequences on this 2-core box, but 1.27-1.57x slower at one sequence, where the plain weight streams
-better. The C kernels (`native.gemv`, `native.gemm`) have since beaten or matched both on the plain weight at every
-step size up to 256 tokens, so "auto" packs nothing where they are built; packing remains for machines without
-them (no compiler, no AVX2), where few-token steps keep the plain copy too while memory allows (`layers.linear`).
+(PyTorch's own `torch.ops.mkldnn` ops: no extension to build) speeds up multi-sequence steps but slows a single
+sequence, where the plain weight streams better. The C kernels (`native.gemv`, `native.gemm`) beat or match both on
+the plain weight at every step size up to 256 tokens, so "auto" packs nothing where they are built; packing is for
+machines without them (no compiler, no AVX2), where few-token steps keep the plain copy too while memory allows
+(`layers.linear`). Figures: BENCHMARKS.md, "Kernels".
 """
 from __future__ import annotations
 

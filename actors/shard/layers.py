@@ -52,12 +52,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """x [T, in] @ weight[out, in].T (+ bias) -> [T, out], on the fastest path for T (python -m bench.kernels).
 
     On CPU in fp32 with the plain weight the C kernels take every step up to GEMM_MAX_TOKENS: with one to
-    GEMV_MAX_TOKENS tokens the step is bound by reading the weight and `native.gemv` streams it (1.1-1.5x PyTorch's
-    best paths on bench-125m's weights); with more it is bound by arithmetic and `native.gemm`'s register-blocked
-    loop runs 1.15-1.4x as fast as oneDNN's packed layout at 8-64 tokens, 0.97-1.06x at 128-256. Above that
-    PyTorch's threaded GEMM is as fast. With `packed` (the weight packed by cpu_gemm) oneDNN runs what the kernels
-    do not, except prefill-sized steps (over SPLIT_MAX_TOKENS) on 2+ threads, where PyTorch's own GEMM was 1.1-1.2x
-    as fast.
+    GEMV_MAX_TOKENS tokens the step is bound by reading the weight and `native.gemv` streams it; with more it is
+    bound by arithmetic and `native.gemm`'s register-blocked loop runs it. Above that PyTorch's threaded GEMM is as
+    fast. With `packed` (the weight packed by cpu_gemm) oneDNN runs what the kernels do not, except prefill-sized
+    steps (over SPLIT_MAX_TOKENS) on 2+ threads, where PyTorch's own GEMM is faster. The figures behind each
+    threshold: BENCHMARKS.md, "Kernels" (`python -m bench.kernels`).
 
     Without the C kernels or a packed copy, few tokens on 2+ threads cut the output rows into one block per thread
     and run them as one batched matmul, which keeps every core reading weights where PyTorch's GEMM streams them
