@@ -12,7 +12,7 @@ import openai
 import pytest
 from pydantic import BaseModel, ConfigDict
 
-from tests.chat_templates import HERMES
+from tests.chat_templates import tool_model
 from tests.serving import serving
 
 pytestmark = pytest.mark.slow
@@ -35,15 +35,7 @@ class Forecast(BaseModel):
 @pytest.fixture(scope="module")
 def url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """One replica of a tiny model whose chat template renders tools, calls and tool results."""
-    from transformers import AutoTokenizer
-
-    from deployments.make_model import write_model
-
-    path = write_model(tmp_path_factory.mktemp("responses") / "tiny", hidden_size=64, intermediate_size=128,
-                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, seed=11)
-    tok = AutoTokenizer.from_pretrained(path)
-    tok.chat_template = HERMES
-    tok.save_pretrained(path)
+    path = tool_model(tmp_path_factory.mktemp("responses") / "tiny", layers=2, seed=11)
     with serving({"model": str(path), "served_model_name": "tiny", "cpus_per_worker": 0.5, "replica_cpus": 0.5,
                   "max_model_len": 1024, "max_num_batched_tokens": 2048, "block_size": 4,
                   "kv_cache_memory_bytes": 2**21}) as base:

@@ -13,7 +13,7 @@ import openai
 import pytest
 from pydantic import BaseModel, ConfigDict, Field
 
-from tests.chat_templates import HERMES
+from tests.chat_templates import tool_model
 from tests.json_schemas import random_schema
 from tests.serving import serving
 
@@ -37,17 +37,7 @@ class Pet(BaseModel):
 @pytest.fixture(scope="module")
 def url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A tp=2 x pp=2 replica of a tiny model whose chat template knows tools."""
-    from transformers import AutoTokenizer
-
-    from deployments.make_model import write_model
-
-    path = write_model(tmp_path_factory.mktemp("tools") / "tiny", hidden_size=64, intermediate_size=128,
-                       num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, seed=7)
-    tok = AutoTokenizer.from_pretrained(path)
-    tok.chat_template = HERMES
-    tok.save_pretrained(path)
-    cfg = json.loads((path / "tokenizer_config.json").read_text())
-    (path / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": HERMES}))
+    path = tool_model(tmp_path_factory.mktemp("tools") / "tiny", layers=4, seed=7)
     with serving({"model": str(path), "served_model_name": "tiny", "tensor_parallel_size": 2,
                   "pipeline_parallel_size": 2, "cpus_per_worker": 0.5, "replica_cpus": 0.5,
                   "max_model_len": 512, "max_num_batched_tokens": 1024, "block_size": 4,
