@@ -4,6 +4,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import httpx
+import openai
 import pytest
 
 from tests.serving import serving
@@ -28,3 +29,9 @@ def server(chat_model: str) -> Iterator[str]:
                   "max_num_batched_tokens": 256, "block_size": 4, "kv_cache_memory_bytes": 2**20}) as url:
         httpx.get(f"{url}/health", timeout=30).raise_for_status()
         yield url
+
+
+@pytest.fixture(scope="module")
+def client(url: str) -> openai.OpenAI:
+    """The official client pointed at a module's `url` replica (modules that serve one define `url`)."""
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)

@@ -43,12 +43,6 @@ def url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield base
 
 
-@pytest.fixture(scope="module")
-def client(url: str) -> openai.OpenAI:
-    """The official client pointed at the replica."""
-    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
-
-
 def test_create_with_a_string_then_retrieve(client: openai.OpenAI) -> None:
     """A string input gives one assistant message with usage; GET returns the stored response unchanged."""
     out = client.responses.create(input="Say hello.", max_output_tokens=8, **GREEDY)

@@ -46,12 +46,6 @@ def url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield base
 
 
-@pytest.fixture(scope="module")
-def client(url: str) -> openai.OpenAI:
-    """The official client pointed at the replica."""
-    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
-
-
 USER = [{"role": "developer", "content": "Answer in JSON."},
         {"role": "user", "content": [{"type": "text", "text": "Describe a pet."}]}]
 
