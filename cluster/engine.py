@@ -162,6 +162,14 @@ class AsyncEngine:
         """Sequences per decode step: the running batch split into `max_inflight` micro-batches."""
         return max(1, math.ceil(len(self.scheduler.running) / self.max_inflight))
 
+    def _prompt_share(self, free_slots: int) -> int | None:
+        """Prompt tokens the next step may take when several pipeline slots are free: those pending, spread over
+        the slots, so a burst of prompts fills every stage at once instead of riding in the first micro-batch
+        while the others carry nothing. None (the whole budget) with one slot."""
+        if free_slots < 2:
+            return None
+        return max(1, math.ceil(self.scheduler.pending_prompt_tokens() / free_slots))
+
     async def _loop(self) -> None:
         """Keep the pipeline full: launch steps while slots and ready sequences exist, finish them as they land."""
         inflight: dict[asyncio.Future[Any], list[Sequence]] = {}
@@ -200,7 +208,7 @@ class AsyncEngine:
     def _launch(self, inflight: dict[asyncio.Future[Any], list[Sequence]]) -> None:
         """Start steps while pipeline slots and ready sequences exist."""
         while len(inflight) < self.max_inflight:
-            seqs = self.scheduler.schedule(self._micro_batch())
+            seqs = self.scheduler.schedule(self._micro_batch(), self._prompt_share(self.max_inflight - len(inflight)))
             if not seqs:
                 return
             self.stats.prompt_tokens += sum(max(0, min(s.num_cached + s.chunk, len(s.prompt_ids)) - s.num_cached)

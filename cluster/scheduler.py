@@ -99,20 +99,26 @@ class Scheduler:
         """Whether any sequence is waiting or running."""
         return bool(self.waiting or self.running)
 
-    def schedule(self, max_seqs: int | None = None) -> list[Sequence]:
+    def schedule(self, max_seqs: int | None = None, max_prompt_tokens: int | None = None) -> list[Sequence]:
         """The next step, one mixed batch: a token for each ready decoding sequence (at most `max_seqs`), then
-        prompt chunks of partly prefilled and newly admitted sequences in what is left of the token budget.
+        prompt chunks of partly prefilled and newly admitted sequences in what is left of the token budget (and
+        at most `max_prompt_tokens` of them).
 
         Decodes ride along with prefills instead of waiting behind them, and a long prompt is prefilled over
         several steps (chunked prefill). Sequences already in an unanswered step are skipped, so with pipeline
         parallelism several steps (micro-batches over disjoint sequences) can be in flight at once.
         """
-        budget = self.max_num_batched_tokens
         ready = [s for s in self.running if not s.in_flight]
         decodes = [s for s in ready if s.remaining == 1]
         prefills = [s for s in ready if s.remaining > 1]
-        batch = []
-        for seq in self._grow(decodes[:min(max_seqs or len(decodes), budget)] + prefills):
+        grown = self._grow(decodes[:min(max_seqs or len(decodes), self.max_num_batched_tokens)] + prefills)
+        batch = [seq for seq in grown if seq.remaining == 1]
+        for seq in batch:
+            seq.chunk = 1
+        budget = self.max_num_batched_tokens - len(batch)
+        if max_prompt_tokens is not None:
+            budget = min(budget, max_prompt_tokens)
+        for seq in grown[len(batch):]:
             seq.chunk = min(seq.remaining, budget)
             budget -= seq.chunk
             if seq.chunk:
@@ -121,6 +127,11 @@ class Scheduler:
         for seq in batch:
             seq.in_flight = True
         return batch
+
+    def pending_prompt_tokens(self) -> int:
+        """Tokens still to prefill (or recompute) over the sequences not in a step now, waiting ones included."""
+        return sum(s.remaining for s in self.running if not s.in_flight and s.remaining > 1) + \
+            sum(s.remaining for s in self.waiting)
 
     def _grow(self, ready: list[Sequence]) -> list[Sequence]:
         """Give each ready sequence room for its next token, preempting the newest idle ones if blocks run out."""

@@ -87,3 +87,36 @@ def test_sampling_and_penalties_do_not_depend_on_the_budget(model_dirs: dict) ->
     reqs = [Request(i, p, g) for i, (p, g) in enumerate(zip(PROMPTS, params))]
     whole, chunked = run(d, 256, reqs), run(d, 4, reqs)
     assert whole == chunked and all(len(t) == 8 for t in whole)
+
+
+class RecordingGrid:
+    """A two-stage grid without a model: records each step's query lengths, answers token 7 where it samples."""
+
+    tp, pp, num_blocks = 1, 2, 256
+
+    def __init__(self) -> None:
+        self.steps: list[list[int]] = []
+
+    async def step_async(self, step: Any) -> Any:
+        self.steps.append(list(step.query_lens))
+        await asyncio.sleep(0.01)
+        rows = step.sampled_rows()
+        return type("Out", (), {"token_ids": [7 if i in rows else NO_TOKEN for i in range(len(step.query_lens))],
+                                "logprobs": None})()
+
+
+def test_a_burst_of_prompts_is_spread_over_the_pipeline_stages() -> None:
+    """pp=2, eight 32-token prompts at once under a 512-token budget: both micro-batches carry half the prompts
+    (128 tokens each), instead of the first carrying all 256 while the second stage waits."""
+    grid = RecordingGrid()
+
+    async def main() -> None:
+        engine = AsyncEngine(grid, 4, 32, 512, 256)
+        streams = [engine.generate(list(range(10 * i, 10 * i + 32)), GREEDY, 2) for i in range(8)]
+        for stream in streams:
+            async for _ in stream:
+                pass
+
+    asyncio.run(main())
+    assert [sum(q) for q in grid.steps[:2]] == [128, 128], grid.steps[:3]
+    assert all(q == [1] * len(q) for q in grid.steps[2:]), "after the prompts every step only decodes"
