@@ -4,7 +4,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import socket
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import ray
@@ -23,6 +25,9 @@ log = logging.getLogger("gridserve")
 # Steps smaller than this travel inside each actor call (Ray inlines arguments under 100 KiB): a ray.put through
 # the object store adds a round trip to every small decode step (BENCHMARKS.md, "Step dispatch and collectives").
 INLINE_STEP_BYTES = 64 * 1024
+# A raylet that does not take a TCP connection within this is treated as gone (its host died or is cut off). Ray
+# itself declares a node dead only after many missed health checks; a rebuilt grid must not wait for that.
+NODE_PROBE_S = 2.0
 
 
 def wire_bytes(step: StepInput) -> int:
@@ -243,3 +248,25 @@ class WorkerGrid:
         if self.pg is not None and self.owns_pg:
             remove_placement_group(self.pg)
         self.pg = None
+
+
+def unreachable_nodes(node_ids: set[str], timeout_s: float = NODE_PROBE_S) -> set[str]:
+    """Those of `node_ids` whose raylet is dead in Ray's table or does not take a TCP connection now (its host
+    was killed or partitioned): a grid rebuilt after a failure must be placed off them."""
+    table = {n["NodeID"]: n for n in ray.nodes() if n["NodeID"] in node_ids}
+
+    def gone(node_id: str) -> bool:
+        node = table.get(node_id)
+        if node is None or not node.get("Alive"):
+            return True
+        try:
+            socket.create_connection((node["NodeManagerAddress"], node["NodeManagerPort"]), timeout_s).close()
+        except OSError:  # refused (nothing listens: the host's processes died) or timed out (cut off)
+            return True
+        return False
+
+    ids = sorted(node_ids)
+    if not ids:
+        return set()
+    with ThreadPoolExecutor(len(ids)) as pool:
+        return {n for n, dead in zip(ids, pool.map(gone, ids)) if dead}

@@ -34,7 +34,6 @@ class Resumable:
     async def _events(self, events: Events, prompt_ids: list[int], params: GenerationParams, index: int,
                       max_tokens: int) -> Events:
         produced: list[int] = []
-        deadline = time.monotonic() + self.timeout_s
         for grid in range(1, MAX_GRIDS + 1):
             failed: TokenEvent | None = None
             try:
@@ -56,6 +55,7 @@ class Resumable:
                 return
             resumed = None
             if grid < MAX_GRIDS:
+                deadline = time.monotonic() + self.timeout_s  # the bound runs from the failure, not the request
                 resumed = await self._resubmit(deadline, prompt_ids, params, index, max_tokens, produced)
             if resumed is None:
                 yield failed

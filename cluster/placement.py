@@ -109,16 +109,18 @@ def serve_group(cfg: GridServeConfig) -> dict[str, Any]:
             "ray_actor_options": {"num_cpus": cfg.replica_cpus}}
 
 
-def create_replica_group(cfg: GridServeConfig) -> tuple[Any, Layout]:
-    """Reserve one placement group for the replica's workers, or raise within `placement_timeout_s`."""
+def create_replica_group(cfg: GridServeConfig, avoid: frozenset[str] = frozenset()) -> tuple[Any, Layout]:
+    """Reserve one placement group for the replica's workers, off the nodes in `avoid` (ids of nodes found
+    unreachable, which Ray may still list as alive), or raise within `placement_timeout_s`."""
     import ray
-    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.placement_group import NODE_ID_LABEL_KEY, placement_group, remove_placement_group
 
     totals = ray.cluster_resources()
     resource = worker_resource(cfg, totals)
-    layout = plan_layout(cfg, alive_nodes(resource), resource)
+    layout = plan_layout(cfg, [n for n in alive_nodes(resource) if n.node_id not in avoid], resource)
+    selector = [{NODE_ID_LABEL_KEY: f"!in({','.join(sorted(avoid))})"} for _ in layout.bundles] if avoid else None
     # PACK: stages share a node when one holds them (cheap hand-offs), else spread over nodes.
-    pg = placement_group(layout.bundles, strategy="PACK")
+    pg = placement_group(layout.bundles, strategy="PACK", bundle_label_selector=selector)
     start = time.monotonic()
     if not pg.wait(timeout_seconds=cfg.placement_timeout_s):
         remove_placement_group(pg)

@@ -89,7 +89,10 @@ class Replica:
         from cluster.grid import WorkerGrid
 
         assert self.pg is not None, "a replica without a grid factory made its placement group in __init__"
-        return WorkerGrid(self.cfg, placement_group=self.pg, bundle_offset=self.offset)
+        grid = WorkerGrid(self.cfg, placement_group=self.pg, bundle_offset=self.offset)
+        placed = (f"stage {w['pp_rank']} rank {w['tp_rank']} on {w['ip']} pid {w['pid']}" for w in grid.where)
+        log.info("replica %s: %s", self.name, ", ".join(placed))
+        return grid
 
     def _new_engine(self) -> AsyncEngine:
         return AsyncEngine.from_config(self.grid, self.cfg, self.spec.eos_token_ids, self.metrics.requests,
@@ -136,13 +139,43 @@ class Replica:
             self.rebuild_task = asyncio.get_running_loop().create_task(self._rebuild())
 
     async def _rebuild(self) -> None:
-        """Kill the broken grid and start a fresh one (requests meanwhile get ReplicaUnavailable)."""
+        """Kill the broken grid and start a fresh one (requests meanwhile get ReplicaUnavailable); off the nodes
+        found unreachable, when this replica owns its placement group."""
         log.warning("replica %s: grid failed (%s); rebuilding it", self.name, self.engine.dead)
-        await asyncio.to_thread(self.grid.shutdown)
-        self.grid = await asyncio.to_thread(self.new_grid)
+        try:
+            gone = await asyncio.to_thread(self._unreachable)
+            await asyncio.to_thread(self.grid.shutdown)
+            if gone and self.owns_pg:
+                await asyncio.to_thread(self._replace_placement, gone)
+            self.grid = await asyncio.to_thread(self.new_grid)
+        except BaseException as exc:
+            log.error("replica %s: grid rebuild failed: %s: %s", self.name, type(exc).__name__, exc)
+            raise
         self.engine = self._new_engine()
         self.rebuilds += 1
         log.warning("replica %s: grid rebuilt (%d so far)", self.name, self.rebuilds)
+
+    def _unreachable(self) -> frozenset[str]:
+        """Ids of the failed grid's nodes that do not answer now (a host killed or cut off); none for grids
+        that are not placed by Ray."""
+        where = getattr(self.grid, "where", None)
+        if not where:
+            return frozenset()
+        from cluster.grid import unreachable_nodes
+
+        gone = frozenset(unreachable_nodes({w["node_id"] for w in where}))
+        if gone:
+            log.warning("replica %s: nodes %s do not answer; the grid is rebuilt off them", self.name,
+                        ", ".join(sorted(w["ip"] for w in where if w["node_id"] in gone)))
+        return gone
+
+    def _replace_placement(self, avoid: frozenset[str]) -> None:
+        """Free this replica's placement group and reserve a new one off the `avoid` nodes (Ray keeps a bundle on
+        a lost node until it declares that node dead, much later)."""
+        from cluster.placement import create_replica_group
+
+        self._free_placement()
+        self.pg, _ = create_replica_group(self.cfg, avoid)
 
     def failure(self) -> str | None:
         """Why this replica cannot recover by itself (its last rebuild failed), or None."""
