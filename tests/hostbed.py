@@ -64,6 +64,10 @@ class HostBed:
     root: str
     owner: tuple[int, int]
     hosts: list[Host] = field(default_factory=list)
+    cpus: int = 1  # what each host's Ray declares (kept so a host can be restarted alike)
+    gpus: int = 2
+    object_store_mb: int = 256
+    tied: bool = True
 
     @property
     def token_path(self) -> str:
@@ -99,10 +103,12 @@ class HostBed:
         host = self.hosts[index - 1]
         return runs_host(host.init_pid, host)
 
-    def api(self, path: str) -> Any:
-        """GET `path` from the head's dashboard with the bed's token; the decoded JSON."""
-        req = urllib.request.Request(f"{self.dashboard_url}{path}",
-                                     headers={"Authorization": f"Bearer {Path(self.token_path).read_text()}"})
+    def api(self, path: str, body: dict[str, Any] | None = None) -> Any:
+        """GET `path` from the head's dashboard (POST `body` as JSON if given) with the bed's token; the decoded
+        JSON."""
+        headers = {"Authorization": f"Bearer {Path(self.token_path).read_text()}", "Content-Type": "application/json"}
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(f"{self.dashboard_url}{path}", data=data, headers=headers)
         with urllib.request.urlopen(req, timeout=10) as r:
             return json.load(r)
 
@@ -125,6 +131,23 @@ class HostBed:
             if runs_host(pid, host):
                 with suppress(ProcessLookupError):  # it exited since the check
                     os.kill(pid, signal.SIGKILL)
+
+    def set_link(self, index: int, up: bool) -> None:
+        """Plug host `index`'s cable in or pull it (its veth on the bridge up or down): a partition, not a crash."""
+        _ip("link", "set", self.hosts[index - 1].veth, "up" if up else "down")
+
+    def restart_host(self, index: int, timeout_s: float = 120) -> None:
+        """Boot host `index` again after it died (killed, or its raylet gave up after a partition): a fresh
+        `ray start` joins the head from the same address; returns once Ray lists a new alive node there."""
+        host = self.hosts[index - 1]
+        self.kill_host(index)
+        for pid in (host.pid, host.init_pid):
+            _wait(lambda p=pid: _gone(p, host), 30, f"process {pid} of host {index} to exit")
+        self.set_link(index, True)
+        before = {n["node_id"] for n in self.nodes()}
+        _boot(self, host, _ray_command(self, host, self.cpus, self.gpus, self.object_store_mb), self.tied)
+        _wait(lambda: any(n["node_ip"] == host.address and n["node_id"] not in before for n in self.nodes()),
+              timeout_s, f"host {index} ({host.address}) to rejoin as an alive Ray node")
 
     def save(self) -> None:
         """Record the bed (names, pids) so a later process can take it down."""
@@ -203,7 +226,9 @@ def _ray_command(bed: HostBed, host: Host, cpus: int, gpus: int, object_store_mb
     ray = Path(sys.executable).with_name("ray")
     cmd = [str(ray) if ray.exists() else "ray", "start", "--block", f"--node-ip-address={host.address}",
            f"--temp-dir={host.temp_dir}", f"--num-cpus={cpus}", f"--num-gpus={gpus}",
-           f"--object-store-memory={object_store_mb * 2**20}", "--disable-usage-stats"]
+           f"--object-store-memory={object_store_mb * 2**20}", "--disable-usage-stats",
+           # "host<i>": 1 lets a test pin work to one host (a job's entrypoint, a placeholder holding its room).
+           f"--resources={json.dumps({f'host{host.index}': 1})}"]
     if host.index == 1:
         return cmd + ["--head", f"--port={GCS_PORT}", f"--dashboard-host={host.address}",
                       f"--dashboard-port={DASHBOARD_PORT}", "--include-dashboard=true"]
@@ -217,7 +242,7 @@ def _boot(bed: HostBed, host: Host, ray_cmd: list[str], tied: bool) -> None:
     cmd = (["setpriv", "--pdeathsig", "KILL"] if tied else []) + [
         "ip", "netns", "exec", host.netns, "unshare", "--uts", "--pid", "--mount-proc", "--kill-child", "--",
         "sh", "-c", 'hostname "$0" && exec "$@"', host.hostname, *ray_cmd]
-    with open(f"{bed.root}/h{host.index}.log", "w") as log:
+    with open(f"{bed.root}/h{host.index}.log", "a") as log:  # a restarted host adds to its log
         proc = subprocess.Popen(cmd, env=bed.env(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     host.pid = proc.pid
@@ -255,7 +280,8 @@ def up(count: int = 3, cpus: int = 1, gpus: int = 2, object_store_mb: int = 256,
         raise ValueError(f"count={count}: a bed needs at least 1 host")
     # The pid keeps runs apart, the letter keeps one run's beds apart; short, as interface names end at 15 bytes.
     tag = f"gs{os.getpid()}{chr(ord('a') + next(_BEDS) % 26)}"
-    bed = HostBed(tag, f"{tag}br", "", str(STATE_ROOT / tag), (os.getpid(), start_time(os.getpid())))
+    bed = HostBed(tag, f"{tag}br", "", str(STATE_ROOT / tag), (os.getpid(), start_time(os.getpid())), [], cpus, gpus,
+                  object_store_mb, tied)
     try:
         Path(bed.root).mkdir(parents=True)
         Path(bed.token_path).write_text(secrets.token_hex(32))
