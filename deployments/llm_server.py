@@ -6,6 +6,7 @@ every answer a replica can refuse comes back as a `Refusal` value rather than an
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import aclosing
 from typing import Any
@@ -15,13 +16,34 @@ from ray.exceptions import RayActorError
 from ray.util import get_current_placement_group
 
 from cluster.config import GridServeConfig
-from cluster.replica import Replica, ReplicaUnavailable
+from cluster.engine import AsyncEngine
+from cluster.replica import RETRY_AFTER_REBUILD_S, Replica, ReplicaUnavailable
 from cluster.request import ChoiceDelta, GenerationParams, RequestError
 from deployments.metrics_board import board
 from deployments.ray_metrics import RayMetrics
 from deployments.remote_stream import Refusal
 
 log = logging.getLogger("gridserve.serve")
+STALL_STEP_TIMEOUTS = 2  # an engine with work that took no step in this many step timeouts has a stalled loop
+
+
+class LoopWatch:
+    """Whether an engine's step loop still makes progress while requests wait on it (a crashed or wedged loop
+    fails no request by itself: they would hang)."""
+
+    def __init__(self) -> None:
+        self.steps, self.since = -1, time.monotonic()
+
+    def stalled(self, engine: AsyncEngine, limit_s: float) -> str | None:
+        """Why the loop counts as stalled now, or None (it stepped since the last look, or has nothing to do)."""
+        pending = engine.num_running + engine.num_waiting
+        if pending == 0 or engine.stats.steps != self.steps or engine.dead:
+            self.steps, self.since = engine.stats.steps, time.monotonic()
+            return None
+        idle = time.monotonic() - self.since
+        if idle <= limit_s:
+            return None
+        return f"the engine loop took no step in {idle:.0f} s with {pending} requests on it"
 
 
 async def guarded(call: Awaitable[Any]) -> Any:
@@ -43,6 +65,7 @@ class LLMServer:
         tag, self.board = context.replica_tag, board(context.app_name)
         pg = get_current_placement_group()  # Serve's group: bundle 0 is this actor, 1.. the workers
         self.replica = Replica(cfg, tag, pg, bundle_offset=1 if pg is not None else 0)
+        self.watch = LoopWatch()
         self.ray_metrics = RayMetrics()
 
     async def generate(self, prompt_ids: list[int], params: GenerationParams
@@ -65,12 +88,23 @@ class LLMServer:
         return {"max_model_len": cfg.max_model_len, "vocab_size": self.replica.spec.vocab_size}
 
     async def health(self) -> Refusal | None:
-        """None if the grid serves; a Refusal (and a rebuild started) if it failed."""
+        """None if the grid serves and its engine loop steps; a Refusal (and a rebuild started) if not. Reads
+        counters only: it never waits behind a step."""
         try:
+            self._check_loop()
             self.replica.check_alive()
         except ReplicaUnavailable as exc:
             return Refusal.of(exc)
         return None
+
+    def _check_loop(self) -> None:
+        """A stalled engine loop fails its grid: the requests on it migrate to the rebuilt one."""
+        cfg = self.replica.cfg
+        if (why := self.watch.stalled(self.replica.engine, STALL_STEP_TIMEOUTS * cfg.step_timeout_s)) is not None:
+            log.error("replica %s: %s; failing its grid", self.replica.name, why)
+            self.replica.engine.fail(why)
+            self.replica.heal()
+            raise ReplicaUnavailable(f"{why}; the grid is being rebuilt", RETRY_AFTER_REBUILD_S)
 
     async def status(self) -> dict[str, Any] | Refusal:
         """The replica's grid and engine state (GET /status)."""
@@ -98,6 +132,7 @@ class LLMServer:
         if (failure := self.replica.failure()) is not None:
             raise RuntimeError(failure)
         try:
+            self._check_loop()
             snapshot = await self.replica.snapshot()
         except ReplicaUnavailable:
             return  # being rebuilt: healthy unless the rebuild fails
