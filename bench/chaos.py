@@ -1,0 +1,268 @@
+"""Chaos soak on a bed of hosts (tests/hostbed.py): a Serve app of two tp=1 x pp=2 replicas under a steady load of
+official `openai` clients (streamed and not, greedy), and a fault every `--every` seconds rotating through a worker
+killed, a host killed, a host cut off for 20 s, and a worker stopped past step_timeout_s. Reports requests ok,
+client-visible errors, hung (no answer in 120 s), greedy outputs that differ from the undisturbed run, the time
+until every request in flight at a fault has ended (per kind), and the memory of the bed's processes over time.
+
+  python -m bench.chaos --hosts 3 --minutes 10      # needs root, iproute2, util-linux (as bench.hosts)
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import openai
+
+from tests import hostbed
+from tests.ray_cli import processes_with
+
+REPO = Path(__file__).resolve().parent.parent
+KINDS = ("worker kill", "host kill", "partition", "worker stop")
+HUNG_S = 120.0  # a request with no answer in this long counts as hung
+PARTITION_S = 20.0
+STEP_TIMEOUT_S = 5.0
+NEW_TOKENS = 32
+
+
+@dataclass
+class Record:
+    """One request: when it ran, how it ended."""
+
+    start: float
+    end: float = 0.0
+    outcome: str = ""  # "ok", "mismatch", "hung" or the client-visible error's type
+    prompt: int = 0
+
+
+@dataclass
+class Soak:
+    """Everything the run measures."""
+
+    records: list[Record] = field(default_factory=list)
+    faults: list[tuple[str, float, str]] = field(default_factory=list)  # kind, time, victim
+    memory: list[tuple[float, dict[str, float]]] = field(default_factory=list)  # time, MiB per process kind
+
+
+def serve_config(model: Path) -> dict[str, Any]:
+    """Two colocated replicas (ingress + engine in one actor), each a pp=2 grid on one host's two GPUs."""
+    args = {"model": str(model), "pipeline_parallel_size": 2, "colocate_ingress": True, "max_num_seqs": 8,
+            "step_timeout_s": STEP_TIMEOUT_S, "replica_cpus": 1}
+    return {"proxy_location": "HeadOnly", "http_options": {"host": "0.0.0.0", "port": 8000},
+            "applications": [{"name": "chaos", "route_prefix": "/", "import_path": "deployments.serve_app:build_app",
+                              "args": args, "deployments": [{"name": "OpenAIIngress", "num_replicas": 2}]}]}
+
+
+def deploy(bed: hostbed.HostBed, model: Path, work: Path) -> None:
+    """`serve deploy` the app onto the bed and wait until it runs."""
+    config = work / "serve.json"
+    config.write_text(json.dumps(serve_config(model)))
+    serve = Path(sys.executable).with_name("serve")
+    subprocess.run([str(serve), "deploy", str(config), "-a", bed.dashboard_url], env=bed.env(), check=True,
+                   capture_output=True, text=True)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        apps = bed.api("/api/serve/applications/").get("applications", {})
+        status = apps.get("chaos", {}).get("status")
+        if status == "RUNNING":
+            return
+        if status == "DEPLOY_FAILED":
+            raise RuntimeError(f"the app failed to deploy: {apps['chaos'].get('message')}")
+        time.sleep(2)
+    raise TimeoutError("the app was not RUNNING after 600 s")
+
+
+async def ask(client: openai.AsyncOpenAI, model: str, prompt: list[int], stream: bool) -> str:
+    """One greedy completion's text, streamed or not."""
+    extra = {"ignore_eos": True}
+    if not stream:
+        r = await client.completions.create(model=model, prompt=prompt, max_tokens=NEW_TOKENS, temperature=0,
+                                            extra_body=extra)
+        return r.choices[0].text
+    parts: list[str] = []
+    async for chunk in await client.completions.create(model=model, prompt=prompt, max_tokens=NEW_TOKENS,
+                                                       temperature=0, stream=True, extra_body=extra):
+        parts.extend(c.text for c in chunk.choices)
+    return "".join(parts)
+
+
+async def user(client: openai.AsyncOpenAI, model: str, prompts: list[list[int]], reference: list[str], seed: int,
+               stop_at: float, soak: Soak) -> None:
+    """One client: greedy completions back to back, every other one streamed."""
+    rng = random.Random(seed)
+    while time.monotonic() < stop_at:
+        k = rng.randrange(len(prompts))
+        rec = Record(time.monotonic(), prompt=k)
+        soak.records.append(rec)
+        try:
+            text = await asyncio.wait_for(ask(client, model, prompts[k], rng.random() < 0.5), HUNG_S)
+            rec.outcome = "ok" if text == reference[k] else "mismatch"
+        except asyncio.TimeoutError:
+            rec.outcome = "hung"
+        except openai.APIError as exc:
+            rec.outcome = f"{type(exc).__name__} {getattr(exc, 'status_code', '')}".strip()
+        rec.end = time.monotonic()
+
+
+def workers(bed: hostbed.HostBed) -> list[tuple[int, int]]:
+    """(host, pid inside it) of every alive grid worker."""
+    where = {n["node_id"]: n["node_ip"] for n in bed.state("nodes")}
+    index = {h.address: h.index for h in bed.hosts}
+    return [(index[where[a["node_id"]]], int(a["pid"])) for a in bed.state("actors", class_name="Worker",
+                                                                           state="ALIVE") if a.get("pid")]
+
+
+def inject(bed: hostbed.HostBed, kind: str, rng: random.Random) -> tuple[str, Any]:
+    """Apply one fault; (victim, what to undo later)."""
+    alive = [(h, p) for h, p in workers(bed) if h != 1 or kind in ("worker kill", "worker stop")]
+    if not alive:
+        return "no worker to hit", None
+    host, pid = rng.choice(alive)
+    if kind == "worker kill":
+        bed.run_on(host, ["kill", "-KILL", str(pid)])
+        return f"host {host} pid {pid}", None
+    if kind == "worker stop":
+        bed.run_on(host, ["kill", "-STOP", str(pid)])
+        return f"host {host} pid {pid}", ("cont", host, pid)
+    if kind == "host kill":
+        bed.kill_host(host)
+        return f"host {host}", ("restart", host)
+    bed.set_link(host, False)
+    return f"host {host}", ("plug", host)
+
+
+def undo(bed: hostbed.HostBed, action: Any) -> None:
+    """End a fault: resume a stopped worker, plug a cable back, restart a killed host (so the next has room)."""
+    if action is None:
+        return
+    if action[0] == "cont":
+        bed.run_on(action[1], ["kill", "-CONT", str(action[2])])
+    elif action[0] == "plug":
+        bed.set_link(action[1], True)
+    alive = {n["node_ip"] for n in bed.nodes()}
+    for h in bed.hosts[1:]:
+        if action[0] != "cont" and (h.address not in alive or not bed.running(h.index)):
+            bed.restart_host(h.index)
+
+
+async def chaos(bed: hostbed.HostBed, every_s: float, stop_at: float, soak: Soak) -> None:
+    """A fault every `every_s`, rotating through KINDS; each undone before the next."""
+    rng = random.Random(0)
+    for n in range(10**6):
+        await asyncio.sleep(max(0.0, min(every_s, stop_at - time.monotonic() - every_s / 2)))
+        if time.monotonic() > stop_at - every_s / 2:
+            return
+        kind = KINDS[n % len(KINDS)]
+        victim, action = await asyncio.to_thread(inject, bed, kind, rng)
+        soak.faults.append((kind, time.monotonic(), victim))
+        print(f"  {time.strftime('%H:%M:%S')} fault: {kind} ({victim})", flush=True)
+        await asyncio.sleep(PARTITION_S if kind == "partition" else 2 * STEP_TIMEOUT_S if kind == "worker stop"
+                            else 30.0 if kind == "host kill" else 0.0)
+        await asyncio.to_thread(undo, bed, action)
+
+
+def memory(bed: hostbed.HostBed) -> dict[str, float]:
+    """Resident MiB of the bed's processes, summed per kind (Ray's process title, or the program)."""
+    out: dict[str, float] = defaultdict(float)
+    for pid in processes_with(str(hostbed.STATE_ROOT / bed.tag)):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+            rss = int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, IndexError, ValueError):
+            continue
+        name = cmd.split(" ")[0].rsplit("/", 1)[-1]
+        # Ray retitles a worker by the method it runs ("ray::Worker.execute"): group by the actor class.
+        out[name.split(".")[0] if name.startswith("ray::") else name] += rss / 2**20
+    return dict(out)
+
+
+async def sample_memory(bed: hostbed.HostBed, stop_at: float, soak: Soak) -> None:
+    """Memory every 15 s."""
+    while time.monotonic() < stop_at:
+        soak.memory.append((time.monotonic(), await asyncio.to_thread(memory, bed)))
+        await asyncio.sleep(15)
+
+
+def report(soak: Soak, t0: float) -> str:
+    """The run's figures as text."""
+    done = [r for r in soak.records if r.end]
+    tally = Counter(r.outcome for r in done)
+    lines = [f"requests: {len(done)} ended, {tally['ok']} ok, {tally['mismatch']} greedy mismatches, "
+             f"{tally['hung']} hung, {len(done) - tally['ok'] - tally['mismatch'] - tally['hung']} client-visible "
+             f"errors {dict((k, v) for k, v in tally.items() if k not in ('ok', 'mismatch', 'hung'))}"]
+    recovery: dict[str, list[float]] = defaultdict(list)
+    for kind, at, victim in soak.faults:
+        hit = [r for r in done if r.start <= at < r.end]
+        errs = Counter(r.outcome for r in hit if r.outcome != "ok")
+        recovery[kind].append(max((r.end - at for r in hit), default=0.0))
+        lines.append(f"  fault at {at - t0:6.1f} s: {kind:11} {victim:20} {len(hit)} requests in flight, "
+                     f"all ended after {recovery[kind][-1]:.1f} s, not ok: {dict(errs) or 'none'}")
+    for kind, values in recovery.items():
+        lines.append(f"recovery {kind:11}: p50 {statistics.median(values):.1f} s, max {max(values):.1f} s "
+                     f"({len(values)} faults)")
+    if soak.memory:
+        kinds = sorted({k for _, m in soak.memory for k in m})
+        first, last = soak.memory[0][1], soak.memory[-1][1]
+        peak = {k: max(m.get(k, 0.0) for _, m in soak.memory) for k in kinds}
+        lines.append("memory MiB (first / last / max sample, summed per process kind):")
+        lines += [f"  {k:40} {first.get(k, 0):8.0f} {last.get(k, 0):8.0f} {peak[k]:8.0f}" for k in kinds]
+    return "\n".join(lines)
+
+
+async def soak_run(bed: hostbed.HostBed, model: str, minutes: float, every_s: float, clients: int) -> Soak:
+    """Reference answers undisturbed, then load and faults until the time is up."""
+    url = f"http://{bed.hosts[0].address}:8000/v1"
+    client = openai.AsyncOpenAI(base_url=url, api_key="none", timeout=HUNG_S, max_retries=2)
+    rng = random.Random(1)
+    prompts = [[rng.randrange(3, 90) for _ in range(rng.randrange(4, 16))] for _ in range(16)]
+    reference = [await ask(client, model, p, False) for p in prompts]
+    soak, stop_at = Soak(), time.monotonic() + 60 * minutes
+    await asyncio.gather(*(user(client, model, prompts, reference, s, stop_at, soak) for s in range(clients)),
+                         chaos(bed, every_s, stop_at, soak), sample_memory(bed, stop_at, soak))
+    return soak
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line entry point."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--hosts", type=int, default=3)
+    ap.add_argument("--minutes", type=float, default=10.0)
+    ap.add_argument("--every", type=float, default=60.0, help="seconds between faults")
+    ap.add_argument("--clients", type=int, default=8)
+    args = ap.parse_args(argv)
+    if reason := hostbed.missing():
+        print(f"bench.chaos: {reason}", file=sys.stderr)
+        return 2
+    from deployments.make_model import write_model
+    from tests.configs import VARIANTS
+
+    work = Path(f"/tmp/gs-chaos-{os.getpid()}")
+    family, overrides = VARIANTS["llama_gqa"]
+    model = write_model(work / "chaos-tiny", family, seed=1, **cast(dict[str, Any], overrides))
+    # The hosts' Ray processes inherit this: Serve imports `deployments` from the repository.
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # the bed's teardown runs on SIGTERM too
+    t0 = time.monotonic()
+    with hostbed.host_bed(args.hosts, cpus=2, gpus=2) as bed:
+        deploy(bed, model, work)
+        print(f"bed up and app running in {time.monotonic() - t0:.0f} s; {args.clients} clients for "
+              f"{args.minutes:g} min, a fault every {args.every:g} s", flush=True)
+        t1 = time.monotonic()
+        soak = asyncio.run(soak_run(bed, model.name, args.minutes, args.every, args.clients))
+        print(report(soak, t1), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
