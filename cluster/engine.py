@@ -10,6 +10,8 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import numpy as np
+
 from actors.shard.runner import NO_TOKEN, StepInput, StepOutput
 from actors.shard.sampler import Logprobs, SamplingParams
 from cluster.blocks import BlockManager
@@ -19,6 +21,7 @@ from cluster.scheduler import Scheduler, Sequence
 from cluster.structured import GrammarMatchers, GrammarSpec
 
 log = logging.getLogger("gridserve.engine")
+POOL = SamplingParams(temperature=0.0)  # what an embedding's sequence carries: it never samples
 
 
 @dataclass
@@ -105,6 +108,28 @@ class AsyncEngine:
         self.streams[seq.seq_id] = queue
         self._start()
         return self._stream(seq, queue)
+
+    async def embed(self, prompt_ids: list[int], priority: int = 0) -> np.ndarray:
+        """Queue a prompt whose answer is its last token's final hidden state (prefill only, nothing generated) and
+        wait for it: float32 [hidden]. RuntimeError if the grid fails meanwhile. Call from the event loop."""
+        if self.dead:
+            raise RuntimeError(f"this replica's grid failed ({self.dead}); retry on another replica")
+        seq = Sequence(next(self._ids), list(prompt_ids), POOL, 1, arrival=time.perf_counter(), priority=priority,
+                       pool=True)
+        self.scheduler.add(seq)
+        queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
+        self.streams[seq.seq_id] = queue
+        self._start()
+        try:
+            event = await queue.get()
+        finally:
+            self.streams.pop(seq.seq_id, None)
+            if seq.finish_reason is None:  # the caller went away first
+                seq.finish("abort")
+                self.scheduler.retire(seq)
+        if event.error is not None or seq.hidden is None:
+            raise RuntimeError(event.error or "the grid answered no hidden state")
+        return seq.hidden
 
     async def _stream(self, seq: Sequence, queue: asyncio.Queue[TokenEvent]) -> AsyncGenerator[TokenEvent, str | None]:
         """Yield the request's events until its last (observing TTFT, ITL, e2e); `asend(reason)` finishes it
@@ -246,6 +271,8 @@ class AsyncEngine:
         """Hand the step's tokens (already applied to the scheduler) to each live request's stream."""
         logprobs = out.logprobs or [None] * len(seqs)
         for seq, token, lp in zip(seqs, out.token_ids, logprobs):
+            if seq.pool and seq.hidden is not None and (queue := self.streams.get(seq.seq_id)) is not None:
+                queue.put_nowait(TokenEvent(None, "stop"))
             if token == NO_TOKEN or seq.finish_reason == "abort":  # a prompt chunk short of its end samples nothing
                 continue
             self.stats.generation_tokens += 1

@@ -10,6 +10,8 @@ import os
 from collections.abc import AsyncGenerator, Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
+import numpy as np
+
 from cluster.config import GridServeConfig
 from cluster.engine import AsyncEngine, StepGrid
 from cluster.generate import collect, failed, merge_choices, text_streams
@@ -115,6 +117,34 @@ class Replica:
         except (RequestError, ReplicaUnavailable) as exc:
             return failed(request_id, prompt_ids, str(exc))
         return (await collect(chunks))[0].result(request_id, prompt_ids)
+
+    async def embed(self, prompts: list[list[int]]) -> list[np.ndarray]:
+        """The final hidden state of each prompt's last token (float32 [hidden], not normalized), computed together
+        in the running batch. RequestError for a prompt that can never be served, ReplicaUnavailable if not now;
+        a grid that fails meanwhile is waited for (up to `migration_timeout_s`) and the prompts computed again."""
+        limits = self.engine.limits(self.spec.vocab_size)
+        longest = min(limits.max_model_len, limits.kv_tokens)
+        for i, ids in enumerate(prompts):
+            if not ids:
+                raise RequestError(f"input {i} is empty; send at least one token", "input")
+            if len(ids) > longest:
+                raise RequestError(f"input {i} has {len(ids)} tokens; this model embeds at most {longest}: "
+                                   "shorten it", "input")
+            bad = [t for t in ids if not 0 <= t < self.spec.vocab_size]
+            if bad:
+                raise RequestError(f"input {i} has token ids outside [0, {self.spec.vocab_size}): {bad[:5]}", "input")
+        self.check_available()
+        deadline = asyncio.get_running_loop().time() + self.cfg.migration_timeout_s
+        while True:
+            engine = self.engine
+            try:
+                return list(await asyncio.gather(*(engine.embed(ids) for ids in prompts)))
+            except RuntimeError as exc:
+                if not engine.dead:
+                    raise
+                if asyncio.get_running_loop().time() > deadline or not await self.ready():
+                    raise ReplicaUnavailable(f"this replica's grid failed ({exc}); retry",
+                                             RETRY_AFTER_REBUILD_S) from None
 
     def check_alive(self) -> None:
         """Raise ReplicaUnavailable (and start the rebuild) if the grid failed."""

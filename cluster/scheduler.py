@@ -36,6 +36,8 @@ class Sequence:
     cached_prompt_tokens: int | None = None  # prompt tokens found in the prefix cache at first admission
     chunk: int = 0  # tokens it computes in its current step (1 when decoding; a prompt chunk otherwise)
     priority: int = 0  # lower runs first (vLLM's priority policy); ties go in arrival order
+    pool: bool = False  # an embedding: its prompt's last hidden state is the answer; it generates nothing
+    hidden: np.ndarray | None = None  # that hidden state, once its prompt is computed
 
     @property
     def rank(self) -> tuple[int, int]:
@@ -223,7 +225,8 @@ class Scheduler:
             output_index=[len(s.output_ids) for s in seqs],
             histories=[(s.prompt_ids, s.output_ids) if h else None for s, h in zip(seqs, history)]
             if any(history) else None,
-            allowed=self._masks(seqs, sample), sample=None if all(sample) else sample)
+            allowed=self._masks(seqs, sample), sample=None if all(sample) else sample,
+            pool=[s.pool for s in seqs] if any(s.pool for s in seqs) else None)
 
     def _masks(self, seqs: list[Sequence], sample: list[bool]) -> tuple[list[int], np.ndarray] | None:
         """Grammar bitmasks of the constrained sequences that sample in this step (None if there are none)."""
@@ -236,7 +239,7 @@ class Scheduler:
         """Advance each sequence by its chunk, append the tokens sampled at prompt ends and decodes, apply stop
         rules, retire finished sequences; returns the finished."""
         done: list[Sequence] = []
-        for seq, token in zip(seqs, out.token_ids):
+        for i, (seq, token) in enumerate(zip(seqs, out.token_ids)):
             seq.in_flight = False
             if seq.finish_reason is not None:  # aborted while its step ran: its blocks are free to go now
                 self.blocks.release(seq.block_table)
@@ -246,6 +249,12 @@ class Scheduler:
                 seq.hashed_blocks, seq.hash_parent = self.blocks.register(
                     seq.block_table, seq.tokens, seq.num_cached, seq.hashed_blocks, seq.hash_parent)
             if seq.remaining:  # a prompt chunk short of the end: nothing was sampled for it
+                continue
+            if seq.pool:
+                assert out.hidden is not None and i in out.hidden, f"sequence {seq.seq_id} was not pooled"
+                seq.hidden = out.hidden[i]
+                seq.finish("stop")
+                done.append(seq)
                 continue
             assert token != NO_TOKEN, f"sequence {seq.seq_id} finished its chunk but the grid sampled no token"
             seq.output_ids.append(token)

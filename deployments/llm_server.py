@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Awaitable
 from contextlib import aclosing
 from typing import Any
 
+import numpy as np
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.util import get_current_placement_group
@@ -82,10 +83,18 @@ class LLMServer:
             async for chunk in chunks:
                 yield chunk
 
+    async def embed(self, prompts: list[list[int]]) -> list[np.ndarray] | Refusal:
+        """Each prompt's last-token final hidden state (`Replica.embed`), or the Refusal."""
+        try:
+            return await self.replica.embed(prompts)
+        except (RequestError, ReplicaUnavailable) as exc:
+            return Refusal.of(exc)
+
     async def info(self) -> dict[str, Any]:
         """What the ingress tells clients about the model (max_model_len as fitted to this grid's KV cache)."""
         cfg = self.replica.cfg
-        return {"max_model_len": cfg.max_model_len, "vocab_size": self.replica.spec.vocab_size}
+        return {"max_model_len": cfg.max_model_len, "vocab_size": self.replica.spec.vocab_size,
+                "hidden_size": self.replica.spec.hidden_size}
 
     async def health(self) -> Refusal | None:
         """None if the grid serves and its engine loop steps; a Refusal (and a rebuild started) if not. Reads

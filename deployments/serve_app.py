@@ -16,6 +16,7 @@ from ray.exceptions import RayActorError
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
+import deployments.embeddings_api  # noqa: F401  (registers /v1/embeddings on `api` before Serve freezes it)
 import deployments.responses_routes  # noqa: F401  (registers /v1/responses on `api` before Serve freezes it)
 from cluster.config import GridServeConfig
 from cluster.metrics import CONTENT_TYPE

@@ -38,6 +38,11 @@ class StepInput:
     # constrained (bit j of word w = token 32w+j allowed), made by the scheduler's grammar matchers.
     allowed: tuple[list[int], np.ndarray] | None = None
     sample: list[bool] | None = None  # per sequence: does its chunk end its known tokens (None: all do)
+    pool: list[bool] | None = None  # per sequence: answer its last token's final hidden state, not a token
+
+    def pooled(self, row: int) -> bool:
+        """Whether sequence `row` asks for its hidden state (an embedding request) instead of a sampled token."""
+        return self.pool is not None and self.pool[row]
 
     def sampled_rows(self) -> list[int]:
         """Indices of the sequences that sample a token in this step."""
@@ -54,6 +59,7 @@ class StepOutput:
     logits: np.ndarray | None = None
     logprobs: list[Logprobs | None] | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    hidden: dict[int, np.ndarray] | None = None  # pooled rows: final-norm hidden state [hidden] of the last token
 
 
 @dataclass(frozen=True)
@@ -148,21 +154,24 @@ class StageRunner:
             assert hidden is not None, f"stage {self.plan.pp_rank} needs the previous stage's hidden states"
             inputs = from_wire(hidden, self.dtype, self.device)  # [T, hidden]
         rows = step.sampled_rows()
-        steps = [step.output_index[i] for i in rows]
         meta = AttnMeta.build(step.query_lens, step.context_lens, step.block_tables, self.plan.block_size,
                               self.spec.sliding_window, self.device)
         positions = torch.tensor(step.positions, device=self.device)
         out = self.model(inputs, positions, self.cache, meta)  # [T, hidden]
         if not self.is_last:
             return to_wire(out)
-        if not rows:  # every sequence is mid-prompt: no logits, nothing to sample (the same on every TP rank)
-            return StepOutput([NO_TOKEN] * len(step.query_lens)) if self.tp.rank == 0 else None
-        last = torch.tensor((np.cumsum(step.query_lens) - 1)[rows], device=self.device)
-        logits = self.model.logits(out[last])  # [rows, vocab] on every TP rank
+        ends = np.cumsum(step.query_lens) - 1  # each sequence's last token in `out`
+        pooled = {row: out[int(ends[row])] for row in rows if step.pooled(row)}
+        rows = [row for row in rows if not step.pooled(row)]
+        if not rows:  # every sequence is mid-prompt or pooled: no logits, nothing to sample (the same on every rank)
+            return StepOutput([NO_TOKEN] * len(step.query_lens), hidden=self._pooled(pooled)) \
+                if self.tp.rank == 0 else None
+        logits = self.model.logits(out[torch.tensor(ends[rows], device=self.device)])  # [rows, vocab], every rank
         if self.tp.rank != 0:
             return None  # only TP rank 0 samples and answers
         histories: list[tuple[list[int], list[int]] | None] = (
             [step.histories[i] for i in rows] if step.histories else [None] * len(rows))
+        steps = [step.output_index[i] for i in rows]
         tokens, logprobs = self.sampler.sample(logits, [step.sampling[i] for i in rows], steps, histories,
                                                self._allowed(step, rows))
         timings = {"step_s": time.perf_counter() - start, "comm_s": self.tp.comm_seconds - comm_before}
@@ -171,4 +180,10 @@ class StageRunner:
         for row, token, lp in zip(rows, tokens, logprobs):
             all_tokens[row], all_logprobs[row] = token, lp
         return StepOutput(all_tokens, logits.cpu().numpy() if step.return_logits else None,
-                          all_logprobs if any(lp is not None for lp in logprobs) else None, timings)
+                          all_logprobs if any(lp is not None for lp in logprobs) else None, timings,
+                          self._pooled(pooled))
+
+    @staticmethod
+    def _pooled(pooled: dict[int, torch.Tensor]) -> dict[int, np.ndarray] | None:
+        """Pooled hidden states as float32 numpy rows, or None when the step pooled nothing."""
+        return {row: h.float().cpu().numpy() for row, h in pooled.items()} if pooled else None

@@ -125,3 +125,44 @@ def test_shared_prompt_prefix_is_served_from_the_prefix_cache(server: str, clien
 
     ref, _ = hf_greedy(chat_model, prompt, 5)
     assert out.choices[0].text == AutoTokenizer.from_pretrained(chat_model).decode(ref, skip_special_tokens=True)
+
+
+def test_embeddings_equal_hf_last_hidden_states(client: openai.OpenAI, server: str, chat_model: str) -> None:
+    """`embeddings.create` over tp=2 x pp=2: unit vectors along HF's last-token final hidden states, in input
+    order, for texts and token ids, as floats and as base64; usage counts the tokens."""
+    import base64
+
+    import numpy as np
+    import torch
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(chat_model, dtype=torch.float32).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(chat_model)
+    texts = ["hello there", "a longer sentence to embed, with a comma"]
+    out = client.embeddings.create(model="tiny", input=texts)
+    ids = [tok.encode(t) for t in texts]
+    assert [d.index for d in out.data] == [0, 1] and out.usage.prompt_tokens == sum(map(len, ids))
+    for prompt, item in zip(ids, out.data):
+        with torch.no_grad():
+            ref = hf(torch.tensor([prompt]), output_hidden_states=True).hidden_states[-1][0, -1].numpy()
+        np.testing.assert_allclose(item.embedding, ref / np.linalg.norm(ref), rtol=1e-3, atol=1e-4)
+    raw = httpx.post(f"{server}/v1/embeddings", json={"model": "tiny", "input": ids[0], "encoding_format": "base64"},
+                     timeout=60).json()
+    vec = np.frombuffer(base64.b64decode(raw["data"][0]["embedding"]), dtype="<f4")
+    np.testing.assert_allclose(vec, out.data[0].embedding, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("body,status,param", [
+    ({"model": "tiny", "input": []}, 400, "input"),
+    ({"model": "tiny", "input": ["ok", ""]}, 400, "input"),
+    ({"model": "tiny", "input": "hi", "dimensions": 8}, 400, "dimensions"),
+    ({"model": "tiny", "input": [[1, 2, 999999]]}, 400, "input"),
+    ({"model": "tiny", "input": list(range(3, 300))}, 400, "input"),
+    ({"model": "other", "input": "hi"}, 404, "model"),
+])
+def test_bad_embedding_requests_name_the_field(server: str, body: dict, status: int, param: str) -> None:
+    """Empty inputs, an unsupported `dimensions`, unknown token ids, an input over the context and an unknown
+    model: OpenAI error bodies naming the field; the server keeps serving."""
+    r = httpx.post(f"{server}/v1/embeddings", json=body, timeout=30)
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["param"] == param
