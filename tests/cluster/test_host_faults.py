@@ -21,7 +21,7 @@ from tests.waits import wait_until
 
 pytestmark = pytest.mark.slow
 
-LINES, NEW_TOKENS = 24, 64
+LINES, NEW_TOKENS = 16, 64
 _rng = random.Random(29)
 PROMPTS = [[_rng.randrange(3, 90) for _ in range(_rng.randrange(4, 12))] for _ in range(LINES)]
 STEP_TIMEOUT_S = 5.0  # steps of the tiny model take milliseconds; a stopped worker is found after this
@@ -41,13 +41,22 @@ def bed() -> Iterator[hostbed.HostBed]:
 
 @pytest.fixture(scope="module")
 def expected(model_dirs: dict[str, Path]) -> list[list[int]]:
-    """Hugging Face greedy continuations of PROMPTS."""
+    """Hugging Face greedy continuations of PROMPTS, generated as one left-padded batch (the first checked
+    against an unpadded run)."""
     import torch
     import transformers
 
     model = model_dirs["llama_gqa"]
-    hf = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
-    return [hf_greedy(model, p, NEW_TOKENS, hf)[0] for p in PROMPTS]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    width = max(map(len, PROMPTS))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in PROMPTS])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in PROMPTS])
+    with torch.no_grad():
+        out = hf.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0,
+                          eos_token_id=None)
+    batch = [row[width:].tolist() for row in out]
+    assert batch[0] == hf_greedy(model, PROMPTS[0], NEW_TOKENS, hf)[0]
+    return batch
 
 
 def all_hosts_up(bed: hostbed.HostBed) -> None:
