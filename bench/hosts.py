@@ -4,6 +4,7 @@ the work and says how a host is made. Needs root, iproute2 and util-linux.
   python -m bench.hosts up --hosts 3 --cpus 2 --gpus 2    # prints the head's addresses and the env to use
   python -m bench.hosts status
   python -m bench.hosts run 1 -- ray status               # a command on host 1, inside its namespaces
+  python -m bench.hosts fault 2 link-down                 # faults: link-down, link-up, kill, restart
   python -m bench.hosts down                              # every bed whose maker has exited (all `up` ones)
 """
 from __future__ import annotations
@@ -88,14 +89,33 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Run a command on one host of the (only, or named) bed, with the bed's Ray env."""
-    beds = pick(args.bed) if args.bed else recorded()
+    bed = the_bed(args.bed, args.host)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    proc = bed.run_on(args.host, command, capture=False)
+    return proc.returncode
+
+
+def the_bed(tag: str | None, host: int) -> hostbed.HostBed:
+    """The (only, or named) bed, checked to have host `host`."""
+    beds = pick(tag) if tag else recorded()
     if len(beds) != 1:
         raise SystemExit(f"{len(beds)} beds recorded; name one with --bed (`python -m bench.hosts status`)")
-    if not 1 <= args.host <= len(beds[0].hosts):
-        raise SystemExit(f"host {args.host}: bed {beds[0].tag} has hosts 1..{len(beds[0].hosts)}")
-    command = args.command[1:] if args.command[:1] == ["--"] else args.command
-    proc = beds[0].run_on(args.host, command, capture=False)
-    return proc.returncode
+    if not 1 <= host <= len(beds[0].hosts):
+        raise SystemExit(f"host {host}: bed {beds[0].tag} has hosts 1..{len(beds[0].hosts)}")
+    return beds[0]
+
+
+def cmd_fault(args: argparse.Namespace) -> int:
+    """Pull or plug a host's cable, kill it whole, or restart it (rejoining the head)."""
+    bed = the_bed(args.bed, args.host)
+    if args.what in ("link-down", "link-up"):
+        bed.set_link(args.host, args.what == "link-up")
+    elif args.what == "kill":
+        bed.kill_host(args.host)
+    else:
+        bed.restart_host(args.host)
+    print(f"bed {bed.tag} host {args.host}: {args.what} done")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,8 +138,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("host", type=int, help="1-based host number")
     p.add_argument("command", nargs=argparse.REMAINDER)
     p.set_defaults(run=cmd_run)
+    p = sub.add_parser("fault", help="pull or plug a host's cable, kill it whole, or restart it")
+    p.add_argument("--bed", help="the tag of the bed (needed when several are recorded)")
+    p.add_argument("host", type=int, help="1-based host number")
+    p.add_argument("what", choices=["link-down", "link-up", "kill", "restart"])
+    p.set_defaults(run=cmd_fault)
     args = ap.parse_args(argv)
-    if args.action in ("up", "run") and (reason := hostbed.missing()):
+    if args.action in ("up", "run", "fault") and (reason := hostbed.missing()):
         print(f"bench.hosts: {reason}", file=sys.stderr)
         return 2
     return args.run(args)
