@@ -13,39 +13,63 @@ from pydantic import Field, ValidationError, model_validator
 
 from cluster.generate import Request
 from cluster.request import GenerationParams, Limits, Result, SamplingOptions
+from deployments.chat import chat_prompt_ids
+from deployments.openai_extras import ChatMessage
 
 BATCH_MAX_TOKENS = 16  # a line's default max_tokens, as for offline generation in vLLM (HTTP fills the context)
 
 
 class BatchLine(SamplingOptions):
-    """One input line: the sampling fields HTTP bodies share, plus the line's id and prompt."""
+    """One input line (or Ray Data row): the sampling fields HTTP bodies share, plus the line's id and prompt."""
 
     id: str | int | None = Field(None, description="Caller's id, copied to the output line; a rerun skips "
                                  "ids already finished (default key: the line number).")
     prompt: str | None = Field(None, min_length=1, description="Text prompt (tokenized with the model's tokenizer).")
     prompt_token_ids: list[int] | None = Field(None, min_length=1, description="Prompt as token ids.")
+    messages: list[ChatMessage] | None = Field(None, min_length=1, description="Chat turns, rendered with the "
+                                               "model's chat template (with the assistant's generation prompt).")
     max_tokens: int | None = Field(BATCH_MAX_TOKENS, ge=1, description="Most tokens to generate; null fills "
                                    "max_model_len.")
 
     @model_validator(mode="after")
     def _one_prompt(self) -> BatchLine:
-        """Exactly one of prompt / prompt_token_ids."""
-        if (self.prompt is None) == (self.prompt_token_ids is None):
-            raise ValueError("give exactly one of `prompt` and `prompt_token_ids`")
+        """Exactly one of prompt / prompt_token_ids / messages."""
+        if sum(x is not None for x in (self.prompt, self.prompt_token_ids, self.messages)) != 1:
+            raise ValueError("give exactly one of `prompt`, `prompt_token_ids` and `messages`")
         return self
+
+
+def validate_line(obj: Any) -> BatchLine:
+    """Validate one decoded line or row; raises ValueError naming each bad field."""
+    try:
+        return BatchLine.model_validate(obj)
+    except ValidationError as exc:
+        parts = [f"{'.'.join(map(str, e['loc'])) or 'line'}: {e['msg']}" for e in exc.errors()]
+        raise ValueError("; ".join(parts)) from None
 
 
 def parse_line(raw: bytes) -> BatchLine:
     """Parse and validate one JSONL line; raises ValueError with a readable message."""
     try:
-        return BatchLine.model_validate(json.loads(raw.decode("utf-8")))
+        obj = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as exc:
         raise ValueError(f"not UTF-8 text: {exc.reason} at byte {exc.start}") from None
     except json.JSONDecodeError as exc:
         raise ValueError(f"not valid JSON: {exc.msg} at column {exc.colno}") from None
-    except ValidationError as exc:
-        parts = [f"{'.'.join(map(str, e['loc'])) or 'line'}: {e['msg']}" for e in exc.errors()]
-        raise ValueError("; ".join(parts)) from None
+    return validate_line(obj)
+
+
+def line_request(line: BatchLine, tokenizer: Any, limits: Limits) -> tuple[list[int], GenerationParams]:
+    """A valid line's prompt ids and params, checked against a grid's limits (ValueError if it can never run)."""
+    if tokenizer is None and (line.prompt is not None or line.messages is not None or line.stop):
+        raise ValueError("prompt/messages/stop: the model folder has no tokenizer; send prompt_token_ids (no stop)")
+    if line.messages is not None:
+        ids = chat_prompt_ids(tokenizer, line.messages)
+    else:
+        ids = line.prompt_token_ids or tokenizer.encode(line.prompt)
+    params = GenerationParams(**line.model_dump(include=set(SamplingOptions.model_fields)))
+    params.check(ids, limits)  # fail the line now, not on a grid
+    return ids, params
 
 
 def record_key(record: dict[str, Any]) -> str:
@@ -85,11 +109,7 @@ def read_requests(raw_lines: list[bytes], tokenizer: Any, vocab_size: int, max_m
             if key in done:
                 skipped += 1
                 continue
-            if tokenizer is None and (line.prompt is not None or line.stop):
-                raise ValueError("prompt/stop: the model folder has no tokenizer; send prompt_token_ids (no stop)")
-            ids = line.prompt_token_ids or tokenizer.encode(line.prompt)
-            params = GenerationParams(**line.model_dump(include=set(SamplingOptions.model_fields)))
-            params.check(ids, Limits(max_model_len, max_model_len, vocab_size))  # fail the line now, not on a grid
+            ids, params = line_request(line, tokenizer, Limits(max_model_len, max_model_len, vocab_size))
             requests.append(Request(n, ids, params))
             records[n] = record
         except ValueError as exc:
