@@ -13,6 +13,7 @@ import asyncio
 import json
 import os
 import random
+import shutil
 import signal
 import statistics
 import subprocess
@@ -53,6 +54,8 @@ class Soak:
     records: list[Record] = field(default_factory=list)
     faults: list[tuple[str, float, str]] = field(default_factory=list)  # kind, time, victim
     memory: list[tuple[float, dict[str, float]]] = field(default_factory=list)  # time, MiB per process kind
+    notes: list[str] = field(default_factory=list)
+    t0: float = field(default_factory=time.monotonic)
 
 
 def serve_config(model: Path) -> dict[str, Any]:
@@ -169,7 +172,11 @@ async def chaos(bed: hostbed.HostBed, every_s: float, stop_at: float, soak: Soak
         print(f"  {time.strftime('%H:%M:%S')} fault: {kind} ({victim})", flush=True)
         await asyncio.sleep(PARTITION_S if kind == "partition" else 2 * STEP_TIMEOUT_S if kind == "worker stop"
                             else 30.0 if kind == "host kill" else 0.0)
-        await asyncio.to_thread(undo, bed, action)
+        try:
+            await asyncio.to_thread(undo, bed, action)
+        except TimeoutError as exc:  # the run goes on with the hosts it has; the report says so
+            soak.notes.append(f"{time.monotonic() - soak.t0:.0f} s: could not undo {kind}: {exc}")
+            print(f"  {time.strftime('%H:%M:%S')} could not undo {kind}: {exc}", flush=True)
 
 
 def memory(bed: hostbed.HostBed) -> dict[str, float]:
@@ -194,7 +201,7 @@ async def sample_memory(bed: hostbed.HostBed, stop_at: float, soak: Soak) -> Non
         await asyncio.sleep(15)
 
 
-def report(soak: Soak, t0: float) -> str:
+def report(soak: Soak) -> str:
     """The run's figures as text."""
     done = [r for r in soak.records if r.end]
     tally = Counter(r.outcome for r in done)
@@ -206,11 +213,12 @@ def report(soak: Soak, t0: float) -> str:
         hit = [r for r in done if r.start <= at < r.end]
         errs = Counter(r.outcome for r in hit if r.outcome != "ok")
         recovery[kind].append(max((r.end - at for r in hit), default=0.0))
-        lines.append(f"  fault at {at - t0:6.1f} s: {kind:11} {victim:20} {len(hit)} requests in flight, "
+        lines.append(f"  fault at {at - soak.t0:6.1f} s: {kind:11} {victim:20} {len(hit)} requests in flight, "
                      f"all ended after {recovery[kind][-1]:.1f} s, not ok: {dict(errs) or 'none'}")
     for kind, values in recovery.items():
         lines.append(f"recovery {kind:11}: p50 {statistics.median(values):.1f} s, max {max(values):.1f} s "
                      f"({len(values)} faults)")
+    lines += soak.notes
     if soak.memory:
         kinds = sorted({k for _, m in soak.memory for k in m})
         first, last = soak.memory[0][1], soak.memory[-1][1]
@@ -227,10 +235,22 @@ async def soak_run(bed: hostbed.HostBed, model: str, minutes: float, every_s: fl
     rng = random.Random(1)
     prompts = [[rng.randrange(3, 90) for _ in range(rng.randrange(4, 16))] for _ in range(16)]
     reference = [await ask(client, model, p, False) for p in prompts]
-    soak, stop_at = Soak(), time.monotonic() + 60 * minutes
+    soak = Soak()
+    stop_at = soak.t0 + 60 * minutes
     await asyncio.gather(*(user(client, model, prompts, reference, s, stop_at, soak) for s in range(clients)),
                          chaos(bed, every_s, stop_at, soak), sample_memory(bed, stop_at, soak))
     return soak
+
+
+def keep_logs(bed: hostbed.HostBed, to: Path) -> None:
+    """Copy each host's `ray start` output and Ray logs out of the bed (its files go with it)."""
+    for h in bed.hosts:
+        try:
+            shutil.copytree(Path(h.temp_dir) / "session_latest" / "logs", to / h.hostname, dirs_exist_ok=True)
+            shutil.copy(Path(bed.root) / f"h{h.index}.log", to / h.hostname / "ray-start.log")
+        except (OSError, shutil.Error) as exc:
+            print(f"could not keep host {h.index}'s logs: {exc}", file=sys.stderr)
+    print(f"hosts' logs kept in {to}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -254,13 +274,17 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # the bed's teardown runs on SIGTERM too
     t0 = time.monotonic()
-    with hostbed.host_bed(args.hosts, cpus=2, gpus=2) as bed:
-        deploy(bed, model, work)
-        print(f"bed up and app running in {time.monotonic() - t0:.0f} s; {args.clients} clients for "
-              f"{args.minutes:g} min, a fault every {args.every:g} s", flush=True)
-        t1 = time.monotonic()
-        soak = asyncio.run(soak_run(bed, model.name, args.minutes, args.every, args.clients))
-        print(report(soak, t1), flush=True)
+    # No GPUs on host 1: both replicas sit on hosts that faults may hit, and Serve's proxy (on host 1) has no
+    # replica beside it to prefer.
+    with hostbed.host_bed(args.hosts, cpus=2, gpus=2, head_gpus=0) as bed:
+        try:
+            deploy(bed, model, work)
+            print(f"bed up and app running in {time.monotonic() - t0:.0f} s; {args.clients} clients for "
+                  f"{args.minutes:g} min, a fault every {args.every:g} s", flush=True)
+            soak = asyncio.run(soak_run(bed, model.name, args.minutes, args.every, args.clients))
+            print(report(soak), flush=True)
+        finally:  # the bed's files go with it: keep the hosts' logs for a look afterwards
+            keep_logs(bed, work / "logs")
     return 0
 
 

@@ -68,6 +68,7 @@ class HostBed:
     gpus: int = 2
     object_store_mb: int = 256
     tied: bool = True
+    head_gpus: int | None = None  # host 1's, when not `gpus` (0: nothing GPU-bound lands beside the GCS)
 
     @property
     def token_path(self) -> str:
@@ -88,7 +89,10 @@ class HostBed:
         """Environment for Ray processes and clients of this bed: token auth with the bed's token."""
         env = {k: v for k, v in os.environ.items() if k not in DROPPED_ENV}
         env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": self.token_path,
-                    "TOKENIZERS_PARALLELISM": "false"})
+                    "TOKENIZERS_PARALLELISM": "false",
+                    # A raylet waits this long for its dashboard agent, whose start is slow on a loaded box (a
+                    # host restarted under load); Ray's default gives up first.
+                    "RAY_raylet_start_wait_time_s": "60"})
         return env
 
     def run_on(self, index: int, args: list[str], capture: bool = True, **kwargs: Any) -> subprocess.CompletedProcess:
@@ -145,9 +149,18 @@ class HostBed:
             _wait(lambda p=pid: _gone(p, host), 30, f"process {pid} of host {index} to exit")
         self.set_link(index, True)
         before = {n["node_id"] for n in self.nodes()}
+        deadline = time.monotonic() + timeout_s
+
+        def joined() -> bool:
+            if any(n["node_ip"] == host.address and n["node_id"] not in before for n in self.nodes()):
+                return True
+            if not self.running(index):  # `ray start` gave up (it waits 30 s for its raylet): boot again
+                _boot(self, host, _ray_command(self, host, self.cpus, self.gpus, self.object_store_mb), self.tied)
+            return False
+
         _boot(self, host, _ray_command(self, host, self.cpus, self.gpus, self.object_store_mb), self.tied)
-        _wait(lambda: any(n["node_ip"] == host.address and n["node_id"] not in before for n in self.nodes()),
-              timeout_s, f"host {index} ({host.address}) to rejoin as an alive Ray node")
+        _wait(joined, max(0.0, deadline - time.monotonic()), f"host {index} ({host.address}) to rejoin as an "
+              "alive Ray node")
 
     def save(self) -> None:
         """Record the bed (names, pids) so a later process can take it down."""
@@ -224,6 +237,8 @@ def _plumb(bed: HostBed, count: int) -> None:
 def _ray_command(bed: HostBed, host: Host, cpus: int, gpus: int, object_store_mb: int) -> list[str]:
     """`ray start --block` for one host: the head on host 1, a worker joining it elsewhere."""
     ray = Path(sys.executable).with_name("ray")
+    if host.index == 1 and bed.head_gpus is not None:
+        gpus = bed.head_gpus
     cmd = [str(ray) if ray.exists() else "ray", "start", "--block", f"--node-ip-address={host.address}",
            f"--temp-dir={host.temp_dir}", f"--num-cpus={cpus}", f"--num-gpus={gpus}",
            f"--object-store-memory={object_store_mb * 2**20}", "--disable-usage-stats",
@@ -272,16 +287,17 @@ def _wait(check: Any, timeout_s: float, what: str) -> Any:
 
 
 def up(count: int = 3, cpus: int = 1, gpus: int = 2, object_store_mb: int = 256, tied: bool = True,
-       timeout_s: float = 120) -> HostBed:
+       timeout_s: float = 120, head_gpus: int | None = None) -> HostBed:
     """A bed of `count` hosts with a Ray cluster over them (all nodes alive); torn down again if anything fails.
 
-    `tied`: the hosts die with this process (a test run); False keeps them after it exits (`bench.hosts up`)."""
+    `tied`: the hosts die with this process (a test run); False keeps them after it exits (`bench.hosts up`).
+    `head_gpus`: host 1's logical GPUs when not `gpus`."""
     if count < 1:
         raise ValueError(f"count={count}: a bed needs at least 1 host")
     # The pid keeps runs apart, the letter keeps one run's beds apart; short, as interface names end at 15 bytes.
     tag = f"gs{os.getpid()}{chr(ord('a') + next(_BEDS) % 26)}"
     bed = HostBed(tag, f"{tag}br", "", str(STATE_ROOT / tag), (os.getpid(), start_time(os.getpid())), [], cpus, gpus,
-                  object_store_mb, tied)
+                  object_store_mb, tied, head_gpus)
     try:
         Path(bed.root).mkdir(parents=True)
         Path(bed.token_path).write_text(secrets.token_hex(32))
