@@ -195,8 +195,10 @@ class Replica:
 
         gone = frozenset(unreachable_nodes({w["node_id"] for w in where}))
         if gone:
-            log.warning("replica %s: nodes %s do not answer; the grid is rebuilt off them", self.name,
-                        ", ".join(sorted(w["ip"] for w in where if w["node_id"] in gone)))
+            log.warning("replica %s: nodes %s do not answer; %s", self.name,
+                        ", ".join(sorted({w["ip"] for w in where if w["node_id"] in gone})),
+                        "the grid is rebuilt off them" if self.owns_pg else
+                        "the grid is rebuilt in its placement group once Ray moves their bundles")
         return gone
 
     def _replace_placement(self, avoid: frozenset[str]) -> None:
