@@ -7,16 +7,15 @@ vectors are. Registered on the ingress's FastAPI app by importing this module (a
 # No `from __future__ import annotations` here: FastAPI must see real types on the route signatures.
 
 import base64
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
-from fastapi import Depends, Request
+from fastapi import Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
-from ray import serve
 
 from cluster.request import RequestError
-from deployments.http import api, parse_body
+from deployments.http import Ingress, api, parse_body
 from deployments.openai_schema import check_served
 
 MAX_INPUTS = 2048  # OpenAI's limit on inputs per request
@@ -57,14 +56,6 @@ class EmbeddingRequest(BaseModel):
         if any(isinstance(item, str) for item in items) and tokenizer is None:
             raise RequestError("this model has no tokenizer: send token ids", "input")
         return [list(tokenizer.encode(item)) if isinstance(item, str) else list(item) for item in items]
-
-
-def current_ingress() -> Any:
-    """The ingress replica serving this request (`deployments.serve_app.OpenAIIngress`)."""
-    return serve.get_replica_context().servable_object
-
-
-Ingress = Annotated[Any, Depends(current_ingress)]
 
 
 def encode(vector: np.ndarray, how: str) -> list[float] | str:

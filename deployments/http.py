@@ -2,9 +2,9 @@
 # No `from __future__ import annotations` here: FastAPI must see real types on the handler signatures.
 
 import logging
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
@@ -17,6 +17,17 @@ log = logging.getLogger("gridserve.http")
 T = TypeVar("T", bound=BaseModel)
 MAX_BODY_BYTES = 4 * 2**20
 api = FastAPI(title="gridserve", description="OpenAI-compatible API over a TP x PP grid of Ray actors")
+
+
+def current_ingress() -> Any:
+    """The ingress replica serving this request (`deployments.serve_app.OpenAIIngress`), for routes registered
+    outside its class."""
+    from ray import serve
+
+    return serve.get_replica_context().servable_object
+
+
+Ingress = Annotated[Any, Depends(current_ingress)]
 
 
 class APIError(Exception):

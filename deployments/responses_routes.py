@@ -10,28 +10,20 @@ response object or its typed events. Stored responses live in `deployments.respo
 import json
 import time
 from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import Depends, Request
+from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
 from cluster.request import RequestError
 from deployments.chat import chat_prompt_ids
-from deployments.http import APIError, api, parse_body
+from deployments.http import APIError, Ingress, api, parse_body
 from deployments.openai_extras import ChatMessage
 from deployments.remote_stream import RETRY_AFTER_LOST_S, ChunkStream, open_chunks
 from deployments.response_events import TERMINAL, EventWriter, OutputBuilder, item_id, response_body
 from deployments.response_store import MAX_AGE_S, StoreClient
 from deployments.responses_api import ResponsesRequest
-
-
-def current_ingress() -> Any:
-    """The ingress replica serving this request (`deployments.serve_app.OpenAIIngress`)."""
-    return serve.get_replica_context().servable_object
-
-
-Ingress = Annotated[Any, Depends(current_ingress)]
 
 
 def store_of(ingress: Any) -> StoreClient:
