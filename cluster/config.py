@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 from actors.shard.checkpoint import model_spec
 from actors.shard.partition import Partition, resolve_partition
 from actors.shard.spec import ModelSpec
+from cluster.speculative import SpeculativeConfig
 
 log = logging.getLogger("gridserve")
 
@@ -84,6 +85,10 @@ class GridServeConfig(BaseModel):
                                 "instead of gloo over loopback TCP; false forces gloo. CUDA always uses NCCL.")
     enable_prefix_caching: bool = Field(True, description="Reuse the KV blocks of prompt prefixes already computed "
                                         "(shared system prompts, chat history): their prefill is skipped.")
+    speculative_config: SpeculativeConfig | None = Field(
+        None, description="n-gram speculative decoding, vLLM's names: {method: ngram, num_speculative_tokens: k, "
+        "prompt_lookup_max, prompt_lookup_min}; drafts copied from the sequence's own earlier tokens are verified "
+        "k at a time with the same output as without (greedy identical, sampled by rejection). Off when unset.")
     seed: int = Field(0, description="Seed of the sampler for requests that do not set their own.")
     api_key: str | None = Field(None, description="If set, HTTP clients must send `Authorization: Bearer <key>`.")
     max_waiting_requests: int = Field(256, ge=1, description="Queue limit per replica; beyond it HTTP 503 + "

@@ -18,6 +18,7 @@ from cluster.blocks import BlockManager
 from cluster.metrics import RequestMetrics
 from cluster.request import Limits
 from cluster.scheduler import Scheduler, Sequence
+from cluster.speculative import SpeculativeConfig
 from cluster.structured import GrammarMatchers, GrammarSpec
 
 log = logging.getLogger("gridserve.engine")
@@ -67,14 +68,15 @@ class AsyncEngine:
     def __init__(self, grid: StepGrid, block_size: int, max_num_seqs: int, max_num_batched_tokens: int,
                  max_model_len: int, eos_token_ids: tuple[int, ...] = (), max_inflight: int | None = None,
                  step_timeout_s: float | None = None, prefix_caching: bool = True,
-                 metrics: RequestMetrics | None = None, grammars: GrammarMatchers | None = None) -> None:
+                 metrics: RequestMetrics | None = None, grammars: GrammarMatchers | None = None,
+                 speculative: SpeculativeConfig | None = None) -> None:
         self.grid = grid
         self.step_timeout_s = step_timeout_s  # a step slower than this means a stuck or dead worker
         self.eos = frozenset(eos_token_ids)
         self.max_inflight = max_inflight or grid.pp
         self.metrics = metrics
         self.scheduler = Scheduler(BlockManager(grid.num_blocks, block_size, prefix_caching), max_num_seqs,
-                                   max_num_batched_tokens, max_model_len, grammars)
+                                   max_num_batched_tokens, max_model_len, grammars, speculative)
         self.streams: dict[int, asyncio.Queue[TokenEvent]] = {}
         self.stats = EngineStats()
         self._ids = itertools.count()
@@ -257,7 +259,7 @@ class AsyncEngine:
         """An engine over `grid` with the limits of a GridServeConfig."""
         return cls(grid, cfg.block_size, cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.max_model_len,
                    eos_token_ids, step_timeout_s=cfg.step_timeout_s, prefix_caching=cfg.enable_prefix_caching,
-                   metrics=metrics, grammars=grammars)
+                   metrics=metrics, grammars=grammars, speculative=cfg.speculative_config)
 
     async def _submit(self, step: Any) -> StepOutput:
         """Run one step on the grid; the last stage's TP rank 0 answers (or the step times out)."""
@@ -275,11 +277,16 @@ class AsyncEngine:
                 queue.put_nowait(TokenEvent(None, "stop"))
             if token == NO_TOKEN or seq.finish_reason == "abort":  # a prompt chunk short of its end samples nothing
                 continue
-            self.stats.generation_tokens += 1
+            self.stats.generation_tokens += seq.new_tokens
             queue = self.streams.get(seq.seq_id)
-            if queue is not None:
-                cached = seq.cached_prompt_tokens if len(seq.output_ids) == 1 else None
-                queue.put_nowait(TokenEvent(seq.output_ids[-1], seq.finish_reason, logprobs=lp, cached_tokens=cached))
+            if queue is None:
+                continue
+            first = len(seq.output_ids) - seq.new_tokens  # output index of this step's first token
+            for index in range(first, len(seq.output_ids)):  # several when speculative drafts were kept
+                last = index == len(seq.output_ids) - 1
+                queue.put_nowait(TokenEvent(seq.output_ids[index], seq.finish_reason if last else None,
+                                            logprobs=lp if last else None,
+                                            cached_tokens=seq.cached_prompt_tokens if index == 0 else None))
 
     def fail(self, reason: str) -> None:
         """Declare the grid broken from outside (a health probe found a dead worker): fail everything queued."""

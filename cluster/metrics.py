@@ -145,6 +145,10 @@ ENGINE_METRICS = {
                                       "came from the prefix cache."),
     "prefix_cache_queried_tokens_total": ("gridserve_prefix_cache_queries", "counter", "Tokens of admitted "
                                           "sequences (hit rate = hits / queries)."),
+    "spec_decode_draft_tokens_total": ("gridserve_spec_decode_num_draft_tokens", "counter", "Speculative draft "
+                                       "tokens verified (n-gram)."),
+    "spec_decode_accepted_tokens_total": ("gridserve_spec_decode_num_accepted_tokens", "counter", "Draft tokens "
+                                          "kept (acceptance rate = accepted / draft)."),
 }
 # worker stats key -> (Prometheus name, help); labelled by stage and tp_rank.
 WORKER_METRICS = {

@@ -232,7 +232,9 @@ class Replica:
                   "kv_cache_usage": sched.blocks.usage, "kv_cache_blocks": sched.blocks.num_blocks,
                   "preemptions_total": sched.num_preemptions, "prefix_cache_hit_tokens_total": sched.prefix_hit_tokens,
                   "prefix_cache_queried_tokens_total": sched.admitted_tokens, "steps_total": e.stats.steps,
-                  "prompt_tokens_total": e.stats.prompt_tokens, "generation_tokens_total": e.stats.generation_tokens}
+                  "prompt_tokens_total": e.stats.prompt_tokens, "generation_tokens_total": e.stats.generation_tokens,
+                  "spec_decode_draft_tokens_total": sched.draft_tokens,
+                  "spec_decode_accepted_tokens_total": sched.accepted_tokens}
         return {"replica": self.name, "pid": os.getpid(), "tp": self.cfg.tensor_parallel_size,
                 "pp": self.cfg.pipeline_parallel_size, "rebuilds": self.rebuilds, "dead": e.dead, "engine": engine,
                 "workers": workers, "flags": grid_flags(workers)}

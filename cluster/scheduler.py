@@ -10,6 +10,7 @@ from actors.shard.runner import NO_TOKEN, StepInput, StepOutput
 from actors.shard.sampler import SamplingParams
 from cluster.blocks import BlockManager
 from cluster.request import RequestError
+from cluster.speculative import SpeculativeConfig, propose
 from cluster.structured import GrammarMatchers, GrammarSpec
 
 
@@ -38,6 +39,8 @@ class Sequence:
     priority: int = 0  # lower runs first (vLLM's priority policy); ties go in arrival order
     pool: bool = False  # an embedding: its prompt's last hidden state is the answer; it generates nothing
     hidden: np.ndarray | None = None  # that hidden state, once its prompt is computed
+    drafts: list[int] = field(default_factory=list)  # speculative tokens riding in its current step
+    new_tokens: int = 0  # tokens its last answered step appended (more than 1 when drafts were accepted)
 
     @property
     def rank(self) -> tuple[int, int]:
@@ -70,9 +73,13 @@ class Scheduler:
     """Decides which sequences run in each step: decodes first, prompt chunks in the rest of the token budget."""
 
     def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int, grammars: GrammarMatchers | None = None) -> None:
+                 max_model_len: int, grammars: GrammarMatchers | None = None,
+                 speculative: SpeculativeConfig | None = None) -> None:
         self.blocks = blocks
         self.grammars = grammars
+        self.speculative = speculative
+        self.draft_tokens = 0  # drafts proposed and verified so far (vLLM's spec_decode_num_draft_tokens)
+        self.accepted_tokens = 0  # of those, kept
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
@@ -113,11 +120,13 @@ class Scheduler:
         ready = [s for s in self.running if not s.in_flight]
         decodes = [s for s in ready if s.remaining == 1]
         prefills = [s for s in ready if s.remaining > 1]
-        grown = self._grow(decodes[:min(max_seqs or len(decodes), self.max_num_batched_tokens)] + prefills)
+        decodes = decodes[:min(max_seqs or len(decodes), self.max_num_batched_tokens)]
+        self._draft(decodes)
+        grown = self._grow(decodes + prefills)
         batch = [seq for seq in grown if seq.remaining == 1]
         for seq in batch:
-            seq.chunk = 1
-        budget = self.max_num_batched_tokens - len(batch)
+            seq.chunk = 1 + len(seq.drafts)
+        budget = self.max_num_batched_tokens - sum(seq.chunk for seq in batch)
         if max_prompt_tokens is not None:
             budget = min(budget, max_prompt_tokens)
         for seq in grown[len(batch):]:
@@ -130,6 +139,20 @@ class Scheduler:
             seq.in_flight = True
         return batch
 
+    def _draft(self, decodes: list[Sequence]) -> None:
+        """Give each decoding sequence that speculation can serve exactly its n-gram drafts (none for the rest):
+        grammars, penalties, logit bias and logprobs read each token before the next, so they go one at a time."""
+        spec = self.speculative
+        for seq in decodes:
+            seq.drafts = []
+            p = seq.params
+            if spec is None or seq.grammar is not None or p.needs_history or p.logit_bias or p.logprobs is not None:
+                continue
+            room = min(spec.num_speculative_tokens, seq.max_tokens - len(seq.output_ids) - 1,
+                       self.max_model_len - len(seq.tokens) - 1)
+            if room > 0:
+                seq.drafts = propose(seq.tokens, room, spec.prompt_lookup_min, spec.prompt_lookup_max)
+
     def pending_prompt_tokens(self) -> int:
         """Tokens still to prefill (or recompute) over the sequences not in a step now, waiting ones included."""
         return sum(s.remaining for s in self.running if not s.in_flight and s.remaining > 1) + \
@@ -139,15 +162,18 @@ class Scheduler:
         """Give each ready sequence room for its next token, preempting the newest idle ones if blocks run out."""
         scheduled: list[Sequence] = []
         for seq in ready:
-            while seq in self.running and not self.blocks.can_grow(seq.block_table, len(seq.tokens)):
+            need = len(seq.tokens) + len(seq.drafts)
+            while seq in self.running and not self.blocks.can_grow(seq.block_table, need):
                 victims = sorted((v for v in self.running if not v.in_flight and v not in scheduled),
                                  key=lambda v: v.rank, reverse=True)  # lowest priority, newest first
                 if not victims:
                     break  # everything else is mid-step; retry once those steps return
                 self._preempt(victims[0])
-            if seq in self.running and self.blocks.can_grow(seq.block_table, len(seq.tokens)):
-                self.blocks.grow(seq.block_table, len(seq.tokens))
+            if seq in self.running and self.blocks.can_grow(seq.block_table, need):
+                self.blocks.grow(seq.block_table, need)
                 scheduled.append(seq)
+            else:
+                seq.drafts = []
         return scheduled
 
     def _admit(self, budget: int) -> list[Sequence]:
@@ -212,11 +238,12 @@ class Scheduler:
         ends: list[int] = []
         for seq in seqs:
             end = seq.num_cached + seq.chunk
-            ids.extend(seq.span(seq.num_cached, end))
+            ids.extend(seq.span(seq.num_cached, end - len(seq.drafts)))
+            ids.extend(seq.drafts)  # after its last known token: verified in this step
             pos.extend(range(seq.num_cached, end))
             ends.append(end)
         # Only a sequence whose chunk reaches its last token samples; penalties and grammars matter only there.
-        sample = [end == len(s.prompt_ids) + len(s.output_ids) for s, end in zip(seqs, ends)]
+        sample = [end == len(s.prompt_ids) + len(s.output_ids) + len(s.drafts) for s, end in zip(seqs, ends)]
         history = [s.params.needs_history and go for s, go in zip(seqs, sample)]
         return StepInput(
             token_ids=np.asarray(ids, dtype=np.int64), positions=np.asarray(pos, dtype=np.int64),
@@ -226,7 +253,8 @@ class Scheduler:
             histories=[(s.prompt_ids, s.output_ids) if h else None for s, h in zip(seqs, history)]
             if any(history) else None,
             allowed=self._masks(seqs, sample), sample=None if all(sample) else sample,
-            pool=[s.pool for s in seqs] if any(s.pool for s in seqs) else None)
+            pool=[s.pool for s in seqs] if any(s.pool for s in seqs) else None,
+            drafts=[len(s.drafts) for s in seqs] if any(s.drafts for s in seqs) else None)
 
     def _masks(self, seqs: list[Sequence], sample: list[bool]) -> tuple[list[int], np.ndarray] | None:
         """Grammar bitmasks of the constrained sequences that sample in this step (None if there are none)."""
@@ -236,39 +264,57 @@ class Scheduler:
         return rows, self.grammars.masks([seqs[i].seq_id for i in rows], [len(seqs[i].output_ids) for i in rows])
 
     def update(self, seqs: list[Sequence], out: StepOutput) -> list[Sequence]:
-        """Advance each sequence by its chunk, append the tokens sampled at prompt ends and decodes, apply stop
-        rules, retire finished sequences; returns the finished."""
+        """Advance each sequence by its chunk, append the tokens sampled at prompt ends and decodes (and the drafts
+        the grid kept), apply stop rules, retire finished sequences; returns the finished."""
         done: list[Sequence] = []
         for i, (seq, token) in enumerate(zip(seqs, out.token_ids)):
-            seq.in_flight = False
+            seq.in_flight, seq.new_tokens = False, 0
+            drafted, seq.drafts = len(seq.drafts), []
             if seq.finish_reason is not None:  # aborted while its step ran: its blocks are free to go now
                 self.blocks.release(seq.block_table)
                 continue
-            seq.num_cached += seq.chunk
-            if seq.num_cached // self.blocks.block_size > seq.hashed_blocks:
-                seq.hashed_blocks, seq.hash_parent = self.blocks.register(
-                    seq.block_table, seq.tokens, seq.num_cached, seq.hashed_blocks, seq.hash_parent)
+            seq.num_cached += seq.chunk - drafted  # a rejected draft's slot holds nothing: it is overwritten later
             if seq.remaining:  # a prompt chunk short of the end: nothing was sampled for it
+                self._register(seq)
                 continue
             if seq.pool:
                 assert out.hidden is not None and i in out.hidden, f"sequence {seq.seq_id} was not pooled"
+                self._register(seq)
                 seq.hidden = out.hidden[i]
                 seq.finish("stop")
                 done.append(seq)
                 continue
             assert token != NO_TOKEN, f"sequence {seq.seq_id} finished its chunk but the grid sampled no token"
-            seq.output_ids.append(token)
-            if seq.grammar is not None and self.grammars is not None:
-                self.grammars.accept(seq.seq_id, token)
-            if token in seq.stop_ids:
-                seq.finish("stop")
-            elif len(seq.output_ids) >= seq.max_tokens or len(seq.tokens) >= self.max_model_len:
-                seq.finish("length")
-            if seq.finish_reason is not None:
-                done.append(seq)
+            kept = (out.accepted or {}).get(i, []) if drafted else []
+            self.draft_tokens += drafted
+            self.accepted_tokens += len(kept)
+            for n, new in enumerate([*kept, token]):
+                self._append(seq, new, cached=n < len(kept))
+                if seq.finish_reason is not None:
+                    done.append(seq)
+                    break
+            self._register(seq)
         for seq in done:
             self.retire(seq)
         return done
+
+    def _append(self, seq: Sequence, token: int, cached: bool) -> None:
+        """One generated token: output, grammar, stop and length rules (`cached`: its K/V is already computed)."""
+        seq.output_ids.append(token)
+        seq.new_tokens += 1
+        seq.num_cached += cached
+        if seq.grammar is not None and self.grammars is not None:
+            self.grammars.accept(seq.seq_id, token)
+        if token in seq.stop_ids:
+            seq.finish("stop")
+        elif len(seq.output_ids) >= seq.max_tokens or len(seq.tokens) >= self.max_model_len:
+            seq.finish("length")
+
+    def _register(self, seq: Sequence) -> None:
+        """Offer the sequence's newly completed full blocks to the prefix cache."""
+        if seq.num_cached // self.blocks.block_size > seq.hashed_blocks:
+            seq.hashed_blocks, seq.hash_parent = self.blocks.register(
+                seq.block_table, seq.tokens, seq.num_cached, seq.hashed_blocks, seq.hash_parent)
 
     def retire(self, seq: Sequence) -> None:
         """Drop a sequence from the batch (finished or aborted); blocks of a mid-step one are freed by update()."""

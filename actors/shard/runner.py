@@ -39,6 +39,11 @@ class StepInput:
     allowed: tuple[list[int], np.ndarray] | None = None
     sample: list[bool] | None = None  # per sequence: does its chunk end its known tokens (None: all do)
     pool: list[bool] | None = None  # per sequence: answer its last token's final hidden state, not a token
+    drafts: list[int] | None = None  # per sequence: speculative draft tokens ending its chunk, to verify (None: 0)
+
+    def num_drafts(self, row: int) -> int:
+        """How many of sequence `row`'s new tokens are drafts to verify."""
+        return self.drafts[row] if self.drafts is not None else 0
 
     def pooled(self, row: int) -> bool:
         """Whether sequence `row` asks for its hidden state (an embedding request) instead of a sampled token."""
@@ -60,6 +65,7 @@ class StepOutput:
     logprobs: list[Logprobs | None] | None = None
     timings: dict[str, float] = field(default_factory=dict)
     hidden: dict[int, np.ndarray] | None = None  # pooled rows: final-norm hidden state [hidden] of the last token
+    accepted: dict[int, list[int]] | None = None  # rows with drafts: the drafts kept, emitted before token_ids[row]
 
 
 @dataclass(frozen=True)
@@ -166,22 +172,35 @@ class StageRunner:
         if not rows:  # every sequence is mid-prompt or pooled: no logits, nothing to sample (the same on every rank)
             return StepOutput([NO_TOKEN] * len(step.query_lens), hidden=self._pooled(pooled)) \
                 if self.tp.rank == 0 else None
-        logits = self.model.logits(out[torch.tensor(ends[rows], device=self.device)])  # [rows, vocab], every rank
+        # Rows with drafts read logits at each draft's position too (the one before it predicts it).
+        firsts = [int(ends[r]) - step.num_drafts(r) for r in rows]
+        picks = [i for r, f in zip(rows, firsts) for i in range(f, int(ends[r]) + 1)]
+        logits = self.model.logits(out[torch.tensor(picks, device=self.device)])  # [picks, vocab], every rank
         if self.tp.rank != 0:
             return None  # only TP rank 0 samples and answers
-        histories: list[tuple[list[int], list[int]] | None] = (
-            [step.histories[i] for i in rows] if step.histories else [None] * len(rows))
-        steps = [step.output_index[i] for i in rows]
-        tokens, logprobs = self.sampler.sample(logits, [step.sampling[i] for i in rows], steps, histories,
-                                               self._allowed(step, rows))
-        timings = {"step_s": time.perf_counter() - start, "comm_s": self.tp.comm_seconds - comm_before}
+        at = np.cumsum([0] + [step.num_drafts(r) + 1 for r in rows])  # each row's first pick in `logits`
+        plain = [k for k, r in enumerate(rows) if not step.num_drafts(r)]
         all_tokens: list[int] = [NO_TOKEN] * len(step.query_lens)
         all_logprobs: list[Logprobs | None] = [None] * len(step.query_lens)
-        for row, token, lp in zip(rows, tokens, logprobs):
-            all_tokens[row], all_logprobs[row] = token, lp
+        accepted: dict[int, list[int]] = {}
+        if plain:
+            plain_rows = [rows[k] for k in plain]
+            histories: list[tuple[list[int], list[int]] | None] = (
+                [step.histories[i] for i in plain_rows] if step.histories else [None] * len(plain_rows))
+            tokens, logprobs = self.sampler.sample(
+                logits[torch.tensor(at[plain])], [step.sampling[i] for i in plain_rows],
+                [step.output_index[i] for i in plain_rows], histories, self._allowed(step, plain_rows))
+            for row, token, lp in zip(plain_rows, tokens, logprobs):
+                all_tokens[row], all_logprobs[row] = token, lp
+        for k, row in enumerate(rows):
+            if (d := step.num_drafts(row)):
+                drafts = [int(t) for t in step.token_ids[int(ends[row]) - d + 1:int(ends[row]) + 1]]
+                accepted[row], all_tokens[row] = self.sampler.verify(logits[at[k]:at[k + 1]], drafts,
+                                                                     step.sampling[row], step.output_index[row])
+        timings = {"step_s": time.perf_counter() - start, "comm_s": self.tp.comm_seconds - comm_before}
         return StepOutput(all_tokens, logits.cpu().numpy() if step.return_logits else None,
-                          all_logprobs if any(lp is not None for lp in logprobs) else None, timings,
-                          self._pooled(pooled))
+                          all_logprobs if any(lp is not None for lp in all_logprobs) else None, timings,
+                          self._pooled(pooled), accepted or None)
 
     @staticmethod
     def _pooled(pooled: dict[int, torch.Tensor]) -> dict[int, np.ndarray] | None:

@@ -131,15 +131,47 @@ class Sampler:
             out[row] = int(tokens[k])
         return out
 
+    def verify(self, logits: torch.Tensor, drafts: list[int], p: SamplingParams, step: int) -> tuple[list[int], int]:
+        """Speculative verification of one row: logits [d + 1, V] at the positions that read the last known token
+        and each of the d drafts -> (the drafts accepted, the token after them).
+
+        Greedy: drafts are kept while each equals the argmax. Sampled: draft j is kept with probability p_j(draft),
+        else the token is drawn from p_j without the draft, renormalized (rejection sampling with a deterministic
+        draft); after all d, one more from p_d. Every emitted token is then distributed exactly as when drawn one
+        step at a time. Uniforms come from (seed, output index) as in `sample`, so seeded rows stay reproducible.
+        """
+        if p.greedy:
+            targets = logits.argmax(-1).tolist()
+            n = 0
+            while n < len(drafts) and drafts[n] == targets[n]:
+                n += 1
+            return drafts[:n], int(targets[n])
+        probs = torch.stack([filter_logits(row.float().cpu(), p) for row in logits]).softmax(-1)  # [d + 1, V]
+        for j, draft in enumerate(drafts):
+            accept, redraw = self._stream(p, step + j, 2)
+            if accept < float(probs[j, draft]):
+                continue
+            rest = probs[j].clone()
+            rest[draft] = 0.0
+            return drafts[:j], int(inverse_cdf(rest[None], torch.tensor([redraw], dtype=torch.float64))[0])
+        last = self._stream(p, step + len(drafts), 1)
+        return drafts, int(inverse_cdf(probs[-1:], torch.tensor(last, dtype=torch.float64))[0])
+
     def _uniforms(self, params: list[SamplingParams], steps: list[int]) -> torch.Tensor:
-        """One uniform in [0, 1) per row: from (request seed, output index) for seeded rows, so a token never
-        depends on batch neighbours, else from this sampler's generator."""
+        """One uniform in [0, 1) per row, each from `_stream` (unseeded rows drawn together)."""
         u = torch.rand(len(params), dtype=torch.float64, generator=self.generator).tolist()
         for k, (p, step) in enumerate(zip(params, steps)):
             if p.seed is not None:
-                gen = torch.Generator().manual_seed((p.seed * 1_000_003 + step) % 2**63)  # any int seed, no overflow
-                u[k] = float(torch.rand(1, dtype=torch.float64, generator=gen))
+                u[k] = self._stream(p, step, 1)[0]
         return torch.tensor(u, dtype=torch.float64)
+
+    def _stream(self, p: SamplingParams, step: int, n: int) -> list[float]:
+        """`n` uniforms in [0, 1) for output index `step`: from (request seed, step) for a seeded row, so a token
+        never depends on batch neighbours, else from this sampler's generator."""
+        gen = self.generator
+        if p.seed is not None:
+            gen = torch.Generator().manual_seed((p.seed * 1_000_003 + step) % 2**63)  # any int seed, no overflow
+        return torch.rand(n, dtype=torch.float64, generator=gen).tolist()
 
 
 INVERSE_CDF_BLOCK = 256  # tokens per block of the two-level search: one cumulative sum over blocks, one inside one

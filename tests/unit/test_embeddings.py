@@ -50,8 +50,11 @@ def test_a_cached_prefix_still_computes_the_last_token(model_dirs: dict) -> None
     d = model_dirs["llama_gqa"]
     replica = Replica(config(d), grid_factory=lambda: LocalGrid(str(d), 1, 1))
     prompt = list(range(3, 40))
-    first = asyncio.run(replica.embed([prompt]))[0]
-    second = asyncio.run(replica.embed([prompt]))[0]
+
+    async def twice() -> tuple[np.ndarray, np.ndarray]:
+        return (await replica.embed([prompt]))[0], (await replica.embed([prompt]))[0]
+
+    first, second = asyncio.run(twice())
     assert replica.engine.scheduler.prefix_hit_tokens > 0
     np.testing.assert_allclose(first, second, rtol=1e-5, atol=1e-5)
 

@@ -16,7 +16,8 @@ def snapshot(running: int) -> dict[str, Any]:
     """A replica snapshot with one worker (the shape Replica.snapshot returns)."""
     engine = {"requests_running": running, "requests_waiting": 0, "kv_cache_usage": 0.25, "kv_cache_blocks": 64,
               "preemptions_total": 1, "prefix_cache_hit_tokens_total": 8, "prefix_cache_queried_tokens_total": 20,
-              "steps_total": 5, "prompt_tokens_total": 12, "generation_tokens_total": 9}
+              "steps_total": 5, "prompt_tokens_total": 12, "generation_tokens_total": 9,
+              "spec_decode_draft_tokens_total": 6, "spec_decode_accepted_tokens_total": 4}
     worker = {"pp_rank": 0, "tp_rank": 0, "weight_bytes": 10, "kv_bytes": 20, "host_rss_bytes": 30,
               "device_bytes": 0, "busy_pct": 50.0, "allreduce_pct": 0.0, "step_ms": 1.0, "handoff_ms": 0.0,
               "torch_threads": 1}

@@ -220,3 +220,36 @@ def test_inverse_cdf_never_draws_a_zero_probability_token() -> None:
     for u in (0.0, 0.5, 1 - 1e-16):
         tokens = inverse_cdf(probs, torch.full((4,), u, dtype=torch.float64))
         assert (probs.gather(1, tokens[:, None]) > 0).all(), (u, tokens)
+
+
+def test_verify_greedy_keeps_drafts_while_they_equal_the_argmax() -> None:
+    """Drafts are accepted up to the first that differs from the argmax; the token after is that argmax."""
+    logits = torch.full((3, V), -5.0)
+    logits[0, 5], logits[1, 7], logits[2, 9] = 5.0, 5.0, 5.0
+    sampler, greedy = Sampler(0), SamplingParams(temperature=0.0)
+    assert sampler.verify(logits, [5, 8], greedy, 0) == ([5], 7)
+    assert sampler.verify(logits, [5, 7], greedy, 0) == ([5, 7], 9)
+    assert sampler.verify(logits[:1], [], greedy, 0) == ([], 5)
+
+
+@pytest.mark.parametrize("draft_rank", [0, 3])
+def test_verify_sampled_tokens_follow_the_target_distribution(draft_rank: int) -> None:
+    """Rejection sampling against a fixed draft (the likeliest token or a middling one): the first emitted token
+    is distributed as the filtered softmax (chi-square), and the draft is accepted at its probability."""
+    torch.manual_seed(5)
+    logits = torch.randn(2, V) * 1.5
+    p = SamplingParams(temperature=0.9)
+    probs = filter_logits(logits[0], p).softmax(-1)
+    draft = int(probs.argsort(descending=True)[draft_rank])
+    sampler, trials = Sampler(seed=2), 6000
+    counts, accepted = torch.zeros(V), 0
+    for step in range(trials):
+        kept, nxt = sampler.verify(logits, [draft], p, step)
+        counts[kept[0] if kept else nxt] += 1
+        accepted += len(kept)
+    expected = probs * trials
+    keep = expected >= 5
+    chi2 = float(((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum())
+    dof = int(keep.sum()) - 1
+    assert chi2 < dof + 5 * (2 * dof) ** 0.5, f"chi-square {chi2:.1f} over {dof} degrees of freedom"
+    assert abs(accepted / trials - float(probs[draft])) < 4 * (float(probs[draft]) / trials) ** 0.5 + 0.01
