@@ -48,6 +48,11 @@ class Server:
     order: int = field(default=0)
 
 
+# gridserve servers by --online-layouts name: (label, pipeline depth or None = as shipped, colocated ingress)
+LAYOUTS = {"shipped": ("gridserve shipped", None, False), "pp1": ("gridserve tp1 pp1", 1, False),
+           "colocated": ("gridserve colocated", None, True), "pp1-colocated": ("gridserve tp1 pp1 colocated", 1, True)}
+
+
 def gridserve(label: str, group: str, model: Path, tree: Path, pp: int | None, colocate: bool = False,
               **kw: Any) -> Server:
     """`gridserve serve` on `tree`'s ray_config.yaml (pp / colocation changed only when asked)."""
@@ -70,10 +75,8 @@ def servers(python: Path, layouts: list[str], bindings: list[str], shapes: list[
         smol = ensure_smol(python)
         out += [Server(f"vLLM {b}", "vllm", b, "smol", vllm_cmd(python, smol, PORT),
                        peer_env(None if b == "auto" else b), smol, shapes, concs) for b in bindings]
-        names = {"shipped": ("gridserve shipped", None, False), "pp1": ("gridserve tp1 pp1", 1, False),
-                 "colocated": ("gridserve colocated", None, True)}
         for layout in layouts:
-            label, pp, co = names[layout]
+            label, pp, co = LAYOUTS[layout]
             out.append(gridserve(label, "smol", smol, ROOT, pp, co, shapes=shapes, concs=concs))
         if base is not None:
             out.append(gridserve("gridserve@base shipped", "smol", smol, base.resolve(), None, shapes=shapes,
@@ -82,7 +85,9 @@ def servers(python: Path, layouts: list[str], bindings: list[str], shapes: list[
         tiny = ensure_tiny()
         out += [Server(f"vLLM {b}", "vllm", b, "tiny", vllm_cmd(python, tiny, PORT),
                        peer_env(None if b == "auto" else b), tiny, [TINY], tiny_concs) for b in bindings]
-        out.append(gridserve("gridserve shipped", "tiny", tiny, ROOT, None, shapes=[TINY], concs=tiny_concs))
+        for layout in layouts:
+            label, pp, co = LAYOUTS[layout]
+            out.append(gridserve(label, "tiny", tiny, ROOT, pp, co, shapes=[TINY], concs=tiny_concs))
     for i, s in enumerate(out):
         s.order = i
     return out
