@@ -1,6 +1,6 @@
 """Chaos soak on a bed of hosts (tests/hostbed.py): a Serve app of two tp=1 x pp=2 replicas under a steady load of
 official `openai` clients (streamed and not, greedy), and a fault every `--every` seconds rotating through a worker
-killed, a host killed, a host cut off for 20 s, and a worker stopped past step_timeout_s. Reports requests ok,
+killed, a worker stopped past step_timeout_s, a host cut off for 20 s, and a host killed. Reports requests ok,
 client-visible errors, hung (no answer in 120 s), greedy outputs that differ from the undisturbed run, the time
 until every request in flight at a fault has ended (per kind), and the memory of the bed's processes over time.
 
@@ -30,7 +30,8 @@ from tests import hostbed
 from tests.ray_cli import processes_with
 
 REPO = Path(__file__).resolve().parent.parent
-KINDS = ("worker kill", "host kill", "partition", "worker stop")
+# The host kill last: bringing its host back takes longest, and the next fault waits for that.
+KINDS = ("worker kill", "worker stop", "partition", "host kill")
 HUNG_S = 120.0  # a request with no answer in this long counts as hung
 PARTITION_S = 20.0
 STEP_TIMEOUT_S = 5.0
