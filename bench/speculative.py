@@ -1,0 +1,84 @@
+"""n-gram speculative decoding on and off, same replica code, same prompts: output tokens/s at 1 and 16 clients on
+a workload where drafts should be kept (the answer quotes JSON given in the prompt) and one where they should not
+(free text). SmolLM2-135M-Instruct fp32, greedy, over an in-process grid (one thread; no Ray or HTTP).
+
+python -m bench.speculative [--clients 1 16] [--tokens 96] [--k 4]
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from typing import Any
+
+import torch
+
+from bench.common import ROOT
+
+QUOTE = ("Copy this JSON object exactly, then stop:\n"
+         + json.dumps({"id": 4821, "name": "gridserve", "tags": ["tp", "pp", "serve"],
+                       "owner": {"team": "inference", "oncall": "alice@example.com"}, "replicas": 3,
+                       "limits": {"max_tokens": 2048, "rate": 12.5}}))
+FREE = "Write a short story about a lighthouse keeper who finds a message in a bottle."
+
+
+def replica(spec: dict[str, Any] | None) -> Any:
+    """A replica of the bundled SmolLM2 over an in-process tp=1 grid, speculation as given."""
+    from cluster.config import GridServeConfig
+    from cluster.replica import Replica
+    from tests.local_grid import LocalGrid
+
+    model = str(ROOT / "models" / "smollm2-135m")  # the fp32 folder bench.peer converts from the bundled GGUF
+    cfg = GridServeConfig(model=model, max_model_len=2048, speculative_config=spec)
+    return Replica(cfg, grid_factory=lambda: LocalGrid(model, 1, 1, num_blocks=512, block_size=16,
+                                                       max_model_len=2048))
+
+
+async def run(rep: Any, prompt: str, clients: int, tokens: int) -> tuple[float, list[list[int]]]:
+    """Output tokens/s of `clients` concurrent greedy chat requests, and their tokens."""
+    from cluster.generate import collect
+    from cluster.request import GenerationParams
+
+    text = rep.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                             tokenize=False)
+    ids = rep.tokenizer.encode(text, add_special_tokens=False)
+    params = GenerationParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
+    start = time.perf_counter()
+    choices = await asyncio.gather(*(collect(rep.generate(list(ids), params)) for _ in range(clients)))
+    wall = time.perf_counter() - start
+    return sum(len(c[0].token_ids) for c in choices) / wall, [c[0].token_ids for c in choices]
+
+
+async def compare(args: argparse.Namespace) -> None:
+    """One table row per (workload, clients): tok/s off, on, ratio, acceptance (one event loop: the engines')."""
+    spec = {"method": "ngram", "num_speculative_tokens": args.k, "prompt_lookup_max": 4, "prompt_lookup_min": 2}
+    off, on = replica(None), replica(spec)
+    print("| workload | clients | off tok/s | on tok/s | x | drafts kept | same tokens |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | --- |")
+    for name, prompt in (("quote JSON", QUOTE), ("free text", FREE)):
+        for clients in args.clients:
+            await run(off, prompt, 1, 8)
+            await run(on, prompt, 1, 8)  # warm both
+            sched = on.engine.scheduler
+            drafts, kept = sched.draft_tokens, sched.accepted_tokens
+            base, ref = await run(off, prompt, clients, args.tokens)
+            fast, got = await run(on, prompt, clients, args.tokens)
+            rate = (sched.accepted_tokens - kept) / max(1, sched.draft_tokens - drafts)
+            print(f"| {name} | {clients} | {base:.1f} | {fast:.1f} | {fast / base:.2f} | {100 * rate:.0f}% | "
+                  f"{'yes' if got == ref else 'NO'} |", flush=True)
+
+
+def main() -> None:
+    """Parse the flags and run the comparison."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--clients", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--tokens", type=int, default=96, help="output tokens per request (EOS ignored)")
+    ap.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    asyncio.run(compare(args))
+
+
+if __name__ == "__main__":
+    main()
