@@ -88,14 +88,15 @@ class BlockManager:
                     self.free.append(block)
         table.clear()
 
-    def match_prefix(self, tokens: list[int]) -> tuple[list[int], int]:
+    def match_prefix(self, tokens: list[int], root: int = -1) -> tuple[list[int], int]:
         """Take the cached blocks that hold the longest full-block prefix of `tokens`; returns (blocks, parent id).
 
-        At least the last token is left out so the step that follows still computes its logits.
+        At least the last token is left out so the step that follows still computes its logits. `root` is the
+        parent of the first block: -1 for the base model, another negative id per LoRA adapter (whose KV differs).
         """
         if not self.prefix_caching:
-            return [], -1
-        blocks, parent, size = [], -1, self.block_size
+            return [], root
+        blocks, parent, size = [], root, self.block_size
         for start in range(0, len(tokens) - 1 - size + 1, size):
             block = self.by_key.get((parent, tuple(tokens[start:start + size])))
             if block is None:

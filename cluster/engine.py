@@ -91,12 +91,14 @@ class AsyncEngine:
 
     def generate(self, prompt_ids: list[int], sampling: SamplingParams, max_tokens: int,
                  stop_token_ids: tuple[int, ...] = (), ignore_eos: bool = False, grammar: GrammarSpec | None = None,
-                 resume: list[int] | None = None, priority: int = 0) -> AsyncGenerator[TokenEvent, str | None]:
+                 resume: list[int] | None = None, priority: int = 0, lora: tuple[int, int] | None = None,
+                 ) -> AsyncGenerator[TokenEvent, str | None]:
         """Queue one request now and return its token stream; `max_tokens` is what `GenerationParams.check`
         returned against `limits()`. RuntimeError if the grid failed, RequestError if `grammar` cannot be
         compiled for this tokenizer. `resume`: tokens this request already generated elsewhere; it goes on
         from there (recomputed like a preempted sequence: same seeds by position, penalties, grammar state).
-        Lower `priority` is admitted first and preempted last.
+        Lower `priority` is admitted first and preempted last. `lora`: (slot, prefix-cache root) of the LoRA
+        adapter it runs with, pinned by the caller until the stream ends (None: the base model).
 
         Leaving the stream early aborts the request and frees its blocks. Call from the event loop.
         """
@@ -105,6 +107,9 @@ class AsyncEngine:
         stops = (frozenset() if ignore_eos else self.eos) | frozenset(stop_token_ids)
         seq = Sequence(next(self._ids), list(prompt_ids), sampling, max_tokens, stops, list(resume or []),
                        arrival=time.perf_counter(), grammar=grammar, priority=priority)
+        if lora is not None:
+            seq.lora_slot, seq.lora_root = lora
+            seq.hash_parent = seq.lora_root
         self.scheduler.add(seq)
         queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
         self.streams[seq.seq_id] = queue

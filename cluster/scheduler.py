@@ -159,7 +159,7 @@ class Scheduler:
 
     def _reuse_prefix(self, seq: Sequence) -> None:
         """Start a sequence on the cached blocks of its longest known prefix; only the rest is prefilled."""
-        seq.block_table, seq.hash_parent = self.blocks.match_prefix(seq.tokens)
+        seq.block_table, seq.hash_parent = self.blocks.match_prefix(seq.tokens, seq.lora_root)
         seq.hashed_blocks = len(seq.block_table)
         seq.num_cached = seq.hashed_blocks * self.blocks.block_size
 
@@ -167,7 +167,7 @@ class Scheduler:
         """Release a sequence's blocks; its tokens will be recomputed (or found in the prefix cache) later."""
         self.blocks.release(seq.block_table)
         seq.num_cached = seq.hashed_blocks = 0
-        seq.hash_parent = -1
+        seq.hash_parent = seq.lora_root
 
     def _preempt(self, seq: Sequence) -> None:
         """Free a running sequence's blocks and requeue it first; its tokens are recomputed later."""
@@ -200,7 +200,8 @@ class Scheduler:
             if any(history) else None,
             allowed=self._masks(seqs, sample), sample=None if all(sample) else sample,
             pool=[s.pool for s in seqs] if any(s.pool for s in seqs) else None,
-            drafts=[len(s.drafts) for s in seqs] if any(s.drafts for s in seqs) else None)
+            drafts=[len(s.drafts) for s in seqs] if any(s.drafts for s in seqs) else None,
+            lora=[s.lora_slot for s in seqs] if any(s.lora_slot is not None for s in seqs) else None)
 
     def _masks(self, seqs: list[Sequence], sample: list[bool]) -> tuple[list[int], np.ndarray] | None:
         """Grammar bitmasks of the constrained sequences that sample in this step (None if there are none)."""

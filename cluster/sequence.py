@@ -36,6 +36,8 @@ class Sequence:
     hidden: np.ndarray | None = None  # that hidden state, once its prompt is computed
     drafts: list[int] = field(default_factory=list)  # speculative tokens riding in its current step
     new_tokens: int = 0  # tokens its last answered step appended (more than 1 when drafts were accepted)
+    lora_slot: int | None = None  # its LoRA adapter's slot on the workers (None: the base model)
+    lora_root: int = -1  # prefix-cache parent of its first block: KV computed under another adapter never matches
 
     @property
     def rank(self) -> tuple[int, int]:

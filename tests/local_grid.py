@@ -58,14 +58,14 @@ class LocalGrid:
 
     def __init__(self, model_dir: str, tp: int, pp: int, num_blocks: int = 64, block_size: int = 4,
                  dtype: str | None = None, max_model_len: int = 256, partition: tuple[int, ...] | None = None,
-                 ) -> None:
+                 max_loras: int = 0, max_lora_rank: int = 16) -> None:
         self.tp, self.pp, self.num_blocks = tp, pp, num_blocks
         self.stages: list[list[StageRunner]] = []
         for pp_rank in range(pp):
             shared = ThreadCollectives(tp)
             groups = [ThreadTPGroup(r, shared) if tp > 1 else TPGroup.single() for r in range(tp)]
-            plans = [ShardPlan(model_dir, r, tp, pp_rank, pp, dtype, max_model_len, block_size, partition)
-                     for r in range(tp)]
+            plans = [ShardPlan(model_dir, r, tp, pp_rank, pp, dtype, max_model_len, block_size, partition,
+                               max_loras=max_loras, max_lora_rank=max_lora_rank) for r in range(tp)]
             with ThreadPoolExecutor(tp) as pool:
                 stage = list(pool.map(lambda a: StageRunner(a[0], a[1], torch.device("cpu")), zip(plans, groups)))
             for runner in stage:
@@ -89,6 +89,20 @@ class LocalGrid:
             hidden = outs[0]
         assert isinstance(hidden, StepOutput)
         return hidden
+
+    async def load_lora(self, slot: int, name: str, path: str) -> None:
+        """Put a PEFT adapter into `slot` on every runner (as WorkerGrid does on every worker)."""
+        await asyncio.wrap_future(self.steps.submit(self._each, lambda r: r.load_lora(slot, name, path)))
+
+    async def unload_lora(self, slot: int) -> None:
+        """Empty `slot` on every runner."""
+        await asyncio.wrap_future(self.steps.submit(self._each, lambda r: r.unload_lora(slot)))
+
+    def _each(self, call: Callable[[StageRunner], None]) -> None:
+        """Run `call` on every runner, between steps."""
+        for stage in self.stages:
+            for runner in stage:
+                call(runner)
 
     def worker_stats(self, timeout_s: float = 10.0) -> list[dict[str, Any]]:
         """What a Ray worker reports, for the runners of this process (stage-major)."""

@@ -24,6 +24,12 @@ class LazySlice(Protocol):
     def __getitem__(self, index: SliceIndex) -> torch.Tensor: ...
 
 
+class LowRankDelta(Protocol):
+    """A layer's LoRA slots (actors.shard.lora): adds the step's adapters' low-rank terms to an output."""
+
+    def add(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor: ...
+
+
 def check_shape(key: str, src: LazySlice, expected: Sequence[int]) -> None:
     """Fail loudly, naming the key, when a checkpoint tensor's full shape is not what the config implies."""
     got = list(src.get_shape())
@@ -132,10 +138,12 @@ class ColumnParallelLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(local, in_features, dtype=dtype), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(local, dtype=dtype), requires_grad=False) if bias else None
         self.packed: torch.Tensor | None = None  # oneDNN layout of `weight`, set after loading (cpu_gemm.pack_linears)
+        self.lora: LowRankDelta | None = None  # LoRA slots, when the server enables LoRA
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[T, in] -> [T, local_out]."""
-        return linear(x, self.weight, self.bias, self.packed)
+        y = linear(x, self.weight, self.bias, self.packed)
+        return y if self.lora is None else self.lora.add(x, y)
 
     def part_rows(self, part: int) -> tuple[int, int, int]:
         """(offset in the local weight, start row in the checkpoint tensor, row count) for merged part `part`."""
@@ -195,10 +203,12 @@ class RowParallelLinear(nn.Module):
                                    requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
         self.packed: torch.Tensor | None = None  # oneDNN layout of `weight`, set after loading (cpu_gemm.pack_linears)
+        self.lora: LowRankDelta | None = None  # LoRA slots: their partial sums ride the same all-reduce
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[T, local_in] -> [T, out], summed over the TP group."""
-        y = self.tp.all_reduce(linear(x, self.weight, packed=self.packed))
+        partial = linear(x, self.weight, packed=self.packed)
+        y = self.tp.all_reduce(partial if self.lora is None else self.lora.add(x, partial))
         return y if self.bias is None else y + self.bias
 
     def weight_loader(self, param: nn.Parameter, src: LazySlice, key: str) -> None:

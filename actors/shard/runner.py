@@ -12,6 +12,8 @@ from actors.shard.checkpoint import open_checkpoint
 from actors.shard.cpu_gemm import CpuWeights, pack_linears, packed_bytes
 from actors.shard.kv_cache import AttnMeta, PagedKVCache
 from actors.shard.loader import load_stage
+from actors.shard.lora import StageLora
+from actors.shard.lora_files import read_adapter
 from actors.shard.model import StageModel
 from actors.shard.partition import Partition, even_partition
 from actors.shard.sampler import Logprobs, Sampler, SamplingParams, unpack_bitmask
@@ -40,6 +42,7 @@ class StepInput:
     sample: list[bool] | None = None  # per sequence: does its chunk end its known tokens (None: all do)
     pool: list[bool] | None = None  # per sequence: answer its last token's final hidden state, not a token
     drafts: list[int] | None = None  # per sequence: speculative draft tokens ending its chunk, to verify (None: 0)
+    lora: list[int | None] | None = None  # per sequence: its LoRA adapter's slot (None: the base model)
 
     def num_drafts(self, row: int) -> int:
         """How many of sequence `row`'s new tokens are drafts to verify."""
@@ -82,6 +85,8 @@ class ShardPlan:
     block_size: int = 16
     partition: Partition | None = None  # decoder layers per stage; None = an even split
     cpu_weights: CpuWeights = "auto"  # layout of large fp32 linear weights on CPU (see cpu_gemm)
+    max_loras: int = 0  # LoRA adapter slots per layer (0: LoRA off)
+    max_lora_rank: int = 16  # rank of each slot; lower-rank adapters are zero-padded
 
     def layer_counts(self, num_layers: int) -> Partition:
         """Decoder layers per stage for a model of `num_layers` layers."""
@@ -120,6 +125,8 @@ class StageRunner:
         load_stage(self.model, reader.keys(), reader.get_slice, self.spec)
         if device.type == "cpu":
             pack_linears(self.model, plan.cpu_weights)  # oneDNN's blocked layout, once (see cpu_gemm)
+        self.lora = StageLora(self.model.model.layers, plan.max_loras, plan.max_lora_rank) \
+            if plan.max_loras else None
         self.load_seconds = time.perf_counter() - start
         self.split = HeadSplit.of(self.spec, tp.rank, tp.size)
         self.cache: PagedKVCache | None = None
@@ -135,8 +142,21 @@ class StageRunner:
         return [where[r] for r in mask_rows], unpack_bitmask(torch.from_numpy(bits), self.spec.vocab_size)
 
     def weight_bytes(self) -> int:
-        """Bytes of parameters this shard holds (shared tensors counted once), packed CPU copies included."""
-        return sum(p.numel() * p.element_size() for p in self.model.parameters()) + packed_bytes(self.model)
+        """Bytes of parameters this shard holds (shared tensors counted once), packed CPU copies and LoRA slots
+        included."""
+        lora = self.lora.nbytes() if self.lora is not None else 0
+        return sum(p.numel() * p.element_size() for p in self.model.parameters()) + packed_bytes(self.model) + lora
+
+    def load_lora(self, slot: int, name: str, path: str) -> None:
+        """Read, check and put a PEFT adapter into `slot` (ValueError naming it if bad; the slot is then as before)."""
+        if self.lora is None:
+            raise ValueError(f"LoRA adapter {name!r}: this server runs without LoRA; set enable_lora: true")
+        self.lora.load(slot, read_adapter(name, path, self.spec, self.lora.max_rank))
+
+    def unload_lora(self, slot: int) -> None:
+        """Empty adapter slot `slot`."""
+        if self.lora is not None:
+            self.lora.unload(slot)
 
     def block_bytes(self) -> int:
         """Bytes one KV block costs on this worker."""
@@ -163,6 +183,8 @@ class StageRunner:
         meta = AttnMeta.build(step.query_lens, step.context_lens, step.block_tables, self.plan.block_size,
                               self.spec.sliding_window, self.device)
         positions = torch.tensor(step.positions, device=self.device)
+        if self.lora is not None:
+            self.lora.batch.set(step.lora, step.query_lens, self.device)
         out = self.model(inputs, positions, self.cache, meta)  # [T, hidden]
         if not self.is_last:
             return to_wire(out)

@@ -1,0 +1,138 @@
+"""Multi-LoRA on the sharded model: three PEFT adapters and the base model in one batch equal HF + peft greedy at
+every layout; bad adapters are refused by name and leave the slots as they were; the prefix cache keeps adapters
+apart."""
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from actors.shard.sampler import SamplingParams
+from cluster.engine import AsyncEngine
+from tests.local_grid import LocalGrid
+from tests.lora_adapters import ADAPTERS, peft_greedy, write_adapter, write_adapters
+from tests.reference import PROMPTS
+
+NEW = 10
+PROMPT4 = [9, 21, 33, 45, 57, 69, 81, 93, 5, 17, 29, 41]  # three full blocks of 4: prefix caching has work
+ALL = [*PROMPTS, PROMPT4]
+NAMES: list[str | None] = [None, *ADAPTERS]
+# Every (prompt, adapter) pair: each adapter and the base model on several prompts, all in one batch.
+PAIRS = [(p, NAMES[(i + k) % len(NAMES)]) for i, p in enumerate(ALL) for k in range(2)]
+
+
+@pytest.fixture(scope="module")
+def model_dir(model_dirs: dict) -> Path:
+    """The GQA Llama test model (2 KV heads: tp=2 splits them, tp=4 would replicate them)."""
+    return Path(model_dirs["llama_gqa"])
+
+
+@pytest.fixture(scope="module")
+def adapters(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The three random adapters, saved by peft."""
+    return write_adapters(model_dir, tmp_path_factory.mktemp("loras"))
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir: Path, adapters: dict[str, Path]) -> dict[str | None, list[list[int]]]:
+    """HF + peft greedy tokens of every prompt under every adapter and the base model."""
+    return {name: peft_greedy(model_dir, adapters[name] if name else None, ALL, NEW) for name in NAMES}
+
+
+def load_all(grid: LocalGrid, adapters: dict[str, Path]) -> None:
+    """Put the adapters into slots 0.. in order."""
+    async def main() -> None:
+        for slot, name in enumerate(adapters):
+            await grid.load_lora(slot, name, str(adapters[name]))
+    asyncio.run(main())
+
+
+def run(grid: LocalGrid, adapters: dict[str, Path], pairs: list[tuple[list[int], str | None]]
+        ) -> tuple[list[list[int]], AsyncEngine]:
+    """Run every (prompt, adapter) pair at once (adapters in slots 0.. in order); greedy tokens per pair."""
+    slots = {name: k for k, name in enumerate(adapters)}
+
+    async def main() -> tuple[list[list[int]], AsyncEngine]:
+        engine = AsyncEngine(grid, 4, 16, 256, 256)
+        streams = [engine.generate(p, SamplingParams(temperature=0.0), NEW, ignore_eos=True,
+                                   lora=None if a is None else (slots[a], -2 - slots[a])) for p, a in pairs]
+
+        async def tokens(stream: object) -> list[int]:
+            return [ev.token_id async for ev in stream if ev.token_id is not None]  # type: ignore[attr-defined]
+
+        return list(await asyncio.gather(*(tokens(s) for s in streams))), engine
+
+    return asyncio.run(main())
+
+
+@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (1, 2), (2, 2)])
+def test_mixed_adapters_in_one_batch_match_peft(model_dir: Path, adapters: dict, reference: dict, tp: int,
+                                                pp: int) -> None:
+    """Base + three adapters (ranks 2, 4, 8; q/k/v/o/gate/up/down; rslora) decode HF + peft's greedy tokens."""
+    grid = LocalGrid(str(model_dir), tp, pp, num_blocks=96, block_size=4, max_loras=3, max_lora_rank=8)
+    load_all(grid, adapters)
+    got, engine = run(grid, adapters, PAIRS)
+    want = [reference[a][ALL.index(p)] for p, a in PAIRS]
+    assert got == want
+    if pp == 1:
+        assert engine.stats.steps == NEW  # one prefill step, then one decode step per token: no step per adapter
+
+
+def test_adapters_change_the_output(reference: dict) -> None:
+    """The oracle is not vacuous: every adapter changes some prompt's greedy tokens."""
+    for name in ADAPTERS:
+        assert reference[name] != reference[None], f"adapter {name} left every output as the base model's"
+
+
+def test_prefix_cache_never_shares_kv_across_adapters(model_dir: Path, adapters: dict, reference: dict) -> None:
+    """The same prompt under the base model, then an adapter, then the adapter again: only the repeat hits."""
+    grid = LocalGrid(str(model_dir), 1, 1, num_blocks=64, block_size=4, max_loras=3, max_lora_rank=8)
+    load_all(grid, adapters)
+    slot = list(adapters).index("all-r4")
+
+    async def main() -> list[tuple[list[int], int | None]]:
+        engine = AsyncEngine(grid, 4, 8, 256, 256)
+        out = []
+        for lora in (None, (slot, -2 - slot), (slot, -2 - slot)):
+            events = [ev async for ev in engine.generate(PROMPT4, SamplingParams(temperature=0.0), NEW,
+                                                         ignore_eos=True, lora=lora)]
+            out.append(([e.token_id for e in events if e.token_id is not None], events[0].cached_tokens))
+        return out
+
+    (base, hit0), (first, hit1), (again, hit2) = asyncio.run(main())
+    assert base == reference[None][3] and first == again == reference["all-r4"][3]
+    assert hit0 == 0 and hit1 == 0 and hit2 == 8  # the repeat reuses its own two full prompt blocks
+
+
+def bad_adapters(model_dir: Path, root: Path) -> dict[str, tuple[Path, str]]:
+    """Adapters that must be refused, each with a piece of the error it must raise."""
+    too_big = write_adapter(model_dir, root / "too-big", 16, 16, ["q_proj"])
+    unknown = write_adapter(model_dir, root / "unknown", 4, 8, ["q_proj", "lm_head"])
+    other = write_adapter(model_dir, root / "other-model", 4, 8, ["q_proj"])
+    tensors = load_file(other / "adapter_model.safetensors")
+    key = "base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight"
+    save_file({**tensors, key: tensors[key][:32]}, other / "adapter_model.safetensors")  # as for a narrower model
+    missing = write_adapter(model_dir, root / "missing", 4, 8, ["q_proj"])
+    (missing / "adapter_model.safetensors").unlink()
+    dora = write_adapter(model_dir, root / "dora", 4, 8, ["q_proj"])
+    cfg = json.loads((dora / "adapter_config.json").read_text())
+    (dora / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True}))
+    return {"too-big": (too_big, "max_lora_rank=8"), "unknown": (unknown, "lm_head"),
+            "other-model": (other, "layers.1.self_attn.q_proj.lora_B.weight has shape [32, 4]"),
+            "missing": (missing, "no adapter_model.safetensors"), "dora": (dora, "use_dora")}
+
+
+def test_bad_adapters_are_refused_and_the_slot_keeps_serving(model_dir: Path, adapters: dict,
+                                                              reference: dict, tmp_path: Path) -> None:
+    """Each bad adapter raises ValueError naming it and the problem; the slot still holds the adapter it had."""
+    grid = LocalGrid(str(model_dir), 2, 1, num_blocks=64, block_size=4, max_loras=3, max_lora_rank=8)
+    load_all(grid, adapters)
+    for name, (path, needle) in bad_adapters(model_dir, tmp_path).items():
+        with pytest.raises(ValueError) as err:
+            asyncio.run(grid.load_lora(0, name, str(path)))
+        assert f"LoRA adapter {name!r}" in str(err.value) and needle in str(err.value), str(err.value)
+    got, _ = run(grid, adapters, PAIRS[:4])
+    assert got == [reference[a][ALL.index(p)] for p, a in PAIRS[:4]]
