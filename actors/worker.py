@@ -103,9 +103,9 @@ class Worker:
         return shm
 
     def cache_budget(self, cpu_bytes: int, gpu_utilization: float) -> int:
-        """Bytes this worker can give the KV cache: a fixed budget on CPU, a share of free memory on CUDA."""
+        """Bytes this worker can give the KV cache: the CPU budget (within host memory), a share of free CUDA memory."""
         if self.device.type != "cuda":
-            return cpu_bytes
+            return host_memory.cpu_cache_budget(cpu_bytes)
         free, total = torch.cuda.mem_get_info(self.device)
         used = total - free
         return max(0, int(total * gpu_utilization) - used)

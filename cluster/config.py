@@ -53,7 +53,9 @@ class GridServeConfig(BaseModel):
                                                "prefilled over several steps). Default 2048; at least "
                                                "max_num_seqs.")
     block_size: int = Field(16, ge=1, le=1024, description="Tokens per KV-cache block.")
-    kv_cache_memory_bytes: int = Field(256 * 2**20, ge=1, description="KV-cache budget per worker on CPU, in bytes.")
+    kv_cache_memory_bytes: int = Field(4 * 2**30, ge=1, description="KV-cache budget per worker on CPU, in bytes "
+                                       "(vLLM's CPU default); host pages are taken only as tokens fill it, and a "
+                                       "worker takes at most half the host memory available at start.")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="Share of GPU memory a worker may use (CUDA).")
     placement_timeout_s: float = Field(60.0, gt=0, description="Give up waiting for the grid's resources after this.")
     step_timeout_s: float = Field(30.0, gt=0, description="A grid step slower than this declares the grid "

@@ -36,3 +36,18 @@ def keep_step_buffers() -> bool:
     mapped = mallopt(M_MMAP_THRESHOLD, STEP_BUFFER_MAX_BYTES)
     trimmed = mallopt(M_TRIM_THRESHOLD, KEEP_FREE_MAX_BYTES)
     return bool(mapped == 1 and trimmed == 1)  # ctypes answers untyped ints
+
+
+def cpu_cache_budget(configured: int, meminfo: str = "/proc/meminfo") -> int:
+    """The KV-cache bytes a CPU worker takes: `configured`, at most half the host memory available now.
+
+    The cache's pages are only taken as tokens fill it, so an oversized budget does not fail at start; it would
+    fail later, under load, as the host runs out. Half leaves room for the weights and the other processes.
+    """
+    try:
+        with open(meminfo) as f:
+            fields = dict(line.split(":", 1) for line in f)
+        available = int(fields["MemAvailable"].split()[0]) * 1024  # the file counts kB
+    except (OSError, KeyError, ValueError):  # not Linux: the configured budget is all there is
+        return configured
+    return min(configured, available // 2)

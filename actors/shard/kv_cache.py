@@ -1,6 +1,7 @@
 """Paged KV cache of one worker (its layers, its KV heads) and the per-step attention metadata."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,8 +24,7 @@ class PagedKVCache:
                  dtype: torch.dtype, device: torch.device) -> None:
         self.block_size = block_size
         self.num_blocks = num_blocks
-        self.kv = torch.zeros((num_layers, 2, kv_heads, num_blocks * block_size, head_dim), dtype=dtype,
-                              device=device)
+        self.kv = zeroed((num_layers, 2, kv_heads, num_blocks * block_size, head_dim), dtype, device)
         self.k, self.v = self.kv[:, 0], self.kv[:, 1]  # [layer, kv_head, slot, d] views
         self._scratch = torch.empty(0, dtype=dtype, device=device)  # decode gather buffer, reused every layer
         self._rows_of: torch.Tensor | None = None  # the block list `_rows` was built for (same every layer)
@@ -61,6 +61,19 @@ class PagedKVCache:
         torch.index_select(self.kv[layer].view(-1, row), 0, self._rows, out=out)
         out = out.view(2, kv_heads, -1, d)  # [K|V, kv_heads, n * block_size, d]
         return out[0], out[1]
+
+
+def zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zero tensor; on CPU from calloc, whose fresh pages the kernel zeroes only when first touched.
+
+    torch.zeros writes every byte up front, so a CPU cache sized for long contexts would take its whole budget of
+    host memory at start; this way memory grows with the tokens actually cached.
+    """
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    item = torch.empty((), dtype=dtype).element_size()
+    raw = torch.from_numpy(np.zeros(math.prod(shape) * item, dtype=np.uint8))  # numpy zeros = calloc
+    return raw.view(dtype).view(shape)
 
 
 @dataclass

@@ -41,3 +41,34 @@ def test_keep_step_buffers_stops_page_faults_on_repeated_steps() -> None:
     # bigger runs, so the count is not exact; a 32 MiB buffer once gave 28k of its 32k).
     assert plain > 4 * 8000, plain
     assert kept < plain / 4, (kept, plain)
+
+
+def test_cpu_cache_budget_is_capped_by_half_the_available_memory(tmp_path) -> None:
+    """The configured budget stands when the host has room; otherwise half of MemAvailable; unreadable: as set."""
+    from actors.shard.host_memory import cpu_cache_budget
+
+    info = tmp_path / "meminfo"
+    info.write_text("MemTotal:       24000000 kB\nMemAvailable:    2000000 kB\n")
+    assert cpu_cache_budget(4 * 2**30, str(info)) == 1000000 * 1024
+    assert cpu_cache_budget(2**20, str(info)) == 2**20
+    assert cpu_cache_budget(4 * 2**30, str(tmp_path / "missing")) == 4 * 2**30
+
+
+@pytest.mark.skipif(platform.system() != "Linux", reason="reads /proc/self/statm")
+def test_kv_cache_takes_host_pages_only_as_tokens_fill_it() -> None:
+    """A 2 GiB CPU cache costs almost no resident memory until written, and reads as zeros."""
+    import torch
+
+    from actors.shard.kv_cache import PagedKVCache
+
+    def resident_mib() -> float:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096 / 2**20
+
+    before = resident_mib()
+    cache = PagedKVCache(16, 4096, 16, 4, 64, torch.float32, torch.device("cpu"))  # 2 GiB
+    assert cache.kv.numel() * 4 == 2 * 2**30
+    assert resident_mib() - before < 64
+    assert float(cache.kv[15, 1, 3, -16:].abs().sum()) == 0.0
+    cache.k[0].fill_(1.0)  # one layer's K: 64 MiB
+    assert resident_mib() - before >= 60
