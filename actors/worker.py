@@ -165,6 +165,19 @@ class Worker:
         assert self.channel is not None, "open_channel() must run before connect_channel()"
         self.channel.connect_downstream(address, token, timeout_s)
 
+    # On the probe thread, beside a running step: the slot it writes is pinned by no running sequence.
+    @ray.method(concurrency_group="probe")
+    def load_lora(self, slot: int, name: str, path: str) -> None:
+        """Read, check and put a PEFT adapter into `slot` of this shard (ValueError naming it if bad)."""
+        assert self.runner is not None, "load() must run before load_lora()"
+        self.runner.load_lora(slot, name, path)
+
+    @ray.method(concurrency_group="probe")
+    def unload_lora(self, slot: int) -> None:
+        """Empty adapter slot `slot` of this shard."""
+        assert self.runner is not None, "load() must run before unload_lora()"
+        self.runner.unload_lora(slot)
+
     @ray.method(concurrency_group="probe")
     def stats(self) -> dict[str, Any]:
         """Where this worker runs, its memory, and its utilization over recent steps (for /status, /metrics)."""

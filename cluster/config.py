@@ -91,6 +91,20 @@ class GridServeConfig(BaseModel):
         None, description="n-gram speculative decoding, vLLM's names: {method: ngram, num_speculative_tokens: k, "
         "prompt_lookup_max, prompt_lookup_min}; drafts copied from the sequence's own earlier tokens are verified "
         "k at a time with the same output as without (greedy identical, sampled by rejection). Off when unset.")
+    enable_lora: bool = Field(False, description="Serve LoRA adapters (vLLM's names below): a request whose `model` "
+                              "names an adapter runs with it, in the same steps as other adapters and the base model.")
+    max_loras: int = Field(1, ge=1, le=64, description="LoRA adapters resident per replica (slots on every worker); a "
+                           "request for another waits until one slot's requests end, then the least recently used "
+                           "adapter is replaced.")
+    max_lora_rank: int = Field(16, ge=1, le=512, description="Largest adapter rank r accepted; every slot is this "
+                               "rank (lower ranks are zero-padded), so it sets the slots' memory.")
+    lora_modules: dict[str, str] = Field(default_factory=dict, description="Adapters served from the start: name (what "
+                                         "requests give as `model`) -> local PEFT folder (adapter_config.json + "
+                                         "adapter_model.safetensors); vLLM's list of 'name=path' or {name, path} "
+                                         "is accepted too.")
+    allow_runtime_lora_updating: bool = Field(False, description="Enable POST /v1/load_lora_adapter and "
+                                              "/v1/unload_lora_adapter (vLLM's VLLM_ALLOW_RUNTIME_LORA_UPDATING). "
+                                              "They read folders on the server: turn on only for trusted clients.")
     seed: int = Field(0, description="Seed of the sampler for requests that do not set their own.")
     api_key: str | None = Field(None, description="If set, HTTP clients must send `Authorization: Bearer <key>`.")
     max_waiting_requests: int = Field(256, ge=1, description="Queue limit per replica; beyond it HTTP 503 + "
@@ -127,6 +141,16 @@ class GridServeConfig(BaseModel):
         path = Path(value).expanduser()
         return str(path.resolve()) if path.exists() else value
 
+    @field_validator("lora_modules", mode="before")
+    @classmethod
+    def _lora_list(cls, value: Any) -> Any:
+        """vLLM's forms (a list of 'name=path' strings or {name, path} objects) or a mapping; folders made
+        absolute, so workers with another working directory find them too."""
+        value = lora_module_map(value) if isinstance(value, list) else value
+        if not isinstance(value, dict):
+            return value
+        return {k: str(Path(v).expanduser().resolve()) if isinstance(v, str) else v for k, v in value.items()}
+
     @model_validator(mode="after")
     def _check(self) -> GridServeConfig:
         """Fill the lengths the model decides, then cross-field checks that need the model's own config."""
@@ -154,6 +178,7 @@ class GridServeConfig(BaseModel):
         if self.max_num_batched_tokens < self.max_num_seqs:
             problems.append(f"max_num_batched_tokens={self.max_num_batched_tokens} must be >= max_num_seqs="
                             f"{self.max_num_seqs} so every running sequence can decode in one step; raise it")
+        problems += lora_problems(self, spec)
         if self.max_model_len > spec.max_position_embeddings:
             problems.append(f"max_model_len={self.max_model_len} exceeds the model's context length "
                             f"(max_position_embeddings={spec.max_position_embeddings}); lower max_model_len or "
@@ -200,6 +225,39 @@ class GridServeConfig(BaseModel):
     def torch_dtype_name(self) -> str | None:
         """The dtype to build the model in, or None for the checkpoint's."""
         return None if self.dtype == "auto" else self.dtype
+
+
+def lora_module_map(items: list[Any]) -> dict[str, str]:
+    """vLLM's lora_modules list ('name=path' or {"name", "path"}) as name -> path."""
+    out: dict[str, str] = {}
+    for item in items:
+        if isinstance(item, str) and "=" in item:
+            name, path = item.split("=", 1)
+        elif isinstance(item, dict) and {"name", "path"} <= set(item):
+            name, path = str(item["name"]), str(item["path"])
+        else:
+            raise ValueError(f"lora_modules entry {item!r} is neither 'name=path' nor {{name, path}}")
+        out[name] = path
+    return out
+
+
+def lora_problems(cfg: GridServeConfig, spec: ModelSpec) -> list[str]:
+    """LoRA settings that do not fit together or with the model (each adapter is read and checked now)."""
+    from actors.shard.lora_files import read_adapter
+
+    if not cfg.enable_lora:
+        on = [f for f in ("lora_modules", "allow_runtime_lora_updating") if getattr(cfg, f)]
+        return [f"{', '.join(on)} set but enable_lora is false; set enable_lora: true"] if on else []
+    problems = []
+    for name, path in cfg.lora_modules.items():
+        if name == cfg.model_name:
+            problems.append(f"lora_modules: adapter name {name!r} is the served model's name; rename it")
+            continue
+        try:
+            read_adapter(name, path, spec, cfg.max_lora_rank)
+        except ValueError as exc:
+            problems.append(f"lora_modules: {exc}")
+    return problems
 
 
 def describe_errors(exc: ValidationError) -> str:

@@ -54,7 +54,7 @@ def submit(engine: AsyncEngine, prompt_ids: list[int], params: GenerationParams,
     """Queue choice `index` of a request on `engine` (`max_tokens` as checked by `params.check`; `produced`: the
     tokens it already has, when it resumes); its token events."""
     return engine.generate(prompt_ids, params.sampling(index), max_tokens, tuple(params.stop_token_ids),
-                           params.ignore_eos, params.grammar, produced, params.priority)
+                           params.ignore_eos, params.grammar, produced, params.priority, params.lora_slot)
 
 
 def text_streams(open_events: Callable[[int], Events], tokenizer: Any, params: GenerationParams) -> list[TextStream]:

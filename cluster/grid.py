@@ -85,7 +85,8 @@ class WorkerGrid:
             stage = []
             for tp_rank in range(self.tp):
                 plan = ShardPlan(self.cfg.model, tp_rank, self.tp, pp_rank, self.pp, self.cfg.torch_dtype_name,
-                                 self.cfg.max_model_len, self.cfg.block_size, partition, self.cfg.cpu_weights)
+                                 self.cfg.max_model_len, self.cfg.block_size, partition, self.cfg.cpu_weights,
+                                 self.cfg.max_loras if self.cfg.enable_lora else 0, self.cfg.max_lora_rank)
                 index = self.offset + self.layout.bundle_index(pp_rank, tp_rank)
                 strategy = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=index)
                 # @ray.remote gives the class `options`; mypy sees the undecorated class
@@ -222,6 +223,24 @@ class WorkerGrid:
         out = ray.get(self.submit(step))[0]
         assert isinstance(out, StepOutput)
         return out
+
+    async def load_lora(self, slot: int, name: str, path: str) -> None:
+        """Put a PEFT adapter into `slot` on every worker; ValueError naming it if the workers refuse it."""
+        await self._on_every_worker([w.load_lora.remote(slot, name, path) for s in self.stages for w in s])
+
+    async def unload_lora(self, slot: int) -> None:
+        """Empty adapter slot `slot` on every worker."""
+        await self._on_every_worker([w.unload_lora.remote(slot) for s in self.stages for w in s])
+
+    @staticmethod
+    async def _on_every_worker(refs: list[ray.ObjectRef[Any]]) -> None:
+        """Wait for every call; a ValueError one raised comes back as itself, without Ray's traceback."""
+        try:
+            await asyncio.gather(*refs)
+        except ray.exceptions.RayTaskError as exc:
+            if isinstance(exc.cause, ValueError):
+                raise ValueError(str(exc.cause)) from None
+            raise
 
     def worker_stats(self, timeout_s: float = 10.0) -> list[dict[str, Any]]:
         """Each worker's place, memory and recent utilization, stage-major."""

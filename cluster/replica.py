@@ -15,6 +15,7 @@ import numpy as np
 from cluster.config import GridServeConfig
 from cluster.engine import AsyncEngine, StepGrid
 from cluster.generate import collect, failed, merge_choices, text_streams
+from cluster.lora import Lookup, LoraGrid, LoraRegistry
 from cluster.metrics import ReplicaMetrics, grid_flags
 from cluster.migration import Resumable
 from cluster.request import ChoiceDelta, GenerationParams, RequestError, Result
@@ -30,8 +31,8 @@ RETRY_AFTER_OVERLOAD_S = 1  # Retry-After when the waiting queue is full (a few 
 ROUTING_DIGESTS = 16384  # most cached-block digests per routing report: bounds what Serve's controller relays
 
 
-class ReplicaGrid(StepGrid, Protocol):
-    """What a replica needs of its grid beyond stepping: per-worker stats and teardown."""
+class ReplicaGrid(StepGrid, LoraGrid, Protocol):
+    """What a replica needs of its grid beyond stepping: LoRA slots, per-worker stats and teardown."""
 
     def worker_stats(self, timeout_s: float = 10.0) -> list[dict[str, Any]]:
         """Each worker's place, memory and recent utilization, stage-major."""
@@ -58,9 +59,11 @@ class Replica:
     """A TP x PP grid of workers with its engine: generate text, report its state, heal after a failure."""
 
     def __init__(self, cfg: GridServeConfig, name: str = "replica", placement_group: PlacementGroup | None = None,
-                 bundle_offset: int = 0, grid_factory: Callable[[], ReplicaGrid] | None = None) -> None:
+                 bundle_offset: int = 0, grid_factory: Callable[[], ReplicaGrid] | None = None,
+                 lora_lookup: Lookup | None = None) -> None:
         """Reserve the workers' placement group (unless given one, e.g. Serve's from `bundle_offset` on) and
-        start the grid; `grid_factory` replaces the Ray grid (tests run an in-process one)."""
+        start the grid; `grid_factory` replaces the Ray grid (tests run an in-process one); `lora_lookup` finds
+        adapters loaded at runtime (the Serve app's catalog)."""
         self.cfg, self.name = cfg, name
         self.spec = cfg.spec()
         self.tokenizer = load_tokenizer(cfg.model)
@@ -83,6 +86,8 @@ class Replica:
             self._free_placement()
             raise
         self.engine = self._new_engine()
+        self.loras = LoraRegistry(cfg.lora_modules, cfg.max_loras if cfg.enable_lora else 0, lambda: self.grid,
+                                  lora_lookup)
         self.resumable = Resumable(lambda: self.engine, self.ready, cfg.migration_timeout_s)
         self.last_snapshot = self._status([])
 
@@ -107,8 +112,11 @@ class Replica:
         be served, ReplicaUnavailable if not now (grid rebuilding, queue full)."""
         max_tokens = params.check(prompt_ids, self.engine.limits(self.spec.vocab_size))
         self.check_available()
-        return merge_choices(text_streams(lambda i: self.resumable.open(prompt_ids, params, i, max_tokens),
-                                          self.tokenizer, params))
+
+        def run(p: GenerationParams) -> AsyncGenerator[list[ChoiceDelta], None]:
+            return merge_choices(text_streams(lambda i: self.resumable.open(prompt_ids, p, i, max_tokens),
+                                              self.tokenizer, p))
+        return run(params) if params.lora is None else self.loras.stream(params, run)
 
     async def complete(self, request_id: Any, prompt_ids: list[int], params: GenerationParams) -> Result:
         """Generate the first choice to the end; a request refused now or for good becomes a failed Result."""
@@ -178,6 +186,7 @@ class Replica:
             if gone and self.owns_pg:
                 await asyncio.to_thread(self._replace_placement, gone)
             self.grid = await asyncio.to_thread(self.new_grid)
+            await self.loras.restore()  # the resident adapters, in the same slots, before any request resumes
         except BaseException as exc:
             log.error("replica %s: grid rebuild failed: %s: %s", self.name, type(exc).__name__, exc)
             raise
@@ -269,10 +278,11 @@ class Replica:
                 "running": float(e.num_running), "waiting": float(e.num_waiting)}
 
     def routing_stats(self) -> dict[str, Any]:
-        """What a prefix-aware router needs: digests of the KV blocks this replica can reuse, and its queue."""
+        """What a prefix-aware router needs: digests of the KV blocks this replica can reuse, its queue, and the
+        LoRA adapters it holds."""
         blocks = self.engine.scheduler.blocks
         return {"block_size": blocks.block_size, "digests": blocks.digests(ROUTING_DIGESTS),
-                "running": self.engine.num_running, "waiting": self.engine.num_waiting}
+                "running": self.engine.num_running, "waiting": self.engine.num_waiting, "loras": self.loras.resident()}
 
     # -- teardown -----------------------------------------------------------------------------------------------
     def close_dag(self) -> None:

@@ -72,6 +72,10 @@ class GenerationParams(SamplingOptions):
                                  "alternatives; None = no logprobs.")
     grammar: GrammarSpec | None = Field(None, description="Output constraint (structured outputs, forced tool "
                                         "calls); None = free text.")
+    lora: str | None = Field(None, description="LoRA adapter to generate with (the request's `model` when it "
+                             "names one); None = the base model.")
+    lora_slot: tuple[int, int] | None = Field(None, description="(slot, prefix-cache root) the replica pinned for "
+                                              "`lora`; set by the replica, never by clients.")
 
     def sampling(self, index: int = 0) -> SamplingParams:
         """The sampler's view of choice `index` (choices of one seeded request get consecutive seeds)."""

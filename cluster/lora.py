@@ -1,0 +1,186 @@
+"""One replica's LoRA adapters: which names it serves, and which of them sit in the workers' `max_loras` slots.
+
+A request for an adapter pins its slot for the request's life (loading the adapter into the least recently used
+unpinned slot first if it is not resident), so a step never mixes more adapters than there are slots; a request
+that finds every slot pinned by other adapters waits for one, it never fails. Each registration of a name gets a
+fresh id, and the prefix cache roots that adapter's blocks at it: KV computed under one adapter (or the base
+model) is never reused under another, nor under a re-registered name.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from cluster.request import ChoiceDelta, GenerationParams, RequestError
+
+log = logging.getLogger("gridserve.lora")
+Chunks = AsyncGenerator[list[ChoiceDelta], None]
+Lookup = Callable[[str], Awaitable[str | None]]  # a runtime-loaded adapter's folder, or None (not loaded)
+
+
+class LoraGrid(Protocol):
+    """What the registry needs of a grid: put an adapter into a slot on every worker, or empty one."""
+
+    async def load_lora(self, slot: int, name: str, path: str) -> None:
+        """Read, check and load the adapter into `slot` everywhere (ValueError naming it if bad)."""
+        ...
+
+    async def unload_lora(self, slot: int) -> None:
+        """Empty `slot` everywhere."""
+        ...
+
+
+@dataclass
+class Registered:
+    """A served adapter: its folder and the id of this registration."""
+
+    path: str
+    uid: int
+    static: bool  # from lora_modules (else loaded at runtime)
+
+
+@dataclass
+class Slot:
+    """One slot of the workers: the adapter registration it holds, how many requests use it, when last used."""
+
+    uid: int | None = None
+    name: str | None = None
+    path: str = ""
+    pins: int = 0
+    used: int = 0
+    loaded: asyncio.Future[None] | None = None  # done once the workers hold the adapter
+
+
+def prefix_root(uid: int) -> int:
+    """The prefix-cache parent of an adapter's first block: negative and never -1 (the base model's)."""
+    return -2 - uid
+
+
+class LoraRegistry:
+    """Adapter names -> folders, and the slot residency (LRU over `max_loras`) of one replica's grid."""
+
+    def __init__(self, modules: dict[str, str], max_loras: int, grid: Callable[[], LoraGrid],
+                 lookup: Lookup | None = None) -> None:
+        self.grid, self.lookup = grid, lookup
+        self._uids = itertools.count()
+        self._clock = itertools.count(1)
+        self.known = {name: Registered(path, next(self._uids), True) for name, path in modules.items()}
+        self.slots = [Slot() for _ in range(max_loras)]
+        self._waiters: list[asyncio.Future[None]] = []
+
+    def names(self) -> dict[str, str]:
+        """Every adapter this replica knows now: name -> folder."""
+        return {name: reg.path for name, reg in self.known.items()}
+
+    def resident(self) -> list[str]:
+        """Adapters held in slots now (what routing prefers)."""
+        return [s.name for s in self.slots if s.name is not None and s.loaded is not None and s.loaded.done()]
+
+    async def resolve(self, name: str) -> Registered:
+        """The registration serving `name` now (asking the app's runtime catalog when there is one);
+        RequestError 404 if no adapter of that name is loaded."""
+        reg = self.known.get(name)
+        if reg is not None and reg.static:
+            return reg
+        path = await self.lookup(name) if self.lookup is not None and self.slots else None
+        if path is None:
+            self.known.pop(name, None)
+            raise RequestError(f"model {name!r} does not exist; it is neither the served model nor a loaded LoRA "
+                               "adapter (GET /v1/models lists them)", "model", 404, "model_not_found")
+        if reg is None or reg.path != path:  # newly loaded, or unloaded and loaded again from elsewhere
+            reg = self.known[name] = Registered(path, next(self._uids), False)
+        return reg
+
+    def stream(self, params: GenerationParams, run: Callable[[GenerationParams], Chunks]) -> Chunks:
+        """`run(params)` with the request's adapter resolved and its slot pinned until the stream ends."""
+        assert params.lora is not None, "stream() is for requests that name an adapter"
+        return self._pinned(params.lora, params, run)
+
+    async def _pinned(self, name: str, params: GenerationParams, run: Callable[[GenerationParams], Chunks]
+                      ) -> Chunks:
+        try:
+            reg = await self.resolve(name)
+            slot = await self.acquire(name, reg)
+        except (RequestError, ValueError) as exc:
+            yield [ChoiceDelta(i, "", [], "error", error=str(exc)) for i in range(params.n)]
+            return
+        try:
+            chunks = run(params.model_copy(update={"lora_slot": (slot, prefix_root(reg.uid))}))
+            async for chunk in chunks:
+                yield chunk
+        finally:
+            self.release(slot)
+
+    async def acquire(self, name: str, reg: Registered) -> int:
+        """Pin a slot holding `reg` (loading it into the least recently used free slot if needed; waiting while
+        every slot is pinned by other adapters); ValueError if the workers refuse the adapter."""
+        if not self.slots:
+            raise RequestError("this server runs without LoRA; set enable_lora: true to serve adapters", "model")
+        while True:
+            held = next((k for k, s in enumerate(self.slots) if s.uid == reg.uid), None)
+            if held is not None:
+                return await self._use(held)
+            free = [k for k, s in enumerate(self.slots) if s.pins == 0]
+            if free:
+                break
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            await waiter
+        slot = min(free, key=lambda k: self.slots[k].used)
+        fut = asyncio.get_running_loop().create_future()
+        # Pinned while it loads: no other adapter may take the slot meanwhile.
+        self.slots[slot] = Slot(reg.uid, name, reg.path, 1, next(self._clock), fut)
+        try:
+            await self.grid().load_lora(slot, name, reg.path)
+        except BaseException as exc:
+            self.slots[slot] = Slot()
+            fut.set_exception(exc)
+            fut.exception()  # retrieved: waiters on it see it, nobody else must
+            self._wake()
+            raise
+        fut.set_result(None)
+        log.info("LoRA adapter %r loaded into slot %d", name, slot)
+        return slot
+
+    async def _use(self, slot: int) -> int:
+        """Pin `slot` (waiting for its adapter to finish loading)."""
+        s = self.slots[slot]
+        s.pins += 1
+        s.used = next(self._clock)
+        try:
+            assert s.loaded is not None, "a slot with an adapter has a load future"
+            await asyncio.shield(s.loaded)
+        except BaseException:
+            self.release(slot)
+            raise
+        return slot
+
+    def release(self, slot: int) -> None:
+        """Unpin `slot`; waiters for a free slot look again."""
+        self.slots[slot].pins -= 1
+        if self.slots[slot].pins == 0:
+            self._wake()
+
+    def _wake(self) -> None:
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._waiters.clear()
+
+    def forget(self, name: str) -> None:
+        """Stop serving a runtime-loaded adapter here: new requests for it are refused; its slot is reused once
+        the requests running on it end."""
+        reg = self.known.pop(name, None)
+        for s in self.slots:
+            if reg is not None and s.uid == reg.uid:
+                s.used = 0  # first to be replaced
+
+    async def restore(self) -> None:
+        """Load every resident adapter into the same slot of a freshly built grid (requests resume on it)."""
+        for slot, s in enumerate(self.slots):
+            if s.name is not None:
+                await self.grid().load_lora(slot, s.name, s.path)

@@ -1,0 +1,128 @@
+"""Multi-LoRA through the Replica: adapters chosen by name, more adapters than slots (requests wait, never fail),
+unknown names refused, slots restored after a grid rebuild; the LoRA settings' checks."""
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from actors.shard.runner import StepInput, StepOutput
+from cluster.config import ConfigError, GridServeConfig
+from cluster.generate import collect
+from cluster.replica import Replica
+from cluster.request import GenerationParams, RequestError
+from tests.local_grid import LocalGrid, config, grids
+from tests.lora_adapters import peft_greedy, write_adapter, write_adapters
+from tests.reference import greedy
+from tests.unit.test_lora import ALL, NAMES, NEW
+
+
+@pytest.fixture(scope="module")
+def model_dir(model_dirs: dict) -> Path:
+    """The GQA Llama test model."""
+    return Path(model_dirs["llama_gqa"])
+
+
+@pytest.fixture(scope="module")
+def adapters(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The three random adapters, saved by peft."""
+    return write_adapters(model_dir, tmp_path_factory.mktemp("loras"))
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir: Path, adapters: dict[str, Path]) -> dict[str | None, list[list[int]]]:
+    """HF + peft greedy tokens of every prompt under every adapter and the base model."""
+    return {name: peft_greedy(model_dir, adapters[name] if name else None, ALL, NEW) for name in NAMES}
+
+
+class SlotWatchGrid(LocalGrid):
+    """A LocalGrid that records the distinct adapter slots of every step."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.mixes: list[set[int]] = []
+
+    async def step_async(self, step: StepInput) -> StepOutput:
+        self.mixes.append({s for s in step.lora or [] if s is not None})
+        return await super().step_async(step)
+
+
+def lora_replica(model_dir: Path, adapters: dict, tp: int = 1, **extra: Any) -> tuple[Replica, list[SlotWatchGrid]]:
+    """A replica serving the three adapters from lora_modules with two slots; its grids, as built."""
+    made: list[SlotWatchGrid] = []
+
+    def make() -> SlotWatchGrid:
+        made.append(SlotWatchGrid(str(model_dir), tp, 1, max_loras=2, max_lora_rank=8))
+        return made[-1]
+    cfg = config(model_dir, tensor_parallel_size=tp, enable_lora=True, max_loras=2, max_lora_rank=8,
+                 lora_modules={k: str(v) for k, v in adapters.items()}, **extra)
+    return Replica(cfg, "r0", grid_factory=make), made
+
+
+def params(name: str | None) -> GenerationParams:
+    """Greedy NEW tokens with adapter `name`."""
+    return greedy(NEW).model_copy(update={"lora": name})
+
+
+def test_three_adapters_over_two_slots_all_finish_correctly(model_dir: Path, adapters: dict, reference: dict) -> None:
+    """Requests for three adapters and the base model at once with two slots: each step mixes at most two
+    adapters, the third waits for a slot, and every answer equals HF + peft."""
+    replica, grids_made = lora_replica(model_dir, adapters, tp=2)
+    pairs = [(p, NAMES[(i + k) % len(NAMES)]) for i, p in enumerate(ALL) for k in range(3)]
+
+    async def main() -> list[list[int]]:
+        outs = await asyncio.gather(*(collect(replica.generate(p, params(a))) for p, a in pairs))
+        return [o[0].token_ids for o in outs]
+
+    assert asyncio.run(main()) == [reference[a][ALL.index(p)] for p, a in pairs]
+    mixes = grids_made[0].mixes
+    assert max(len(m) for m in mixes) == 2 and len(set().union(*mixes)) == 2
+    assert all(s.pins == 0 for s in replica.loras.slots)
+
+
+def test_unknown_adapter_is_a_404(model_dir: Path, adapters: dict) -> None:
+    """A name that is neither the model nor an adapter is refused with 404 model_not_found."""
+    replica, _ = lora_replica(model_dir, adapters)
+
+    async def main() -> None:
+        await replica.loras.resolve("nope")
+
+    with pytest.raises(RequestError) as err:
+        asyncio.run(main())
+    assert err.value.status == 404 and "'nope'" in str(err.value)
+
+
+def test_rebuilt_grid_gets_the_resident_adapters_back(model_dir: Path, adapters: dict, reference: dict) -> None:
+    """After a grid failure the rebuilt grid holds the same adapters in the same slots before serving again."""
+    made: list[LocalGrid] = []
+
+    def make() -> LocalGrid:
+        made.append(LocalGrid(str(model_dir), 1, 1, max_loras=2, max_lora_rank=8))
+        return made[-1]
+    cfg = config(model_dir, enable_lora=True, max_loras=2, max_lora_rank=8,
+                 lora_modules={k: str(v) for k, v in adapters.items()})
+    replica = Replica(cfg, "r0", grid_factory=grids(make, make))
+
+    async def main() -> list[int]:
+        await collect(replica.generate(ALL[0], params("attn-r8")))
+        replica.engine.fail("test: a worker died")
+        assert await replica.ready()
+        return (await collect(replica.generate(ALL[1], params("attn-r8"))))[0].token_ids
+
+    assert asyncio.run(main()) == reference["attn-r8"][1]
+    assert made[1].stages[0][0].lora is not None and "attn-r8" in made[1].stages[0][0].lora.names
+
+
+def test_lora_settings_are_checked(model_dir: Path, adapters: dict, tmp_path: Path) -> None:
+    """lora_modules need enable_lora; vLLM's list form works; an adapter above max_lora_rank is named."""
+    with pytest.raises(ConfigError, match="enable_lora is false"):
+        GridServeConfig.from_args({"model": str(model_dir), "lora_modules": {"a": str(adapters["all-r4"])}})
+    cfg = GridServeConfig.from_args({"model": str(model_dir), "enable_lora": True,
+                                     "lora_modules": [f"a={adapters['all-r4']}",
+                                                      {"name": "b", "path": str(adapters["mlp-r2"])}]})
+    assert cfg.lora_modules == {"a": str(adapters["all-r4"]), "b": str(adapters["mlp-r2"])}
+    big = write_adapter(model_dir, tmp_path / "big", 32, 32, ["q_proj"])
+    with pytest.raises(ConfigError, match=r"LoRA adapter 'big': rank r=32 exceeds max_lora_rank=16"):
+        GridServeConfig.from_args({"model": str(model_dir), "enable_lora": True, "lora_modules": {"big": str(big)}})
