@@ -88,6 +88,7 @@ class Worker:
         if self.device.type == "cpu":
             host_memory.keep_step_buffers()  # after loading: the loader's temporaries go back to the kernel first
             native.available()  # loads (or, without an install-time build, compiles) the kernels now, not in a step
+        host_memory.freeze_startup_heap()
         return {"weight_bytes": self.runner.weight_bytes(), "block_bytes": self.runner.block_bytes(),
                 "load_s": self.runner.load_seconds}
 

@@ -16,10 +16,12 @@ from ray import serve
 from ray.exceptions import RayActorError
 from ray.util import get_current_placement_group
 
+from actors.shard.host_memory import freeze_startup_heap
 from cluster.config import GridServeConfig
 from cluster.engine import AsyncEngine
 from cluster.replica import RETRY_AFTER_REBUILD_S, Replica, ReplicaUnavailable
 from cluster.request import ChoiceDelta, GenerationParams, RequestError
+from deployments.lora_api import catalog_lookup
 from deployments.metrics_board import board
 from deployments.ray_metrics import RayMetrics
 from deployments.remote_stream import Refusal
@@ -65,15 +67,19 @@ class LLMServer:
         context = serve.get_replica_context()
         tag, self.board = context.replica_tag, board(context.app_name)
         pg = get_current_placement_group()  # Serve's group: bundle 0 is this actor, 1.. the workers
-        self.replica = Replica(cfg, tag, pg, bundle_offset=1 if pg is not None else 0)
+        lookup = catalog_lookup(context.app_name) if cfg.allow_runtime_lora_updating else None
+        self.replica = Replica(cfg, tag, pg, bundle_offset=1 if pg is not None else 0, lora_lookup=lookup)
         self.watch = LoopWatch()
         self.ray_metrics = RayMetrics()
+        freeze_startup_heap()
 
     async def generate(self, prompt_ids: list[int], params: GenerationParams
                        ) -> AsyncIterator[list[ChoiceDelta] | Refusal]:
         """First a Refusal, or an empty list (accepted: the ingress may start its answer); then the choices'
         deltas, batched per wake-up."""
         try:
+            if params.lora is not None:  # an unknown adapter is refused here (404), before the answer starts
+                await self.replica.loras.resolve(params.lora)
             chunks = self.replica.generate(prompt_ids, params)
         except (RequestError, ReplicaUnavailable) as exc:
             yield Refusal.of(exc)

@@ -17,7 +17,9 @@ from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
 import deployments.embeddings_api  # noqa: F401  (registers /v1/embeddings on `api` before Serve freezes it)
+import deployments.lora_api  # noqa: F401  (registers the LoRA load/unload routes on `api` before Serve freezes it)
 import deployments.responses_routes  # noqa: F401  (registers /v1/responses on `api` before Serve freezes it)
+from actors.shard.host_memory import freeze_startup_heap
 from cluster.config import GridServeConfig
 from cluster.metrics import CONTENT_TYPE
 from cluster.replica import ReplicaUnavailable
@@ -25,6 +27,7 @@ from cluster.tokenizer import load_tokenizer, prompt_ids
 from deployments.chat import chat_prompt_ids
 from deployments.http import APIError, api, parse_body
 from deployments.llm_server import LLMServer
+from deployments.lora_api import model_cards, selected, served_model
 from deployments.metrics_board import board, merge
 from deployments.openai_schema import ChatRequest, CompletionRequest, SamplingFields, new_id, now
 from deployments.remote_stream import RETRY_AFTER_LOST_S, Refusal, open_chunks, replica_lost
@@ -46,6 +49,7 @@ class OpenAIIngress:
         self.tokenizer = self.local.replica.tokenizer if self.local is not None else load_tokenizer(self.cfg.model)
         self.model_info: dict[str, Any] | None = None  # from a replica: max_model_len fitted to its KV cache
         self.board = board(serve.get_replica_context().app_name)
+        freeze_startup_heap()
 
     async def _call(self, method: str, *args: Any) -> Any:
         """A unary call on some model replica; its Refusal, or its loss (503), becomes the HTTP error; an error
@@ -111,24 +115,25 @@ class OpenAIIngress:
 
     @api.get("/v1/models")
     async def models(self, request: Request) -> dict[str, Any]:
-        """The one served model."""
+        """The served model and its LoRA adapters (each with `parent`: the model)."""
         self._authorize(request)
-        max_len = (await self._info())["max_model_len"]
-        return {"object": "list", "data": [{"id": self.cfg.model_name, "object": "model", "created": now(),
-                                            "owned_by": "gridserve", "max_model_len": max_len}]}
+        max_len, created = (await self._info())["max_model_len"], now()
+        return {"object": "list", "data": [{"id": self.cfg.model_name, "object": "model", "created": created,
+                                            "owned_by": "gridserve", "root": self.cfg.model, "parent": None,
+                                            "max_model_len": max_len}, *await model_cards(self, created, max_len)]}
 
     @api.post("/v1/completions")
     async def completions(self, request: Request) -> Any:
         """Text completion, streamed as SSE when `stream` is true."""
         self._authorize(request)
-        body = await parse_body(request, CompletionRequest, self.cfg.model_name)
+        body = await parse_body(request, CompletionRequest, served_model(self.cfg))
         return await self._respond(body, prompt_ids(self.tokenizer, body.prompt), chat=False)
 
     @api.post("/v1/chat/completions")
     async def chat(self, request: Request) -> Any:
         """Chat completion using the model's chat template; tools and structured outputs as OpenAI does them."""
         self._authorize(request)
-        body = await parse_body(request, ChatRequest, self.cfg.model_name)
+        body = await parse_body(request, ChatRequest, served_model(self.cfg))
         ids = chat_prompt_ids(self.tokenizer, body.messages, body.tools)  # tools listed even with none
         return await self._respond(body, ids, chat=True, tools=body.tool_parsers())
 
@@ -148,7 +153,7 @@ class OpenAIIngress:
 
     async def _respond(self, body: SamplingFields, ids: list[int], chat: bool, tools: ToolFactory = None) -> Any:
         """Run the request's n choices; answer as one body or as an SSE stream."""
-        start, params = time.perf_counter(), body.params()
+        start, params = time.perf_counter(), selected(self.cfg, body.model, body.params())
         chunks = await open_chunks(self.local, self.llm, ids, params)  # a refusal raises here: 400 / 503
         rid = new_id("chatcmpl" if chat else "cmpl")
         if body.stream:
