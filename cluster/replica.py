@@ -116,6 +116,8 @@ class Replica:
         def run(p: GenerationParams) -> AsyncGenerator[list[ChoiceDelta], None]:
             return merge_choices(text_streams(lambda i: self.resumable.open(prompt_ids, p, i, max_tokens),
                                               self.tokenizer, p))
+        if params.lora == self.cfg.model_name:  # the base model named by its own name (batch lines)
+            params = params.model_copy(update={"lora": None})
         return run(params) if params.lora is None else self.loras.stream(params, run)
 
     async def complete(self, request_id: Any, prompt_ids: list[int], params: GenerationParams) -> Result:

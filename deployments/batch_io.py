@@ -30,6 +30,8 @@ class BatchLine(SamplingOptions):
                                                "model's chat template (with the assistant's generation prompt).")
     max_tokens: int | None = Field(BATCH_MAX_TOKENS, ge=1, description="Most tokens to generate; null fills "
                                    "max_model_len.")
+    model: str | None = Field(None, description="A LoRA adapter from lora_modules to generate with; unset or the "
+                              "model's own name = the base model.")
 
     @model_validator(mode="after")
     def _one_prompt(self) -> BatchLine:
@@ -67,7 +69,7 @@ def line_request(line: BatchLine, tokenizer: Any, limits: Limits) -> tuple[list[
         ids = chat_prompt_ids(tokenizer, line.messages)
     else:
         ids = line.prompt_token_ids or tokenizer.encode(line.prompt)
-    params = GenerationParams(**line.model_dump(include=set(SamplingOptions.model_fields)))
+    params = GenerationParams(**line.model_dump(include=set(SamplingOptions.model_fields)), lora=line.model)
     params.check(ids, limits)  # fail the line now, not on a grid
     return ids, params
 

@@ -38,6 +38,7 @@ class PrefixAwareRouter(FIFOMixin, RequestRouter):
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
         """Ranks of replicas to try: the best prefix holder first (if any and not overloaded), then two random."""
+        candidate_replicas = self.adapter_holders(candidate_replicas, adapter_of(pending_request))
         fallback = power_of_two(candidate_replicas)
         prompt = prompt_of(pending_request)
         if not prompt or len(candidate_replicas) < 2:
@@ -46,6 +47,16 @@ class PrefixAwareRouter(FIFOMixin, RequestRouter):
         if best is None:
             return fallback
         return [[best], [r for r in fallback[0] if r.replica_id != best.replica_id] or fallback[0]]
+
+    def adapter_holders(self, replicas: list[RunningReplica], adapter: str | None) -> list[RunningReplica]:
+        """For a LoRA request, the replicas that hold its adapter (no load to wait for), unless none does or they
+        are all loaded beyond the imbalance threshold; otherwise every replica."""
+        if adapter is None:
+            return replicas
+        holders = [r for r in replicas if adapter in (r.routing_stats or {}).get("loras", ())]
+        if not holders or min(map(self.load, holders)) - min(map(self.load, replicas)) > self.imbalance:
+            return replicas
+        return holders
 
     def best_holder(self, replicas: list[RunningReplica], digests: list[int]) -> RunningReplica | None:
         """The replica holding the most leading blocks of the prompt (ties: the less loaded), unless it holds none
@@ -112,6 +123,13 @@ def prompt_of(pending_request: PendingRequest | None) -> list[int] | None:
         return None
     prompt = pending_request.args[0]
     return prompt if isinstance(prompt, list) else None
+
+
+def adapter_of(pending_request: PendingRequest | None) -> str | None:
+    """The LoRA adapter a generation asks for (its GenerationParams, the second argument), or None."""
+    if pending_request is None or pending_request.metadata.call_method != GENERATE or len(pending_request.args) < 2:
+        return None
+    return getattr(pending_request.args[1], "lora", None)
 
 
 def power_of_two(replicas: list[RunningReplica]) -> list[list[RunningReplica]]:

@@ -22,19 +22,20 @@ class Refusal:
     message: str
     param: str | None = None
     retry_after_s: int = RETRY_AFTER_LOST_S
+    code: str | None = None  # OpenAI's error code (model_not_found)
 
     @classmethod
     def of(cls, exc: RequestError | ReplicaUnavailable) -> Refusal:
         """The value that carries a refused request back to the ingress."""
         if isinstance(exc, RequestError):
-            return cls(exc.status, str(exc), exc.param)
+            return cls(exc.status, str(exc), exc.param, code=exc.code)
         return cls(503, str(exc), retry_after_s=exc.retry_after_s)
 
     def exception(self) -> Exception:
         """The error the ingress's exception handlers turn into the HTTP answer."""
         if self.status == 503:
             return ReplicaUnavailable(self.message, self.retry_after_s)
-        return RequestError(self.message, self.param, self.status)
+        return RequestError(self.message, self.param, self.status, self.code)
 
 
 def replica_lost(exc: BaseException) -> bool:

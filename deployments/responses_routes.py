@@ -19,6 +19,7 @@ from ray import serve
 from cluster.request import RequestError
 from deployments.chat import chat_prompt_ids
 from deployments.http import APIError, Ingress, api, parse_body
+from deployments.lora_api import selected, served_model
 from deployments.openai_extras import ChatMessage
 from deployments.remote_stream import RETRY_AFTER_LOST_S, ChunkStream, open_chunks
 from deployments.response_events import TERMINAL, EventWriter, OutputBuilder, item_id, response_body
@@ -37,10 +38,11 @@ def store_of(ingress: Any) -> StoreClient:
 async def create_response(request: Request, ingress: Ingress) -> Any:
     """Generate a response: one body, or typed events when `stream` is true; stored unless `store` is false."""
     ingress._authorize(request)
-    body = await parse_body(request, ResponsesRequest, ingress.cfg.model_name)
+    body = await parse_body(request, ResponsesRequest, served_model(ingress.cfg))
     turns = await history(ingress, body.previous_response_id) + body.turns()
     ids = chat_prompt_ids(ingress.tokenizer, body.messages(turns), body.chat_tools())
-    chunks = await open_chunks(ingress.local, ingress.llm, ids, body.params())  # a refusal raises here: 400 / 503
+    params = selected(ingress.cfg, body.model, body.params())  # the LoRA adapter `model` names, if it names one
+    chunks = await open_chunks(ingress.local, ingress.llm, ids, params)  # a refusal raises here: 400 / 503
     run = ResponseRun(body, len(ids), turns, store_of(ingress))
     if body.stream:
         return StreamingResponse(run.events(chunks), media_type="text/event-stream")
