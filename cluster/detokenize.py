@@ -4,7 +4,7 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
-from cluster.request import ChoiceDelta, TokenLogprob
+from cluster.request import ChoiceDelta, Resume, TokenLogprob
 
 
 class IncrementalDecoder:
@@ -46,7 +46,9 @@ class TextStream:
     """One choice: an engine's token events in, `ChoiceDelta`s out, text cut at stop strings, logprobs decoded."""
 
     def __init__(self, events: AsyncGenerator[Any, str | None], tokenizer: Any, stop: list[str],
-                 index: int = 0) -> None:
+                 index: int = 0, resume: Resume | None = None) -> None:
+        """`resume`: the tokens (and characters of their text) a lost replica already handed out for this choice;
+        their text is decoded again here, and only what follows (held-back text included) goes out."""
         self.events = events
         self.tokenizer = tokenizer
         self.decoder = IncrementalDecoder(tokenizer)
@@ -54,6 +56,10 @@ class TextStream:
         self.index = index
         self.longest_stop = max((len(s) for s in stop), default=0)
         self.sent = 0  # characters of decoder.text already handed out
+        if resume is not None:
+            for token in resume.token_ids:  # token by token: the same text, spaces and all, as the first replica's
+                self.decoder.step(token)
+            self.sent = min(resume.text_chars, len(self.decoder.text))
         self.ids: list[int] = []  # token ids not yet handed out
         self.logprobs: list[TokenLogprob] = []  # their logprobs, when the request asked
         self.cached_tokens: int | None = None  # told on the first delta

@@ -59,7 +59,7 @@ def submit(engine: AsyncEngine, prompt_ids: list[int], params: GenerationParams,
 
 def text_streams(open_events: Callable[[int], Events], tokenizer: Any, params: GenerationParams) -> list[TextStream]:
     """One text stream per choice of a request, over the token events `open_events(index)` queues."""
-    return [TextStream(open_events(i), tokenizer, params.stop_list(), i) for i in range(params.n)]
+    return [TextStream(open_events(i), tokenizer, params.stop_list(), i, params.resume) for i in range(params.n)]
 
 
 async def merge_choices(streams: list[TextStream]) -> AsyncGenerator[list[ChoiceDelta], None]:

@@ -27,13 +27,14 @@ class Resumable:
         self.engine, self.ready, self.timeout_s = engine, ready, timeout_s
 
     def open(self, prompt_ids: list[int], params: GenerationParams, index: int, max_tokens: int) -> Events:
-        """Choice `index`'s token events, migrating across grid failures; queued now (errors raise here)."""
-        first = submit(self.engine(), prompt_ids, params, index, max_tokens)
-        return self._events(first, prompt_ids, params, index, max_tokens)
+        """Choice `index`'s token events, migrating across grid failures; queued now (errors raise here). A
+        choice that resumes (`params.resume`, from a lost replica) starts after the tokens it already has."""
+        produced = list(params.resume.token_ids) if params.resume is not None else []
+        first = submit(self.engine(), prompt_ids, params, index, max_tokens, produced or None)
+        return self._events(first, prompt_ids, params, index, max_tokens, produced)
 
     async def _events(self, events: Events, prompt_ids: list[int], params: GenerationParams, index: int,
-                      max_tokens: int) -> Events:
-        produced: list[int] = []
+                      max_tokens: int, produced: list[int]) -> Events:
         for grid in range(1, MAX_GRIDS + 1):
             failed: TokenEvent | None = None
             try:

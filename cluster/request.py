@@ -64,6 +64,15 @@ class SamplingOptions(BaseModel):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
 
+class Resume(BaseModel):
+    """Where a choice stood on a replica that was lost: another replica continues it from there."""
+
+    model_config = ConfigDict(extra="forbid")
+    token_ids: list[int] = Field(description="Tokens the choice already generated (and its client received).")
+    text_chars: int = Field(ge=0, description="Characters of their text the client already received (text that "
+                            "may begin a stop string is held back, so this can be less than their whole text).")
+
+
 class GenerationParams(SamplingOptions):
     """Everything a replica needs to run a request besides its prompt's token ids."""
 
@@ -76,6 +85,14 @@ class GenerationParams(SamplingOptions):
                              "names one); None = the base model.")
     lora_slot: tuple[int, int] | None = Field(None, description="(slot, prefix-cache root) the replica pinned for "
                                               "`lora`; set by the replica, never by clients.")
+    resume: Resume | None = Field(None, description="Continue one choice (n=1; its seed already offset by its "
+                                  "index) from where a lost replica left it; set by the ingress, never by clients.")
+
+    @model_validator(mode="after")
+    def _one_choice_resumes(self) -> GenerationParams:
+        if self.resume is not None and self.n != 1:
+            raise ValueError(f"resume continues one choice; n must be 1, got n={self.n}")
+        return self
 
     def sampling(self, index: int = 0) -> SamplingParams:
         """The sampler's view of choice `index` (choices of one seeded request get consecutive seeds)."""
@@ -91,7 +108,15 @@ class GenerationParams(SamplingOptions):
                 raise RequestError(f"prompt token ids must lie in [0, {limits.vocab_size})", "prompt")
             if any(int(token) >= limits.vocab_size for token in self.logit_bias or {}):
                 raise RequestError(f"logit_bias token ids must lie in [0, {limits.vocab_size})", "logit_bias")
-        return token_budget(len(prompt_ids), self.max_tokens, min(limits.max_model_len, limits.kv_tokens))
+        budget = token_budget(len(prompt_ids), self.max_tokens, min(limits.max_model_len, limits.kv_tokens))
+        if self.resume is not None:
+            done = self.resume.token_ids
+            if limits.vocab_size is not None and any(not 0 <= t < limits.vocab_size for t in done):
+                raise RequestError(f"resume token ids must lie in [0, {limits.vocab_size})", "resume")
+            if len(done) >= budget:
+                raise RequestError(f"resume has {len(done)} tokens, the whole budget of {budget}: nothing is left "
+                                   "to generate", "resume")
+        return budget
 
 
 @dataclass(frozen=True)

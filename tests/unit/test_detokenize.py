@@ -83,3 +83,33 @@ def test_decode_work_grows_linearly_with_the_output(tokenizer: Any) -> None:
         decoder.step(t)
     assert decoder.text == tokenizer.decode(ids, skip_special_tokens=True)
     assert counting.decoded < 10 * len(ids)
+
+
+@settings(max_examples=60, deadline=None)
+@given(ids=st.lists(st.integers(0, 400), min_size=2, max_size=40), cut=st.integers(0, 40),
+       stop=st.sampled_from([[], ["e"], ["\n\n"], ["the", "of "]]))
+def test_a_resumed_stream_continues_exactly_where_the_lost_one_left_off(tokenizer: Any, ids: list[int], cut: int,
+                                                                       stop: list[str]) -> None:
+    """The deltas a client got before its replica was lost, then a stream primed with their tokens and text
+    length over the remaining tokens: together the same text, tokens and finish as one undisturbed stream (text
+    held back for a possible stop string is sent by the second stream, never twice or lost)."""
+    from cluster.request import Resume
+
+    async def deltas(stream: TextStream) -> list[Any]:
+        return [d async for d in stream]
+
+    whole = asyncio.run(deltas(TextStream(events(ids), tokenizer, stop)))
+    got = whole[:min(cut, len(whole) - 1)]  # what reached the client; the choice was still open
+    done = [t for d in got for t in d.token_ids]
+    sent = "".join(d.text for d in got)
+    rest = asyncio.run(deltas(TextStream(tail(ids, len(done)), tokenizer, stop,
+                                  resume=Resume(token_ids=done, text_chars=len(sent)))))
+    assert sent + "".join(d.text for d in rest) == "".join(d.text for d in whole)
+    assert done + [t for d in rest for t in d.token_ids] == [t for d in whole for t in d.token_ids]
+    assert rest[-1].finish_reason == whole[-1].finish_reason
+
+
+async def tail(ids: list[int], start: int) -> AsyncIterator[TokenEvent]:
+    """The engine stream of a resumed choice: the tokens after `start`, the last with finish reason 'length'."""
+    for i in range(start, len(ids)):
+        yield TokenEvent(ids[i], "length" if i == len(ids) - 1 else None)

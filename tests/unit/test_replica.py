@@ -168,3 +168,28 @@ def test_requests_in_flight_migrate_to_the_rebuilt_grid(model_dirs: dict) -> Non
     moved = run(dying)
     assert dying.rebuilds == 1 and moved == calm
     assert calm[0][0][0] == hf_greedy(d, PROMPTS[0], 10)[0] and all(c[3] is None for out in moved for c in out)
+
+
+def test_a_choice_resumes_from_another_replicas_tokens(model_dirs: dict) -> None:
+    """What the ingress sends when a replica is lost mid-stream: choice 1 of a seeded n=2 request, as n=1 with
+    its seed offset and the tokens (and text) it had, continues exactly as the undisturbed choice 1."""
+    from cluster.request import Resume
+
+    d = str(model_dirs["llama_gqa"])
+    replica = Replica(config(d), grid_factory=lambda: LocalGrid(d, 1, 1))
+    sampled = GenerationParams(temperature=0.9, seed=11, n=2, max_tokens=12, ignore_eos=True, presence_penalty=0.5)
+
+    async def main() -> tuple[Any, Any]:
+        calm = (await collect(replica.generate(PROMPTS[1], sampled), 2))[1]
+        done = calm.token_ids[:5]
+        resume = Resume(token_ids=done, text_chars=len(replica.tokenizer.decode(done, skip_special_tokens=True)))
+        moved = sampled.model_copy(update={"n": 1, "seed": 12, "resume": resume})
+        return calm, (await collect(replica.generate(PROMPTS[1], moved)))[0]
+
+    calm, rest = asyncio.run(main())
+    assert calm.token_ids[5:] == rest.token_ids and rest.finish_reason == "length"
+    assert calm.text.endswith(rest.text) and rest.text
+    with pytest.raises(ValueError, match="n must be 1"):
+        GenerationParams(n=2, resume=Resume(token_ids=[1], text_chars=0))
+    with pytest.raises(RequestError, match="nothing is left"):
+        replica.generate(PROMPTS[1], GenerationParams(max_tokens=2, resume=Resume(token_ids=[1, 2], text_chars=0)))
