@@ -4,14 +4,22 @@ replica (503, retry elsewhere) rather than a bug (500)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from cluster.replica import ReplicaUnavailable
-from cluster.request import ChoiceDelta, GenerationParams, RequestError
+from cluster.request import ChoiceDelta, GenerationParams, RequestError, Resume
+
+log = logging.getLogger(__name__)
 
 RETRY_AFTER_LOST_S = 1  # Retry-After when the replica died before answering (another one takes the retry)
+RETRY_PAUSE_S = 0.5  # between calls that found the lost replica still routed to (Serve drops it within seconds)
+
+
+Reopen = Callable[[GenerationParams], Any]  # a new streaming call on the model deployment, with these params
 
 
 @dataclass
@@ -50,22 +58,34 @@ def replica_lost(exc: BaseException) -> bool:
 
 class ChunkStream:
     """One request's chunks: `start()` reads the replica's first answer (a refusal raises there, before any
-    response is sent), iterating yields the chunks; a replica lost mid-way ends every open choice with an error."""
+    response is sent), iterating yields the chunks. A replica lost mid-way: with `reopen` (a new call on the
+    model deployment, which routes to a live replica) each open choice continues there from the tokens and text
+    it already sent (`GenerationParams.resume`), within `migrate_s` of the loss; otherwise it ends with an error."""
 
-    def __init__(self, source: Any, n: int) -> None:
+    def __init__(self, source: Any, params: GenerationParams, reopen: Reopen | None = None,
+                 migrate_s: float = 0.0) -> None:
         self.source = source  # a Serve DeploymentResponseGenerator, or the replica's own async generator
-        self.open = set(range(n))  # choices whose last delta has not arrived
+        self.params, self.reopen, self.migrate_s = params, reopen, migrate_s
+        self.open = set(range(params.n))  # choices whose last delta has not arrived
+        self.sent: dict[int, tuple[list[int], int]] = {i: ([], 0) for i in self.open}  # tokens, text chars
         self.ended = False  # the replica's stream ran out
 
     async def start(self) -> ChunkStream:
-        """Wait for the replica's acceptance (an empty chunk) or refusal."""
-        try:
-            first = await self.source.__anext__()
-        except Exception as exc:
-            if not replica_lost(exc):
-                raise
-            raise ReplicaUnavailable(f"the model replica failed before answering ({type(exc).__name__}); retry",
-                                     RETRY_AFTER_LOST_S) from None
+        """Wait for the replica's acceptance (an empty chunk) or refusal; a replica lost before it answered is
+        asked again through `reopen` (the request has not started) until `migrate_s` runs out."""
+        deadline = time.monotonic() + self.migrate_s
+        while True:
+            try:
+                first = await self.source.__anext__()
+                break
+            except Exception as exc:
+                if not replica_lost(exc):
+                    raise
+                if self.reopen is None or time.monotonic() > deadline:
+                    raise ReplicaUnavailable(f"the model replica failed before answering ({type(exc).__name__}); "
+                                             "retry", RETRY_AFTER_LOST_S) from None
+                await asyncio.sleep(RETRY_PAUSE_S)
+                self.source = self.reopen(self.params)
         if isinstance(first, Refusal):
             raise first.exception()
         return self
@@ -73,19 +93,89 @@ class ChunkStream:
     def __aiter__(self) -> AsyncIterator[list[ChoiceDelta]]:
         return self._read()
 
+    def _note(self, chunk: list[ChoiceDelta]) -> None:
+        """Record what the client is being sent: finished choices, each choice's tokens and text so far."""
+        for d in chunk:
+            if d.finish_reason is not None:
+                self.open.discard(d.index)
+            ids, chars = self.sent[d.index]
+            self.sent[d.index] = (ids + d.token_ids, chars + len(d.text))
+
     async def _read(self) -> AsyncIterator[list[ChoiceDelta]]:
         lost = "the stream ended early"
         try:
             async for chunk in self.source:
-                self.open -= {d.index for d in chunk if d.finish_reason is not None}
+                self._note(chunk)
                 yield chunk
             self.ended = True
         except Exception as exc:
             if not replica_lost(exc):
                 raise
             lost = type(exc).__name__
+        if self.open and self.reopen is not None and self.migrate_s > 0:
+            async for chunk in self._migrate(time.monotonic() + self.migrate_s):
+                yield chunk
         if self.open:
             yield [ChoiceDelta(i, "", [], "error", error=f"model replica lost ({lost}); retry") for i in self.open]
+
+    async def _migrate(self, deadline: float) -> AsyncIterator[list[ChoiceDelta]]:
+        """The open choices, each continued on a live replica from what it sent; merged as they come."""
+        queue: asyncio.Queue[list[ChoiceDelta] | None] = asyncio.Queue()
+        tasks = [asyncio.ensure_future(self._continue(i, deadline, queue)) for i in sorted(self.open)]
+        try:
+            for _ in tasks:
+                while (chunk := await queue.get()) is not None:
+                    yield chunk
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _continue(self, index: int, deadline: float, queue: asyncio.Queue[list[ChoiceDelta] | None]) -> None:
+        """Choice `index` from where it stands, on whichever replica takes it, until it finishes or the deadline
+        passes (then it stays open and ends with the error). What it queues is noted at once, so a second loss
+        resumes after it."""
+        assert self.reopen is not None
+        try:
+            while index in self.open and time.monotonic() < deadline:
+                if await self._one_replica(index, queue) == "refused":
+                    return  # this choice cannot be served as it stands: it ends with the error
+                if index in self.open:
+                    await asyncio.sleep(RETRY_PAUSE_S)
+        except Exception:  # a bug, not a lost replica: the choice ends with the error, the ingress logs why
+            log.exception("continuing choice %d on another replica failed", index)
+        finally:
+            queue.put_nowait(None)
+
+    async def _one_replica(self, index: int, queue: asyncio.Queue[list[ChoiceDelta] | None]) -> str:
+        """One try: choice `index` resumed on the replica Serve routes to; 'lost' (again), 'busy' (a 503
+        refusal), 'refused' (never servable) or 'done'."""
+        assert self.reopen is not None
+        ids, chars = self.sent[index]
+        seed = None if self.params.seed is None else self.params.seed + index  # as the replica seeds choice `index`
+        params = self.params.model_copy(update={
+            "n": 1, "seed": seed, "resume": Resume(token_ids=ids, text_chars=chars) if ids else None})
+        source = self.reopen(params)
+        try:
+            async for chunk in source:
+                if isinstance(chunk, Refusal):
+                    return "busy" if chunk.status == 503 else "refused"
+                if not chunk:  # the acceptance
+                    log.info("choice %d continues on another replica after %d tokens", index, len(ids))
+                    continue
+                for d in chunk:
+                    d.index, d.cached_tokens = index, None  # the first replica already told the prompt's cache hit
+                self._note(chunk)
+                queue.put_nowait(chunk)
+        except asyncio.CancelledError:
+            if hasattr(source, "cancel"):
+                source.cancel()  # the client went away: end the generation on that replica too
+            raise
+        except Exception as exc:
+            if not replica_lost(exc):
+                raise
+            return "lost"
+        return "done"
 
     def cancel(self) -> None:
         """Abort the generation on the replica (the client went away); a no-op once it ended."""
@@ -103,12 +193,15 @@ class ChunkStream:
             pass
 
 
-async def open_chunks(local: Any, llm: Any, ids: list[int], params: GenerationParams) -> ChunkStream:
+async def open_chunks(local: Any, llm: Any, ids: list[int], params: GenerationParams,
+                      migrate_s: float = 0.0) -> ChunkStream:
     """A request's chunks from the colocated replica (`local`) or over the model deployment's handle (`llm`),
-    accepted: a refusal raises here (400 / 503)."""
+    accepted: a refusal raises here (400 / 503). Over the handle, a replica lost under the request is replaced by
+    another within `migrate_s` (the config's migration_timeout_s) without the client seeing it."""
     if local is not None:
-        source: Any = local.generate(ids, params)
-    else:
+        return await ChunkStream(local.generate(ids, params), params).start()
+
+    def call(p: GenerationParams) -> Any:
         # Deltas over Serve's gRPC transport instead of one Ray object per chunk (a message per token per request).
-        source = llm.options(stream=True, _by_reference=False).generate.remote(ids, params)
-    return await ChunkStream(source, params.n).start()
+        return llm.options(stream=True, _by_reference=False).generate.remote(ids, p)
+    return await ChunkStream(call(params), params, call, migrate_s).start()

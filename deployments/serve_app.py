@@ -154,7 +154,7 @@ class OpenAIIngress:
     async def _respond(self, body: SamplingFields, ids: list[int], chat: bool, tools: ToolFactory = None) -> Any:
         """Run the request's n choices; answer as one body or as an SSE stream."""
         start, params = time.perf_counter(), selected(self.cfg, body.model, body.params())
-        chunks = await open_chunks(self.local, self.llm, ids, params)  # a refusal raises here: 400 / 503
+        chunks = await open_chunks(self.local, self.llm, ids, params, self.cfg.migration_timeout_s)  # refusal: 4xx/503
         rid = new_id("chatcmpl" if chat else "cmpl")
         if body.stream:
             usage_of = len(ids) if body.stream_options is not None and body.stream_options.include_usage else None

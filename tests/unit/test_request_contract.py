@@ -53,7 +53,7 @@ def test_chunks_collect_into_whole_choices_and_a_lost_replica_ends_open_ones() -
         raise ActorDiedError()
 
     async def main() -> list:
-        return await collect(await ChunkStream(replica(), 2).start(), 2)
+        return await collect(await ChunkStream(replica(), GenerationParams(n=2)).start(), 2)
 
     first, second = asyncio.run(main())
     assert (first.text, first.token_ids, first.finish_reason, first.cached_tokens) == ("hello", [1, 2, 3], "stop", 3)
@@ -71,7 +71,7 @@ def test_refusals_and_failures_map_to_the_right_status() -> None:
         yield Refusal(400, "bad max_tokens", "max_tokens")
 
     with pytest.raises(RequestError) as err:
-        asyncio.run(ChunkStream(refused(), 1).start())
+        asyncio.run(ChunkStream(refused(), GenerationParams()).start())
     assert err.value.param == "max_tokens" and err.value.status == 400
     assert Refusal.of(RequestError("x", "prompt")).exception().param == "prompt"
     assert replica_lost(ActorDiedError()) and replica_lost(BackPressureError(num_queued_requests=1,
@@ -114,3 +114,63 @@ def test_metrics_of_several_replicas_merge_into_one_exposition() -> None:
     ttft = next(f for f in families if f.name == "gridserve_time_to_first_token_seconds")
     sums = {s.labels["replica"]: s.value for s in ttft.samples if s.name.endswith("_sum")}
     assert len(names) == len(set(names)) and sums == {"r0": 0.1, "r1": 0.2}
+
+
+def test_a_lost_replica_choices_continue_on_another_one() -> None:
+    """Lost mid-way with `reopen`: each open choice is asked of another replica as n=1 with its seed offset and
+    the tokens and text it had sent; a second loss resumes after what the first resumed stream sent; finished
+    choices are not asked again; the client's choices come out whole and error-free."""
+    from ray.exceptions import ActorDiedError
+
+    asked: list[GenerationParams] = []
+
+    async def first() -> object:
+        yield []
+        yield [ChoiceDelta(0, "he", [1], cached_tokens=3), ChoiceDelta(1, "x", [9]), ChoiceDelta(2, "z", [7], "stop")]
+        raise ActorDiedError()
+
+    async def resumed(p: GenerationParams) -> object:
+        yield []
+        if p.seed == 10 and p.resume is not None and p.resume.token_ids == [1]:
+            yield [ChoiceDelta(0, "l", [2], cached_tokens=0)]
+            raise ActorDiedError()  # lost again
+        done = p.resume.token_ids if p.resume is not None else []
+        ids, text = {10: ([3], "lo"), 11: ([8], "y")}[p.seed or 0]
+        assert done == {10: [1, 2], 11: [9]}[p.seed or 0]
+        yield [ChoiceDelta(0, text, ids, "length")]
+
+    def reopen(p: GenerationParams) -> object:
+        asked.append(p)
+        return resumed(p)
+
+    params = GenerationParams(n=3, seed=10, temperature=0.8)
+
+    async def main() -> list:
+        return await collect(await ChunkStream(first(), params, reopen, migrate_s=5).start(), 3)
+
+    a, b, c = asyncio.run(main())
+    assert (a.text, a.token_ids, a.finish_reason, a.error, a.cached_tokens) == ("hello", [1, 2, 3], "length", None, 3)
+    assert (b.text, b.token_ids, b.finish_reason, b.error) == ("xy", [9, 8], "length", None)
+    assert (c.text, c.finish_reason) == ("z", "stop")
+    assert all(p.n == 1 for p in asked) and sorted(p.seed or 0 for p in asked) == [10, 10, 11]
+    again = next(p for p in asked if p.resume is not None and p.resume.token_ids == [1, 2])
+    assert again.resume is not None and again.resume.text_chars == 3
+
+
+def test_a_choice_no_replica_can_take_ends_with_the_error() -> None:
+    """Resuming refused for good (a 400), or no reopen at all: the open choice ends with the error, not a hang."""
+    from ray.exceptions import ActorDiedError
+
+    async def first() -> object:
+        yield []
+        yield [ChoiceDelta(0, "he", [1])]
+        raise ActorDiedError()
+
+    async def refused(p: GenerationParams) -> object:
+        yield Refusal(400, "no")
+
+    async def main() -> list:
+        return await collect(await ChunkStream(first(), GenerationParams(), refused, migrate_s=5).start())
+
+    (choice,) = asyncio.run(main())
+    assert choice.finish_reason == "error" and choice.text == "he"

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import pytest
 from pydantic import ValidationError
 
-from cluster.request import ChoiceDelta
+from cluster.request import ChoiceDelta, GenerationParams
 from deployments.openai_schema import CompletionRequest
 from deployments.remote_stream import ChunkStream
 from deployments.responses import sse
@@ -26,7 +26,7 @@ async def replica(lengths: list[int]) -> AsyncIterator[list[ChoiceDelta]]:
 def frames(usage_prompt_len: int | None) -> list[dict | str]:
     """Every SSE frame of a 2-choice stream (3 and 2 tokens), JSON-decoded except [DONE]."""
     async def run() -> list[str]:
-        chunks = await ChunkStream(replica([3, 2]), 2).start()
+        chunks = await ChunkStream(replica([3, 2]), GenerationParams(n=2)).start()
         return [f async for f in sse(chunks, 2, "cmpl-1", "m", False, None, usage_prompt_len)]
 
     out = []
