@@ -60,10 +60,10 @@ class GridServeConfig(BaseModel):
     placement_timeout_s: float = Field(60.0, gt=0, description="Give up waiting for the grid's resources after this.")
     step_timeout_s: float = Field(30.0, gt=0, description="A grid step slower than this declares the grid "
                                   "failed (a stuck or dead worker) instead of hanging its requests.")
-    migration_timeout_s: float = Field(60.0, ge=0, description="When the grid fails under a request, how long the "
-                                       "request may wait for the rebuilt grid and continue there from its prompt "
-                                       "plus the tokens it already has (the client sees no error); 0 fails it at "
-                                       "once.")
+    migration_timeout_s: float = Field(60.0, ge=0, description="When the grid (or, under Serve, the whole replica) "
+                                       "fails under a request, how long the request may wait for the rebuilt grid "
+                                       "or another replica and continue there from its prompt plus the tokens it "
+                                       "already has (the client sees no error); 0 fails it at once.")
     allow_tp_across_nodes: bool = Field(False, description="Let one TP group span nodes (slow: all-reduce crosses "
                                         "the network).")
     compiled_graph: bool = Field(False, description="Drive engine steps through a Ray Compiled Graph (shared-memory "
