@@ -193,3 +193,23 @@ def test_a_choice_resumes_from_another_replicas_tokens(model_dirs: dict) -> None
         GenerationParams(n=2, resume=Resume(token_ids=[1], text_chars=0))
     with pytest.raises(RequestError, match="nothing is left"):
         replica.generate(PROMPTS[1], GenerationParams(max_tokens=2, resume=Resume(token_ids=[1, 2], text_chars=0)))
+
+
+def test_the_migration_bound_runs_from_the_failure_not_the_request(model_dirs: dict) -> None:
+    """A request that ran longer than migration_timeout_s before its grid failed still moves to the rebuilt grid
+    (the bound is how long it may wait after the failure, not its age)."""
+    d = str(model_dirs["llama_gqa"])
+
+    class SlowDying(DyingGrid):
+        async def step_async(self, step: Any) -> Any:
+            await asyncio.sleep(0.25)  # 6 steps before the failure: 1.5 s, past the 1 s bound
+            return await super().step_async(step)
+
+    async def main(replica: Replica) -> Any:
+        return (await collect(replica.generate(PROMPTS[0], greedy(10))))[0]
+
+    calm = asyncio.run(main(Replica(config(d), grid_factory=lambda: LocalGrid(d, 1, 1))))
+    dying = Replica(config(d, migration_timeout_s=1.0), grid_factory=grids(lambda: SlowDying(d, 7),
+                                                                            lambda: LocalGrid(d, 1, 1)))
+    moved = asyncio.run(main(dying))
+    assert dying.rebuilds == 1 and moved.error is None and moved.token_ids == calm.token_ids
