@@ -2,7 +2,7 @@
 one adapter vs spread over several adapters (the mixed batch multi-LoRA serves in one step), on one in-process
 shard (no Ray, no engine: the step itself).
 
-python -m bench.lora [--model models/bench-125m] [--seqs 16] [--adapters 3] [--rank 16] [--steps 30]
+python -m bench.lora [--model models/bench-125m] [--seqs 16] [--adapters 3] [--rank 16] [--rounds 15]
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from actors.shard import lora
 from actors.shard.lora_files import TARGETS, module_shape
 from actors.shard.runner import ShardPlan, StageRunner, StepInput
 from actors.shard.sampler import SamplingParams
@@ -54,16 +55,18 @@ def decode_step(seqs: int, slots: list[int | None], vocab: int) -> StepInput:
                      lora=slots if any(s is not None for s in slots) else None)
 
 
-def time_steps(runner: StageRunner, step: StepInput, steps: int) -> float:
-    """Median milliseconds of `steps` runs of `step` (after 3 warm-up runs)."""
-    for _ in range(3):
-        runner.execute(step)
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        runner.execute(step)
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+def time_cases(runner: StageRunner, steps: list[StepInput], rounds: int) -> list[float]:
+    """Median milliseconds per step of each of `steps`, timed in interleaved rounds (so load from other processes
+    on the box hits every case alike), after one warm-up round."""
+    samples: list[list[float]] = [[] for _ in steps]
+    for r in range(rounds + 1):
+        for k, step in enumerate(steps):
+            for _ in range(3):
+                start = time.perf_counter()
+                runner.execute(step)
+                if r:
+                    samples[k].append(time.perf_counter() - start)
+    return [1000 * statistics.median(s) for s in samples]
 
 
 def main() -> None:
@@ -72,7 +75,7 @@ def main() -> None:
     parser.add_argument("--seqs", type=int, default=16)
     parser.add_argument("--adapters", type=int, default=3)
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds of 3 steps per case")
     args = parser.parse_args()
     model = ensure_model(args.model)
     torch.set_num_threads(CORES)
@@ -90,16 +93,18 @@ def main() -> None:
              (f"{args.adapters} adapters + base, mixed", [None if i % (args.adapters + 1) == args.adapters
                                                         else i % (args.adapters + 1) for i in range(n)]),
              (f"{args.adapters} adapters, mixed", [i % args.adapters for i in range(n)])]
-    rows: list[list[object]] = []
-    base_ms = 0.0
-    for label, slots in cases:
-        ms = time_steps(runner, decode_step(n, slots, vocab), args.steps)
-        base_ms = base_ms or ms
-        rows.append([label, ms, ms / base_ms])
+    steps = [decode_step(n, slots, vocab) for _, slots in cases]
+    labels = [label for label, _ in cases]
+    ms = time_cases(runner, steps, args.rounds)
+    masked, lora.MASKED_MAX_ADAPTERS = lora.MASKED_MAX_ADAPTERS, 0  # the per-adapter gather/scatter path
+    ms += time_cases(runner, steps[-1:], args.rounds)
+    lora.MASKED_MAX_ADAPTERS = masked
+    labels.append(f"{args.adapters} adapters, mixed, grouped per adapter")
+    rows: list[list[object]] = [[label, t, t / ms[0]] for label, t in zip(labels, ms)]
     table(f"LoRA decode step: {n} sequences, rank {args.rank}, {model_info(model)}, {CORES} torch threads",
           ["batch", "ms/step", "vs base"], rows,
-          [f"median of {args.steps} steps after 3 warm-up steps; context {CONTEXT} tokens per sequence; every "
-           "adapter targets q/k/v/o/gate/up/down"])
+          [f"median of {3 * args.rounds} steps per case, interleaved over {args.rounds} rounds; context "
+           f"{CONTEXT} tokens per sequence; every adapter targets q/k/v/o/gate/up/down"])
 
 
 if __name__ == "__main__":

@@ -17,50 +17,74 @@ from torch import nn
 from actors.shard.layers import ColumnParallelLinear, RowParallelLinear
 from actors.shard.lora_files import TARGETS, Adapter
 
+# Up to this many adapters in a step, every token runs all their A's in one matmul and a mask keeps its own: a
+# few more flops, far fewer small ops than a gather-matmul-scatter per adapter (python -m bench.lora).
+MASKED_MAX_ADAPTERS = 4
+
 
 class LoraBatch:
-    """The current step's tokens grouped by adapter slot, shared by every LoRA layer of the stage."""
+    """The current step's adapters per token, shared by every LoRA layer of the stage: nothing (no adapter in the
+    step), one slot for every token, a token-by-adapter mask over a few slots, or token groups per slot."""
 
     def __init__(self) -> None:
         self.groups: list[tuple[int, torch.Tensor | None]] = []  # (slot, token indices; None = every token)
+        self.active: torch.Tensor | None = None  # the step's slots, when `mask` is used
+        self.mask: torch.Tensor | None = None  # [T, len(active)]: 1 where token t uses active[j] (None: groups)
 
-    def set(self, slots: Sequence[int | None] | None, query_lens: Sequence[int], device: torch.device) -> None:
-        """Expand per-sequence slots to per-token groups (empty when no sequence uses an adapter)."""
-        self.groups = []
+    def set(self, slots: Sequence[int | None] | None, query_lens: Sequence[int], device: torch.device,
+            dtype: torch.dtype) -> None:
+        """Expand per-sequence slots (None: the base model) to this step's per-token form."""
+        self.groups, self.active, self.mask = [], None, None
         if slots is None or all(s is None for s in slots):
             return
         if len(set(slots)) == 1:  # one adapter for the whole step: no gather
             self.groups = [(int(slots[0]), None)]  # type: ignore[arg-type]  # not None: checked above
             return
-        starts = np.concatenate([[0], np.cumsum(query_lens)[:-1]])
-        for slot in sorted({s for s in slots if s is not None}):
-            idx = np.concatenate([np.arange(starts[i], starts[i] + query_lens[i])
-                                  for i, s in enumerate(slots) if s == slot])
-            self.groups.append((slot, torch.from_numpy(idx).to(device)))
+        per_token = np.repeat([-1 if s is None else s for s in slots], query_lens)
+        used = sorted({s for s in slots if s is not None})
+        if len(used) <= MASKED_MAX_ADAPTERS:
+            self.active = torch.tensor(used, device=device)
+            self.mask = torch.from_numpy(per_token[:, None] == np.array(used)[None, :]).to(device, dtype)
+            return
+        self.groups = [(slot, torch.from_numpy(np.nonzero(per_token == slot)[0]).to(device)) for slot in used]
 
 
 class LowRank:
-    """One layer's slots: A [slots, R, in], B [slots, out, R]; `add` applies the step's adapters."""
+    """One layer's slots: A [slots, R, in], B [out, slots, R] (so the B's of every slot are one [out, slots R]
+    matrix without a copy); `add` applies the step's adapters."""
 
     def __init__(self, batch: LoraBatch, slots: int, rank: int, inp: int, out: int, dtype: torch.dtype,
                  device: torch.device) -> None:
         self.batch = batch
         self.a = torch.zeros(slots, rank, inp, dtype=dtype, device=device)
-        self.b = torch.zeros(slots, out, rank, dtype=dtype, device=device)
+        self.b = torch.zeros(out, slots, rank, dtype=dtype, device=device)
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """y [T, out] += each token's (x A^T) B^T, grouped by slot (nothing to do when the step has no adapter)."""
+        """y [T, out] += each token's (x A^T) B^T for its slot (nothing to do when the step has no adapter)."""
+        if self.batch.mask is not None:
+            return self._masked(x, y)
         for slot, idx in self.batch.groups:
             if idx is None:
-                y.add_((x @ self.a[slot].T) @ self.b[slot].T)
+                y.addmm_(x @ self.a[slot].T, self.b[:, slot].T)
             else:
-                y.index_add_(0, idx, (x.index_select(0, idx) @ self.a[slot].T) @ self.b[slot].T)
+                y.index_add_(0, idx, (x.index_select(0, idx) @ self.a[slot].T) @ self.b[:, slot].T)
         return y
+
+    def _masked(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Every active slot's A on every token, masked to the token's own slot, then the stacked B's at once."""
+        assert self.batch.active is not None and self.batch.mask is not None
+        k, rank = self.batch.mask.shape[1], self.a.shape[1]
+        a, b = self.a, self.b
+        if k < a.shape[0]:  # some slots idle: gather the active ones (all active: the stacks as they are)
+            a, b = a.index_select(0, self.batch.active), b.index_select(1, self.batch.active)
+        a, b = a.view(k * rank, -1), b.view(-1, k * rank)  # [k R, in], [out, k R]
+        xa = (x @ a.T).view(-1, k, rank).mul_(self.batch.mask.unsqueeze(-1)).view(-1, k * rank)
+        return y.addmm_(xa, b.T)
 
     def clear(self, slot: int) -> None:
         """Make `slot` a no-op."""
         self.a[slot].zero_()
-        self.b[slot].zero_()
+        self.b[:, slot].zero_()
 
     def nbytes(self) -> int:
         """Bytes of both stacks."""
@@ -81,7 +105,7 @@ class ColumnLora(LowRank):
         offset, start, rows = self.layer.part_rows(part)
         r, col = a.shape[0], part * self.rank
         self.a[slot, col:col + r].copy_(a)
-        self.b[slot, offset:offset + rows, col:col + r].copy_(b[start:start + rows] * scale)
+        self.b[offset:offset + rows, slot, col:col + r].copy_(b[start:start + rows] * scale)
 
 
 class RowLora(LowRank):
@@ -97,7 +121,7 @@ class RowLora(LowRank):
         r, cols = a.shape[0], self.a.shape[2]
         start = self.layer.tp.rank * cols
         self.a[slot, :r].copy_(a[:, start:start + cols])
-        self.b[slot, :, :r].copy_(b * scale)
+        self.b[:, slot, :r].copy_(b * scale)
 
 
 class StageLora:
@@ -123,12 +147,16 @@ class StageLora:
         if not 0 <= slot < self.max_loras:
             raise ValueError(f"LoRA slot {slot} is outside [0, {self.max_loras}) (max_loras={self.max_loras})")
 
-    def load(self, slot: int, adapter: Adapter) -> None:
-        """Put a checked adapter into `slot` (its modules this stage holds; the rest of the slot zeroed)."""
+    def check(self, slot: int, adapter: Adapter) -> None:
+        """ValueError unless `adapter` fits a slot of this stage and `slot` is one."""
         self.check_slot(slot)
         if adapter.rank > self.max_rank:
             raise ValueError(f"LoRA adapter {adapter.name!r}: rank {adapter.rank} exceeds max_lora_rank="
                              f"{self.max_rank}; raise max_lora_rank or use a lower-rank adapter")
+
+    def load(self, slot: int, adapter: Adapter) -> None:
+        """Put a checked adapter into `slot` (its modules this stage holds; the rest of the slot zeroed)."""
+        self.check(slot, adapter)
         self.unload(slot)
         for (layer, module), (a, b) in adapter.weights.items():
             _, fused, part = TARGETS[module]

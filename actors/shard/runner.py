@@ -13,7 +13,7 @@ from actors.shard.cpu_gemm import CpuWeights, pack_linears, packed_bytes
 from actors.shard.kv_cache import AttnMeta, PagedKVCache
 from actors.shard.loader import load_stage
 from actors.shard.lora import StageLora
-from actors.shard.lora_files import read_adapter
+from actors.shard.lora_files import Adapter, read_adapter
 from actors.shard.model import StageModel
 from actors.shard.partition import Partition, even_partition
 from actors.shard.sampler import Logprobs, Sampler, SamplingParams, unpack_bitmask
@@ -127,6 +127,7 @@ class StageRunner:
             pack_linears(self.model, plan.cpu_weights)  # oneDNN's blocked layout, once (see cpu_gemm)
         self.lora = StageLora(self.model.model.layers, plan.max_loras, plan.max_lora_rank) \
             if plan.max_loras else None
+        self.lora_pending: dict[int, Adapter | None] = {}  # slot -> adapter to load (None: to empty) next step
         self.load_seconds = time.perf_counter() - start
         self.split = HeadSplit.of(self.spec, tp.rank, tp.size)
         self.cache: PagedKVCache | None = None
@@ -148,15 +149,30 @@ class StageRunner:
         return sum(p.numel() * p.element_size() for p in self.model.parameters()) + packed_bytes(self.model) + lora
 
     def load_lora(self, slot: int, name: str, path: str) -> None:
-        """Read, check and put a PEFT adapter into `slot` (ValueError naming it if bad; the slot is then as before)."""
+        """Read and check a PEFT adapter for `slot` (ValueError naming it if bad; the slot is then as before). The
+        copy into the slot happens at the start of the next step, on the step thread: a torch op on another
+        thread would start a second OpenMP pool, which slows every later CPU step (see cluster/grid.py)."""
         if self.lora is None:
             raise ValueError(f"LoRA adapter {name!r}: this server runs without LoRA; set enable_lora: true")
-        self.lora.load(slot, read_adapter(name, path, self.spec, self.lora.max_rank))
+        adapter = read_adapter(name, path, self.spec, self.lora.max_rank)
+        self.lora.check(slot, adapter)
+        self.lora_pending[slot] = adapter  # no step uses `slot` until the caller hears back
 
     def unload_lora(self, slot: int) -> None:
-        """Empty adapter slot `slot`."""
+        """Empty adapter slot `slot` (at the start of the next step)."""
         if self.lora is not None:
-            self.lora.unload(slot)
+            self.lora.check_slot(slot)
+            self.lora_pending[slot] = None
+
+    def _apply_lora(self) -> None:
+        """Carry out the adapter loads and unloads asked for since the last step."""
+        assert self.lora is not None
+        while self.lora_pending:
+            slot, adapter = self.lora_pending.popitem()
+            if adapter is None:
+                self.lora.unload(slot)
+            else:
+                self.lora.load(slot, adapter)
 
     def block_bytes(self) -> int:
         """Bytes one KV block costs on this worker."""
@@ -184,7 +200,8 @@ class StageRunner:
                               self.spec.sliding_window, self.device)
         positions = torch.tensor(step.positions, device=self.device)
         if self.lora is not None:
-            self.lora.batch.set(step.lora, step.query_lens, self.device)
+            self._apply_lora()
+            self.lora.batch.set(step.lora, step.query_lens, self.device, self.dtype)
         out = self.model(inputs, positions, self.cache, meta)  # [T, hidden]
         if not self.is_last:
             return to_wire(out)

@@ -81,6 +81,19 @@ def test_mixed_adapters_in_one_batch_match_peft(model_dir: Path, adapters: dict,
         assert engine.stats.steps == NEW  # one prefill step, then one decode step per token: no step per adapter
 
 
+def test_per_adapter_groups_match_peft(model_dir: Path, adapters: dict, reference: dict,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The path for steps with more adapters than the mask covers (gather, matmuls, scatter per slot) agrees too."""
+    from actors.shard import lora
+
+    monkeypatch.setattr(lora, "MASKED_MAX_ADAPTERS", 1)
+    grid = LocalGrid(str(model_dir), 2, 1, num_blocks=96, block_size=4, max_loras=3, max_lora_rank=8)
+    load_all(grid, adapters)
+    got, _ = run(grid, adapters, PAIRS)
+    assert got == [reference[a][ALL.index(p)] for p, a in PAIRS]
+    assert grid.stages[0][0].lora is not None and len(grid.stages[0][0].lora.batch.groups) > 1
+
+
 def test_adapters_change_the_output(reference: dict) -> None:
     """The oracle is not vacuous: every adapter changes some prompt's greedy tokens."""
     for name in ADAPTERS:
