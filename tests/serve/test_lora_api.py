@@ -63,6 +63,8 @@ def test_model_selects_the_adapter_and_models_lists_it(client: openai.OpenAI, ch
     chat = client.chat.completions.create(model="static", messages=[{"role": "user", "content": "hi"}],
                                           max_tokens=4, temperature=0)
     assert chat.model == "static" and chat.usage.completion_tokens >= 1
+    response = client.responses.create(model="static", input="hi", max_output_tokens=4, temperature=0)
+    assert response.model == "static" and response.status in ("completed", "incomplete")
 
 
 def test_unknown_model_is_a_404(client: openai.OpenAI) -> None:

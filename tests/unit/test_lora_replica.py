@@ -94,6 +94,20 @@ def test_unknown_adapter_is_a_404(model_dir: Path, adapters: dict) -> None:
     assert err.value.status == 404 and "'nope'" in str(err.value)
 
 
+def test_batch_style_requests_name_the_model_or_an_adapter(model_dir: Path, adapters: dict, reference: dict) -> None:
+    """`complete` (batch lines, Ray Data rows): the model's own name is the base model, an adapter's name that
+    adapter, an unknown name a failed result naming it."""
+    replica, _ = lora_replica(model_dir, adapters)
+
+    async def main() -> list[Any]:
+        return [await replica.complete(k, ALL[0], params(name)) for k, name in
+                enumerate([replica.cfg.model_name, "mlp-r2", "nope"])]
+
+    base, mlp, nope = asyncio.run(main())
+    assert base.token_ids == reference[None][0] and mlp.token_ids == reference["mlp-r2"][0]
+    assert nope.finish_reason == "error" and "'nope' does not exist" in (nope.error or "")
+
+
 def test_rebuilt_grid_gets_the_resident_adapters_back(model_dir: Path, adapters: dict, reference: dict) -> None:
     """After a grid failure the rebuilt grid holds the same adapters in the same slots before serving again."""
     made: list[LocalGrid] = []
