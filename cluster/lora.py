@@ -72,10 +72,6 @@ class LoraRegistry:
         self.slots = [Slot() for _ in range(max_loras)]
         self._waiters: list[asyncio.Future[None]] = []
 
-    def names(self) -> dict[str, str]:
-        """Every adapter this replica knows now: name -> folder."""
-        return {name: reg.path for name, reg in self.known.items()}
-
     def resident(self) -> list[str]:
         """Adapters held in slots now (what routing prefers)."""
         return [s.name for s in self.slots if s.name is not None and s.loaded is not None and s.loaded.done()]
@@ -131,20 +127,24 @@ class LoraRegistry:
             self._waiters.append(waiter)
             await waiter
         slot = min(free, key=lambda k: self.slots[k].used)
-        fut = asyncio.get_running_loop().create_future()
-        # Pinned while it loads: no other adapter may take the slot meanwhile.
-        self.slots[slot] = Slot(reg.uid, name, reg.path, 1, next(self._clock), fut)
+        # The load holds a pin of its own until it ends, so no other adapter takes the slot meanwhile, and runs as
+        # its own task, so a requester that goes away does not cut it short under the others waiting for it.
+        s = self.slots[slot] = Slot(reg.uid, name, reg.path, 1, next(self._clock))
+        s.loaded = asyncio.ensure_future(self._load(slot, s))
+        s.loaded.add_done_callback(lambda f: f.cancelled() or f.exception())  # seen even if nobody waits
+        return await self._use(slot)
+
+    async def _load(self, slot: int, s: Slot) -> None:
+        """Put the adapter of `s` into `slot` on the grid; on failure the slot is left empty (its pins drain)."""
         try:
-            await self.grid().load_lora(slot, name, reg.path)
-        except BaseException as exc:
-            self.slots[slot] = Slot()
-            fut.set_exception(exc)
-            fut.exception()  # retrieved: waiters on it see it, nobody else must
-            self._wake()
+            assert s.name is not None
+            await self.grid().load_lora(slot, s.name, s.path)
+            log.info("LoRA adapter %r loaded into slot %d", s.name, slot)
+        except BaseException:
+            s.uid = s.name = None
             raise
-        fut.set_result(None)
-        log.info("LoRA adapter %r loaded into slot %d", name, slot)
-        return slot
+        finally:
+            self.release(slot)
 
     async def _use(self, slot: int) -> int:
         """Pin `slot` (waiting for its adapter to finish loading)."""
@@ -170,14 +170,6 @@ class LoraRegistry:
             if not waiter.done():
                 waiter.set_result(None)
         self._waiters.clear()
-
-    def forget(self, name: str) -> None:
-        """Stop serving a runtime-loaded adapter here: new requests for it are refused; its slot is reused once
-        the requests running on it end."""
-        reg = self.known.pop(name, None)
-        for s in self.slots:
-            if reg is not None and s.uid == reg.uid:
-                s.used = 0  # first to be replaced
 
     async def restore(self) -> None:
         """Load every resident adapter into the same slot of a freshly built grid (requests resume on it)."""
