@@ -49,19 +49,24 @@ class Server:
 
 
 # gridserve servers by --online-layouts name: (label, pipeline depth or None = as shipped, colocated ingress)
-LAYOUTS = {"shipped": ("gridserve shipped", None, False), "pp1": ("gridserve tp1 pp1", 1, False),
-           "colocated": ("gridserve colocated", None, True), "pp1-colocated": ("gridserve tp1 pp1 colocated", 1, True)}
+# label, pipeline depth (None: as shipped), colocate_ingress, extra environment of the server (and so its workers)
+LAYOUTS: dict[str, tuple[str, int | None, bool, dict[str, str]]] = {
+    "shipped": ("gridserve shipped", None, False, {}), "pp1": ("gridserve tp1 pp1", 1, False, {}),
+    "colocated": ("gridserve colocated", None, True, {}),
+    "pp1-colocated": ("gridserve tp1 pp1 colocated", 1, True, {}),
+    # libgomp's own default wait (spin ~300k rounds at each barrier) instead of the workers' passive one
+    "spin": ("gridserve shipped, spinning OpenMP", None, False, {"GOMP_SPINCOUNT": "300000"})}
 
 
 def gridserve(label: str, group: str, model: Path, tree: Path, pp: int | None, colocate: bool = False,
-              **kw: Any) -> Server:
+              extra_env: dict[str, str] | None = None, **kw: Any) -> Server:
     """`gridserve serve` on `tree`'s ray_config.yaml (pp / colocation changed only when asked)."""
     doc = serve_doc(tree / "ray_config.yaml", model, PORT, pp, colocate)
     path = OUT / f"online-{label.replace(' ', '-').replace('@', '-')}-{group}.yaml"
     path.write_text(json.dumps(doc, indent=1))  # JSON is YAML
     args = doc["applications"][0]["args"]
     layout = f"tp{args['tensor_parallel_size']} pp{args['pipeline_parallel_size']}"
-    env = {**os.environ, "PYTHONPATH": str(tree), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    env = {**os.environ, "PYTHONPATH": str(tree), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", **(extra_env or {})}
     # --address local: a Ray of its own even when another cluster runs on this box (Ray would join that one)
     cmd = [sys.executable, "-m", "deployments.cli", "serve", str(path), "--address", "local"]
     return Server(label, "gridserve", layout, group, cmd, env, model, cwd=tree, **kw)
@@ -76,8 +81,8 @@ def servers(python: Path, layouts: list[str], bindings: list[str], shapes: list[
         out += [Server(f"vLLM {b}", "vllm", b, "smol", vllm_cmd(python, smol, PORT),
                        peer_env(None if b == "auto" else b), smol, shapes, concs) for b in bindings]
         for layout in layouts:
-            label, pp, co = LAYOUTS[layout]
-            out.append(gridserve(label, "smol", smol, ROOT, pp, co, shapes=shapes, concs=concs))
+            label, pp, co, extra = LAYOUTS[layout]
+            out.append(gridserve(label, "smol", smol, ROOT, pp, co, extra, shapes=shapes, concs=concs))
         if base is not None:
             out.append(gridserve("gridserve@base shipped", "smol", smol, base.resolve(), None, shapes=shapes,
                                  concs=concs))
@@ -86,8 +91,8 @@ def servers(python: Path, layouts: list[str], bindings: list[str], shapes: list[
         out += [Server(f"vLLM {b}", "vllm", b, "tiny", vllm_cmd(python, tiny, PORT),
                        peer_env(None if b == "auto" else b), tiny, [TINY], tiny_concs) for b in bindings]
         for layout in layouts:
-            label, pp, co = LAYOUTS[layout]
-            out.append(gridserve(label, "tiny", tiny, ROOT, pp, co, shapes=[TINY], concs=tiny_concs))
+            label, pp, co, extra = LAYOUTS[layout]
+            out.append(gridserve(label, "tiny", tiny, ROOT, pp, co, extra, shapes=[TINY], concs=tiny_concs))
     for i, s in enumerate(out):
         s.order = i
     return out

@@ -2,11 +2,17 @@
 against the cluster's nodes, and a bounded wait for the reservation."""
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from cluster.config import GridServeConfig
+
+# A CPU worker's OpenMP threads sleep at a barrier instead of spinning (libgomp's default spins ~300k rounds):
+# the cores are shared with the serving processes (engine, ingress, proxy), and a spinning thread takes the core
+# its step's other thread needs; the step then waits out a scheduler time slice at every barrier.
+OPENMP_WAIT_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")  # either one set by the user wins
 
 
 @dataclass(frozen=True)
@@ -47,9 +53,15 @@ class Layout:
         """The bundle worker (pp_rank, tp_rank) is scheduled into."""
         return pp_rank if self.per_stage else pp_rank * self.tp + tp_rank
 
-    def worker_options(self) -> dict[str, float]:
-        """Actor resources of one worker (a share of its bundle)."""
-        return {"num_gpus": 1, "num_cpus": 0} if self.resource == "GPU" else {"num_cpus": self.per_worker}
+    def worker_options(self, env: dict[str, str] | None = None) -> dict[str, Any]:
+        """Actor options of one worker: its share of the bundle; on CPU also its OpenMP wait policy, unless `env`
+        (default: this process's environment, which Ray passes on to workers) already sets one."""
+        if self.resource == "GPU":
+            return {"num_gpus": 1, "num_cpus": 0}
+        options: dict[str, Any] = {"num_cpus": self.per_worker}
+        if not any(name in (os.environ if env is None else env) for name in OPENMP_WAIT_VARS):
+            options["runtime_env"] = {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}}
+        return options
 
 
 def worker_resource(cfg: GridServeConfig, cluster_totals: dict[str, float]) -> str:
