@@ -64,8 +64,8 @@ class LoraRegistry:
     """Adapter names -> folders, and the slot residency (LRU over `max_loras`) of one replica's grid."""
 
     def __init__(self, modules: dict[str, str], max_loras: int, grid: Callable[[], LoraGrid],
-                 lookup: Lookup | None = None) -> None:
-        self.grid, self.lookup = grid, lookup
+                 lookup: Lookup | None = None, base: str | None = None) -> None:
+        self.grid, self.lookup, self.base = grid, lookup, base  # base: the served model's own name
         self._uids = itertools.count()
         self._clock = itertools.count(1)
         self.known = {name: Registered(path, next(self._uids), True) for name, path in modules.items()}
@@ -92,8 +92,10 @@ class LoraRegistry:
         return reg
 
     def stream(self, params: GenerationParams, run: Callable[[GenerationParams], Chunks]) -> Chunks:
-        """`run(params)` with the request's adapter resolved and its slot pinned until the stream ends."""
-        assert params.lora is not None, "stream() is for requests that name an adapter"
+        """`run(params)`, with the request's adapter resolved and its slot pinned until the stream ends when it
+        names one (the served model's own name, as batch lines may give it, is the base model)."""
+        if params.lora is None or params.lora == self.base:
+            return run(params.model_copy(update={"lora": None}) if params.lora else params)
         return self._pinned(params.lora, params, run)
 
     async def _pinned(self, name: str, params: GenerationParams, run: Callable[[GenerationParams], Chunks]

@@ -87,7 +87,7 @@ class Replica:
             raise
         self.engine = self._new_engine()
         self.loras = LoraRegistry(cfg.lora_modules, cfg.max_loras if cfg.enable_lora else 0, lambda: self.grid,
-                                  lora_lookup)
+                                  lora_lookup, cfg.model_name)
         self.resumable = Resumable(lambda: self.engine, self.ready, cfg.migration_timeout_s)
         self.last_snapshot = self._status([])
 
@@ -116,9 +116,7 @@ class Replica:
         def run(p: GenerationParams) -> AsyncGenerator[list[ChoiceDelta], None]:
             return merge_choices(text_streams(lambda i: self.resumable.open(prompt_ids, p, i, max_tokens),
                                               self.tokenizer, p))
-        if params.lora == self.cfg.model_name:  # the base model named by its own name (batch lines)
-            params = params.model_copy(update={"lora": None})
-        return run(params) if params.lora is None else self.loras.stream(params, run)
+        return self.loras.stream(params, run)  # the request's LoRA adapter pinned, when it names one
 
     async def complete(self, request_id: Any, prompt_ids: list[int], params: GenerationParams) -> Result:
         """Generate the first choice to the end; a request refused now or for good becomes a failed Result."""
