@@ -254,7 +254,7 @@ def lora_problems(cfg: GridServeConfig, spec: ModelSpec) -> list[str]:
             problems.append(f"lora_modules: adapter name {name!r} is the served model's name; rename it")
             continue
         try:
-            read_adapter(name, path, spec, cfg.max_lora_rank)
+            read_adapter(name, path, spec, cfg.max_lora_rank, load=False)  # header only: shapes, no tensors
         except ValueError as exc:
             problems.append(f"lora_modules: {exc}")
     return problems

@@ -134,7 +134,7 @@ async def load_lora_adapter(request: Request, ingress: Ingress) -> Any:
     cfg = check_runtime(ingress, body.lora_name)
     path = str(Path(body.lora_path).expanduser().resolve())
     try:
-        await asyncio.to_thread(read_adapter, body.lora_name, path, cfg.spec(), cfg.max_lora_rank)
+        await asyncio.to_thread(read_adapter, body.lora_name, path, cfg.spec(), cfg.max_lora_rank, False)
     except ValueError as exc:
         raise APIError(400, str(exc), param="lora_path") from None
     app = serve.get_replica_context().app_name

@@ -79,8 +79,9 @@ def read_config(name: str, path: str | Path, max_rank: int) -> tuple[int, float]
     return rank, alpha / (math.sqrt(rank) if cfg.get("use_rslora") else rank)
 
 
-def read_adapter(name: str, path: str | Path, spec: ModelSpec, max_rank: int) -> Adapter:
-    """Read and check a PEFT LoRA folder against `spec`: every key known, every shape right, both halves present."""
+def read_adapter(name: str, path: str | Path, spec: ModelSpec, max_rank: int, load: bool = True) -> Adapter:
+    """Read and check a PEFT LoRA folder against `spec`: every key known, every shape right, both halves present
+    (shapes from the file's header; the tensors are read only with `load`)."""
     rank, scale = read_config(name, path, max_rank)
     file = Path(path) / "adapter_model.safetensors"
     if not file.is_file():
@@ -88,21 +89,22 @@ def read_adapter(name: str, path: str | Path, spec: ModelSpec, max_rank: int) ->
         raise adapter_error(name, f"no adapter_model.safetensors in {str(path)!r}"
                             + (" (only adapter_model.bin, a pickle gridserve refuses to load)" if pickled else ""),
                             "save the adapter with peft's save_pretrained(..., safe_serialization=True)")
-    halves: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    adapter = Adapter(name, str(path), rank, scale)
     try:
         with safe_open(file, framework="pt") as f:
-            for key in f.keys():
-                layer, module, half = parse_key(name, key, spec)
-                halves.setdefault((layer, module), {})[half] = f.get_tensor(key)
+            keys = {parse_key(name, key, spec): key for key in f.keys()}
+            if not keys:
+                raise adapter_error(name, f"{file} holds no LoRA weights", FIX)
+            for layer, module in sorted({(k[0], k[1]) for k in keys}):
+                pair = [keys.get((layer, module, half)) for half in "AB"]
+                check_pair(name, layer, module, [f.get_slice(k).get_shape() if k else None for k in pair], rank,
+                           spec)
+                if load:
+                    adapter.weights[(layer, module)] = (f.get_tensor(pair[0]), f.get_tensor(pair[1]))
     except ValueError:
         raise
     except Exception as exc:  # safetensors' own error types for truncated or corrupt files
         raise adapter_error(name, f"{file} is unreadable ({exc})", "re-export the adapter") from None
-    if not halves:
-        raise adapter_error(name, f"{file} holds no LoRA weights", FIX)
-    adapter = Adapter(name, str(path), rank, scale)
-    for (layer, module), pair in sorted(halves.items()):
-        adapter.weights[(layer, module)] = check_pair(name, layer, module, pair, rank, spec)
     return adapter
 
 
@@ -119,19 +121,17 @@ def parse_key(name: str, key: str, spec: ModelSpec) -> tuple[int, str, str]:
     return layer, m.group(3), m.group(4)
 
 
-def check_pair(name: str, layer: int, module: str, pair: dict[str, torch.Tensor], rank: int,
-               spec: ModelSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A, B) of one module, both present with shapes [r, in] and [out, r] for this model."""
+def check_pair(name: str, layer: int, module: str, shapes: list[list[int] | None], rank: int,
+               spec: ModelSpec) -> None:
+    """One module's A and B shapes (None: absent): both present, [r, in] and [out, r] for this model."""
     prefix = f"base_model.model.model.layers.{layer}.{TARGETS[module][0]}.{module}"
-    for half in "AB":
-        if half not in pair:
+    for half, shape in zip("AB", shapes):
+        if shape is None:
             raise adapter_error(name, f"tensor {prefix}.lora_{half}.weight is missing (its lora_"
                                 f"{'B' if half == 'A' else 'A'} is there)", "re-export the adapter")
     out, inp = module_shape(spec, module)
-    for half, want in (("A", [rank, inp]), ("B", [out, rank])):
-        got = list(pair[half].shape)
-        if got != want:
-            raise adapter_error(name, f"tensor {prefix}.lora_{half}.weight has shape {got}, expected {want} "
-                                f"(r={rank} and the base model's {module})",
+    for half, shape, want in zip("AB", shapes, ([rank, inp], [out, rank])):
+        if list(shape or []) != want:
+            raise adapter_error(name, f"tensor {prefix}.lora_{half}.weight has shape {list(shape or [])}, "
+                                f"expected {want} (r={rank} and the base model's {module})",
                                 "use an adapter trained for this base model, with one rank r for every module")
-    return pair["A"], pair["B"]

@@ -128,6 +128,10 @@ def bad_adapters(model_dir: Path, root: Path) -> dict[str, tuple[Path, str]]:
     tensors = load_file(other / "adapter_model.safetensors")
     key = "base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight"
     save_file({**tensors, key: tensors[key][:32]}, other / "adapter_model.safetensors")  # as for a narrower model
+    half = write_adapter(model_dir, root / "half", 4, 8, ["q_proj", "v_proj"])
+    tensors = load_file(half / "adapter_model.safetensors")
+    del tensors["base_model.model.model.layers.2.self_attn.v_proj.lora_A.weight"]
+    save_file(tensors, half / "adapter_model.safetensors")
     missing = write_adapter(model_dir, root / "missing", 4, 8, ["q_proj"])
     (missing / "adapter_model.safetensors").unlink()
     dora = write_adapter(model_dir, root / "dora", 4, 8, ["q_proj"])
@@ -135,7 +139,8 @@ def bad_adapters(model_dir: Path, root: Path) -> dict[str, tuple[Path, str]]:
     (dora / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True}))
     return {"too-big": (too_big, "max_lora_rank=8"), "unknown": (unknown, "lm_head"),
             "other-model": (other, "layers.1.self_attn.q_proj.lora_B.weight has shape [32, 4]"),
-            "missing": (missing, "no adapter_model.safetensors"), "dora": (dora, "use_dora")}
+            "missing": (missing, "no adapter_model.safetensors"), "dora": (dora, "use_dora"),
+            "half": (half, "layers.2.self_attn.v_proj.lora_A.weight is missing")}
 
 
 def test_bad_adapters_are_refused_and_the_slot_keeps_serving(model_dir: Path, adapters: dict,
