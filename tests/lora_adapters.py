@@ -34,6 +34,22 @@ def write_adapters(model_dir: Path, root: Path) -> dict[str, Path]:
             for k, (name, (r, a, t, rs)) in enumerate(ADAPTERS.items())}
 
 
+_ORACLES: dict[tuple[Path, tuple[tuple[int, ...], ...], int], tuple[dict[str, Path], dict[str | None, Any]]] = {}
+
+
+def oracle(model_dir: Path, root: Path, prompts: list[list[int]], new_tokens: int
+           ) -> tuple[dict[str, Path], dict[str | None, list[list[int]]]]:
+    """ADAPTERS written under `root` and HF + peft's greedy tokens of `prompts` under each and the base model;
+    computed once per session and model (test modules share them: `root` must outlive the session's tests)."""
+    key = (model_dir, tuple(map(tuple, prompts)), new_tokens)
+    if key not in _ORACLES:
+        adapters = write_adapters(model_dir, root)
+        reference = {name: peft_greedy(model_dir, adapters.get(name) if name else None, prompts, new_tokens)
+                     for name in [None, *ADAPTERS]}
+        _ORACLES[key] = adapters, reference
+    return _ORACLES[key]
+
+
 def peft_greedy(model_dir: Path, adapter: Path | None, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
     """Greedy continuations from transformers with the adapter applied by peft itself (None: the base model)."""
     import peft

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from actors.shard.sampler import SamplingParams
 from cluster.engine import AsyncEngine
 from tests.local_grid import LocalGrid
-from tests.lora_adapters import ADAPTERS, peft_greedy, write_adapter, write_adapters
+from tests.lora_adapters import ADAPTERS, oracle, write_adapter
 from tests.reference import PROMPTS
 
 NEW = 10
@@ -32,14 +32,14 @@ def model_dir(model_dirs: dict) -> Path:
 
 @pytest.fixture(scope="module")
 def adapters(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The three random adapters, saved by peft."""
-    return write_adapters(model_dir, tmp_path_factory.mktemp("loras"))
+    """The three random adapters, saved by peft (once per session)."""
+    return oracle(model_dir, tmp_path_factory.mktemp("loras"), ALL, NEW)[0]
 
 
 @pytest.fixture(scope="module")
 def reference(model_dir: Path, adapters: dict[str, Path]) -> dict[str | None, list[list[int]]]:
     """HF + peft greedy tokens of every prompt under every adapter and the base model."""
-    return {name: peft_greedy(model_dir, adapters[name] if name else None, ALL, NEW) for name in NAMES}
+    return oracle(model_dir, Path(), ALL, NEW)[1]
 
 
 def load_all(grid: LocalGrid, adapters: dict[str, Path]) -> None:

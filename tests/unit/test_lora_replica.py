@@ -14,7 +14,7 @@ from cluster.generate import collect
 from cluster.replica import Replica
 from cluster.request import GenerationParams, RequestError
 from tests.local_grid import LocalGrid, config, grids
-from tests.lora_adapters import peft_greedy, write_adapter, write_adapters
+from tests.lora_adapters import oracle, write_adapter
 from tests.reference import greedy
 from tests.unit.test_lora import ALL, NAMES, NEW
 
@@ -27,14 +27,14 @@ def model_dir(model_dirs: dict) -> Path:
 
 @pytest.fixture(scope="module")
 def adapters(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The three random adapters, saved by peft."""
-    return write_adapters(model_dir, tmp_path_factory.mktemp("loras"))
+    """The three random adapters, saved by peft (once per session)."""
+    return oracle(model_dir, tmp_path_factory.mktemp("loras"), ALL, NEW)[0]
 
 
 @pytest.fixture(scope="module")
 def reference(model_dir: Path, adapters: dict[str, Path]) -> dict[str | None, list[list[int]]]:
     """HF + peft greedy tokens of every prompt under every adapter and the base model."""
-    return {name: peft_greedy(model_dir, adapters[name] if name else None, ALL, NEW) for name in NAMES}
+    return oracle(model_dir, Path(), ALL, NEW)[1]
 
 
 class SlotWatchGrid(LocalGrid):
