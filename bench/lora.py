@@ -55,12 +55,12 @@ def decode_step(seqs: int, slots: list[int | None], vocab: int) -> StepInput:
                      lora=slots if any(s is not None for s in slots) else None)
 
 
-def time_cases(runner: StageRunner, steps: list[StepInput], rounds: int) -> list[float]:
-    """Median milliseconds per step of each of `steps`, timed in interleaved rounds (so load from other processes
-    on the box hits every case alike), after one warm-up round."""
-    samples: list[list[float]] = [[] for _ in steps]
+def time_cases(cases: list[tuple[StageRunner, StepInput]], rounds: int) -> list[float]:
+    """Median milliseconds per step of each (runner, step), timed in interleaved rounds (so load from other
+    processes on the box hits every case alike), after one warm-up round."""
+    samples: list[list[float]] = [[] for _ in cases]
     for r in range(rounds + 1):
-        for k, step in enumerate(steps):
+        for k, (runner, step) in enumerate(cases):
             for _ in range(3):
                 start = time.perf_counter()
                 runner.execute(step)
@@ -69,40 +69,46 @@ def time_cases(runner: StageRunner, steps: list[StepInput], rounds: int) -> list
     return [1000 * statistics.median(s) for s in samples]
 
 
+def make_runner(model: str, seqs: int, max_loras: int, rank: int) -> StageRunner:
+    """One whole-model shard with a KV cache for `seqs` sequences of CONTEXT + 1 tokens."""
+    plan = ShardPlan(model, 0, 1, 0, 1, "float32", max_model_len=CONTEXT + 16, block_size=BLOCK,
+                     max_loras=max_loras, max_lora_rank=rank)
+    runner = StageRunner(plan, TPGroup.single(), torch.device("cpu"))
+    runner.allocate_cache(seqs * -(-(CONTEXT + 1) // BLOCK))
+    return runner
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=BENCH_MODEL, help="local model folder (a random one is written if absent)")
     parser.add_argument("--seqs", type=int, default=16)
     parser.add_argument("--adapters", type=int, default=3)
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds of 3 steps per case")
+    parser.add_argument("--rounds", type=int, default=10, help="interleaved rounds of 3 steps per case")
     args = parser.parse_args()
     model = ensure_model(args.model)
     torch.set_num_threads(CORES)
     spec = ModelSpec.from_dir(model)
-    plan = ShardPlan(model, 0, 1, 0, 1, "float32", max_model_len=CONTEXT + 16, block_size=BLOCK,
-                     max_loras=args.adapters, max_lora_rank=args.rank)
-    runner = StageRunner(plan, TPGroup.single(), torch.device("cpu"))
-    runner.allocate_cache(args.seqs * -(-(CONTEXT + 1) // BLOCK))
+    runner = make_runner(model, args.seqs, args.adapters, args.rank)
+    plain = make_runner(model, args.seqs, 0, args.rank)  # LoRA off: what every row is compared with
     with tempfile.TemporaryDirectory() as tmp:
         for k in range(args.adapters):
             runner.load_lora(k, f"a{k}", str(write_random_adapter(Path(tmp) / f"a{k}", spec, args.rank, k)))
-    n, vocab = args.seqs, spec.vocab_size
-    cases = [("base model (no adapter in the batch)", [None] * n),
+    n, a = args.seqs, args.adapters
+    cases = [("LoRA on, no adapter in the batch", [None] * n),
              ("one adapter for every sequence", [0] * n),
-             (f"{args.adapters} adapters + base, mixed", [None if i % (args.adapters + 1) == args.adapters
-                                                        else i % (args.adapters + 1) for i in range(n)]),
-             (f"{args.adapters} adapters, mixed", [i % args.adapters for i in range(n)])]
-    steps = [decode_step(n, slots, vocab) for _, slots in cases]
-    labels = [label for label, _ in cases]
-    ms = time_cases(runner, steps, args.rounds)
+             (f"{a} adapters + base, mixed", [None if i % (a + 1) == a else i % (a + 1) for i in range(n)]),
+             (f"{a} adapters, mixed", [i % a for i in range(n)])]
+    steps = [decode_step(n, slots, spec.vocab_size) for _, slots in cases]
+    labels = ["LoRA off (max_loras 0)", *(label for label, _ in cases)]
+    ms = time_cases([(plain, steps[0]), *((runner, step) for step in steps)], args.rounds)
     masked, lora.MASKED_MAX_ADAPTERS = lora.MASKED_MAX_ADAPTERS, 0  # the per-adapter gather/scatter path
-    ms += time_cases(runner, steps[-1:], args.rounds)
+    ms += time_cases([(plain, steps[0]), (runner, steps[-1])], args.rounds)[1:]
     lora.MASKED_MAX_ADAPTERS = masked
-    labels.append(f"{args.adapters} adapters, mixed, grouped per adapter")
+    labels.append(f"{a} adapters, mixed, grouped per adapter")
     rows: list[list[object]] = [[label, t, t / ms[0]] for label, t in zip(labels, ms)]
     table(f"LoRA decode step: {n} sequences, rank {args.rank}, {model_info(model)}, {CORES} torch threads",
-          ["batch", "ms/step", "vs base"], rows,
+          ["batch", "ms/step", "vs LoRA off"], rows,
           [f"median of {3 * args.rounds} steps per case, interleaved over {args.rounds} rounds; context "
            f"{CONTEXT} tokens per sequence; every adapter targets q/k/v/o/gate/up/down"])
 
