@@ -63,6 +63,9 @@ def test_model_selects_the_adapter_and_models_lists_it(client: openai.OpenAI, ch
     chat = client.chat.completions.create(model="static", messages=[{"role": "user", "content": "hi"}],
                                           max_tokens=4, temperature=0)
     assert chat.model == "static" and chat.usage.completion_tokens >= 1
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="static", prompt=PROMPT, max_tokens=NEW, temperature=0, stream=True, extra_body={"ignore_eos": True}))
+    assert streamed == expected(chat_model, adapters["static"])
     response = client.responses.create(model="static", input="hi", max_output_tokens=4, temperature=0)
     assert response.model == "static" and response.status in ("completed", "incomplete")
 
