@@ -53,6 +53,7 @@ class Slot:
     pins: int = 0
     used: int = 0
     loaded: asyncio.Future[None] | None = None  # done once the workers hold the adapter
+    draining: bool = False  # another adapter waits for it: no new pins, so it frees up (no starvation)
 
 
 def prefix_root(uid: int) -> int:
@@ -115,20 +116,28 @@ class LoraRegistry:
 
     async def acquire(self, name: str, reg: Registered) -> int:
         """Pin a slot holding `reg` (loading it into the least recently used free slot if needed; waiting while
-        every slot is pinned by other adapters); ValueError if the workers refuse the adapter."""
+        every slot is pinned by other adapters); ValueError if the workers refuse the adapter.
+
+        A request that has to wait makes the least recently used slot drain: it takes no new pins, so under
+        steady traffic for the resident adapters it still frees up, and waiting adapters take turns."""
         if not self.slots:
             raise RequestError("this server runs without LoRA; set enable_lora: true to serve adapters", "model")
         while True:
-            held = next((k for k, s in enumerate(self.slots) if s.uid == reg.uid), None)
+            held = next((k for k, s in enumerate(self.slots) if s.uid == reg.uid and not s.draining), None)
             if held is not None:
                 return await self._use(held)
             free = [k for k, s in enumerate(self.slots) if s.pins == 0]
             if free:
                 break
+            if not any(s.draining or s.uid == reg.uid for s in self.slots):
+                min(self.slots, key=lambda s: s.used).draining = True
             waiter = asyncio.get_running_loop().create_future()
             self._waiters.append(waiter)
             await waiter
-        slot = min(free, key=lambda k: self.slots[k].used)
+        slot = next((k for k in free if self.slots[k].uid == reg.uid), min(free, key=lambda k: self.slots[k].used))
+        if self.slots[slot].uid == reg.uid:  # drained but still holding this adapter: keep it, no reload
+            self.slots[slot].draining = False
+            return await self._use(slot)
         # The load holds a pin of its own until it ends, so no other adapter takes the slot meanwhile, and runs as
         # its own task, so a requester that goes away does not cut it short under the others waiting for it.
         s = self.slots[slot] = Slot(reg.uid, name, reg.path, 1, next(self._clock))

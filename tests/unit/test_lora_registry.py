@@ -127,3 +127,30 @@ def test_runtime_adapters_come_from_the_catalog_with_fresh_roots() -> None:
         assert second.path == "/adapters/rt-v2" and prefix_root(second.uid) != prefix_root(first.uid) < -1
 
     asyncio.run(main())
+
+
+def test_waiting_adapters_take_turns_under_steady_traffic() -> None:
+    """One slot held by a stream of requests for `a`: once `b` waits, new `a` requests queue behind it (the slot
+    drains), so `b` runs, then `a` again: no starvation."""
+    grid = FakeGrid()
+    reg = registry(grid, slots=1)
+
+    async def main() -> list[str]:
+        order: list[str] = []
+
+        async def request(name: str, hold_s: float) -> None:
+            slot = await use(reg, name)
+            order.append(name)
+            await asyncio.sleep(hold_s)
+            reg.release(slot)
+
+        first = asyncio.ensure_future(request("a", 0.05))
+        await asyncio.sleep(0.02)  # a is loaded and running
+        waiting_b = asyncio.ensure_future(request("b", 0.01))
+        await asyncio.sleep(0.005)
+        later_a = asyncio.ensure_future(request("a", 0.01))  # arrives while b waits: must not overtake it
+        await asyncio.gather(first, waiting_b, later_a)
+        return order
+
+    assert asyncio.run(main()) == ["a", "b", "a"]
+    assert grid.loads == [(0, "a"), (0, "b"), (0, "a")]
