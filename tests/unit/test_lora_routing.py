@@ -78,3 +78,21 @@ def test_batch_lines_take_model() -> None:
 
     _, params = line_request(line, None, Limits(64, 64, 96))
     assert params.lora == "sql"
+
+
+def test_load_routes_refuse_without_runtime_loading(lora_cfg: GridServeConfig) -> None:
+    """With allow_runtime_lora_updating off the load/unload routes answer 400 saying how to turn it on; with it on
+    the served model's and configured adapters' names are still refused (they change in the config only)."""
+    from types import SimpleNamespace
+
+    from deployments.http import APIError
+    from deployments.lora_api import check_runtime
+
+    with pytest.raises(APIError) as err:
+        check_runtime(SimpleNamespace(cfg=lora_cfg), "new")
+    assert err.value.status == 400 and "allow_runtime_lora_updating: true" in err.value.message
+    runtime = SimpleNamespace(cfg=lora_cfg.model_copy(update={"allow_runtime_lora_updating": True}))
+    assert check_runtime(runtime, "new") is runtime.cfg
+    for taken in ("base", "sql"):
+        with pytest.raises(APIError, match="lora_modules"):
+            check_runtime(runtime, taken)
