@@ -19,7 +19,9 @@ from cluster.request import ChoiceDelta, GenerationParams, RequestError
 
 log = logging.getLogger("gridserve.lora")
 Chunks = AsyncGenerator[list[ChoiceDelta], None]
-Lookup = Callable[[str], Awaitable[str | None]]  # a runtime-loaded adapter's folder, or None (not loaded)
+# A runtime-loaded adapter's (folder, load number), or None (not loaded): a new number means new weights, even from
+# the same folder (vLLM's load_inplace).
+Lookup = Callable[[str], Awaitable[tuple[str, int] | None]]
 
 
 class LoraGrid(Protocol):
@@ -41,6 +43,7 @@ class Registered:
     path: str
     uid: int
     static: bool  # from lora_modules (else loaded at runtime)
+    version: int = 0  # the runtime catalog's load number
 
 
 @dataclass
@@ -83,13 +86,14 @@ class LoraRegistry:
         reg = self.known.get(name)
         if reg is not None and reg.static:
             return reg
-        path = await self.lookup(name) if self.lookup is not None and self.slots else None
-        if path is None:
+        found = await self.lookup(name) if self.lookup is not None and self.slots else None
+        if found is None:
             self.known.pop(name, None)
             raise RequestError(f"model {name!r} does not exist; it is neither the served model nor a loaded LoRA "
                                "adapter (GET /v1/models lists them)", "model", 404, "model_not_found")
-        if reg is None or reg.path != path:  # newly loaded, or unloaded and loaded again from elsewhere
-            reg = self.known[name] = Registered(path, next(self._uids), False)
+        path, version = found
+        if reg is None or (reg.path, reg.version) != (path, version):  # newly loaded, or loaded again
+            reg = self.known[name] = Registered(path, next(self._uids), False, version)
         return reg
 
     def stream(self, params: GenerationParams, run: Callable[[GenerationParams], Chunks]) -> Chunks:

@@ -27,29 +27,31 @@ from deployments.http import APIError, Ingress, api, parse_body
 
 @ray.remote(num_cpus=0)
 class LoraCatalog:
-    """Adapters loaded at runtime: name -> local folder."""
+    """Adapters loaded at runtime: name -> (local folder, load number; each load gets a new one)."""
 
     def __init__(self) -> None:
-        self.paths: dict[str, str] = {}
+        self.paths: dict[str, tuple[str, int]] = {}
+        self.loads = 0
 
     def put(self, name: str, path: str, replace: bool) -> bool:
         """Register `name` (False if it exists and `replace` is off)."""
         if name in self.paths and not replace:
             return False
-        self.paths[name] = path
+        self.loads += 1
+        self.paths[name] = (path, self.loads)
         return True
 
     def drop(self, name: str) -> bool:
         """Forget `name` (False if it was not loaded)."""
         return self.paths.pop(name, None) is not None
 
-    def get(self, name: str) -> str | None:
-        """The folder of `name`, or None."""
+    def get(self, name: str) -> tuple[str, int] | None:
+        """The folder and load number of `name`, or None."""
         return self.paths.get(name)
 
     def all(self) -> dict[str, str]:
-        """Every adapter loaded at runtime."""
-        return dict(self.paths)
+        """Every adapter loaded at runtime: name -> folder."""
+        return {name: path for name, (path, _) in self.paths.items()}
 
 
 def catalog(app: str) -> Any:
@@ -60,9 +62,9 @@ def catalog(app: str) -> Any:
 
 def catalog_lookup(app: str) -> Any:
     """What a model replica's LoRA registry asks for a name it does not know from lora_modules."""
-    async def lookup(name: str) -> str | None:
-        path: str | None = await catalog(app).get.remote(name)
-        return path
+    async def lookup(name: str) -> tuple[str, int] | None:
+        found = await catalog(app).get.remote(name)
+        return None if found is None else (str(found[0]), int(found[1]))
     return lookup
 
 

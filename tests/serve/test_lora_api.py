@@ -88,6 +88,10 @@ def test_load_serve_unload_at_runtime(url: str, client: openai.OpenAI, chat_mode
     assert again.status_code == 400 and "already been loaded" in again.json()["error"]["message"]
     assert "rt" in [m.id for m in client.models.list().data]
     assert completion(client, "rt") == expected(chat_model, adapters["runtime"])
+    inplace = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "rt", "lora_path": str(adapters["static"]),
+                                                                "load_inplace": True}, timeout=60)
+    assert inplace.status_code == 200  # new weights under the same name: served from the next request on
+    assert completion(client, "rt") == expected(chat_model, adapters["static"])
     assert httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "rt"}, timeout=60).status_code == 200
     with pytest.raises(openai.NotFoundError):
         completion(client, "rt")

@@ -27,11 +27,11 @@ class FakeGrid:
         """Not used by the registry (a slot is overwritten when reused)."""
 
 
-def registry(grid: FakeGrid, slots: int = 2, catalog: dict[str, str] | None = None) -> LoraRegistry:
+def registry(grid: FakeGrid, slots: int = 2, catalog: dict[str, tuple[str, int]] | None = None) -> LoraRegistry:
     """Adapters a, b, c, bad from lora_modules; `catalog` plays the app's runtime catalog."""
     modules = {n: f"/adapters/{n}" for n in ("a", "b", "c", "bad")}
 
-    async def lookup(name: str) -> str | None:
+    async def lookup(name: str) -> tuple[str, int] | None:
         return (catalog or {}).get(name)
     return LoraRegistry(modules, slots, lambda: grid, lookup)
 
@@ -112,21 +112,27 @@ def test_abandoned_load_finishes_for_the_others() -> None:
 
 
 def test_runtime_adapters_come_from_the_catalog_with_fresh_roots() -> None:
-    """A name only the catalog knows resolves; unloaded it is a 404; loaded again it gets a new prefix root."""
-    catalog = {"rt": "/adapters/rt-v1"}
-    reg = registry(FakeGrid(), catalog=catalog)
+    """A name only the catalog knows resolves; unloaded it is a 404; loaded again, even from the same folder
+    (new weights there), it is a new registration: a new prefix root, and a slot load instead of the old slot."""
+    catalog = {"rt": ("/adapters/rt", 1)}
+    grid = FakeGrid()
+    reg = registry(grid, catalog=catalog)
 
     async def main() -> None:
         first = await reg.resolve("rt")
+        assert await reg.resolve("rt") is first  # unchanged in the catalog: the same registration
+        reg.release(await reg.acquire("rt", first))
         catalog.clear()
         with pytest.raises(RequestError) as err:
             await reg.resolve("rt")
         assert err.value.status == 404
-        catalog["rt"] = "/adapters/rt-v2"
+        catalog["rt"] = ("/adapters/rt", 2)
         second = await reg.resolve("rt")
-        assert second.path == "/adapters/rt-v2" and prefix_root(second.uid) != prefix_root(first.uid) < -1
+        assert second.path == first.path and prefix_root(second.uid) != prefix_root(first.uid) < -1
+        reg.release(await reg.acquire("rt", second))
 
     asyncio.run(main())
+    assert [name for _, name in grid.loads] == ["rt", "rt"]  # the second registration is loaded again
 
 
 def test_waiting_adapters_take_turns_under_steady_traffic() -> None:
