@@ -94,6 +94,28 @@ def test_per_adapter_groups_match_peft(model_dir: Path, adapters: dict, referenc
     assert grid.stages[0][0].lora is not None and len(grid.stages[0][0].lora.batch.groups) > 1
 
 
+def test_speculative_drafts_verify_under_each_adapter(model_dir: Path, adapters: dict, reference: dict) -> None:
+    """n-gram drafts are verified with the sequence's own adapter: output still HF + peft's, drafts were made."""
+    from cluster.speculative import SpeculativeConfig
+
+    grid = LocalGrid(str(model_dir), 2, 1, num_blocks=96, block_size=4, max_loras=3, max_lora_rank=8)
+    load_all(grid, adapters)
+    slots = {name: k for k, name in enumerate(adapters)}
+
+    async def main() -> tuple[list[list[int]], int]:
+        engine = AsyncEngine(grid, 4, 16, 256, 256, speculative=SpeculativeConfig(num_speculative_tokens=3))
+        streams = [engine.generate(p, SamplingParams(temperature=0.0), NEW, ignore_eos=True,
+                                   lora=None if a is None else (slots[a], -2 - slots[a])) for p, a in PAIRS]
+        async def tokens(stream: object) -> list[int]:
+            return [ev.token_id async for ev in stream if ev.token_id is not None]  # type: ignore[attr-defined]
+
+        got = list(await asyncio.gather(*(tokens(s) for s in streams)))
+        return got, engine.scheduler.draft_tokens
+
+    got, drafted = asyncio.run(main())
+    assert got == [reference[a][ALL.index(p)] for p, a in PAIRS] and drafted > 0
+
+
 def test_adapters_change_the_output(reference: dict) -> None:
     """The oracle is not vacuous: every adapter changes some prompt's greedy tokens."""
     for name in ADAPTERS:
