@@ -116,6 +116,16 @@ def test_speculative_drafts_verify_under_each_adapter(model_dir: Path, adapters:
     assert got == [reference[a][ALL.index(p)] for p, a in PAIRS] and drafted > 0
 
 
+def test_preempted_sequences_recompute_under_their_adapter(model_dir: Path, adapters: dict, reference: dict) -> None:
+    """A KV cache too small for the batch: preempted sequences are recomputed with their own adapter (and never
+    reuse another adapter's cached blocks), still HF + peft's tokens."""
+    grid = LocalGrid(str(model_dir), 1, 1, num_blocks=14, block_size=4, max_loras=3, max_lora_rank=8)
+    load_all(grid, adapters)
+    got, engine = run(grid, adapters, PAIRS)
+    assert engine.scheduler.num_preemptions > 0
+    assert got == [reference[a][ALL.index(p)] for p, a in PAIRS]
+
+
 def test_adapters_change_the_output(reference: dict) -> None:
     """The oracle is not vacuous: every adapter changes some prompt's greedy tokens."""
     for name in ADAPTERS:
