@@ -9,10 +9,11 @@ from typing import Any
 
 from cluster.config import GridServeConfig
 
-# A CPU worker's OpenMP threads sleep at a barrier instead of spinning (libgomp's default spins ~300k rounds):
-# the cores are shared with the serving processes (engine, ingress, proxy), and a spinning thread takes the core
-# its step's other thread needs; the step then waits out a scheduler time slice at every barrier.
+# A CPU worker's OpenMP threads spin a short while at a barrier, then sleep. libgomp's default (~300k rounds) keeps
+# them spinning through the gap between steps, on cores the serving processes (engine, ingress, proxy) need;
+# sleeping at once (OMP_WAIT_POLICY=PASSIVE) makes every parallel region of a step pay a wake-up instead.
 OPENMP_WAIT_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")  # either one set by the user wins
+SPIN_ROUNDS = "10000"  # ~ the gap between two parallel regions of one step, well short of the gap between steps
 
 
 @dataclass(frozen=True)
@@ -54,13 +55,13 @@ class Layout:
         return pp_rank if self.per_stage else pp_rank * self.tp + tp_rank
 
     def worker_options(self, env: dict[str, str] | None = None) -> dict[str, Any]:
-        """Actor options of one worker: its share of the bundle; on CPU also its OpenMP wait policy, unless `env`
+        """Actor options of one worker: its share of the bundle; on CPU also its OpenMP spin count, unless `env`
         (default: this process's environment, which Ray passes on to workers) already sets one."""
         if self.resource == "GPU":
             return {"num_gpus": 1, "num_cpus": 0}
         options: dict[str, Any] = {"num_cpus": self.per_worker}
         if not any(name in (os.environ if env is None else env) for name in OPENMP_WAIT_VARS):
-            options["runtime_env"] = {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}}
+            options["runtime_env"] = {"env_vars": {"GOMP_SPINCOUNT": SPIN_ROUNDS}}
         return options
 
 

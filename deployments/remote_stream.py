@@ -99,7 +99,8 @@ class ChunkStream:
             if d.finish_reason is not None:
                 self.open.discard(d.index)
             ids, chars = self.sent[d.index]
-            self.sent[d.index] = (ids + d.token_ids, chars + len(d.text))
+            ids.extend(d.token_ids)  # in place: a long answer is not copied once per token
+            self.sent[d.index] = (ids, chars + len(d.text))
 
     async def _read(self) -> AsyncIterator[list[ChoiceDelta]]:
         lost = "the stream ended early"
@@ -154,7 +155,7 @@ class ChunkStream:
         ids, chars = self.sent[index]
         seed = None if self.params.seed is None else self.params.seed + index  # as the replica seeds choice `index`
         params = self.params.model_copy(update={
-            "n": 1, "seed": seed, "resume": Resume(token_ids=ids, text_chars=chars) if ids else None})
+            "n": 1, "seed": seed, "resume": Resume(token_ids=list(ids), text_chars=chars) if ids else None})
         source = self.reopen(params)
         try:
             async for chunk in source:
