@@ -18,6 +18,11 @@ def main(argv: list[str] | None = None) -> int:
     cmd, rest = argv[0], argv[1:]
     if cmd == "serve":
         config = rest[0] if rest else "ray_config.yaml"
+        if config.endswith((".yaml", ".yml")) and not os.path.isfile(config):
+            print(f"gridserve serve: config file {config!r} not found in {os.getcwd()}; run it from the repository "
+                  "root (where ray_config.yaml is) or pass the file's path: gridserve serve PATH/ray_config.yaml",
+                  file=sys.stderr)
+            return 2
         # Serve's proxy reaches replicas over gRPC instead of actor calls: less per request (BENCHMARKS.md).
         os.environ.setdefault("RAY_SERVE_PROXY_USE_GRPC", "1")
         # Every method of ours is async and waits only in awaits (steps go over non-blocking sockets), so Serve may

@@ -54,6 +54,17 @@ def test_serve_keeps_a_users_serve_settings(monkeypatch: pytest.MonkeyPatch) -> 
     assert os.environ["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"] == "1"
 
 
+def test_serve_outside_the_repository_says_where_the_config_is(monkeypatch: pytest.MonkeyPatch,
+                                                              tmp_path: os.PathLike[str],
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """Started away from ray_config.yaml, serve says which file is missing and how to pass it (not an import error)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli.os, "execvp", lambda *_: pytest.fail("serve run must not start without its config"))
+    assert cli.main(["serve"]) == 2
+    err = capsys.readouterr().err
+    assert "'ray_config.yaml' not found" in err and "gridserve serve PATH/ray_config.yaml" in err
+
+
 def test_existing_cluster_is_joined_as_it_is(monkeypatch: pytest.MonkeyPatch) -> None:
     """A running cluster (or RAY_ADDRESS) is joined without changing how Ray picks its node address."""
     run_serve(monkeypatch, ray_running=True)
