@@ -8,16 +8,17 @@ import asyncio
 import logging
 import os
 from collections.abc import AsyncGenerator, Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from cluster.config import GridServeConfig
-from cluster.engine import AsyncEngine, StepGrid
+from cluster.engine import AsyncEngine
 from cluster.generate import collect, failed, merge_choices, text_streams
-from cluster.lora import Lookup, LoraGrid, LoraRegistry
+from cluster.lora import Lookup, LoraRegistry
 from cluster.metrics import ReplicaMetrics, grid_flags
 from cluster.migration import Resumable
+from cluster.replica_contract import RETRY_AFTER_OVERLOAD_S, RETRY_AFTER_REBUILD_S, ReplicaGrid, ReplicaUnavailable
 from cluster.request import ChoiceDelta, GenerationParams, RequestError, Result
 from cluster.structured import GrammarMatchers
 from cluster.tokenizer import load_tokenizer
@@ -25,34 +26,11 @@ from cluster.tokenizer import load_tokenizer
 if TYPE_CHECKING:  # Ray is imported only where a Ray grid is made: tests run replicas over in-process grids
     from ray.util.placement_group import PlacementGroup
 
+# The contract's names are re-exported: the faces and tests import them from here.
+__all__ = ["RETRY_AFTER_OVERLOAD_S", "RETRY_AFTER_REBUILD_S", "ROUTING_DIGESTS", "Replica", "ReplicaGrid",
+           "ReplicaUnavailable"]
 log = logging.getLogger("gridserve.replica")
-RETRY_AFTER_REBUILD_S = 5  # Retry-After while a failed grid is rebuilt (a rebuild reloads every shard)
-RETRY_AFTER_OVERLOAD_S = 1  # Retry-After when the waiting queue is full (a few decode steps free seats)
 ROUTING_DIGESTS = 16384  # most cached-block digests per routing report: bounds what Serve's controller relays
-
-
-class ReplicaGrid(StepGrid, LoraGrid, Protocol):
-    """What a replica needs of its grid beyond stepping: LoRA slots, per-worker stats and teardown."""
-
-    def worker_stats(self, timeout_s: float = 10.0) -> list[dict[str, Any]]:
-        """Each worker's place, memory and recent utilization, stage-major."""
-        ...
-
-    def close_dag(self) -> None:
-        """Release step machinery bound to the current event loop."""
-        ...
-
-    def shutdown(self) -> None:
-        """Stop every worker."""
-        ...
-
-
-class ReplicaUnavailable(RuntimeError):
-    """The replica cannot take the request now; retry after `retry_after_s` seconds."""
-
-    def __init__(self, message: str, retry_after_s: int) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
 
 
 class Replica:
