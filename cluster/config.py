@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 from actors.shard.checkpoint import model_spec
 from actors.shard.partition import Partition, resolve_partition
 from actors.shard.spec import ModelSpec
-from cluster.speculative import SpeculativeConfig
+from cluster.speculative import SpeculativeConfig, draft_problems
 
 log = logging.getLogger("gridserve")
 
@@ -88,9 +88,11 @@ class GridServeConfig(BaseModel):
     enable_prefix_caching: bool = Field(True, description="Reuse the KV blocks of prompt prefixes already computed "
                                         "(shared system prompts, chat history): their prefill is skipped.")
     speculative_config: SpeculativeConfig | None = Field(
-        None, description="n-gram speculative decoding, vLLM's names: {method: ngram, num_speculative_tokens: k, "
-        "prompt_lookup_max, prompt_lookup_min}; drafts copied from the sequence's own earlier tokens are verified "
-        "k at a time with the same output as without (greedy identical, sampled by rejection). Off when unset.")
+        None, description="Speculative decoding, vLLM's names: n-gram {method: ngram, num_speculative_tokens: k, "
+        "prompt_lookup_max, prompt_lookup_min} copies drafts from the sequence's own earlier tokens; a draft model "
+        "{model: <folder>, num_speculative_tokens: k} (method draft_model) proposes them with a smaller model of "
+        "the same tokenizer. Drafts are verified k at a time with the same output as without (greedy identical, "
+        "sampled by rejection). Off when unset.")
     enable_lora: bool = Field(False, description="Serve LoRA adapters (vLLM's names below): a request whose `model` "
                               "names an adapter runs with it, in the same steps as other adapters and the base model.")
     max_loras: int = Field(1, ge=1, le=64, description="LoRA adapters resident per replica (slots on every worker); a "
@@ -179,6 +181,7 @@ class GridServeConfig(BaseModel):
             problems.append(f"max_num_batched_tokens={self.max_num_batched_tokens} must be >= max_num_seqs="
                             f"{self.max_num_seqs} so every running sequence can decode in one step; raise it")
         problems += lora_problems(self, spec)
+        problems += draft_problems(self.speculative_config, spec, self.max_model_len)
         if self.max_model_len > spec.max_position_embeddings:
             problems.append(f"max_model_len={self.max_model_len} exceeds the model's context length "
                             f"(max_position_embeddings={spec.max_position_embeddings}); lower max_model_len or "

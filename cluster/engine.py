@@ -18,7 +18,7 @@ from cluster.blocks import BlockManager
 from cluster.metrics import RequestMetrics
 from cluster.request import Limits
 from cluster.scheduler import Scheduler, Sequence
-from cluster.speculative import SpeculativeConfig
+from cluster.speculative import Drafter, SpeculativeConfig
 from cluster.structured import GrammarMatchers, GrammarSpec
 
 log = logging.getLogger("gridserve.engine")
@@ -69,14 +69,14 @@ class AsyncEngine:
                  max_model_len: int, eos_token_ids: tuple[int, ...] = (), max_inflight: int | None = None,
                  step_timeout_s: float | None = None, prefix_caching: bool = True,
                  metrics: RequestMetrics | None = None, grammars: GrammarMatchers | None = None,
-                 speculative: SpeculativeConfig | None = None) -> None:
+                 speculative: SpeculativeConfig | None = None, drafter: Drafter | None = None) -> None:
         self.grid = grid
         self.step_timeout_s = step_timeout_s  # a step slower than this means a stuck or dead worker
         self.eos = frozenset(eos_token_ids)
         self.max_inflight = max_inflight or grid.pp
         self.metrics = metrics
         self.scheduler = Scheduler(BlockManager(grid.num_blocks, block_size, prefix_caching), max_num_seqs,
-                                   max_num_batched_tokens, max_model_len, grammars, speculative)
+                                   max_num_batched_tokens, max_model_len, grammars, speculative, drafter)
         self.streams: dict[int, asyncio.Queue[TokenEvent]] = {}
         self.stats = EngineStats()
         self._ids = itertools.count()
@@ -261,10 +261,16 @@ class AsyncEngine:
     @classmethod
     def from_config(cls, grid: StepGrid, cfg: Any, eos_token_ids: tuple[int, ...] = (),
                     metrics: RequestMetrics | None = None, grammars: GrammarMatchers | None = None) -> AsyncEngine:
-        """An engine over `grid` with the limits of a GridServeConfig."""
+        """An engine over `grid` with the limits of a GridServeConfig (and its draft model, loaded here)."""
+        spec, drafter = cfg.speculative_config, None
+        if spec is not None and spec.method == "draft_model":
+            from cluster.draft import load_draft
+
+            drafter = load_draft(spec.model, grid.num_blocks * cfg.block_size, cfg.block_size, cfg.max_model_len,
+                                 cfg.torch_dtype_name, cfg.device)
         return cls(grid, cfg.block_size, cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.max_model_len,
                    eos_token_ids, step_timeout_s=cfg.step_timeout_s, prefix_caching=cfg.enable_prefix_caching,
-                   metrics=metrics, grammars=grammars, speculative=cfg.speculative_config)
+                   metrics=metrics, grammars=grammars, speculative=spec, drafter=drafter)
 
     async def _submit(self, step: Any) -> StepOutput:
         """Run one step on the grid; the last stage's TP rank 0 answers (or the step times out)."""

@@ -9,7 +9,7 @@ from actors.shard.runner import NO_TOKEN, StepInput, StepOutput
 from cluster.blocks import BlockManager
 from cluster.request import RequestError
 from cluster.sequence import Sequence
-from cluster.speculative import SpeculativeConfig, propose
+from cluster.speculative import Drafter, SpeculativeConfig, propose
 from cluster.structured import GrammarMatchers
 
 __all__ = ["Scheduler", "Sequence"]  # Sequence is imported from here too
@@ -20,10 +20,11 @@ class Scheduler:
 
     def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
                  max_model_len: int, grammars: GrammarMatchers | None = None,
-                 speculative: SpeculativeConfig | None = None) -> None:
+                 speculative: SpeculativeConfig | None = None, drafter: Drafter | None = None) -> None:
         self.blocks = blocks
         self.grammars = grammars
         self.speculative = speculative
+        self.drafter = drafter  # proposes drafts with a model (None: n-gram lookup)
         self.draft_tokens = 0  # drafts proposed and verified so far (vLLM's spec_decode_num_draft_tokens)
         self.accepted_tokens = 0  # of those, kept
         self.max_num_seqs = max_num_seqs
@@ -86,9 +87,11 @@ class Scheduler:
         return batch
 
     def _draft(self, decodes: list[Sequence]) -> None:
-        """Give each decoding sequence that speculation can serve exactly its n-gram drafts (none for the rest):
-        grammars, penalties, logit bias and logprobs read each token before the next, so they go one at a time."""
+        """Give each decoding sequence that speculation can serve exactly its drafts, n-gram or the draft model's
+        (none for the rest): grammars, penalties, logit bias and logprobs read each token before the next, so they
+        go one at a time."""
         spec = self.speculative
+        wanted: list[tuple[Sequence, int]] = []
         for seq in decodes:
             seq.drafts = []
             p = seq.params
@@ -96,8 +99,14 @@ class Scheduler:
                 continue
             room = min(spec.num_speculative_tokens, seq.max_tokens - len(seq.output_ids) - 1,
                        self.max_model_len - len(seq.tokens) - 1)
-            if room > 0:
+            if room > 0 and self.drafter is None:
                 seq.drafts = propose(seq.tokens, room, spec.prompt_lookup_min, spec.prompt_lookup_max)
+            elif room > 0:
+                wanted.append((seq, room))
+        if wanted and self.drafter is not None:  # one batched round of the draft model
+            proposed = self.drafter.propose([s for s, _ in wanted], [r for _, r in wanted], self.running)
+            for (seq, _), drafts in zip(wanted, proposed):
+                seq.drafts = drafts
 
     def pending_prompt_tokens(self) -> int:
         """Tokens still to prefill (or recompute) over the sequences not in a step now, waiting ones included."""
