@@ -1,6 +1,7 @@
-"""n-gram speculative decoding on and off, same replica code, same prompts: output tokens/s at 1 and 16 clients on
-a workload where drafts should be kept (the answer quotes JSON given in the prompt) and one where they should not
-(free text). SmolLM2-135M-Instruct fp32, greedy, over an in-process grid (one thread; no Ray or HTTP).
+"""Speculative decoding (n-gram, or a draft model with --draft) on and off, same replica code, same prompts:
+output tokens/s at 1 and 16 clients on a workload where drafts should be kept (the answer quotes JSON given in the
+prompt) and one where they should not (free text). SmolLM2-135M-Instruct fp32, greedy, over an in-process grid
+(one thread; no Ray or HTTP).
 
 python -m bench.speculative [--clients 1 16] [--tokens 96] [--k 4] [--vllm] [--draft PATH [--draft-layers N]]
 
