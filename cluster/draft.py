@@ -2,10 +2,12 @@
 decoding sequence, greedily, batched over the sequences of a step; the target verifies them as it verifies n-gram
 drafts (a greedy draft is a point mass, so rejection sampling keeps sampled output exact).
 
-The draft runs as a one-worker stage (`StageRunner`, tp = pp = 1) in the engine's process, on its own KV cache and
-block manager. Each sequence's draft cache is tracked by the tokens it holds; a round feeds what is new since then
-(the drafts the target kept and its own next token, or the whole prompt at first), then k - 1 single tokens. Draft
-tokens the target rejected are simply overwritten later: the draft's context ends where the verified tokens end.
+The draft runs as a one-worker stage (`StageRunner`, tp = pp = 1) in the engine's process, on its CPU, with its
+own KV cache and block manager. Each sequence's draft cache is tracked by the tokens it holds; a round feeds what is
+new since then (the drafts the target kept and its own next token, or the whole prompt at first), then k - 1 single
+tokens. Draft tokens the target rejected are simply overwritten later: the draft's context ends where the verified
+tokens end. The cache of a sequence that left the running batch (finished, aborted, preempted) is freed at the
+start of the next round, before anything else takes draft blocks: only rounds use them.
 """
 from __future__ import annotations
 
@@ -132,13 +134,12 @@ class DraftModel:
             self.blocks.release(state.table)
 
 
-def load_draft(model: str, num_tokens: int, block_size: int, max_model_len: int, dtype: str | None,
-               device: str) -> DraftModel:
-    """The draft model loaded whole into this process (`device` 'auto': CUDA if this process sees a GPU), with a
-    KV cache of `num_tokens` tokens."""
-    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+def load_draft(model: str, num_tokens: int, block_size: int, max_model_len: int, dtype: str | None) -> DraftModel:
+    """The draft model loaded whole into this process's CPU memory, with a KV cache of `num_tokens` tokens (host
+    pages are taken as tokens fill it). Never on a GPU: this process may see a worker's GPU (a batch job's driver)
+    whose memory that worker has already taken."""
     plan = ShardPlan(model, 0, 1, 0, 1, dtype, max_model_len, block_size)
-    runner = StageRunner(plan, TPGroup.single(), torch.device("cuda" if use_cuda else "cpu"))
+    runner = StageRunner(plan, TPGroup.single(), torch.device("cpu"))
     num_blocks = max(1, -(-num_tokens // block_size))
     runner.allocate_cache(num_blocks)
     log.info("draft model %s: %d layers, %.1f MiB of weights, %d KV blocks, on %s", model, runner.spec.num_layers,

@@ -266,8 +266,8 @@ class AsyncEngine:
         if spec is not None and spec.method == "draft_model":
             from cluster.draft import load_draft
 
-            drafter = load_draft(spec.model, grid.num_blocks * cfg.block_size, cfg.block_size, cfg.max_model_len,
-                                 cfg.torch_dtype_name, cfg.device)
+            tokens = min(grid.num_blocks * cfg.block_size, cfg.max_num_seqs * cfg.max_model_len)  # the target's
+            drafter = load_draft(spec.model, tokens, cfg.block_size, cfg.max_model_len, cfg.torch_dtype_name)
         return cls(grid, cfg.block_size, cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.max_model_len,
                    eos_token_ids, step_timeout_s=cfg.step_timeout_s, prefix_caching=cfg.enable_prefix_caching,
                    metrics=metrics, grammars=grammars, speculative=spec, drafter=drafter)
