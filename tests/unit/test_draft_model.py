@@ -37,6 +37,16 @@ def draft(target: str, tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(truncated_copy(target, tmp_path_factory.mktemp("draft"), 3, noise=0.1, seed=3))
 
 
+@pytest.fixture(scope="module")
+def refs(target: str) -> list[list[int]]:
+    """Hugging Face's 24 greedy tokens after each LOOPY prompt."""
+    import torch
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)
+    return [hf_greedy(Path(target), p, 24, hf)[0] for p in LOOPY]
+
+
 def replica(target: str, draft: str | None, tp: int = 1, pp: int = 1, num_blocks: int = 64) -> Replica:
     """A replica over an in-process grid, speculating 4 tokens with `draft` (None: no speculation)."""
     spec = {"model": draft, "num_speculative_tokens": 4} if draft else None
@@ -65,9 +75,9 @@ def drafter(rep: Replica) -> DraftModel:
 
 
 @pytest.mark.parametrize("tp,pp", [(1, 1), (1, 2)])
-def test_greedy_output_equals_hf_and_no_speculation(target: str, draft: str, tp: int, pp: int) -> None:
+def test_greedy_output_equals_hf_and_no_speculation(target: str, refs: list[list[int]], draft: str, tp: int,
+                                                    pp: int) -> None:
     """Drafts change the number of target steps, never the tokens; a second round hits the prefix cache."""
-    refs = [hf_greedy(Path(target), p, 24)[0] for p in LOOPY]
     assert generate(replica(target, None, tp, pp), LOOPY, greedy(24)) == [refs]
     rep = replica(target, draft, tp, pp)
     assert generate(rep, LOOPY, greedy(24), rounds=2) == [refs, refs]  # round 2: prompts from the prefix cache
@@ -79,17 +89,15 @@ def test_greedy_output_equals_hf_and_no_speculation(target: str, draft: str, tp:
     assert drafter(rep).blocks.usage == 0.0 and not drafter(rep).states
 
 
-def test_preempted_sequences_keep_hf_tokens(target: str, draft: str) -> None:
+def test_preempted_sequences_keep_hf_tokens(target: str, refs: list[list[int]], draft: str) -> None:
     """A KV cache too small for the batch preempts sequences; their draft caches go, their output stays exact."""
     rep = replica(target, draft, num_blocks=24)
-    refs = [hf_greedy(Path(target), p, 24)[0] for p in LOOPY]
     assert generate(rep, LOOPY, greedy(24)) == [refs]
     assert rep.engine.scheduler.num_preemptions > 0 and rep.engine.scheduler.accepted_tokens > 0
 
 
-def test_limits_and_stop_tokens_inside_kept_drafts(target: str, draft: str) -> None:
+def test_limits_and_stop_tokens_inside_kept_drafts(target: str, refs: list[list[int]], draft: str) -> None:
     """max_tokens is exact mid-step and a stop token among kept drafts ends the output there."""
-    refs = [hf_greedy(Path(target), p, 24)[0] for p in LOOPY]
     assert generate(replica(target, draft), LOOPY, greedy(7)) == [[r[:7] for r in refs]]
     stop = refs[0][6]
     got = generate(replica(target, draft), LOOPY, GenerationParams(temperature=0.0, max_tokens=24, ignore_eos=True,
@@ -154,11 +162,10 @@ def test_draft_with_another_vocabulary_is_refused(target: str, tmp_path: Path) -
                                                                            "num_speculative_tokens": 2}})
 
 
-def test_target_as_its_own_draft_is_always_accepted(target: str, tmp_path: Path) -> None:
+def test_target_as_its_own_draft_is_always_accepted(target: str, refs: list[list[int]], tmp_path: Path) -> None:
     """With an exact copy of the target as draft every greedy draft is kept: the draft's cache bookkeeping (what
     it holds after kept and rejected rounds, chunks fed at the right positions) matches the target's tokens."""
     rep = replica(target, str(truncated_copy(target, tmp_path / "same", 4)), num_blocks=64)
-    refs = [hf_greedy(Path(target), p, 24)[0] for p in LOOPY]
     assert generate(rep, LOOPY, greedy(24)) == [refs]
     sched = rep.engine.scheduler
     assert sched.draft_tokens > 40 and sched.accepted_tokens == sched.draft_tokens
