@@ -87,6 +87,9 @@ class GridServeConfig(BaseModel):
                                 "instead of gloo over loopback TCP; false forces gloo. CUDA always uses NCCL.")
     enable_prefix_caching: bool = Field(True, description="Reuse the KV blocks of prompt prefixes already computed "
                                         "(shared system prompts, chat history): their prefill is skipped.")
+    async_scheduling: bool = Field(True, description="With tp = pp = 1: send each step before the previous one "
+                                   "answers (its decodes read the tokens the worker just sampled), so the worker "
+                                   "never waits on the engine's bookkeeping; off with speculative decoding.")
     speculative_config: SpeculativeConfig | None = Field(
         None, description="Speculative decoding, vLLM's names: n-gram {method: ngram, num_speculative_tokens: k, "
         "prompt_lookup_max, prompt_lookup_min} copies drafts from the sequence's own earlier tokens; a draft model "

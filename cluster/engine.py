@@ -69,7 +69,8 @@ class AsyncEngine:
                  max_model_len: int, eos_token_ids: tuple[int, ...] = (), max_inflight: int | None = None,
                  step_timeout_s: float | None = None, prefix_caching: bool = True,
                  metrics: RequestMetrics | None = None, grammars: GrammarMatchers | None = None,
-                 speculative: SpeculativeConfig | None = None, drafter: Drafter | None = None) -> None:
+                 speculative: SpeculativeConfig | None = None, drafter: Drafter | None = None,
+                 async_scheduling: bool = True) -> None:
         self.grid = grid
         self.step_timeout_s = step_timeout_s  # a step slower than this means a stuck or dead worker
         self.eos = frozenset(eos_token_ids)
@@ -77,6 +78,10 @@ class AsyncEngine:
         self.metrics = metrics
         self.scheduler = Scheduler(BlockManager(grid.num_blocks, block_size, prefix_caching), max_num_seqs,
                                    max_num_batched_tokens, max_model_len, grammars, speculative, drafter)
+        # One worker both embeds and samples only at tp = pp = 1: there the next step can go out before this one
+        # answers, its decodes reading the tokens the worker just sampled (see Scheduler._followers).
+        self.scheduler.lookahead = async_scheduling and grid.tp == 1 and grid.pp == 1 and speculative is None
+        self.slots = self.max_inflight + self.scheduler.lookahead  # steps the grid may hold at once
         self.streams: dict[int, asyncio.Queue[TokenEvent]] = {}
         self.stats = EngineStats()
         self._ids = itertools.count()
@@ -239,7 +244,7 @@ class AsyncEngine:
 
     def _launch(self, inflight: dict[asyncio.Future[Any], list[Sequence]]) -> None:
         """Start steps while pipeline slots and ready sequences exist."""
-        while len(inflight) < self.max_inflight:
+        while len(inflight) < self.slots:
             seqs = self.scheduler.schedule(self._micro_batch(), self._prompt_share(self.max_inflight - len(inflight)))
             if not seqs:
                 return
@@ -270,7 +275,8 @@ class AsyncEngine:
             drafter = load_draft(spec.model, tokens, cfg.block_size, cfg.max_model_len, cfg.torch_dtype_name)
         return cls(grid, cfg.block_size, cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.max_model_len,
                    eos_token_ids, step_timeout_s=cfg.step_timeout_s, prefix_caching=cfg.enable_prefix_caching,
-                   metrics=metrics, grammars=grammars, speculative=spec, drafter=drafter)
+                   metrics=metrics, grammars=grammars, speculative=spec, drafter=drafter,
+                   async_scheduling=cfg.async_scheduling)
 
     async def _submit(self, step: Any) -> StepOutput:
         """Run one step on the grid; the last stage's TP rank 0 answers (or the step times out)."""

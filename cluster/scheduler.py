@@ -27,6 +27,7 @@ class Scheduler:
         self.drafter = drafter  # proposes drafts with a model (None: n-gram lookup)
         self.draft_tokens = 0  # drafts proposed and verified so far (vLLM's spec_decode_num_draft_tokens)
         self.accepted_tokens = 0  # of those, kept
+        self.lookahead = False  # async scheduling: decodes join the next step before their current one answers
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
@@ -65,7 +66,7 @@ class Scheduler:
         parallelism several steps (micro-batches over disjoint sequences) can be in flight at once.
         """
         ready = [s for s in self.running if not s.in_flight]
-        decodes = [s for s in ready if s.remaining == 1]
+        decodes = [s for s in ready if s.remaining == 1] + self._followers()
         prefills = [s for s in ready if s.remaining > 1]
         decodes = decodes[:min(max_seqs or len(decodes), self.max_num_batched_tokens)]
         self._draft(decodes)
@@ -83,8 +84,21 @@ class Scheduler:
                 batch.append(seq)
         batch += self._admit(budget)
         for seq in batch:
-            seq.in_flight = True
+            seq.ahead, seq.in_flight = seq.in_flight, True  # already in a step: this one follows it
         return batch
+
+    def _followers(self) -> list[Sequence]:
+        """With async scheduling: decoding sequences whose unanswered step samples exactly one token that can be
+        fed on unseen (no drafts; no grammar or penalties, which read each token first; not at their limits).
+        None that a waiting sequence outranks, and none while blocks are short: only a sequence out of every step
+        can be preempted, so those must fall idle when their step lands."""
+        if not self.lookahead or self.blocks.num_available < len(self.running):
+            return []
+        head = self.waiting[0].rank if self.waiting else None
+        return [s for s in self.running if s.in_flight and not s.ahead and s.remaining == 1 and s.chunk == 1
+                and not s.drafts and not s.pool and s.grammar is None and not s.params.needs_history
+                and s.finish_reason is None and len(s.output_ids) + 1 < s.max_tokens
+                and len(s.tokens) + 1 < self.max_model_len and (head is None or head > s.rank)]
 
     def _draft(self, decodes: list[Sequence]) -> None:
         """Give each decoding sequence that speculation can serve exactly its drafts, n-gram or the draft model's
@@ -117,7 +131,7 @@ class Scheduler:
         """Give each ready sequence room for its next token, preempting the newest idle ones if blocks run out."""
         scheduled: list[Sequence] = []
         for seq in ready:
-            need = len(seq.tokens) + len(seq.drafts)
+            need = len(seq.tokens) + len(seq.drafts) + seq.in_flight  # a follower writes one slot past its tokens
             while seq in self.running and not self.blocks.can_grow(seq.block_table, need):
                 victims = sorted((v for v in self.running if not v.in_flight and v not in scheduled),
                                  key=lambda v: v.rank, reverse=True)  # lowest priority, newest first
@@ -191,26 +205,34 @@ class Scheduler:
         ids: list[int] = []
         pos: list[int] = []
         ends: list[int] = []
-        for seq in seqs:
-            end = seq.num_cached + seq.chunk
-            ids.extend(seq.span(seq.num_cached, end - len(seq.drafts)))
-            ids.extend(seq.drafts)  # after its last known token: verified in this step
-            pos.extend(range(seq.num_cached, end))
+        follow = [-1] * len(seqs)
+        for row, seq in enumerate(seqs):
+            first = seq.num_cached + seq.ahead  # a follower's new token sits one past what its other step computes
+            end = first + seq.chunk
+            if seq.ahead:
+                ids.append(NO_TOKEN)  # unknown here: the worker puts what it sampled for row `follow` in its place
+                follow[row] = seq.row
+            else:
+                ids.extend(seq.span(first, end - len(seq.drafts)))
+                ids.extend(seq.drafts)  # after its last known token: verified in this step
+            pos.extend(range(first, end))
             ends.append(end)
+            seq.row = row
         # Only a sequence whose chunk reaches its last token samples; penalties and grammars matter only there.
-        sample = [end == len(s.prompt_ids) + len(s.output_ids) + len(s.drafts) for s, end in zip(seqs, ends)]
+        sample = [end == len(s.prompt_ids) + len(s.output_ids) + len(s.drafts) + s.ahead for s, end in zip(seqs, ends)]
         history = [s.params.needs_history and go for s, go in zip(seqs, sample)]
         return StepInput(
             token_ids=np.asarray(ids, dtype=np.int64), positions=np.asarray(pos, dtype=np.int64),
             query_lens=[s.chunk for s in seqs], context_lens=ends,
             block_tables=[list(s.block_table) for s in seqs], sampling=[s.params for s in seqs],
-            output_index=[len(s.output_ids) for s in seqs],
+            output_index=[len(s.output_ids) + s.ahead for s in seqs],
             histories=[(s.prompt_ids, s.output_ids) if h else None for s, h in zip(seqs, history)]
             if any(history) else None,
             allowed=self._masks(seqs, sample), sample=None if all(sample) else sample,
             pool=[s.pool for s in seqs] if any(s.pool for s in seqs) else None,
             drafts=[len(s.drafts) for s in seqs] if any(s.drafts for s in seqs) else None,
-            lora=[s.lora_slot for s in seqs] if any(s.lora_slot is not None for s in seqs) else None)
+            lora=[s.lora_slot for s in seqs] if any(s.lora_slot is not None for s in seqs) else None,
+            follow=follow if any(r >= 0 for r in follow) else None)
 
     def _masks(self, seqs: list[Sequence], sample: list[bool]) -> tuple[list[int], np.ndarray] | None:
         """Grammar bitmasks of the constrained sequences that sample in this step (None if there are none)."""
@@ -224,10 +246,11 @@ class Scheduler:
         the grid kept), apply stop rules, retire finished sequences; returns the finished."""
         done: list[Sequence] = []
         for i, (seq, token) in enumerate(zip(seqs, out.token_ids)):
-            seq.in_flight, seq.new_tokens = False, 0
+            seq.in_flight, seq.ahead, seq.new_tokens = seq.ahead, False, 0  # a follower's step is still out
             drafted, seq.drafts = len(seq.drafts), []
-            if seq.finish_reason is not None:  # aborted while its step ran: its blocks are free to go now
-                self.blocks.release(seq.block_table)
+            if seq.finish_reason is not None:  # ended while its step ran: its blocks go once no step writes them
+                if not seq.in_flight:
+                    self.blocks.release(seq.block_table)
                 continue
             seq.num_cached += seq.chunk - drafted  # a rejected draft's slot holds nothing: it is overwritten later
             if seq.remaining:  # a prompt chunk short of the end: nothing was sampled for it

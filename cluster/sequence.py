@@ -26,6 +26,8 @@ class Sequence:
     finish_reason: str | None = None
     num_preemptions: int = 0
     in_flight: bool = False  # part of a step the grid has not answered yet (pipelined steps)
+    ahead: bool = False  # in two unanswered steps: the later one's input is the token the earlier one samples
+    row: int = -1  # its row in the latest step built (what a step looking ahead of that one points at)
     arrival: float = 0.0  # perf_counter() at submit (queue time, TTFT)
     scheduled_at: float | None = None  # perf_counter() of its first step
     grammar: GrammarSpec | None = None  # structured output: its tokens are masked by this grammar

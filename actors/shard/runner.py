@@ -43,6 +43,9 @@ class StepInput:
     pool: list[bool] | None = None  # per sequence: answer its last token's final hidden state, not a token
     drafts: list[int] | None = None  # per sequence: speculative draft tokens ending its chunk, to verify (None: 0)
     lora: list[int | None] | None = None  # per sequence: its LoRA adapter's slot (None: the base model)
+    # Async scheduling: per sequence, the row of the previous step whose sampled token is its one new token (sent
+    # before that step answered, so its id is unknown to the driver), or -1 where the token is given.
+    follow: list[int] | None = None
 
     def num_drafts(self, row: int) -> int:
         """How many of sequence `row`'s new tokens are drafts to verify."""
@@ -132,6 +135,7 @@ class StageRunner:
         self.split = HeadSplit.of(self.spec, tp.rank, tp.size)
         self.cache: PagedKVCache | None = None
         self.sampler = Sampler()
+        self.last_sampled: list[int] = []  # the last step's token per row (what a following step's rows read)
         self.is_first, self.is_last = plan.pp_rank == 0, plan.pp_rank == plan.pp_size - 1
 
     def _allowed(self, step: StepInput, rows: list[int]) -> tuple[list[int], torch.Tensor] | None:
@@ -191,7 +195,8 @@ class StageRunner:
         start = time.perf_counter()
         comm_before = self.tp.comm_seconds
         if self.is_first:
-            inputs = torch.tensor(step.token_ids, device=self.device)  # small: copy, never alias the store
+            ids = step.token_ids if step.follow is None else self._followed(step)
+            inputs = torch.tensor(ids, device=self.device)  # small: copy, never alias the store
         else:
             assert hidden is not None, f"stage {self.plan.pp_rank} needs the previous stage's hidden states"
             inputs = from_wire(hidden, self.dtype, self.device)  # [T, hidden]
@@ -209,6 +214,7 @@ class StageRunner:
         pooled = {row: out[int(ends[row])] for row in rows if step.pooled(row)}
         rows = [row for row in rows if not step.pooled(row)]
         if not rows:  # every sequence is mid-prompt or pooled: no logits, nothing to sample (the same on every rank)
+            self.last_sampled = [NO_TOKEN] * len(step.query_lens)
             return StepOutput([NO_TOKEN] * len(step.query_lens), hidden=self._pooled(pooled)) \
                 if self.tp.rank == 0 else None
         # Rows with drafts read logits at each draft's position too (the one before it predicts it).
@@ -236,10 +242,27 @@ class StageRunner:
                 drafts = [int(t) for t in step.token_ids[int(ends[row]) - d + 1:int(ends[row]) + 1]]
                 accepted[row], all_tokens[row] = self.sampler.verify(logits[at[k]:at[k + 1]], drafts,
                                                                      step.sampling[row], step.output_index[row])
+        self.last_sampled = all_tokens
         timings = {"step_s": time.perf_counter() - start, "comm_s": self.tp.comm_seconds - comm_before}
         return StepOutput(all_tokens, logits.cpu().numpy() if step.return_logits else None,
                           all_logprobs if any(lp is not None for lp in all_logprobs) else None, timings,
                           self._pooled(pooled), accepted or None)
+
+    def _followed(self, step: StepInput) -> np.ndarray:
+        """The step's token ids with each following row's new token taken from what the previous step sampled."""
+        if not (self.is_last and self.tp.size == 1):
+            raise ValueError(f"StepInput.follow needs the sampling worker to embed too (tp=1, pp=1), not tp_size="
+                             f"{self.tp.size}, pp_size={self.plan.pp_size}; schedule these steps without it")
+        assert step.follow is not None
+        ids: np.ndarray = step.token_ids.copy()
+        ends = np.cumsum(step.query_lens) - 1
+        for row, prev in enumerate(step.follow):
+            if prev >= 0:
+                token = self.last_sampled[prev] if prev < len(self.last_sampled) else NO_TOKEN
+                if token == NO_TOKEN:
+                    raise RuntimeError(f"row {row} follows row {prev} of the previous step, which sampled nothing")
+                ids[ends[row]] = token
+        return ids
 
     @staticmethod
     def _pooled(pooled: dict[int, torch.Tensor]) -> dict[int, np.ndarray] | None:

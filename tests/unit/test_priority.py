@@ -65,11 +65,12 @@ def test_kv_pressure_preempts_the_lowest_priority_first() -> None:
 
 def test_a_burst_of_low_priority_work_does_not_delay_an_urgent_request(model_dirs: dict) -> None:
     """Engine over a real (in-process) grid: 8 low-priority requests fill 2 seats; an urgent one submitted
-    mid-burst gets its first token within two steps (its prefill step, plus the one already in flight)."""
+    mid-burst gets its first token within its prefill step plus those already in flight (two with async
+    scheduling, where the next step goes out before the current one answers)."""
     d = str(model_dirs["llama_gqa"])
     grid = LocalGrid(d, 1, 1)
 
-    async def main() -> int:
+    async def main() -> tuple[int, int]:
         engine = AsyncEngine(grid, 4, 2, 256, 256)
 
         async def drain(events: object) -> None:
@@ -85,7 +86,8 @@ def test_a_burst_of_low_priority_work_does_not_delay_an_urgent_request(model_dir
             first = engine.stats.steps
             break
         await asyncio.gather(*burst)
-        return first - submitted
+        return first - submitted, engine.slots
 
-    assert asyncio.run(main()) <= 2
+    waited, held = asyncio.run(main())
+    assert held == 2 and waited <= held + 1
     grid.shutdown()
