@@ -6,12 +6,21 @@ from typing import Any
 
 import torch
 
+from tests.reference import PROMPTS
+
 # name -> (rank, alpha, target modules, use_rslora): different ranks, modules and scalings.
 ADAPTERS: dict[str, tuple[int, int, list[str], bool]] = {
     "all-r4": (4, 8, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], False),
     "attn-r8": (8, 16, ["q_proj", "v_proj", "o_proj"], True),
     "mlp-r2": (2, 6, ["gate_proj", "up_proj", "down_proj", "k_proj"], False),
 }
+
+NEW = 10
+PROMPT4 = [9, 21, 33, 45, 57, 69, 81, 93, 5, 17, 29, 41]  # three full blocks of 4: prefix caching has work
+ALL = [*PROMPTS, PROMPT4]
+NAMES: list[str | None] = [None, *ADAPTERS]
+# Every (prompt, adapter) pair: each adapter and the base model on several prompts, all in one batch.
+PAIRS = [(p, NAMES[(i + k) % len(NAMES)]) for i, p in enumerate(ALL) for k in range(2)]
 
 
 def write_adapter(model_dir: Path, out: Path, rank: int, alpha: int, targets: list[str], rslora: bool = False,

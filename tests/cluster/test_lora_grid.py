@@ -9,9 +9,8 @@ import pytest
 
 from actors.shard.sampler import SamplingParams
 from cluster.engine import AsyncEngine
-from tests.lora_adapters import peft_greedy, write_adapter, write_adapters
+from tests.lora_adapters import ALL, NAMES, NEW, PAIRS, peft_greedy, write_adapter, write_adapters
 from tests.ray_grid import make_grid
-from tests.unit.test_lora import ALL, NAMES, NEW, PAIRS
 
 pytestmark = pytest.mark.slow  # a Ray cluster per module
 

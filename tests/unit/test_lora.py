@@ -13,33 +13,7 @@ from safetensors.torch import load_file, save_file
 from actors.shard.sampler import SamplingParams
 from cluster.engine import AsyncEngine
 from tests.local_grid import LocalGrid
-from tests.lora_adapters import ADAPTERS, oracle, write_adapter
-from tests.reference import PROMPTS
-
-NEW = 10
-PROMPT4 = [9, 21, 33, 45, 57, 69, 81, 93, 5, 17, 29, 41]  # three full blocks of 4: prefix caching has work
-ALL = [*PROMPTS, PROMPT4]
-NAMES: list[str | None] = [None, *ADAPTERS]
-# Every (prompt, adapter) pair: each adapter and the base model on several prompts, all in one batch.
-PAIRS = [(p, NAMES[(i + k) % len(NAMES)]) for i, p in enumerate(ALL) for k in range(2)]
-
-
-@pytest.fixture(scope="module")
-def model_dir(model_dirs: dict) -> Path:
-    """The GQA Llama test model (2 KV heads: tp=2 splits them, tp=4 would replicate them)."""
-    return Path(model_dirs["llama_gqa"])
-
-
-@pytest.fixture(scope="module")
-def adapters(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The three random adapters, saved by peft (once per session)."""
-    return oracle(model_dir, tmp_path_factory.mktemp("loras"), ALL, NEW)[0]
-
-
-@pytest.fixture(scope="module")
-def reference(model_dir: Path, adapters: dict[str, Path]) -> dict[str | None, list[list[int]]]:
-    """HF + peft greedy tokens of every prompt under every adapter and the base model."""
-    return oracle(model_dir, Path(), ALL, NEW)[1]
+from tests.lora_adapters import ADAPTERS, ALL, NEW, PAIRS, PROMPT4, write_adapter
 
 
 def load_all(grid: LocalGrid, adapters: dict[str, Path]) -> None:
@@ -69,38 +43,40 @@ def run(grid: LocalGrid, adapters: dict[str, Path], pairs: list[tuple[list[int],
 
 
 @pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (1, 2), (2, 2)])
-def test_mixed_adapters_in_one_batch_match_peft(model_dir: Path, adapters: dict, reference: dict, tp: int,
+def test_mixed_adapters_in_one_batch_match_peft(lora_model_dir: Path, lora_adapters: dict, lora_reference: dict,
+                                                tp: int,
                                                 pp: int) -> None:
     """Base + three adapters (ranks 2, 4, 8; q/k/v/o/gate/up/down; rslora) decode HF + peft's greedy tokens."""
-    grid = LocalGrid(str(model_dir), tp, pp, num_blocks=96, block_size=4, max_loras=3, max_lora_rank=8)
-    load_all(grid, adapters)
-    got, engine = run(grid, adapters, PAIRS)
-    want = [reference[a][ALL.index(p)] for p, a in PAIRS]
+    grid = LocalGrid(str(lora_model_dir), tp, pp, num_blocks=96, block_size=4, max_loras=3, max_lora_rank=8)
+    load_all(grid, lora_adapters)
+    got, engine = run(grid, lora_adapters, PAIRS)
+    want = [lora_reference[a][ALL.index(p)] for p, a in PAIRS]
     assert got == want
     if pp == 1:
         assert engine.stats.steps == NEW  # one prefill step, then one decode step per token: no step per adapter
 
 
-def test_per_adapter_groups_match_peft(model_dir: Path, adapters: dict, reference: dict,
+def test_per_adapter_groups_match_peft(lora_model_dir: Path, lora_adapters: dict, lora_reference: dict,
                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """The path for steps with more adapters than the mask covers (gather, matmuls, scatter per slot) agrees too."""
     from actors.shard import lora
 
     monkeypatch.setattr(lora, "MASKED_MAX_ADAPTERS", 1)
-    grid = LocalGrid(str(model_dir), 2, 1, num_blocks=96, block_size=4, max_loras=3, max_lora_rank=8)
-    load_all(grid, adapters)
-    got, _ = run(grid, adapters, PAIRS)
-    assert got == [reference[a][ALL.index(p)] for p, a in PAIRS]
+    grid = LocalGrid(str(lora_model_dir), 2, 1, num_blocks=96, block_size=4, max_loras=3, max_lora_rank=8)
+    load_all(grid, lora_adapters)
+    got, _ = run(grid, lora_adapters, PAIRS)
+    assert got == [lora_reference[a][ALL.index(p)] for p, a in PAIRS]
     assert grid.stages[0][0].lora is not None and len(grid.stages[0][0].lora.batch.groups) > 1
 
 
-def test_speculative_drafts_verify_under_each_adapter(model_dir: Path, adapters: dict, reference: dict) -> None:
+def test_speculative_drafts_verify_under_each_adapter(lora_model_dir: Path, lora_adapters: dict,
+                                                      lora_reference: dict) -> None:
     """n-gram drafts are verified with the sequence's own adapter: output still HF + peft's, drafts were made."""
     from cluster.speculative import SpeculativeConfig
 
-    grid = LocalGrid(str(model_dir), 2, 1, num_blocks=96, block_size=4, max_loras=3, max_lora_rank=8)
-    load_all(grid, adapters)
-    slots = {name: k for k, name in enumerate(adapters)}
+    grid = LocalGrid(str(lora_model_dir), 2, 1, num_blocks=96, block_size=4, max_loras=3, max_lora_rank=8)
+    load_all(grid, lora_adapters)
+    slots = {name: k for k, name in enumerate(lora_adapters)}
 
     async def main() -> tuple[list[list[int]], int]:
         engine = AsyncEngine(grid, 4, 16, 256, 256, speculative=SpeculativeConfig(num_speculative_tokens=3))
@@ -113,30 +89,32 @@ def test_speculative_drafts_verify_under_each_adapter(model_dir: Path, adapters:
         return got, engine.scheduler.draft_tokens
 
     got, drafted = asyncio.run(main())
-    assert got == [reference[a][ALL.index(p)] for p, a in PAIRS] and drafted > 0
+    assert got == [lora_reference[a][ALL.index(p)] for p, a in PAIRS] and drafted > 0
 
 
-def test_preempted_sequences_recompute_under_their_adapter(model_dir: Path, adapters: dict, reference: dict) -> None:
+def test_preempted_sequences_recompute_under_their_adapter(lora_model_dir: Path, lora_adapters: dict,
+                                                           lora_reference: dict) -> None:
     """A KV cache too small for the batch: preempted sequences are recomputed with their own adapter (and never
     reuse another adapter's cached blocks), still HF + peft's tokens."""
-    grid = LocalGrid(str(model_dir), 1, 1, num_blocks=14, block_size=4, max_loras=3, max_lora_rank=8)
-    load_all(grid, adapters)
-    got, engine = run(grid, adapters, PAIRS)
+    grid = LocalGrid(str(lora_model_dir), 1, 1, num_blocks=14, block_size=4, max_loras=3, max_lora_rank=8)
+    load_all(grid, lora_adapters)
+    got, engine = run(grid, lora_adapters, PAIRS)
     assert engine.scheduler.num_preemptions > 0
-    assert got == [reference[a][ALL.index(p)] for p, a in PAIRS]
+    assert got == [lora_reference[a][ALL.index(p)] for p, a in PAIRS]
 
 
-def test_adapters_change_the_output(reference: dict) -> None:
+def test_adapters_change_the_output(lora_reference: dict) -> None:
     """The oracle is not vacuous: every adapter changes some prompt's greedy tokens."""
     for name in ADAPTERS:
-        assert reference[name] != reference[None], f"adapter {name} left every output as the base model's"
+        assert lora_reference[name] != lora_reference[None], f"adapter {name} left every output as the base model's"
 
 
-def test_prefix_cache_never_shares_kv_across_adapters(model_dir: Path, adapters: dict, reference: dict) -> None:
+def test_prefix_cache_never_shares_kv_across_adapters(lora_model_dir: Path, lora_adapters: dict,
+                                                      lora_reference: dict) -> None:
     """The same prompt under the base model, then an adapter, then the adapter again: only the repeat hits."""
-    grid = LocalGrid(str(model_dir), 1, 1, num_blocks=64, block_size=4, max_loras=3, max_lora_rank=8)
-    load_all(grid, adapters)
-    slot = list(adapters).index("all-r4")
+    grid = LocalGrid(str(lora_model_dir), 1, 1, num_blocks=64, block_size=4, max_loras=3, max_lora_rank=8)
+    load_all(grid, lora_adapters)
+    slot = list(lora_adapters).index("all-r4")
 
     async def main() -> list[tuple[list[int], int | None]]:
         engine = AsyncEngine(grid, 4, 8, 256, 256)
@@ -148,7 +126,7 @@ def test_prefix_cache_never_shares_kv_across_adapters(model_dir: Path, adapters:
         return out
 
     (base, hit0), (first, hit1), (again, hit2) = asyncio.run(main())
-    assert base == reference[None][3] and first == again == reference["all-r4"][3]
+    assert base == lora_reference[None][3] and first == again == lora_reference["all-r4"][3]
     assert hit0 == 0 and hit1 == 0 and hit2 == 8  # the repeat reuses its own two full prompt blocks
 
 
@@ -175,14 +153,14 @@ def bad_adapters(model_dir: Path, root: Path) -> dict[str, tuple[Path, str]]:
             "half": (half, "layers.2.self_attn.v_proj.lora_A.weight is missing")}
 
 
-def test_bad_adapters_are_refused_and_the_slot_keeps_serving(model_dir: Path, adapters: dict,
-                                                              reference: dict, tmp_path: Path) -> None:
+def test_bad_adapters_are_refused_and_the_slot_keeps_serving(lora_model_dir: Path, lora_adapters: dict,
+                                                              lora_reference: dict, tmp_path: Path) -> None:
     """Each bad adapter raises ValueError naming it and the problem; the slot still holds the adapter it had."""
-    grid = LocalGrid(str(model_dir), 2, 1, num_blocks=64, block_size=4, max_loras=3, max_lora_rank=8)
-    load_all(grid, adapters)
-    for name, (path, needle) in bad_adapters(model_dir, tmp_path).items():
+    grid = LocalGrid(str(lora_model_dir), 2, 1, num_blocks=64, block_size=4, max_loras=3, max_lora_rank=8)
+    load_all(grid, lora_adapters)
+    for name, (path, needle) in bad_adapters(lora_model_dir, tmp_path).items():
         with pytest.raises(ValueError) as err:
             asyncio.run(grid.load_lora(0, name, str(path)))
         assert f"LoRA adapter {name!r}" in str(err.value) and needle in str(err.value), str(err.value)
-    got, _ = run(grid, adapters, PAIRS[:4])
-    assert got == [reference[a][ALL.index(p)] for p, a in PAIRS[:4]]
+    got, _ = run(grid, lora_adapters, PAIRS[:4])
+    assert got == [lora_reference[a][ALL.index(p)] for p, a in PAIRS[:4]]

@@ -14,27 +14,8 @@ from cluster.generate import collect
 from cluster.replica import Replica
 from cluster.request import GenerationParams, RequestError
 from tests.local_grid import LocalGrid, config, grids
-from tests.lora_adapters import oracle, write_adapter
+from tests.lora_adapters import ALL, NAMES, NEW, write_adapter
 from tests.reference import greedy
-from tests.unit.test_lora import ALL, NAMES, NEW
-
-
-@pytest.fixture(scope="module")
-def model_dir(model_dirs: dict) -> Path:
-    """The GQA Llama test model."""
-    return Path(model_dirs["llama_gqa"])
-
-
-@pytest.fixture(scope="module")
-def adapters(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The three random adapters, saved by peft (once per session)."""
-    return oracle(model_dir, tmp_path_factory.mktemp("loras"), ALL, NEW)[0]
-
-
-@pytest.fixture(scope="module")
-def reference(model_dir: Path, adapters: dict[str, Path]) -> dict[str | None, list[list[int]]]:
-    """HF + peft greedy tokens of every prompt under every adapter and the base model."""
-    return oracle(model_dir, Path(), ALL, NEW)[1]
 
 
 class SlotWatchGrid(LocalGrid):
@@ -66,25 +47,26 @@ def params(name: str | None) -> GenerationParams:
     return greedy(NEW).model_copy(update={"lora": name})
 
 
-def test_three_adapters_over_two_slots_all_finish_correctly(model_dir: Path, adapters: dict, reference: dict) -> None:
+def test_three_adapters_over_two_slots_all_finish_correctly(lora_model_dir: Path, lora_adapters: dict,
+                                                            lora_reference: dict) -> None:
     """Requests for three adapters and the base model at once with two slots: each step mixes at most two
     adapters, the third waits for a slot, and every answer equals HF + peft."""
-    replica, grids_made = lora_replica(model_dir, adapters, tp=2)
+    replica, grids_made = lora_replica(lora_model_dir, lora_adapters, tp=2)
     pairs = [(p, NAMES[(i + k) % len(NAMES)]) for i, p in enumerate(ALL) for k in range(3)]
 
     async def main() -> list[list[int]]:
         outs = await asyncio.gather(*(collect(replica.generate(p, params(a))) for p, a in pairs))
         return [o[0].token_ids for o in outs]
 
-    assert asyncio.run(main()) == [reference[a][ALL.index(p)] for p, a in pairs]
+    assert asyncio.run(main()) == [lora_reference[a][ALL.index(p)] for p, a in pairs]
     mixes = grids_made[0].mixes
     assert max(len(m) for m in mixes) == 2 and len(set().union(*mixes)) == 2
     assert all(s.pins == 0 for s in replica.loras.slots)
 
 
-def test_unknown_adapter_is_a_404(model_dir: Path, adapters: dict) -> None:
+def test_unknown_adapter_is_a_404(lora_model_dir: Path, lora_adapters: dict) -> None:
     """A name that is neither the model nor an adapter is refused with 404 model_not_found."""
-    replica, _ = lora_replica(model_dir, adapters)
+    replica, _ = lora_replica(lora_model_dir, lora_adapters)
 
     async def main() -> None:
         await replica.loras.resolve("nope")
@@ -94,29 +76,31 @@ def test_unknown_adapter_is_a_404(model_dir: Path, adapters: dict) -> None:
     assert err.value.status == 404 and "'nope'" in str(err.value)
 
 
-def test_batch_style_requests_name_the_model_or_an_adapter(model_dir: Path, adapters: dict, reference: dict) -> None:
+def test_batch_style_requests_name_the_model_or_an_adapter(lora_model_dir: Path, lora_adapters: dict,
+                                                           lora_reference: dict) -> None:
     """`complete` (batch lines, Ray Data rows): the model's own name is the base model, an adapter's name that
     adapter, an unknown name a failed result naming it."""
-    replica, _ = lora_replica(model_dir, adapters)
+    replica, _ = lora_replica(lora_model_dir, lora_adapters)
 
     async def main() -> list[Any]:
         return [await replica.complete(k, ALL[0], params(name)) for k, name in
                 enumerate([replica.cfg.model_name, "mlp-r2", "nope"])]
 
     base, mlp, nope = asyncio.run(main())
-    assert base.token_ids == reference[None][0] and mlp.token_ids == reference["mlp-r2"][0]
+    assert base.token_ids == lora_reference[None][0] and mlp.token_ids == lora_reference["mlp-r2"][0]
     assert nope.finish_reason == "error" and "'nope' does not exist" in (nope.error or "")
 
 
-def test_rebuilt_grid_gets_the_resident_adapters_back(model_dir: Path, adapters: dict, reference: dict) -> None:
+def test_rebuilt_grid_gets_the_resident_adapters_back(lora_model_dir: Path, lora_adapters: dict,
+                                                      lora_reference: dict) -> None:
     """After a grid failure the rebuilt grid holds the same adapters in the same slots before serving again."""
     made: list[LocalGrid] = []
 
     def make() -> LocalGrid:
-        made.append(LocalGrid(str(model_dir), 1, 1, max_loras=2, max_lora_rank=8))
+        made.append(LocalGrid(str(lora_model_dir), 1, 1, max_loras=2, max_lora_rank=8))
         return made[-1]
-    cfg = config(model_dir, enable_lora=True, max_loras=2, max_lora_rank=8,
-                 lora_modules={k: str(v) for k, v in adapters.items()})
+    cfg = config(lora_model_dir, enable_lora=True, max_loras=2, max_lora_rank=8,
+                 lora_modules={k: str(v) for k, v in lora_adapters.items()})
     replica = Replica(cfg, "r0", grid_factory=grids(make, make))
 
     async def main() -> list[int]:
@@ -125,18 +109,19 @@ def test_rebuilt_grid_gets_the_resident_adapters_back(model_dir: Path, adapters:
         assert await replica.ready()
         return (await collect(replica.generate(ALL[1], params("attn-r8"))))[0].token_ids
 
-    assert asyncio.run(main()) == reference["attn-r8"][1]
+    assert asyncio.run(main()) == lora_reference["attn-r8"][1]
     assert made[1].stages[0][0].lora is not None and "attn-r8" in made[1].stages[0][0].lora.names
 
 
-def test_lora_settings_are_checked(model_dir: Path, adapters: dict, tmp_path: Path) -> None:
+def test_lora_settings_are_checked(lora_model_dir: Path, lora_adapters: dict, tmp_path: Path) -> None:
     """lora_modules need enable_lora; vLLM's list form works; an adapter above max_lora_rank is named."""
     with pytest.raises(ConfigError, match="enable_lora is false"):
-        GridServeConfig.from_args({"model": str(model_dir), "lora_modules": {"a": str(adapters["all-r4"])}})
-    cfg = GridServeConfig.from_args({"model": str(model_dir), "enable_lora": True,
-                                     "lora_modules": [f"a={adapters['all-r4']}",
-                                                      {"name": "b", "path": str(adapters["mlp-r2"])}]})
-    assert cfg.lora_modules == {"a": str(adapters["all-r4"]), "b": str(adapters["mlp-r2"])}
-    big = write_adapter(model_dir, tmp_path / "big", 32, 32, ["q_proj"])
+        GridServeConfig.from_args({"model": str(lora_model_dir), "lora_modules": {"a": str(lora_adapters["all-r4"])}})
+    cfg = GridServeConfig.from_args({"model": str(lora_model_dir), "enable_lora": True,
+                                     "lora_modules": [f"a={lora_adapters['all-r4']}",
+                                                      {"name": "b", "path": str(lora_adapters["mlp-r2"])}]})
+    assert cfg.lora_modules == {"a": str(lora_adapters["all-r4"]), "b": str(lora_adapters["mlp-r2"])}
+    big = write_adapter(lora_model_dir, tmp_path / "big", 32, 32, ["q_proj"])
     with pytest.raises(ConfigError, match=r"LoRA adapter 'big': rank r=32 exceeds max_lora_rank=16"):
-        GridServeConfig.from_args({"model": str(model_dir), "enable_lora": True, "lora_modules": {"big": str(big)}})
+        GridServeConfig.from_args({"model": str(lora_model_dir), "enable_lora": True,
+                                   "lora_modules": {"big": str(big)}})
