@@ -1,4 +1,5 @@
-"""A real Serve app on a free loopback port, shared by the HTTP tests of a module."""
+"""Serve apps on a loopback Ray kept for the whole package (tests.serving.SharedServe): each module asks for its
+nodes and apps; modules asking for the same ones share them."""
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -7,7 +8,17 @@ import httpx
 import openai
 import pytest
 
-from tests.serving import serving
+from tests.serving import ONE_NODE, SharedServe
+
+
+@pytest.fixture(scope="package")
+def shared_serve() -> Iterator[SharedServe]:
+    """The package's Serve, started by the first module that asks; shut down after the package's last test."""
+    shared = SharedServe()
+    try:
+        yield shared
+    finally:
+        shared.close()
 
 
 @pytest.fixture(scope="session")
@@ -21,14 +32,16 @@ def chat_model(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 @pytest.fixture(scope="module")
-def server(chat_model: str) -> Iterator[str]:
-    """Serve the tiny Llama with tp=2, pp=2 on CPU bundles; yields the base URL."""
+def server(shared_serve: SharedServe, chat_model: str) -> str:
+    """The tiny Llama with tp=2, pp=2 on CPU bundles (shared by the modules that only send it requests); the base
+    URL."""
     # No max_model_len: the model's own 256 positions, as a user who sets none gets.
-    with serving({"model": chat_model, "served_model_name": "tiny", "tensor_parallel_size": 2,
-                  "pipeline_parallel_size": 2, "cpus_per_worker": 0.5, "replica_cpus": 0.5,
-                  "max_num_batched_tokens": 256, "block_size": 4, "kv_cache_memory_bytes": 2**20}) as url:
-        httpx.get(f"{url}/health", timeout=30).raise_for_status()
-        yield url
+    url = shared_serve.serve(ONE_NODE, {"gridserve": (
+        {"model": chat_model, "served_model_name": "tiny", "tensor_parallel_size": 2, "pipeline_parallel_size": 2,
+         "cpus_per_worker": 0.5, "replica_cpus": 0.5, "max_num_batched_tokens": 256, "block_size": 4,
+         "kv_cache_memory_bytes": 2**20}, {})})
+    httpx.get(f"{url}/health", timeout=30).raise_for_status()
+    return url
 
 
 @pytest.fixture(scope="module")

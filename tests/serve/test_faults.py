@@ -5,34 +5,31 @@ from __future__ import annotations
 import json
 import os
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.loopback import free_port
-from tests.serving import serving
+from tests.serving import ONE_NODE, SharedServe
 from tests.waits import wait_until
 
-pytestmark = pytest.mark.slow  # a Ray cluster and a Serve start-up in the module's fixture
+pytestmark = pytest.mark.slow  # a Serve app deployed by the module's fixture (on the package's shared Ray)
 
 
 @pytest.fixture(scope="module")
-def ray_metrics_port() -> int:
-    """Where Ray's own Prometheus exporter listens for this module's cluster."""
-    return free_port()
+def ray_metrics_port(shared_serve: SharedServe) -> int:
+    """Where Ray's own Prometheus exporter listens on the package's one-node cluster."""
+    return shared_serve.metrics_port
 
 
 @pytest.fixture(scope="module")
-def faulty_server(chat_model: str, ray_metrics_port: int) -> Iterator[str]:
-    """tp=2 pp=2 on CPU bundles, a short step timeout; yields the base URL."""
-    with serving({"model": chat_model, "served_model_name": "tiny", "tensor_parallel_size": 2,
-                  "pipeline_parallel_size": 2, "cpus_per_worker": 0.5, "replica_cpus": 0.5, "max_model_len": 256,
-                  "max_num_batched_tokens": 256, "block_size": 8, "kv_cache_memory_bytes": 2**21,
-                  "step_timeout_s": 20, "migration_timeout_s": 170}, metrics_port=ray_metrics_port) as url:
-        yield url
+def faulty_server(shared_serve: SharedServe, chat_model: str) -> str:
+    """tp=2 pp=2 on CPU bundles, a short step timeout; the base URL."""
+    return shared_serve.serve(ONE_NODE, {"gridserve": (
+        {"model": chat_model, "served_model_name": "tiny", "tensor_parallel_size": 2, "pipeline_parallel_size": 2,
+         "cpus_per_worker": 0.5, "replica_cpus": 0.5, "max_model_len": 256, "max_num_batched_tokens": 256,
+         "block_size": 8, "kv_cache_memory_bytes": 2**21, "step_timeout_s": 20, "migration_timeout_s": 170}, {})})
 
 
 def test_status_shows_the_grid(faulty_server: str, ray_metrics_port: int, tmp_path: Path,

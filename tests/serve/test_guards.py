@@ -3,31 +3,26 @@ both with the model replica behind a handle and colocated in the ingress."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 
 import httpx
 import pytest
 
-from tests.loopback import loopback_cluster
-from tests.serving import deploy, serve_on_loopback
+from tests.serving import ONE_NODE, SharedServe
 from tests.waits import wait_until
 
-pytestmark = pytest.mark.slow  # a Ray cluster and a Serve start-up in the module's fixture
+pytestmark = pytest.mark.slow  # a Serve app deployed by the module's fixture (on the package's shared Ray)
 KEY = {"Authorization": "Bearer s3cret"}
 LAYOUTS = {"split": False, "colocated": True}  # application name -> colocate_ingress
 
 
 @pytest.fixture(scope="module")
-def both_layouts(chat_model: str) -> Iterator[str]:
-    """One loopback Ray and Serve running the app twice, tp=1 pp=1 with an API key, 2 running and 2 waiting
-    sequences at most: colocate_ingress off as application 'split', on as 'colocated' (each under its name)."""
-    with loopback_cluster({"num_cpus": 4}), serve_on_loopback() as url:
-        for name, colocated in LAYOUTS.items():
-            deploy({"model": chat_model, "served_model_name": "tiny", "cpus_per_worker": 1, "replica_cpus": 0.5,
-                    "max_model_len": 256, "max_num_batched_tokens": 256, "max_num_seqs": 2,
-                    "max_waiting_requests": 2, "api_key": "s3cret", "colocate_ingress": colocated},
-                   name=name, route_prefix=f"/{name}")
-        yield url
+def both_layouts(shared_serve: SharedServe, chat_model: str) -> str:
+    """Serve running the app twice, tp=1 pp=1 with an API key, 2 running and 2 waiting sequences at most:
+    colocate_ingress off as application 'split', on as 'colocated' (each under its name)."""
+    return shared_serve.serve(ONE_NODE, {name: (
+        {"model": chat_model, "served_model_name": "tiny", "cpus_per_worker": 1, "replica_cpus": 0.5,
+         "max_model_len": 256, "max_num_batched_tokens": 256, "max_num_seqs": 2, "max_waiting_requests": 2,
+         "api_key": "s3cret", "colocate_ingress": colocated}, {}) for name, colocated in LAYOUTS.items()})
 
 
 @pytest.fixture(params=list(LAYOUTS))

@@ -2,7 +2,6 @@
 /v1/models lists adapters with their parent, vLLM's load/unload routes, bad adapters and unknown models refused."""
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -10,9 +9,9 @@ import openai
 import pytest
 
 from tests.lora_adapters import peft_greedy, write_adapter
-from tests.serving import serving
+from tests.serving import ONE_NODE, SharedServe
 
-pytestmark = pytest.mark.slow  # a Ray cluster and a Serve start-up in the module's fixture
+pytestmark = pytest.mark.slow  # a Serve app deployed by the module's fixture (on the package's shared Ray)
 PROMPT = [3, 17, 5, 42, 8, 11, 2]
 NEW = 6
 
@@ -27,14 +26,15 @@ def adapters(chat_model: str, tmp_path_factory: pytest.TempPathFactory) -> dict[
 
 
 @pytest.fixture(scope="module")
-def url(chat_model: str, adapters: dict[str, Path]) -> Iterator[str]:
+def url(shared_serve: SharedServe, chat_model: str, adapters: dict[str, Path]) -> str:
     """The tiny Llama at tp=2 with one configured adapter, runtime loading on, two slots of rank 8."""
-    with serving({"model": chat_model, "served_model_name": "tiny", "tensor_parallel_size": 2,
-                  "cpus_per_worker": 0.5, "replica_cpus": 0.5, "max_num_batched_tokens": 256, "block_size": 4,
-                  "kv_cache_memory_bytes": 2**20, "enable_lora": True, "max_loras": 2, "max_lora_rank": 8,
-                  "lora_modules": {"static": str(adapters["static"])}, "allow_runtime_lora_updating": True}) as url:
-        httpx.get(f"{url}/health", timeout=30).raise_for_status()
-        yield url
+    url = shared_serve.serve(ONE_NODE, {"gridserve": (
+        {"model": chat_model, "served_model_name": "tiny", "tensor_parallel_size": 2, "cpus_per_worker": 0.5,
+         "replica_cpus": 0.5, "max_num_batched_tokens": 256, "block_size": 4, "kv_cache_memory_bytes": 2**20,
+         "enable_lora": True, "max_loras": 2, "max_lora_rank": 8, "lora_modules": {"static": str(adapters["static"])},
+         "allow_runtime_lora_updating": True}, {})})
+    httpx.get(f"{url}/health", timeout=30).raise_for_status()
+    return url
 
 
 def completion(client: openai.OpenAI, model: str) -> str:

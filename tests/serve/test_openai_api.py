@@ -7,7 +7,7 @@ import pytest
 
 from tests.reference import hf_greedy
 
-pytestmark = pytest.mark.slow  # a Ray cluster and a Serve start-up in the module's fixture
+pytestmark = pytest.mark.slow  # a Serve app deployed by the module's fixture (on the package's shared Ray)
 
 
 @pytest.fixture(scope="module")

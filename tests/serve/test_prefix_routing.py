@@ -4,25 +4,24 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterator
 
 import httpx
 import pytest
 
-from tests.serving import serving
+from tests.serving import ONE_NODE, SharedServe
 
-pytestmark = pytest.mark.slow  # a Ray cluster and a Serve start-up in the module's fixture
+pytestmark = pytest.mark.slow  # a Serve app deployed by the module's fixture (on the package's shared Ray)
 BLOCK = 4
 PREFIX = 40  # tokens shared by the "users" of one system prompt: 10 full blocks
 
 
 @pytest.fixture(scope="module")
-def two_routed_replicas(chat_model: str) -> Iterator[str]:
+def two_routed_replicas(shared_serve: SharedServe, chat_model: str) -> str:
     """Two tp=1 replicas of the tiny model, prefix routing on (the default)."""
-    with serving({"model": chat_model, "served_model_name": "tiny", "cpus_per_worker": 0.5, "replica_cpus": 0.25,
-                  "max_model_len": 256, "max_num_batched_tokens": 256, "block_size": BLOCK}, num_replicas=2,
-                 health_check_period_s=1) as url:
-        yield url
+    return shared_serve.serve(ONE_NODE, {"gridserve": (
+        {"model": chat_model, "served_model_name": "tiny", "cpus_per_worker": 0.5, "replica_cpus": 0.25,
+         "max_model_len": 256, "max_num_batched_tokens": 256, "block_size": BLOCK},
+        {"num_replicas": 2, "health_check_period_s": 1})})
 
 
 def cached_tokens(url: str, prompt: list[int]) -> tuple[int, str]:

@@ -1,26 +1,25 @@
 """The real bundled model through HTTP, in the layout ray_config.yaml ships: it knows things."""
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import openai
 import pytest
 
 from cluster.config import args_from_serve_config
-from tests.serving import serving
+from tests.serving import ONE_NODE, SharedServe
 
-pytestmark = pytest.mark.slow  # a Ray cluster and a Serve start-up in the module's fixture, and the real model
+pytestmark = pytest.mark.slow  # the real model, served by the module's fixture (on the package's shared Ray)
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def real_client(smollm2_dir: Path) -> Iterator[openai.OpenAI]:
+def real_client(shared_serve: SharedServe, smollm2_dir: Path) -> openai.OpenAI:
     """The shipped Serve args, pointed at the fetched SmolLM2 GGUF folder; max_model_len from the model."""
     args = args_from_serve_config(ROOT / "ray_config.yaml")
     args.update(model=str(smollm2_dir))
-    with serving(args) as url:
-        yield openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300)
+    url = shared_serve.serve(ONE_NODE, {"gridserve": (args, {})})
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300)
 
 
 def test_capital_of_france(real_client: openai.OpenAI) -> None:

@@ -6,24 +6,23 @@ import json
 import os
 import signal
 import threading
-from collections.abc import Iterator
 
 import httpx
 import pytest
 from ray import serve
 
-from tests.serving import serving
+from tests.serving import ONE_NODE, SharedServe
 from tests.waits import wait_until
 
-pytestmark = pytest.mark.slow  # a Ray cluster and a Serve start-up in the module's fixture
+pytestmark = pytest.mark.slow  # a Serve app deployed by the module's fixture (on the package's shared Ray)
 
 
 @pytest.fixture(scope="module")
-def two_replicas(chat_model: str) -> Iterator[str]:
+def two_replicas(shared_serve: SharedServe, chat_model: str) -> str:
     """Two tp=1 replicas of the tiny model."""
-    with serving({"model": chat_model, "served_model_name": "tiny", "cpus_per_worker": 0.5, "replica_cpus": 0.25,
-                  "max_model_len": 256, "max_num_batched_tokens": 256}, num_replicas=2) as url:
-        yield url
+    return shared_serve.serve(ONE_NODE, {"gridserve": (
+        {"model": chat_model, "served_model_name": "tiny", "cpus_per_worker": 0.5, "replica_cpus": 0.25,
+         "max_model_len": 256, "max_num_batched_tokens": 256}, {"num_replicas": 2})})
 
 
 def replica_pids(url: str) -> dict[str, int]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
 from typing import Any, Literal
 
 import httpx
@@ -13,7 +12,7 @@ import pytest
 from pydantic import BaseModel, ConfigDict
 
 from tests.chat_templates import tool_model
-from tests.serving import serving
+from tests.serving import ONE_NODE, SharedServe
 
 pytestmark = pytest.mark.slow
 CITY = {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome", "Oslo"]}}, "required": ["city"],
@@ -33,14 +32,14 @@ class Forecast(BaseModel):
 
 
 @pytest.fixture(scope="module")
-def url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def url(shared_serve: SharedServe, tmp_path_factory: pytest.TempPathFactory) -> str:
     """One replica of a tiny model whose chat template renders tools, calls and tool results."""
     path = tool_model(tmp_path_factory.mktemp("responses") / "tiny", layers=2, seed=11)
-    with serving({"model": str(path), "served_model_name": "tiny", "cpus_per_worker": 0.5, "replica_cpus": 0.5,
-                  "max_model_len": 1024, "max_num_batched_tokens": 2048, "block_size": 4,
-                  "kv_cache_memory_bytes": 2**21}) as base:
-        httpx.get(f"{base}/health", timeout=60).raise_for_status()
-        yield base
+    base = shared_serve.serve(ONE_NODE, {"gridserve": (
+        {"model": str(path), "served_model_name": "tiny", "cpus_per_worker": 0.5, "replica_cpus": 0.5,
+         "max_model_len": 1024, "max_num_batched_tokens": 2048, "block_size": 4, "kv_cache_memory_bytes": 2**21}, {})})
+    httpx.get(f"{base}/health", timeout=60).raise_for_status()
+    return base
 
 
 def test_create_with_a_string_then_retrieve(client: openai.OpenAI) -> None:

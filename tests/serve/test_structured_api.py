@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterator
 from typing import Literal
 
 import httpx
@@ -15,9 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tests.chat_templates import tool_model
 from tests.json_schemas import random_schema
-from tests.serving import serving
+from tests.serving import ONE_NODE, SharedServe
 
-pytestmark = pytest.mark.slow  # a Ray cluster and a Serve start-up in the module's fixture
+pytestmark = pytest.mark.slow  # a Serve app deployed by the module's fixture (on the package's shared Ray)
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city", "parameters": {
     "type": "object", "properties": {"city": {"enum": ["Paris", "Rome", "Oslo"]},
                                      "days": {"type": "integer", "minimum": 1, "maximum": 7}},
@@ -35,15 +34,15 @@ class Pet(BaseModel):
 
 
 @pytest.fixture(scope="module")
-def url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def url(shared_serve: SharedServe, tmp_path_factory: pytest.TempPathFactory) -> str:
     """A tp=2 x pp=2 replica of a tiny model whose chat template knows tools."""
     path = tool_model(tmp_path_factory.mktemp("tools") / "tiny", layers=4, seed=7)
-    with serving({"model": str(path), "served_model_name": "tiny", "tensor_parallel_size": 2,
-                  "pipeline_parallel_size": 2, "cpus_per_worker": 0.5, "replica_cpus": 0.5,
-                  "max_model_len": 512, "max_num_batched_tokens": 1024, "block_size": 4,
-                  "kv_cache_memory_bytes": 2**21}) as base:
-        httpx.get(f"{base}/health", timeout=30).raise_for_status()
-        yield base
+    base = shared_serve.serve(ONE_NODE, {"gridserve": (
+        {"model": str(path), "served_model_name": "tiny", "tensor_parallel_size": 2, "pipeline_parallel_size": 2,
+         "cpus_per_worker": 0.5, "replica_cpus": 0.5, "max_model_len": 512, "max_num_batched_tokens": 1024,
+         "block_size": 4, "kv_cache_memory_bytes": 2**21}, {})})
+    httpx.get(f"{base}/health", timeout=30).raise_for_status()
+    return base
 
 
 USER = [{"role": "developer", "content": "Answer in JSON."},

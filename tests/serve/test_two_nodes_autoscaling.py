@@ -2,24 +2,21 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
-from typing import Any
 
 import httpx
 import pytest
 from ray import serve
 
-from tests.serving import serve_on_loopback
+from tests.serving import TWO_NODES, SharedServe
 from tests.waits import wait_until
 
-pytestmark = pytest.mark.slow  # a Ray cluster and a Serve start-up in the module's fixture
+pytestmark = pytest.mark.slow  # an app scaled out and back on two simulated nodes (the package's shared Ray)
 
 
 @pytest.fixture(scope="module")
-def cluster_url(two_nodes: Any, chat_model: str) -> Iterator[tuple[str, str]]:
-    """Two loopback nodes with 2 logical GPUs each; Serve on a free port."""
-    with serve_on_loopback() as url:
-        yield url, chat_model
+def cluster_url(shared_serve: SharedServe, chat_model: str) -> tuple[str, str]:
+    """Two loopback nodes with 2 logical GPUs each, Serve running no app yet; (its URL, the model)."""
+    return shared_serve.serve(TWO_NODES, {}), chat_model
 
 
 def replicas() -> list:

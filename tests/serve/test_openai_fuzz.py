@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-pytestmark = pytest.mark.slow  # a Ray cluster and a Serve start-up in the module's fixture
+pytestmark = pytest.mark.slow  # a Serve app deployed by the module's fixture (on the package's shared Ray)
 SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.integers(-3, 6),
                     st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=40))
 JSON = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,

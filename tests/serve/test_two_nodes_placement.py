@@ -1,25 +1,21 @@
 """The Serve path on a simulated 2-node cluster: a tp=2 x pp=2 replica keeps each TP group on one node."""
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any
-
 import httpx
 import pytest
 
-from tests.serving import deploy, serve_on_loopback
+from tests.serving import TWO_NODES, SharedServe
 
-pytestmark = pytest.mark.slow  # a Ray cluster and a Serve start-up in the module's fixture
+pytestmark = pytest.mark.slow  # a Serve app deployed by the module's fixture (on the package's shared Ray)
 
 
 @pytest.fixture(scope="module")
-def url(two_nodes: Any, chat_model: str) -> Iterator[str]:
+def url(shared_serve: SharedServe, chat_model: str) -> str:
     """Serve on the two nodes (2 logical GPUs each); one tp=2 pp=2 replica needs all four."""
-    with serve_on_loopback() as base:
-        deploy({"model": chat_model, "served_model_name": "tiny", "tensor_parallel_size": 2,
-                "pipeline_parallel_size": 2, "replica_cpus": 0.5, "max_model_len": 128,
-                "max_num_batched_tokens": 256, "block_size": 4, "kv_cache_memory_bytes": 2**20})
-        yield base
+    return shared_serve.serve(TWO_NODES, {"gridserve": (
+        {"model": chat_model, "served_model_name": "tiny", "tensor_parallel_size": 2, "pipeline_parallel_size": 2,
+         "replica_cpus": 0.5, "max_model_len": 128, "max_num_batched_tokens": 256, "block_size": 4,
+         "kv_cache_memory_bytes": 2**20}, {})})
 
 
 @pytest.mark.timeout(600)
