@@ -7,55 +7,24 @@ import logging
 import math
 import time
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
-from actors.shard.runner import NO_TOKEN, StepInput, StepOutput
-from actors.shard.sampler import Logprobs, SamplingParams
+from actors.shard.runner import NO_TOKEN, StepOutput
+from actors.shard.sampler import SamplingParams
 from cluster.blocks import BlockManager
+from cluster.engine_contract import EngineStats, StepGrid, TokenEvent
 from cluster.metrics import RequestMetrics
 from cluster.request import Limits
 from cluster.scheduler import Scheduler, Sequence
 from cluster.speculative import Drafter, SpeculativeConfig
 from cluster.structured import GrammarMatchers, GrammarSpec
 
+__all__ = ["AsyncEngine", "EngineStats", "StepGrid", "TokenEvent"]  # the contract types are imported from here too
+
 log = logging.getLogger("gridserve.engine")
 POOL = SamplingParams(temperature=0.0)  # what an embedding's sequence carries: it never samples
-
-
-@dataclass
-class TokenEvent:
-    """One streamed item: a new token (with logprobs if asked), the finish reason on the last one, or an error."""
-
-    token_id: int | None
-    finish_reason: str | None = None
-    error: str | None = None
-    logprobs: Logprobs | None = None
-    cached_tokens: int | None = None  # on the first token: prompt tokens whose KV came from the prefix cache
-
-
-class StepGrid(Protocol):
-    """What the engine drives: a grid that runs one step at a time (WorkerGrid, or tests' in-process grid)."""
-
-    tp: int
-    pp: int
-    num_blocks: int
-
-    async def step_async(self, step: StepInput) -> StepOutput:
-        """Run one step through every stage; the last stage's TP rank 0 answers."""
-        ...
-
-
-@dataclass
-class EngineStats:
-    """Counters the metrics exporter and benchmarks read."""
-
-    steps: int = 0
-    busy_s: float = 0.0  # wall time with at least one step in flight
-    prompt_tokens: int = 0
-    generation_tokens: int = 0
 
 
 class AsyncEngine:

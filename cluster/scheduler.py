@@ -3,13 +3,12 @@ from __future__ import annotations
 
 from bisect import insort
 
-import numpy as np
-
 from actors.shard.runner import NO_TOKEN, StepInput, StepOutput
 from cluster.blocks import BlockManager
 from cluster.request import RequestError
 from cluster.sequence import Sequence
 from cluster.speculative import Drafter, SpeculativeConfig, propose
+from cluster.step_layout import lay_out
 from cluster.structured import GrammarMatchers
 
 __all__ = ["Scheduler", "Sequence"]  # Sequence is imported from here too
@@ -202,44 +201,7 @@ class Scheduler:
 
     def build_step(self, seqs: list[Sequence]) -> StepInput:
         """Lay each scheduled sequence's chunk of uncached tokens end to end for the workers."""
-        ids: list[int] = []
-        pos: list[int] = []
-        ends: list[int] = []
-        follow = [-1] * len(seqs)
-        for row, seq in enumerate(seqs):
-            first = seq.num_cached + seq.ahead  # a follower's new token sits one past what its other step computes
-            end = first + seq.chunk
-            if seq.ahead:
-                ids.append(NO_TOKEN)  # unknown here: the worker puts what it sampled for row `follow` in its place
-                follow[row] = seq.row
-            else:
-                ids.extend(seq.span(first, end - len(seq.drafts)))
-                ids.extend(seq.drafts)  # after its last known token: verified in this step
-            pos.extend(range(first, end))
-            ends.append(end)
-            seq.row = row
-        # Only a sequence whose chunk reaches its last token samples; penalties and grammars matter only there.
-        sample = [end == len(s.prompt_ids) + len(s.output_ids) + len(s.drafts) + s.ahead for s, end in zip(seqs, ends)]
-        history = [s.params.needs_history and go for s, go in zip(seqs, sample)]
-        return StepInput(
-            token_ids=np.asarray(ids, dtype=np.int64), positions=np.asarray(pos, dtype=np.int64),
-            query_lens=[s.chunk for s in seqs], context_lens=ends,
-            block_tables=[list(s.block_table) for s in seqs], sampling=[s.params for s in seqs],
-            output_index=[len(s.output_ids) + s.ahead for s in seqs],
-            histories=[(s.prompt_ids, s.output_ids) if h else None for s, h in zip(seqs, history)]
-            if any(history) else None,
-            allowed=self._masks(seqs, sample), sample=None if all(sample) else sample,
-            pool=[s.pool for s in seqs] if any(s.pool for s in seqs) else None,
-            drafts=[len(s.drafts) for s in seqs] if any(s.drafts for s in seqs) else None,
-            lora=[s.lora_slot for s in seqs] if any(s.lora_slot is not None for s in seqs) else None,
-            follow=follow if any(r >= 0 for r in follow) else None)
-
-    def _masks(self, seqs: list[Sequence], sample: list[bool]) -> tuple[list[int], np.ndarray] | None:
-        """Grammar bitmasks of the constrained sequences that sample in this step (None if there are none)."""
-        rows = [i for i, (s, go) in enumerate(zip(seqs, sample)) if go and s.grammar is not None]
-        if not rows or self.grammars is None:
-            return None
-        return rows, self.grammars.masks([seqs[i].seq_id for i in rows], [len(seqs[i].output_ids) for i in rows])
+        return lay_out(seqs, self.grammars)
 
     def update(self, seqs: list[Sequence], out: StepOutput) -> list[Sequence]:
         """Advance each sequence by its chunk, append the tokens sampled at prompt ends and decodes (and the drafts
