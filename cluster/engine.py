@@ -47,9 +47,10 @@ class AsyncEngine:
         self.metrics = metrics
         self.scheduler = Scheduler(BlockManager(grid.num_blocks, block_size, prefix_caching), max_num_seqs,
                                    max_num_batched_tokens, max_model_len, grammars, speculative, drafter)
-        # One worker both embeds and samples only at tp = pp = 1: there the next step can go out before this one
-        # answers, its decodes reading the tokens the worker just sampled (see Scheduler._followers).
-        self.scheduler.lookahead = async_scheduling and grid.tp == 1 and grid.pp == 1 and speculative is None
+        # With one stage, the workers that embed are those that sample (rank 0 shares its tokens with its TP peers):
+        # the next step can go out before this one answers, its decodes reading the tokens just sampled
+        # (Scheduler._followers). With pp > 1 the first stage never sees them.
+        self.scheduler.lookahead = async_scheduling and grid.pp == 1 and speculative is None
         self.slots = self.max_inflight + self.scheduler.lookahead  # steps the grid may hold at once
         self.streams: dict[int, asyncio.Queue[TokenEvent]] = {}
         self.stats = EngineStats()

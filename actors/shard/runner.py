@@ -136,6 +136,7 @@ class StageRunner:
         self.cache: PagedKVCache | None = None
         self.sampler = Sampler()
         self.last_sampled: list[int] = []  # the last step's token per row (what a following step's rows read)
+        self.last_rows = 0  # rows of the last step (every rank knows it; only rank 0 sampled them)
         self.is_first, self.is_last = plan.pp_rank == 0, plan.pp_rank == plan.pp_size - 1
 
     def _allowed(self, step: StepInput, rows: list[int]) -> tuple[list[int], torch.Tensor] | None:
@@ -208,6 +209,7 @@ class StageRunner:
             self._apply_lora()
             self.lora.batch.set(step.lora, step.query_lens, self.device, self.dtype)
         out = self.model(inputs, positions, self.cache, meta)  # [T, hidden]
+        self.last_rows = len(step.query_lens)
         if not self.is_last:
             return to_wire(out)
         ends = np.cumsum(step.query_lens) - 1  # each sequence's last token in `out`
@@ -250,10 +252,13 @@ class StageRunner:
 
     def _followed(self, step: StepInput) -> np.ndarray:
         """The step's token ids with each following row's new token taken from what the previous step sampled."""
-        if not (self.is_last and self.tp.size == 1):
-            raise ValueError(f"StepInput.follow needs the sampling worker to embed too (tp=1, pp=1), not tp_size="
-                             f"{self.tp.size}, pp_size={self.plan.pp_size}; schedule these steps without it")
+        if not self.is_last:
+            raise ValueError(f"StepInput.follow needs one stage (pp_size=1), not pp_size={self.plan.pp_size}: the "
+                             "first stage never sees what the last one sampled; schedule these steps without it")
         assert step.follow is not None
+        if self.tp.size > 1:  # only rank 0 sampled: one small all-reduce of its tokens (the others add zeros)
+            mine = self.last_sampled if self.tp.rank == 0 else [0] * self.last_rows
+            self.last_sampled = self.tp.all_reduce(torch.tensor(mine, dtype=torch.int64, device=self.device)).tolist()
         ids: np.ndarray = step.token_ids.copy()
         ends = np.cumsum(step.query_lens) - 1
         for row, prev in enumerate(step.follow):
