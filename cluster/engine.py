@@ -192,25 +192,24 @@ class AsyncEngine:
             self.stats.busy_s += time.perf_counter() - start
             waker.cancel()
             landed = []
-            for fut in done:
-                if fut is waker:
-                    continue
+            for fut in [f for f in inflight if f in done]:  # in sending order: a follower's step lands after its lead
                 seqs = inflight.pop(fut)
                 try:
                     out = fut.result()
                     self.stats.steps += 1
                     self.scheduler.update(seqs, out)
+                    spans = [(len(s.output_ids) - s.new_tokens, len(s.output_ids)) for s in seqs]  # its new tokens
                 except Exception as exc:  # a worker died or a step failed: fail every request, never hang
                     self._fail_all(f"{type(exc).__name__}: {exc}")
                     for other in inflight:
                         other.cancel()
                     return
-                landed.append((seqs, out))
+                landed.append((seqs, out, spans))
             # The next step goes out before the streams wake: its submit task runs first, so the workers compute
             # while this event loop serves the consumers, instead of waiting behind them.
             self._launch(inflight)
-            for seqs, out in landed:
-                self._deliver(seqs, out)
+            for seqs, out, spans in landed:
+                self._deliver(seqs, out, spans)
 
     def _launch(self, inflight: dict[asyncio.Future[Any], list[Sequence]]) -> None:
         """Start steps while pipeline slots and ready sequences exist."""
@@ -256,22 +255,23 @@ class AsyncEngine:
             raise TimeoutError(f"a grid step took over step_timeout_s={self.step_timeout_s} s: a worker is stuck "
                                "or dead") from None
 
-    def _deliver(self, seqs: list[Sequence], out: StepOutput) -> None:
-        """Hand the step's tokens (already applied to the scheduler) to each live request's stream."""
+    def _deliver(self, seqs: list[Sequence], out: StepOutput, spans: list[tuple[int, int]]) -> None:
+        """Hand the step's tokens (already applied to the scheduler; `spans`: each sequence's output indices it
+        added, as later steps landing at once may have added more) to each live request's stream."""
         logprobs = out.logprobs or [None] * len(seqs)
-        for seq, token, lp in zip(seqs, out.token_ids, logprobs):
+        for seq, token, lp, (first, end) in zip(seqs, out.token_ids, logprobs, spans):
             if seq.pool and seq.hidden is not None and (queue := self.streams.get(seq.seq_id)) is not None:
                 queue.put_nowait(TokenEvent(None, "stop"))
             if token == NO_TOKEN or seq.finish_reason == "abort":  # a prompt chunk short of its end samples nothing
                 continue
-            self.stats.generation_tokens += seq.new_tokens
+            self.stats.generation_tokens += end - first
             queue = self.streams.get(seq.seq_id)
             if queue is None:
                 continue
-            first = len(seq.output_ids) - seq.new_tokens  # output index of this step's first token
-            for index in range(first, len(seq.output_ids)):  # several when speculative drafts were kept
-                last = index == len(seq.output_ids) - 1
-                queue.put_nowait(TokenEvent(seq.output_ids[index], seq.finish_reason if last else None,
+            for index in range(first, end):  # several when speculative drafts were kept
+                last = index == end - 1
+                final = index == len(seq.output_ids) - 1  # its finish reason rides on its very last token
+                queue.put_nowait(TokenEvent(seq.output_ids[index], seq.finish_reason if final else None,
                                             logprobs=lp if last else None,
                                             cached_tokens=seq.cached_prompt_tokens if index == 0 else None))
 

@@ -16,19 +16,34 @@ from tests.local_grid import LocalGrid
 
 
 class Watched:
-    """A LocalGrid that records how many steps it held at once and how many rows followed a previous step."""
+    """A LocalGrid that records how many steps it held at once and how many rows followed a previous step;
+    `bunched`: answers are held back until every step it holds has run, so they land together (as on a busy
+    event loop that finds both answers waiting)."""
 
-    def __init__(self, grid: LocalGrid) -> None:
+    def __init__(self, grid: LocalGrid, bunched: bool = False) -> None:
         self.grid, self.tp, self.pp, self.num_blocks = grid, grid.tp, grid.pp, grid.num_blocks
-        self.held = self.most_held = self.followed = 0
+        self.bunched = bunched
+        self.held = self.most_held = self.followed = self.running = 0
+        self.answers: list[tuple[asyncio.Future[StepOutput], StepOutput]] = []
 
     async def step_async(self, step: StepInput) -> StepOutput:
         """Run the step on the wrapped grid, counting."""
         self.held += 1
+        self.running += 1
         self.most_held = max(self.most_held, self.held)
         self.followed += sum(r >= 0 for r in step.follow or [])
         try:
-            return await self.grid.step_async(step)
+            out = await self.grid.step_async(step)
+            self.running -= 1
+            if not self.bunched:
+                return out
+            answer: asyncio.Future[StepOutput] = asyncio.get_running_loop().create_future()
+            self.answers.append((answer, out))
+            if self.running == 0:  # the last one held: all answers land at once, in order
+                for fut, ready in self.answers:
+                    fut.set_result(ready)
+                self.answers = []
+            return await answer
         finally:
             self.held -= 1
 
@@ -45,10 +60,10 @@ def requests(stop_token: int | None = None) -> list[Request]:
     return out
 
 
-def run(model_dir: Path, async_scheduling: bool, reqs: list[Request], tp: int = 1
+def run(model_dir: Path, async_scheduling: bool, reqs: list[Request], tp: int = 1, bunched: bool = False
         ) -> tuple[list[Any], Watched, AsyncEngine]:
     """Every request at once through one engine; the results, the watched grid and the engine."""
-    grid = Watched(LocalGrid(str(model_dir), tp, 1, num_blocks=96, block_size=4))
+    grid = Watched(LocalGrid(str(model_dir), tp, 1, num_blocks=96, block_size=4), bunched)
 
     async def main() -> tuple[list[Any], AsyncEngine]:
         engine = AsyncEngine(grid, 4, 8, 64, 256, async_scheduling=async_scheduling)  # type: ignore[arg-type]
@@ -58,17 +73,18 @@ def run(model_dir: Path, async_scheduling: bool, reqs: list[Request], tp: int = 
     return results, grid, engine
 
 
-@pytest.mark.parametrize("tp", [1, 2])
-def test_outputs_equal_synchronous_scheduling_with_two_steps_held(model_dirs: dict[str, Path], tp: int) -> None:
+@pytest.mark.parametrize(("tp", "bunched"), [(1, False), (1, True), (2, False)])
+def test_outputs_equal_synchronous_scheduling_with_two_steps_held(model_dirs: dict[str, Path], tp: int,
+                                                                   bunched: bool) -> None:
     """Tokens (greedy and seeded sampling), logprobs and finish reasons equal those of one step at a time, while
-    the grid held two steps and decodes followed (at tp=2 rank 0 shares what it sampled); every block is free
-    afterwards."""
+    the grid held two steps and decodes followed (at tp=2 rank 0 shares what it sampled; bunched: a step and its
+    follower answer together); every block is free afterwards."""
     d = model_dirs["llama_gqa"]
     plain, grid, _ = run(d, False, requests(), tp)
     assert grid.most_held == 1 and grid.followed == 0
     stop = plain[4].token_ids[5]  # a token some greedy outputs really produce, so stop_token_ids end them early
     want, _, _ = run(d, False, requests(stop), tp)
-    got, grid, engine = run(d, True, requests(stop), tp)
+    got, grid, engine = run(d, True, requests(stop), tp, bunched)
     assert grid.most_held == 2 and grid.followed > 20
     assert [r.token_ids for r in got] == [r.token_ids for r in want]
     assert [r.finish_reason for r in got] == [r.finish_reason for r in want]
