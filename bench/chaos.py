@@ -1,6 +1,7 @@
-"""Chaos soak on a bed of hosts (tests/hostbed.py): a Serve app of two tp=1 x pp=2 replicas under a steady load of
-official `openai` clients (streamed and not, greedy), and a fault every `--every` seconds rotating through a worker
-killed, a worker stopped past step_timeout_s, a host cut off for 20 s, and a host killed. Reports requests ok,
+"""Chaos soak on a bed of hosts (tests/hostbed.py): a Serve app of two tp=1 x pp=2 model replicas (on hosts 2 and 3;
+the ingress on host 1, the head, as shipped) under a steady load of official `openai` clients (streamed and not,
+greedy, no client retries), and a fault every `--every` seconds rotating through a worker killed, a worker stopped
+past step_timeout_s, a host cut off for 20 s, the Serve controller killed, and a host killed. Reports requests ok,
 client-visible errors, hung (no answer in 120 s), greedy outputs that differ from the undisturbed run, the time
 until every request in flight at a fault has ended (per kind), and the memory of the bed's processes over time.
 
@@ -31,7 +32,7 @@ from tests.ray_cli import processes_with
 
 REPO = Path(__file__).resolve().parent.parent
 # The host kill last: bringing its host back takes longest, and the next fault waits for that.
-KINDS = ("worker kill", "worker stop", "partition", "host kill")
+KINDS = ("worker kill", "worker stop", "partition", "controller kill", "host kill")
 HUNG_S = 120.0  # a request with no answer in this long counts as hung
 PARTITION_S = 20.0
 STEP_TIMEOUT_S = 5.0
@@ -60,12 +61,12 @@ class Soak:
 
 
 def serve_config(model: Path) -> dict[str, Any]:
-    """Two colocated replicas (ingress + engine in one actor), each a pp=2 grid on one host's two GPUs."""
-    args = {"model": str(model), "pipeline_parallel_size": 2, "colocate_ingress": True, "max_num_seqs": 8,
-            "step_timeout_s": STEP_TIMEOUT_S, "replica_cpus": 1}
+    """Two model replicas, each a pp=2 grid on one host's two GPUs; the ingress on the head (ingress_on_head)."""
+    args = {"model": str(model), "pipeline_parallel_size": 2, "max_num_seqs": 8, "step_timeout_s": STEP_TIMEOUT_S,
+            "replica_cpus": 1}
     return {"proxy_location": "HeadOnly", "http_options": {"host": "0.0.0.0", "port": 8000},
             "applications": [{"name": "chaos", "route_prefix": "/", "import_path": "deployments.serve_app:build_app",
-                              "args": args, "deployments": [{"name": "OpenAIIngress", "num_replicas": 2}]}]}
+                              "args": args, "deployments": [{"name": "LLMServer", "num_replicas": 2}]}]}
 
 
 def deploy(bed: hostbed.HostBed, model: Path, work: Path) -> None:
@@ -133,6 +134,12 @@ def inject(bed: hostbed.HostBed, kind: str, rng: random.Random) -> tuple[str, An
     if not alive:
         return "no worker to hit", None
     host, pid = rng.choice(alive)
+    if kind == "controller kill":
+        pids = [int(a["pid"]) for a in bed.state("actors", class_name="ServeController", state="ALIVE")]
+        if not pids:
+            return "no Serve controller alive", None
+        bed.run_on(1, ["kill", "-KILL", str(pids[0])])
+        return f"host 1 pid {pids[0]}", None
     if kind == "worker kill":
         bed.run_on(host, ["kill", "-KILL", str(pid)])
         return f"host {host} pid {pid}", None
@@ -232,7 +239,8 @@ def report(soak: Soak) -> str:
 async def soak_run(bed: hostbed.HostBed, model: str, minutes: float, every_s: float, clients: int) -> Soak:
     """Reference answers undisturbed, then load and faults until the time is up."""
     url = f"http://{bed.hosts[0].address}:8000/v1"
-    client = openai.AsyncOpenAI(base_url=url, api_key="none", timeout=HUNG_S, max_retries=2)
+    # no retries: every error the server lets through is counted, as a client without retries would see it
+    client = openai.AsyncOpenAI(base_url=url, api_key="none", timeout=HUNG_S, max_retries=0)
     rng = random.Random(1)
     prompts = [[rng.randrange(3, 90) for _ in range(rng.randrange(4, 16))] for _ in range(16)]
     reference = [await ask(client, model, p, False) for p in prompts]
@@ -275,8 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # the bed's teardown runs on SIGTERM too
     t0 = time.monotonic()
-    # No GPUs on host 1: both replicas sit on hosts that faults may hit, and Serve's proxy (on host 1) has no
-    # replica beside it to prefer.
+    # No GPUs on host 1: both model replicas sit on hosts that faults may hit; the proxy and the ingress stay on
+    # host 1.
     with hostbed.host_bed(args.hosts, cpus=2, gpus=2, head_gpus=0) as bed:
         try:
             deploy(bed, model, work)

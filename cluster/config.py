@@ -118,6 +118,9 @@ class GridServeConfig(BaseModel):
                                 "group).")
     ingress_cpus: float = Field(0.0, ge=0, description="CPUs reserved for the HTTP ingress actor (parses, tokenizes, "
                                 "formats answers; mostly waiting), like Serve's own proxy: 0 by default.")
+    ingress_on_head: bool = Field(True, description="Place the HTTP ingress (not colocated) on the Ray head node, "
+                                  "which every worker host's loss spares: its client connections survive and their "
+                                  "requests move to another model replica. Off: Serve places it on any node.")
     colocate_ingress: bool = Field(False, description="Run each model replica inside the HTTP ingress: one Serve "
                                    "deployment (OpenAIIngress; its num_replicas/autoscaling_config apply) and no "
                                    "handle hop per streamed chunk, which leaves the workers more CPU on a small box; "

@@ -14,6 +14,9 @@ from cluster.config import GridServeConfig
 # sleeping at once (OMP_WAIT_POLICY=PASSIVE) makes every parallel region of a step pay a wake-up instead.
 OPENMP_WAIT_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")  # either one set by the user wins
 SPIN_ROUNDS = "10000"  # ~ the gap between two parallel regions of one step, well short of the gap between steps
+# Ray gives this resource to the head node alone (ray._common.constants.HEAD_NODE_RESOURCE_NAME): a sliver of it
+# pins an actor there, where the loss of any worker host cannot reach it
+HEAD_NODE = {"node:__internal_head__": 0.001}
 
 
 @dataclass(frozen=True)

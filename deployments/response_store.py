@@ -1,9 +1,9 @@
 """Stored responses of the Responses API (`store: true`), for `previous_response_id` and `GET /v1/responses/{id}`.
 
 One small named actor per app holds them, so every ingress replica reads what any replica stored. It is bounded by
-count, bytes and age (oldest evicted first) and lives in memory only: a Ray cluster restart, or the loss of the
-node it runs on, forgets every stored response. It is detached, so it outlives the ingress replica that made it
-(autoscaling may remove that one).
+count, bytes and age (oldest evicted first) and lives in memory only, on the head node (a worker host's loss
+spares it): a Ray cluster restart forgets every stored response. It is detached, so it outlives the ingress replica
+that made it (autoscaling may remove that one).
 """
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ from typing import Any
 
 import ray
 from ray.exceptions import RayActorError
+
+from cluster.placement import HEAD_NODE
 
 MAX_RESPONSES = 10_000
 MAX_BYTES = 256 * 2**20  # the records' JSON, summed
@@ -85,7 +87,7 @@ class ResponseStore:
 def store_actor(app: str) -> Any:
     """The app's store, made by the first ingress replica that asks for it."""
     return ResponseStore.options(name=f"gridserve-responses-{app}", get_if_exists=True,  # type: ignore[attr-defined]
-                                 lifetime="detached").remote()
+                                 lifetime="detached", resources=HEAD_NODE).remote()
 
 
 class StoreClient:

@@ -179,7 +179,7 @@ def make_app(cfg: GridServeConfig, **deployment_options: Any) -> Application:
     """The ingress over the model deployment (`deployment_options` apply to the latter; with colocate_ingress to the
     one deployment), one placement group per model replica, laid out by `cluster.placement` (bundle 0 for the
     replica actor, then one bundle per stage: each TP group on one node)."""
-    from cluster.placement import serve_group
+    from cluster.placement import HEAD_NODE, serve_group
 
     # Serve's default of 5 ongoing requests would hold requests in the handle, outside our batch. Let more reach
     # the replica than its engine runs or queues, so the excess gets our prompt 503 + Retry-After instead of
@@ -199,7 +199,10 @@ def make_app(cfg: GridServeConfig, **deployment_options: Any) -> Application:
     scaling = options.get("autoscaling_config")
     most = (scaling.get("max_replicas") if isinstance(scaling, dict) else getattr(scaling, "max_replicas", None)) \
         or options.get("num_replicas") or 1
+    actor: dict[str, Any] = {"num_cpus": cfg.ingress_cpus}
+    if cfg.ingress_on_head:
+        actor["resources"] = HEAD_NODE
     # from @serve.deployment, which mypy does not apply to the class
-    return OpenAIIngress.options(ray_actor_options={"num_cpus": cfg.ingress_cpus},  # type: ignore[attr-defined]
+    return OpenAIIngress.options(ray_actor_options=actor,  # type: ignore[attr-defined]
                                  max_ongoing_requests=options["max_ongoing_requests"] * most).bind(llm, args)
 

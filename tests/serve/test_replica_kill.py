@@ -1,5 +1,5 @@
 """Two replicas under load, one killed: its requests continue on the other one (streams too, no token repeated or
-missing), so clients see no error; Serve replaces the dead one."""
+missing), so clients see no error; Serve replaces the dead one. The Serve controller killed: nothing fails."""
 from __future__ import annotations
 
 import json
@@ -15,6 +15,7 @@ from tests.serving import ONE_NODE, SharedServe
 from tests.waits import wait_until
 
 pytestmark = pytest.mark.slow  # a Serve app deployed by the module's fixture (on the package's shared Ray)
+CONTROLLER = "SERVE_CONTROLLER_ACTOR"  # the Serve controller's actor name, in namespace "serve"
 
 
 @pytest.fixture(scope="module")
@@ -41,53 +42,88 @@ def running_replicas() -> int:
     return serve.status().applications["gridserve"].deployments["LLMServer"].replica_states.get("RUNNING", 0)
 
 
-@pytest.mark.timeout(600)
-def test_killing_one_replica_loses_nothing_and_shows_no_error(two_replicas: str) -> None:
-    """Every request, streamed or not, ends with the same greedy text an undisturbed run gives; none fails."""
-    pids = replica_pids(two_replicas)
-    assert len(pids) == 2
-    body = {"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 30, "ignore_eos": True, "temperature": 0}
-    calm = httpx.post(f"{two_replicas}/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
-    outcomes: list[str] = []
-    stop = threading.Event()
+class Load:
+    """Eight clients (half streaming) sending one greedy completion back to back; the outcome of each answer."""
 
-    def ask(http: httpx.Client, stream: bool) -> str:
+    def __init__(self, url: str) -> None:
+        """Start the clients after one undisturbed answer (the text every answer must equal)."""
+        self.url, self.stop = url, threading.Event()
+        self.outcomes: list[str] = []
+        self.body = {"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 30, "ignore_eos": True, "temperature": 0}
+        self.calm = httpx.post(f"{url}/v1/completions", json=self.body, timeout=60).json()["choices"][0]["text"]
+        self.threads = [threading.Thread(target=self.user, args=(i % 2 == 0,)) for i in range(8)]
+        for t in self.threads:
+            t.start()
+
+    def ask(self, http: httpx.Client, stream: bool) -> str:
         """One request's outcome: ok, or what went wrong."""
         if not stream:
-            r = http.post(f"{two_replicas}/v1/completions", json=body)
-            return "ok" if r.status_code == 200 and r.json()["choices"][0]["text"] == calm else f"http {r.status_code}"
-        with http.stream("POST", f"{two_replicas}/v1/completions", json={**body, "stream": True}) as r:
+            r = http.post(f"{self.url}/v1/completions", json=self.body)
+            return "ok" if r.status_code == 200 and r.json()["choices"][0]["text"] == self.calm \
+                else f"http {r.status_code}"
+        with http.stream("POST", f"{self.url}/v1/completions", json={**self.body, "stream": True}) as r:
             if r.status_code != 200:
                 return f"http {r.status_code}"
             events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
         if any("error" in e for e in events):
             return "stream error"
-        return "ok" if "".join(e["choices"][0]["text"] for e in events) == calm else "stream text differs"
+        return "ok" if "".join(e["choices"][0]["text"] for e in events) == self.calm else "stream text differs"
 
-    def user(stream: bool) -> None:
+    def user(self, stream: bool) -> None:
+        """One client until told to stop."""
         with httpx.Client(timeout=60) as http:
-            while not stop.is_set():
+            while not self.stop.is_set():
                 try:
-                    outcomes.append(ask(http, stream))
+                    self.outcomes.append(self.ask(http, stream))
                 except httpx.TimeoutException:
-                    outcomes.append("timeout")
+                    self.outcomes.append("timeout")
                 except httpx.TransportError as exc:
-                    outcomes.append(f"transport {type(exc).__name__}")
+                    self.outcomes.append(f"transport {type(exc).__name__}")
 
-    threads = [threading.Thread(target=user, args=(i % 2 == 0,)) for i in range(8)]
-    for t in threads:
-        t.start()
+    def oks_since(self, index: int) -> int:
+        """Answers that came back right after the first `index` outcomes."""
+        return self.outcomes[index:].count("ok")
+
+    def finish(self) -> None:
+        """Stop the clients; no request may hang and every answer must be right."""
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=90)
+        assert not any(t.is_alive() for t in self.threads), "a request hung"
+        assert self.outcomes and set(self.outcomes) == {"ok"}, [o for o in self.outcomes if o != "ok"]
+
+
+@pytest.mark.timeout(600)
+def test_killing_one_replica_loses_nothing_and_shows_no_error(two_replicas: str) -> None:
+    """Every request, streamed or not, ends with the same greedy text an undisturbed run gives; none fails."""
+    pids = replica_pids(two_replicas)
+    assert len(pids) == 2
+    load = Load(two_replicas)
     try:
-        wait_until(lambda: outcomes.count("ok") >= 8, 120, "8 answers before the kill")
-        before_kill = len(outcomes)
+        wait_until(lambda: load.oks_since(0) >= 8, 120, "8 answers before the kill")
+        before_kill = len(load.outcomes)
         os.kill(next(iter(pids.values())), signal.SIGKILL)  # a replica process of the cluster this test started
-        wait_until(lambda: outcomes[before_kill:].count("ok") >= 16, 180, "16 answers after the kill")
+        wait_until(lambda: load.oks_since(before_kill) >= 16, 180, "16 answers after the kill")
     finally:
-        stop.set()
-    for t in threads:
-        t.join(timeout=90)
-    assert not any(t.is_alive() for t in threads), "a request hung"
-    assert before_kill > 0 and set(outcomes) == {"ok"}, [o for o in outcomes if o != "ok"]
+        load.finish()
     wait_until(lambda: running_replicas() == 2, 180, "Serve to replace the killed replica", poll_s=1)
     r = httpx.post(f"{two_replicas}/v1/completions", json={"model": "tiny", "prompt": [5], "max_tokens": 3}, timeout=60)
     assert r.status_code == 200
+
+
+@pytest.mark.timeout(600)
+def test_killing_the_serve_controller_shows_no_error(two_replicas: str) -> None:
+    """The Serve controller crashes under load: requests go on (the proxy and the handles keep their replicas), Ray
+    restarts the controller, and it sees both replicas running again."""
+    import ray
+
+    wait_until(lambda: running_replicas() == 2, 180, "both replicas running", poll_s=1)
+    load = Load(two_replicas)
+    try:
+        wait_until(lambda: load.oks_since(0) >= 8, 120, "8 answers before the kill")
+        before_kill = len(load.outcomes)
+        ray.kill(ray.get_actor(CONTROLLER, namespace="serve"), no_restart=False)  # a crash: Ray restarts it
+        wait_until(lambda: load.oks_since(before_kill) >= 16, 180, "16 answers after the kill")
+    finally:
+        load.finish()
+    wait_until(lambda: running_replicas() == 2, 180, "the restarted controller to see both replicas", poll_s=1)

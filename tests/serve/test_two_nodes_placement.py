@@ -28,3 +28,18 @@ def test_tp_groups_share_a_node_and_stages_spread(url: str) -> None:
     node = {(w["pp_rank"], w["tp_rank"]): w["node_id"] for w in workers}
     assert len(node) == 4 and all(w["device"] == "cpu" for w in workers)
     assert node[(0, 0)] == node[(0, 1)] and node[(1, 0)] == node[(1, 1)] and node[(0, 0)] != node[(1, 0)]
+
+
+@pytest.mark.timeout(120)
+def test_ingress_and_response_store_run_on_the_head(url: str) -> None:
+    """ingress_on_head (default): the ingress replica and the stored-responses actor are on the head node, so losing
+    the other node cannot take client connections with it."""
+    import ray
+    from ray._private.state import actors  # the GCS's table (the test cluster runs no dashboard for ray.util.state)
+
+    r = httpx.post(f"{url}/v1/responses", json={"model": "tiny", "input": "hi", "max_output_tokens": 2}, timeout=120)
+    assert r.status_code == 200, r.text  # stores the response, so the store's actor exists
+    head = next(n["NodeID"] for n in ray.nodes() if n["Alive"] and "node:__internal_head__" in n["Resources"])
+    where = {a["ActorClassName"].split(":")[-1]: a["Address"]["NodeID"] for a in actors().values()
+             if a["State"] == "ALIVE" and a["ActorClassName"].split(":")[-1] in ("OpenAIIngress", "ResponseStore")}
+    assert where == {"OpenAIIngress": head, "ResponseStore": head}, (head, where)
