@@ -87,9 +87,12 @@ class GridServeConfig(BaseModel):
                                 "instead of gloo over loopback TCP; false forces gloo. CUDA always uses NCCL.")
     enable_prefix_caching: bool = Field(True, description="Reuse the KV blocks of prompt prefixes already computed "
                                         "(shared system prompts, chat history): their prefill is skipped.")
-    async_scheduling: bool = Field(True, description="With tp = pp = 1: send each step before the previous one "
-                                   "answers (its decodes read the tokens the worker just sampled), so the worker "
-                                   "never waits on the engine's bookkeeping; off with speculative decoding.")
+    async_scheduling: bool | None = Field(None, description="With pp = 1: send each step before the previous one "
+                                          "answers (its decodes read the tokens the worker just sampled), so the "
+                                          "worker never waits on the engine's bookkeeping; off with speculative "
+                                          "decoding. Default (null): on with GPU workers, and with CPU workers only "
+                                          "when their threads leave the replica's node a core (where they fill it, "
+                                          "the engine's work overlapping a step takes cores from that step).")
     speculative_config: SpeculativeConfig | None = Field(
         None, description="Speculative decoding, vLLM's names: n-gram {method: ngram, num_speculative_tokens: k, "
         "prompt_lookup_max, prompt_lookup_min} copies drafts from the sequence's own earlier tokens; a draft model "

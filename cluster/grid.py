@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import socket
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +17,7 @@ from actors.shard.runner import ShardPlan, StepInput, StepOutput
 from actors.worker import Worker
 from cluster.channel import StepChannel
 from cluster.config import GridServeConfig
-from cluster.placement import Layout
+from cluster.placement import Layout, worker_threads
 
 log = logging.getLogger("gridserve")
 
@@ -77,7 +76,7 @@ class WorkerGrid:
 
     def _start_workers(self) -> None:
         """One actor per worker, stage-major, in its stage's bundle (or its own, when TP may span nodes)."""
-        threads = 1 if self.resource == "GPU" else max(1, math.ceil(self.cfg.cpus_per_worker))  # 0.5 CPU: 1 thread
+        threads = worker_threads(self.resource, self.cfg.cpus_per_worker)
         partition = self.cfg.layer_partition()  # reads the model's config.json: once, not per worker
         assert self.cfg.max_model_len is not None, "GridServeConfig's validator fills max_model_len"
         assert self.pg is not None, "the placement group is only dropped at shutdown"

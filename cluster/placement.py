@@ -2,6 +2,7 @@
 against the cluster's nodes, and a bounded wait for the reservation."""
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -66,6 +67,19 @@ class Layout:
         if not any(name in (os.environ if env is None else env) for name in OPENMP_WAIT_VARS):
             options["runtime_env"] = {"env_vars": {"GOMP_SPINCOUNT": SPIN_ROUNDS}}
         return options
+
+
+def worker_threads(resource: str, cpus_per_worker: float) -> int:
+    """torch threads of one worker: 1 beside a GPU; on CPU its CPU share rounded up (0.5 CPU: 1 thread)."""
+    return 1 if resource == "GPU" else max(1, math.ceil(cpus_per_worker))
+
+
+def overlap_spares_the_step(resource: str, workers: int, cpus_per_worker: float) -> bool:
+    """Whether the engine can work while a step runs without taking a core from it (async scheduling's default):
+    GPU workers, or CPU workers whose threads (all counted on this node) leave it a core."""
+    if resource == "GPU":
+        return True
+    return workers * worker_threads(resource, cpus_per_worker) < len(os.sched_getaffinity(0))
 
 
 def worker_resource(cfg: GridServeConfig, cluster_totals: dict[str, float]) -> str:

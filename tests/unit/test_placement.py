@@ -47,3 +47,19 @@ def test_layouts_the_cluster_can_never_hold_are_refused(model_dirs: dict, tp: in
     """Each impossible grid fails at once, naming the sizes and what to change."""
     with pytest.raises(ValueError, match=message):
         plan_layout(cfg(model_dirs, tp, pp), nodes(*gpus), "GPU")
+
+
+@pytest.mark.parametrize(("resource", "workers", "cpus", "cores", "on"), [
+    ("GPU", 8, 1.5, 2, True),  # the step runs on the GPUs: the engine's work never slows it
+    ("CPU", 1, 1.5, 2, False),  # the shipped 2-core box: the worker's 2 threads fill it
+    ("CPU", 1, 0.5, 2, True),  # 1 thread leaves a core
+    ("CPU", 2, 1.0, 4, True),
+    ("CPU", 2, 2.0, 4, False),
+])
+def test_async_scheduling_default_follows_spare_cores(monkeypatch: pytest.MonkeyPatch, resource: str, workers: int,
+                                                      cpus: float, cores: int, on: bool) -> None:
+    """Overlapping the engine with a step is the default where it takes no core from the step."""
+    from cluster import placement
+
+    monkeypatch.setattr(placement.os, "sched_getaffinity", lambda pid: set(range(cores)))
+    assert placement.overlap_spares_the_step(resource, workers, cpus) is on
