@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import random
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import time
 from collections import Counter, defaultdict
@@ -27,6 +25,7 @@ from typing import Any, cast
 
 import openai
 
+from bench.common import serve_on_bed
 from tests import hostbed
 from tests.ray_cli import processes_with
 
@@ -71,21 +70,7 @@ def serve_config(model: Path) -> dict[str, Any]:
 
 def deploy(bed: hostbed.HostBed, model: Path, work: Path) -> None:
     """`serve deploy` the app onto the bed and wait until it runs."""
-    config = work / "serve.json"
-    config.write_text(json.dumps(serve_config(model)))
-    serve = Path(sys.executable).with_name("serve")
-    subprocess.run([str(serve), "deploy", str(config), "-a", bed.dashboard_url], env=bed.env(), check=True,
-                   capture_output=True, text=True)
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        apps = bed.api("/api/serve/applications/").get("applications", {})
-        status = apps.get("chaos", {}).get("status")
-        if status == "RUNNING":
-            return
-        if status == "DEPLOY_FAILED":
-            raise RuntimeError(f"the app failed to deploy: {apps['chaos'].get('message')}")
-        time.sleep(2)
-    raise TimeoutError("the app was not RUNNING after 600 s")
+    serve_on_bed(bed, serve_config(model), "chaos", work / "serve.json")
 
 
 async def ask(client: openai.AsyncOpenAI, model: str, prompt: list[int], stream: bool) -> str:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -133,3 +135,21 @@ def foreign_cores(before: tuple[int, int, dict[int, int]], after: tuple[int, int
     busy, total = after[0] - before[0], after[1] - before[1]
     ours = sum(j - before[2].get(pid, 0) for pid, j in after[2].items())
     return max(0.0, (busy - ours) / max(1, total / CORES))
+
+
+def serve_on_bed(bed: Any, doc: dict[str, Any], app: str, config: Path, timeout_s: float = 600) -> None:
+    """`serve deploy` the Serve config `doc` onto a host bed (tests/hostbed.py), written to `config`, and wait
+    until its application `app` runs."""
+    config.write_text(json.dumps(doc))
+    serve = Path(sys.executable).with_name("serve")
+    subprocess.run([str(serve), "deploy", str(config), "-a", bed.dashboard_url], env=bed.env(), check=True,
+                   capture_output=True, text=True)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = bed.api("/api/serve/applications/").get("applications", {}).get(app, {})
+        if status.get("status") == "RUNNING":
+            return
+        if status.get("status") == "DEPLOY_FAILED":
+            raise RuntimeError(f"the app {app!r} failed to deploy: {status.get('message')}")
+        time.sleep(2)
+    raise TimeoutError(f"the app {app!r} was not RUNNING after {timeout_s:.0f} s")

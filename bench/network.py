@@ -19,7 +19,6 @@ import random
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +28,7 @@ from typing import Any
 
 import openai
 
+from bench.common import serve_on_bed
 from tests import hostbed
 
 REPO = Path(__file__).resolve().parent.parent
@@ -83,20 +83,7 @@ def serve_config(model: Path) -> dict[str, Any]:
 
 def deploy(bed: hostbed.HostBed, model: Path, work: Path) -> None:
     """`serve deploy` the app onto the bed and wait until it runs."""
-    config = work / f"serve-{bed.tag}.json"
-    config.write_text(json.dumps(serve_config(model)))
-    serve = Path(sys.executable).with_name("serve")
-    subprocess.run([str(serve), "deploy", str(config), "-a", bed.dashboard_url], env=bed.env(), check=True,
-                   capture_output=True, text=True)
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        app = bed.api("/api/serve/applications/").get("applications", {}).get(APP, {})
-        if app.get("status") == "RUNNING":
-            return
-        if app.get("status") == "DEPLOY_FAILED":
-            raise RuntimeError(f"the app failed to deploy: {app.get('message')}")
-        time.sleep(2)
-    raise TimeoutError("the app was not RUNNING after 600 s")
+    serve_on_bed(bed, serve_config(model), APP, work / f"serve-{bed.tag}.json")
 
 
 def stage_hosts(bed: hostbed.HostBed) -> list[int]:
