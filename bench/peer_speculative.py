@@ -7,8 +7,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
 from typing import Any
+
+# Python puts this script's folder first on the path, and bench/kernels.py would then shadow the `kernels` package
+# that transformers (under vLLM) probes for at import.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 
 def rates(model: str, prompts: dict[str, str], clients: list[int], tokens: int, spec: dict[str, Any] | None
