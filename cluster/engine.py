@@ -16,7 +16,7 @@ from actors.shard.sampler import SamplingParams
 from cluster.blocks import BlockManager
 from cluster.engine_contract import EngineStats, StepGrid, TokenEvent
 from cluster.metrics import RequestMetrics
-from cluster.placement import overlap_spares_the_step
+from cluster.placement import async_scheduling_on
 from cluster.request import Limits
 from cluster.scheduler import Scheduler, Sequence
 from cluster.speculative import Drafter, SpeculativeConfig
@@ -246,7 +246,7 @@ class AsyncEngine:
         return cls(grid, cfg.block_size, cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.max_model_len,
                    eos_token_ids, step_timeout_s=cfg.step_timeout_s, prefix_caching=cfg.enable_prefix_caching,
                    metrics=metrics, grammars=grammars, speculative=spec, drafter=drafter,
-                   async_scheduling=overlap_allowed(grid, cfg))
+                   async_scheduling=async_scheduling_on(cfg, getattr(grid, "resource", "CPU"), grid.tp * grid.pp))
 
     async def _submit(self, step: Any) -> StepOutput:
         """Run one step on the grid; the last stage's TP rank 0 answers (or the step times out)."""
@@ -292,14 +292,3 @@ class AsyncEngine:
             queue = self.streams.get(seq.seq_id)
             if queue is not None:
                 queue.put_nowait(TokenEvent(None, "error", reason))
-
-
-def overlap_allowed(grid: StepGrid, cfg: Any) -> bool:
-    """The config's async_scheduling, or where unset whether the engine's work can overlap a step on this grid."""
-    if cfg.async_scheduling is not None:
-        return bool(cfg.async_scheduling)
-    resource = getattr(grid, "resource", "CPU")  # tests' in-process grids run on CPU
-    on = overlap_spares_the_step(resource, grid.tp * grid.pp, cfg.cpus_per_worker)
-    log.info("async scheduling %s (default for %d %s worker(s) of %g CPUs here)", "on" if on else "off",
-             grid.tp * grid.pp, resource, cfg.cpus_per_worker)
-    return on

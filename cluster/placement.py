@@ -2,6 +2,7 @@
 against the cluster's nodes, and a bounded wait for the reservation."""
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -9,6 +10,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from cluster.config import GridServeConfig
+
+log = logging.getLogger("gridserve")
 
 # A CPU worker's OpenMP threads spin a short while at a barrier, then sleep. libgomp's default (~300k rounds) keeps
 # them spinning through the gap between steps, on cores the serving processes (engine, ingress, proxy) need;
@@ -80,6 +83,17 @@ def overlap_spares_the_step(resource: str, workers: int, cpus_per_worker: float)
     if resource == "GPU":
         return True
     return workers * worker_threads(resource, cpus_per_worker) < len(os.sched_getaffinity(0))
+
+
+def async_scheduling_on(cfg: GridServeConfig, resource: str, workers: int) -> bool:
+    """The config's async_scheduling, or where unset whether the engine's work can overlap a step of these workers
+    (`resource`: "CPU" for tests' in-process grids too)."""
+    if cfg.async_scheduling is not None:
+        return cfg.async_scheduling
+    on = overlap_spares_the_step(resource, workers, cfg.cpus_per_worker)
+    log.info("async scheduling %s (default for %d %s worker(s) of %g CPUs here)", "on" if on else "off", workers,
+             resource, cfg.cpus_per_worker)
+    return on
 
 
 def worker_resource(cfg: GridServeConfig, cluster_totals: dict[str, float]) -> str:

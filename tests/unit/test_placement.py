@@ -63,3 +63,14 @@ def test_async_scheduling_default_follows_spare_cores(monkeypatch: pytest.Monkey
 
     monkeypatch.setattr(placement.os, "sched_getaffinity", lambda pid: set(range(cores)))
     assert placement.overlap_spares_the_step(resource, workers, cpus) is on
+
+
+@pytest.mark.parametrize("setting", [True, False, None])
+def test_async_scheduling_setting_wins_over_the_default(monkeypatch: pytest.MonkeyPatch, model_dirs: dict,
+                                                        setting: bool | None) -> None:
+    """true/false force async scheduling; unset, 2 threads on a 2-core node leave no core, so it is off."""
+    from cluster import placement
+
+    monkeypatch.setattr(placement.os, "sched_getaffinity", lambda pid: {0, 1})
+    c = cfg(model_dirs, 1, 1, async_scheduling=setting, cpus_per_worker=1.5)
+    assert placement.async_scheduling_on(c, "CPU", 1) is bool(setting)
