@@ -7,7 +7,7 @@
  * into the tokens' values at that column, so every FMA has its operands in registers or L1 and the loop runs near
  * the FMA units' rate (about 150 GFLOP/s on two cores, bench/kernels.py).
  * The tokens are first copied column-major, in tiles of 16 (zero padded), so one load gives 8 tokens' values at
- * one column; each thread takes a contiguous share of the rows and, block by block, runs every tile of a panel
+ * one column; each thread takes contiguous shares of the rows in turn and, block by block, runs every tile of a panel
  * of tokens against the block while it is still in L1: the weight is read from memory once per panel.
  */
 #include <stdint.h>
@@ -16,6 +16,7 @@
 #define TILE 16                  /* tokens per tile: two 8-lane vectors */
 #define ROW_BLOCK 12             /* rows run against all tiles of a panel before the next rows */
 #define PANEL_BYTES (128 * 1024) /* transposed tokens per panel: stays in L2 while the weight streams past it */
+#define CHUNKS_PER_THREAD 8      /* row shares per thread, taken first come first served (see gemm_f32) */
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -113,12 +114,16 @@ int gemm_f32(const float *x, const float *w, const float *bias, float *y, int64_
     if (panel < TILE) panel = TILE;
     float *xt = staging((size_t)(panel * in));
     if (xt == NULL) return -1;
-    const int64_t share = ((out + threads - 1) / threads + ROW_BLOCK - 1) / ROW_BLOCK * ROW_BLOCK;
+    /* Many small shares taken dynamically, not one per thread: a thread the OS preempts (a busy box: the engine,
+     * the HTTP side, a client) delays only its current share while the others take the rest, instead of the
+     * whole matmul waiting for its fixed half at the barrier. */
+    const int64_t chunks = threads > 1 ? (int64_t)threads * CHUNKS_PER_THREAD : 1;
+    const int64_t share = ((out + chunks - 1) / chunks + ROW_BLOCK - 1) / ROW_BLOCK * ROW_BLOCK;
     for (int64_t p0 = 0; p0 < tokens; p0 += panel) {
         const int64_t n = tokens - p0 < panel ? tokens - p0 : panel;
         transpose(x, xt, p0, n, in);
-        #pragma omp parallel for num_threads(threads) schedule(static)
-        for (int64_t c = 0; c < threads; c++) {
+        #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+        for (int64_t c = 0; c < chunks; c++) {
             const int64_t r0 = c * share, r1 = r0 + share < out ? r0 + share : out;
             for (int64_t rb = r0; rb < r1; rb += ROW_BLOCK) {
                 const int64_t re = rb + ROW_BLOCK < r1 ? rb + ROW_BLOCK : r1;

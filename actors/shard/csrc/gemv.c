@@ -93,12 +93,14 @@ static void rows(const float *x, const float *w, float *y, int64_t tokens, int64
         for (int64_t t = 0; t < tokens; t++) y[t * out + r] = row1(x + t * in, w + r * in, in);
 }
 
-/* y[tokens, out] = x[tokens, in] . w[out, in]^T, all contiguous; each of `threads` OpenMP threads takes one
- * contiguous share of the rows (a multiple of four), so every core streams its own part of the weight. */
+/* y[tokens, out] = x[tokens, in] . w[out, in]^T, all contiguous; `threads` OpenMP threads take contiguous shares
+ * of the rows (multiples of four) in turn, so every core streams its own parts of the weight. */
 void gemv_f32(const float *x, const float *w, float *y, int64_t tokens, int64_t in, int64_t out, int threads) {
-    const int64_t share = ((out + threads - 1) / threads + 3) / 4 * 4;
-    #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t c = 0; c < threads; c++) {
+    /* Many small shares taken dynamically (as in gemm.c): a preempted thread holds up one share, not half. */
+    const int64_t chunks = threads > 1 ? (int64_t)threads * 8 : 1;
+    const int64_t share = ((out + chunks - 1) / chunks + 3) / 4 * 4;
+    #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+    for (int64_t c = 0; c < chunks; c++) {
         int64_t r0 = c * share, r1 = r0 + share < out ? r0 + share : out;
         if (r0 < r1) rows(x, w, y, tokens, in, out, r0, r1);
     }

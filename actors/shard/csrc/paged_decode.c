@@ -178,7 +178,7 @@ int paged_decode_f32(const float *q, const float *k, const float *v, const int64
     {
         float *scores = malloc((size_t)(group * longest) * sizeof(float));  /* one per thread, every task */
         if (!scores) failed = 1;
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 1)  /* first come first served: a preempted thread holds up one task */
         for (int64_t task = 0; task < batch * kv_heads; task++) {
             if (!scores) continue;
             int64_t b = task / kv_heads, h = task % kv_heads, ctx = ctx_lens[b];

@@ -25,7 +25,7 @@ static float mean_square(const float *restrict x, int64_t n) {
  * normalise, then scale by the weight). */
 void rms_norm_f32(const float *x, const float *w, float *y, int64_t rows, int64_t n, float eps, int threads) {
     int use = rows >= (int64_t)threads * ROWS_PER_THREAD ? threads : 1;
-    #pragma omp parallel for num_threads(use) schedule(static) if (use > 1)
+    #pragma omp parallel for num_threads(use) schedule(dynamic, 16) if (use > 1)  /* preempted thread: see gemm.c */
     for (int64_t t = 0; t < rows; t++) {
         const float *restrict xt = x + t * n;
         float *restrict yt = y + t * n;
