@@ -45,6 +45,8 @@ class GridServeConfig(BaseModel):
     resource: Literal["auto", "GPU", "CPU"] = Field(
         "auto", description="What each worker's placement bundle asks for: 'auto' = GPU if the cluster has any.")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs a worker's bundle asks for when resource is CPU.")
+    worker_nice: int | None = Field(0, ge=-20, le=19, description="Nice value of the model workers (Ray starts them "
+                                    "at 15, behind every other process of the box); None keeps Ray's.")
     max_model_len: int | None = Field(None, ge=2, description="Longest prompt + completion, in tokens; default: "
                                       "the model's context length, capped by what the KV cache holds.")
     max_num_seqs: int = Field(32, ge=1, description="Most sequences in one running batch.")

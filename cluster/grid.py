@@ -91,7 +91,7 @@ class WorkerGrid:
                 # @ray.remote gives the class `options`; mypy sees the undecorated class
                 stage.append(Worker.options(  # type: ignore[attr-defined]
                     scheduling_strategy=strategy, **self.layout.worker_options()).remote(
-                    plan, self.cfg.device, threads, self.cfg.seed))
+                    plan, self.cfg.device, threads, self.cfg.seed, self.cfg.worker_nice))
             self.stages.append(stage)
 
     def _load(self, group: str | None) -> int:
