@@ -25,6 +25,9 @@ class Resumable:
     def __init__(self, engine: Callable[[], AsyncEngine], ready: Callable[[], Awaitable[bool]],
                  timeout_s: float) -> None:
         self.engine, self.ready, self.timeout_s = engine, ready, timeout_s
+        # True under Serve's split app: a failed choice ends at once, without an error, and the ingress continues
+        # it from what it sent on another replica (or this one, rebuilt) instead of it waiting for this rebuild.
+        self.hand_back = False
 
     def open(self, prompt_ids: list[int], params: GenerationParams, index: int, max_tokens: int) -> Events:
         """Choice `index`'s token events, migrating across grid failures; queued now (errors raise here). A
@@ -52,7 +55,7 @@ class Resumable:
                         return
             finally:
                 await events.aclose()
-            if failed is None:
+            if failed is None or self.hand_back:
                 return
             resumed = None
             if grid < MAX_GRIDS:

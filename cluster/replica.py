@@ -130,14 +130,14 @@ class Replica:
                     raise
                 if asyncio.get_running_loop().time() > deadline or not await self.ready():
                     raise ReplicaUnavailable(f"this replica's grid failed ({exc}); retry",
-                                             RETRY_AFTER_REBUILD_S) from None
+                                             RETRY_AFTER_REBUILD_S, rebuilding=True) from None
 
     def check_alive(self) -> None:
         """Raise ReplicaUnavailable (and start the rebuild) if the grid failed."""
         if self.engine.dead:
             self.heal()
             raise ReplicaUnavailable(f"this replica's grid failed ({self.engine.dead}) and is being rebuilt; "
-                                     "retry", RETRY_AFTER_REBUILD_S)
+                                     "retry", RETRY_AFTER_REBUILD_S, rebuilding=True)
 
     def check_available(self) -> None:
         """Raise ReplicaUnavailable unless new work can be queued now."""
@@ -240,7 +240,7 @@ class Replica:
             self.engine.fail(f"worker unreachable: {type(exc).__name__}")
             self.heal()
             raise ReplicaUnavailable("a worker of this replica's grid died; rebuilding it",
-                                     RETRY_AFTER_REBUILD_S) from None
+                                     RETRY_AFTER_REBUILD_S, rebuilding=True) from None
         self.last_snapshot = self._status(workers)
         return self.last_snapshot
 

@@ -30,8 +30,9 @@ class ReplicaGrid(StepGrid, LoraGrid, Protocol):
 
 
 class ReplicaUnavailable(RuntimeError):
-    """The replica cannot take the request now; retry after `retry_after_s` seconds."""
+    """The replica cannot take the request now; retry after `retry_after_s` seconds. `rebuilding`: its grid failed
+    and is being rebuilt (another replica can take the request now), not merely a full queue."""
 
-    def __init__(self, message: str, retry_after_s: int) -> None:
+    def __init__(self, message: str, retry_after_s: int, rebuilding: bool = False) -> None:
         super().__init__(message)
-        self.retry_after_s = retry_after_s
+        self.retry_after_s, self.rebuilding = retry_after_s, rebuilding

@@ -69,6 +69,7 @@ class LLMServer:
         pg = get_current_placement_group()  # Serve's group: bundle 0 is this actor, 1.. the workers
         lookup = catalog_lookup(context.app_name) if cfg.allow_runtime_lora_updating else None
         self.replica = Replica(cfg, tag, pg, bundle_offset=1 if pg is not None else 0, lora_lookup=lookup)
+        self.replica.resumable.hand_back = True  # the ingress moves a failed grid's choices (ChunkStream._migrate)
         self.watch = LoopWatch()
         self.ray_metrics = RayMetrics()
         freeze_startup_heap()
@@ -119,7 +120,7 @@ class LLMServer:
             log.error("replica %s: %s; failing its grid", self.replica.name, why)
             self.replica.engine.fail(why)
             self.replica.heal()
-            raise ReplicaUnavailable(f"{why}; the grid is being rebuilt", RETRY_AFTER_REBUILD_S)
+            raise ReplicaUnavailable(f"{why}; the grid is being rebuilt", RETRY_AFTER_REBUILD_S, rebuilding=True)
 
     async def status(self) -> dict[str, Any] | Refusal:
         """The replica's grid and engine state (GET /status)."""

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from cluster.migration import MAX_GRIDS
 from cluster.replica import ReplicaUnavailable
 from cluster.request import ChoiceDelta, GenerationParams, RequestError, Resume
 
@@ -31,18 +32,19 @@ class Refusal:
     param: str | None = None
     retry_after_s: int = RETRY_AFTER_LOST_S
     code: str | None = None  # OpenAI's error code (model_not_found)
+    rebuilding: bool = False  # 503 because its grid is being rebuilt: another replica can take it now
 
     @classmethod
     def of(cls, exc: RequestError | ReplicaUnavailable) -> Refusal:
         """The value that carries a refused request back to the ingress."""
         if isinstance(exc, RequestError):
             return cls(exc.status, str(exc), exc.param, code=exc.code)
-        return cls(503, str(exc), retry_after_s=exc.retry_after_s)
+        return cls(503, str(exc), retry_after_s=exc.retry_after_s, rebuilding=exc.rebuilding)
 
     def exception(self) -> Exception:
         """The error the ingress's exception handlers turn into the HTTP answer."""
         if self.status == 503:
-            return ReplicaUnavailable(self.message, self.retry_after_s)
+            return ReplicaUnavailable(self.message, self.retry_after_s, self.rebuilding)
         return RequestError(self.message, self.param, self.status, self.code)
 
 
@@ -71,21 +73,25 @@ class ChunkStream:
         self.ended = False  # the replica's stream ran out
 
     async def start(self) -> ChunkStream:
-        """Wait for the replica's acceptance (an empty chunk) or refusal; a replica lost before it answered is
-        asked again through `reopen` (the request has not started) until `migrate_s` runs out."""
+        """Wait for the replica's acceptance (an empty chunk) or refusal; a replica lost before it answered, or
+        one rebuilding its grid, is asked again through `reopen` (the request has not started; Serve may route it
+        to another replica) until `migrate_s` runs out."""
         deadline = time.monotonic() + self.migrate_s
         while True:
             try:
                 first = await self.source.__anext__()
-                break
             except Exception as exc:
                 if not replica_lost(exc):
                     raise
                 if self.reopen is None or time.monotonic() > deadline:
                     raise ReplicaUnavailable(f"the model replica failed before answering ({type(exc).__name__}); "
                                              "retry", RETRY_AFTER_LOST_S) from None
-                await asyncio.sleep(RETRY_PAUSE_S)
-                self.source = self.reopen(self.params)
+            else:
+                if not (isinstance(first, Refusal) and first.rebuilding and self.reopen is not None
+                        and time.monotonic() < deadline):
+                    break
+            await asyncio.sleep(RETRY_PAUSE_S)
+            self.source = self.reopen(self.params)
         if isinstance(first, Refusal):
             raise first.exception()
         return self
@@ -137,11 +143,14 @@ class ChunkStream:
         passes (then it stays open and ends with the error). What it queues is noted at once, so a second loss
         resumes after it."""
         assert self.reopen is not None
+        losses = 1  # the loss that brought it here; on MAX_GRIDS it ends: it may be what kills them
         try:
-            while index in self.open and time.monotonic() < deadline:
-                if await self._one_replica(index, queue) == "refused":
+            while index in self.open and time.monotonic() < deadline and losses < MAX_GRIDS:
+                outcome = await self._one_replica(index, queue)
+                if outcome == "refused":
                     return  # this choice cannot be served as it stands: it ends with the error
                 if index in self.open:
+                    losses += outcome != "busy"  # 'lost', or 'done' while open: its grid failed under it again
                     await asyncio.sleep(RETRY_PAUSE_S)
         except Exception:  # a bug, not a lost replica: the choice ends with the error, the ingress logs why
             log.exception("continuing choice %d on another replica failed", index)
@@ -162,7 +171,7 @@ class ChunkStream:
                 if isinstance(chunk, Refusal):
                     return "busy" if chunk.status == 503 else "refused"
                 if not chunk:  # the acceptance
-                    log.info("choice %d continues on another replica after %d tokens", index, len(ids))
+                    log.warning("choice %d continues on another replica after %d tokens", index, len(ids))
                     continue
                 for d in chunk:
                     d.index, d.cached_tokens = index, None  # the first replica already told the prompt's cache hit

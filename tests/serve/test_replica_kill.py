@@ -1,11 +1,13 @@
 """Two replicas under load, one killed: its requests continue on the other one (streams too, no token repeated or
-missing), so clients see no error; Serve replaces the dead one. The Serve controller killed: nothing fails."""
+missing), so clients see no error; Serve replaces the dead one. One replica's model worker killed: the replica hands
+its requests back and the ingress continues them elsewhere. The Serve controller killed: nothing fails."""
 from __future__ import annotations
 
 import json
 import os
 import signal
 import threading
+from pathlib import Path
 
 import httpx
 import pytest
@@ -109,6 +111,32 @@ def test_killing_one_replica_loses_nothing_and_shows_no_error(two_replicas: str)
     wait_until(lambda: running_replicas() == 2, 180, "Serve to replace the killed replica", poll_s=1)
     r = httpx.post(f"{two_replicas}/v1/completions", json={"model": "tiny", "prompt": [5], "max_tokens": 3}, timeout=60)
     assert r.status_code == 200
+
+
+def continued_choices() -> int:
+    """How many times an ingress logged a choice continuing on another replica (its worker's stderr, this session)."""
+    import ray
+
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+    return sum(f.read_text(errors="replace").count("continues on another replica") for f in logs.glob("worker-*.err"))
+
+
+@pytest.mark.timeout(600)
+def test_a_killed_model_worker_hands_its_requests_to_the_ingress(two_replicas: str) -> None:
+    """A replica whose grid fails does not keep its requests waiting for its rebuild: the ingress continues them
+    (on the other replica, or this one rebuilt) from what they sent, and no client sees an error."""
+    wait_until(lambda: running_replicas() == 2, 180, "both replicas running", poll_s=1)
+    worker = httpx.get(f"{two_replicas}/status", timeout=30).json()["workers"][0]["pid"]
+    continued = continued_choices()
+    load = Load(two_replicas)
+    try:
+        wait_until(lambda: load.oks_since(0) >= 8, 120, "8 answers before the kill")
+        before_kill = len(load.outcomes)
+        os.kill(worker, signal.SIGKILL)  # a model worker of the cluster this test started
+        wait_until(lambda: load.oks_since(before_kill) >= 16, 180, "16 answers after the kill")
+    finally:
+        load.finish()
+    assert continued_choices() > continued, "no request was handed back to the ingress"
 
 
 @pytest.mark.timeout(600)
