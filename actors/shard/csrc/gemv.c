@@ -8,6 +8,8 @@
  */
 #include <stdint.h>
 
+#define CHUNKS_PER_THREAD 8 /* row shares per thread, taken first come first served (see gemv_f32) */
+
 #if defined(__AVX2__) && defined(__FMA__)
 #include "simd.h"
 
@@ -97,7 +99,7 @@ static void rows(const float *x, const float *w, float *y, int64_t tokens, int64
  * of the rows (multiples of four) in turn, so every core streams its own parts of the weight. */
 void gemv_f32(const float *x, const float *w, float *y, int64_t tokens, int64_t in, int64_t out, int threads) {
     /* Many small shares taken dynamically (as in gemm.c): a preempted thread holds up one share, not half. */
-    const int64_t chunks = threads > 1 ? (int64_t)threads * 8 : 1;
+    const int64_t chunks = threads > 1 ? (int64_t)threads * CHUNKS_PER_THREAD : 1;
     const int64_t share = ((out + chunks - 1) / chunks + 3) / 4 * 4;
     #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
     for (int64_t c = 0; c < chunks; c++) {
