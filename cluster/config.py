@@ -79,12 +79,12 @@ class GridServeConfig(BaseModel):
         "Ray actor calls with object refs between stages, 'auto' = socket where it fits, else ray. "
         "compiled_graph, when on, takes precedence.")
     cpu_weights: Literal["auto", "packed", "packed+plain", "plain"] = Field(
-        "auto", description="Layout of large fp32 linear weights on CPU workers: 'plain' = as loaded, run by the C "
-        "matmul kernels up to 256 tokens per step and PyTorch's GEMM above; 'packed' = re-laid out once for oneDNN, "
-        "the plain copy freed (as vLLM's CPU path; for machines where the C kernels do not build); 'packed+plain' "
-        "= both kept, the C kernels up to 256 tokens and oneDNN above on one thread (twice the weight memory); "
-        "'auto' = plain where the C kernels are built (AVX2 + FMA and a C compiler), else packed+plain while the "
-        "extra copy costs at most 1 GiB per worker, else packed. Ignored on CUDA.")
+        "auto", description="Layout of large fp32 linear weights on CPU workers: 'auto' = every path (the C "
+        "kernels, oneDNN's packed copy, PyTorch's GEMM) timed per token count on the worker's CPU when it loads and "
+        "the fastest taken, the packed copy made only where it wins and the plain one kept beside it while that "
+        "costs at most 1 GiB per worker; fixed layouts: 'plain' = as loaded, the C kernels up to 256 tokens per step "
+        "and PyTorch's GEMM above; 'packed' = oneDNN's copy only (as vLLM's CPU path); 'packed+plain' = both, the C "
+        "kernels up to 256 tokens and oneDNN above. Ignored on CUDA.")
     shm_allreduce: bool = Field(True, description="CPU TP ranks on one host sum through shared memory (x86-64) "
                                 "instead of gloo over loopback TCP; false forces gloo. CUDA always uses NCCL.")
     enable_prefix_caching: bool = Field(True, description="Reuse the KV blocks of prompt prefixes already computed "

@@ -116,9 +116,10 @@ class WorkerGrid:
                              "or gpu_memory_utilization, or spread the model over more workers")
         ray.get([w.allocate_cache.options(concurrency_group=group).remote(num_blocks)
                  for stage in self.stages for w in stage])
-        log.info("grid tp=%d pp=%d ready: %d KV blocks of %d tokens, weights %.1f MiB per worker (max)",
-                 self.tp, self.pp, num_blocks, self.cfg.block_size,
-                 max(r["weight_bytes"] for r in self.reports) / 2**20)
+        log.info("grid tp=%d pp=%d ready: %d KV blocks of %d tokens, weights %.1f MiB per worker (max); CPU matmuls "
+                 "by tokens per step: %s", self.tp, self.pp, num_blocks, self.cfg.block_size,
+                 max(r["weight_bytes"] for r in self.reports) / 2**20,
+                 "; ".join(sorted({r.get("matmul") or "fixed" for r in self.reports})))
         return num_blocks
 
     def _shm_path(self, pp_rank: int) -> str | None:

@@ -3,10 +3,10 @@
 PyTorch's `F.linear` hands the plain [out, in] weight to the BLAS, which re-blocks it on every call; with a few to a
 few hundred tokens per step that costs more than the math. Packing each large weight once for oneDNN at load time
 (PyTorch's own `torch.ops.mkldnn` ops: no extension to build) speeds up multi-sequence steps but slows a single
-sequence, where the plain weight streams better. The C kernels (`native.gemv`, `native.gemm`) beat or match both on
-the plain weight at every step size up to 256 tokens, so "auto" packs nothing where they are built; packing is for
-machines without them (no compiler, no AVX2), where few-token steps keep the plain copy too while memory allows
-(`layers.linear`). Figures: BENCHMARKS.md, "Kernels".
+sequence, where the plain weight streams better. Which of this, the C kernels (`native.gemv`, `native.gemm`) and
+PyTorch's GEMM is fastest depends on the CPU (AVX2 or AVX-512), so "auto" times them when a worker loads
+(`matmul_plan`) and packs only where oneDNN wins; the fixed modes here are the overrides. Figures: BENCHMARKS.md,
+"Kernels".
 """
 from __future__ import annotations
 
@@ -51,14 +51,30 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
 
 def pack_linears(model: nn.Module, mode: CpuWeights) -> int:
     """Give every module with a `packed` slot and a packable weight its packed copy; free the plain copy unless
-    `mode` keeps it (or another module shares it: a tied embedding). Returns how many were packed. "auto" packs
-    nothing where the C matmuls are built: they run on the plain copy."""
+    `mode` keeps it (or another module shares it: a tied embedding). Returns how many were packed. "auto" here (a
+    model with no fp32 linears for `matmul_plan.plan_linears` to time) packs nothing where the C matmuls are
+    built."""
     if mode == "plain" or (mode == "auto" and native.matmuls_available()):
         return 0
-    targets = [(m, w) for m in model.modules() if hasattr(m, "packed") and (w := _parameter(m, "weight")) is not None
-               and packable(w)]
-    keep = mode == "packed+plain" or (mode == "auto" and sum(w.numel() * w.element_size()
-                                                             for _, w in targets) <= KEEP_PLAIN_MAX_BYTES)
+    targets = pack_targets(model)
+    keep = mode == "packed+plain" or (mode == "auto" and weight_bytes(targets) <= KEEP_PLAIN_MAX_BYTES)
+    return pack_into(model, targets, keep)
+
+
+def pack_targets(model: nn.Module) -> list[tuple[nn.Module, nn.Parameter]]:
+    """The modules with a `packed` slot whose weight is worth packing, with that weight."""
+    return [(m, w) for m in model.modules() if hasattr(m, "packed") and (w := _parameter(m, "weight")) is not None
+            and packable(w)]
+
+
+def weight_bytes(targets: list[tuple[nn.Module, nn.Parameter]]) -> int:
+    """Bytes of the targets' plain weights."""
+    return sum(w.numel() * w.element_size() for _, w in targets)
+
+
+def pack_into(model: nn.Module, targets: list[tuple[nn.Module, nn.Parameter]], keep: bool) -> int:
+    """Pack each target's weight into its `packed` slot; free the plain copy unless `keep` or another module
+    shares it. Returns how many were packed."""
     users: dict[int, int] = {}
     for module in model.modules():
         for p in module.parameters(recurse=False):

@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from actors.shard import native
+from actors.shard import matmul_plan, native
 from actors.shard.cpu_gemm import packed_linear
+from actors.shard.matmul_plan import MatmulPlan, split_linear
 from actors.shard.spec import HeadSplit
 from actors.shard.tp import TPGroup
 
@@ -54,12 +55,14 @@ GEMM_MAX_TOKENS = 256  # up to this many the C matmul (native.gemm) beats or tie
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           packed: torch.Tensor | None = None) -> torch.Tensor:
+           packed: torch.Tensor | None = None, plan: MatmulPlan | None = None) -> torch.Tensor:
     """x [T, in] @ weight[out, in].T (+ bias) -> [T, out], on the fastest path for T (python -m bench.kernels).
 
-    On CPU in fp32 with the plain weight the C kernels take every step up to GEMM_MAX_TOKENS: with one to
-    GEMV_MAX_TOKENS tokens the step is bound by reading the weight and `native.gemv` streams it; with more it is
-    bound by arithmetic and `native.gemm`'s register-blocked loop runs it. Above that PyTorch's threaded GEMM is as
+    With `plan` (timed on this machine when the worker loaded: `matmul_plan`), fp32 CPU steps take the plan's path
+    for T, falling back to the copy that exists. Without one (a fixed `cpu_weights` layout), on CPU in fp32 with
+    the plain weight the C kernels take every step up to GEMM_MAX_TOKENS: with one to GEMV_MAX_TOKENS tokens the
+    step is bound by reading the weight and `native.gemv` streams it; with more it is bound by arithmetic and
+    `native.gemm`'s register-blocked loop runs it (on an AVX2 machine). Above that PyTorch's threaded GEMM is as
     fast. With `packed` (the weight packed by cpu_gemm) oneDNN runs what the kernels do not, except prefill-sized
     steps (over SPLIT_MAX_TOKENS) on 2+ threads, where PyTorch's own GEMM is faster. The figures behind each
     threshold: BENCHMARKS.md, "Kernels" (`python -m bench.kernels`).
@@ -70,6 +73,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """
     splits = torch.get_num_threads()
     rows, tokens = weight.shape[0], x.shape[0]
+    if plan is not None and x.dtype == weight.dtype == torch.float32 and x.device.type == "cpu" and x.dim() == 2:
+        path = plan.path(tokens)
+        if path == "packed" and packed is None:
+            path = "torch"
+        elif path != "packed" and weight.numel() == 0 and packed is not None:
+            path = "packed"  # the plain copy was freed: oneDNN's is the only one
+        return matmul_plan.run(path, x, weight, bias, packed)
     if (tokens <= GEMM_MAX_TOKENS and weight.numel() and x.dim() == 2 and x.dtype == weight.dtype == torch.float32
             and x.device.type == "cpu" and native.matmuls_available()):
         return native.gemv(x, weight, bias) if tokens <= GEMV_MAX_TOKENS else native.gemm(x, weight, bias)
@@ -79,16 +89,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if x.device.type != "cpu" or splits < 2 or tokens > SPLIT_MAX_TOKENS or rows % splits or x.dim() != 2:
         return F.linear(x, weight, bias)
     return split_linear(x, weight, bias)
-
-
-def split_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [T, in] @ weight[out, in].T (+ bias) as one batched matmul over one block of output rows per torch thread
-    (out must divide by the thread count)."""
-    splits, rows, tokens = torch.get_num_threads(), weight.shape[0], x.shape[0]
-    blocks = weight.view(splits, rows // splits, weight.shape[1]).transpose(1, 2)  # [S, in, out / S]
-    out = torch.bmm(x.expand(splits, tokens, x.shape[1]), blocks)  # [S, T, out / S]
-    out = out.transpose(0, 1).reshape(tokens, rows)  # [T, out], rows back in order
-    return out if bias is None else out.add_(bias)
 
 
 class ReplicatedParam(nn.Module):
@@ -138,11 +138,12 @@ class ColumnParallelLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(local, in_features, dtype=dtype), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(local, dtype=dtype), requires_grad=False) if bias else None
         self.packed: torch.Tensor | None = None  # oneDNN layout of `weight`, set after loading (cpu_gemm.pack_linears)
+        self.plan: MatmulPlan | None = None  # CPU matmul path per token count, set with `packed`
         self.lora: LowRankDelta | None = None  # LoRA slots, when the server enables LoRA
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[T, in] -> [T, local_out]."""
-        y = linear(x, self.weight, self.bias, self.packed)
+        y = linear(x, self.weight, self.bias, self.packed, self.plan)
         return y if self.lora is None else self.lora.add(x, y)
 
     def part_rows(self, part: int) -> tuple[int, int, int]:
@@ -203,11 +204,12 @@ class RowParallelLinear(nn.Module):
                                    requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
         self.packed: torch.Tensor | None = None  # oneDNN layout of `weight`, set after loading (cpu_gemm.pack_linears)
+        self.plan: MatmulPlan | None = None  # CPU matmul path per token count, set with `packed`
         self.lora: LowRankDelta | None = None  # LoRA slots: their partial sums ride the same all-reduce
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[T, local_in] -> [T, out], summed over the TP group."""
-        partial = linear(x, self.weight, packed=self.packed)
+        partial = linear(x, self.weight, packed=self.packed, plan=self.plan)
         y = self.tp.all_reduce(partial if self.lora is None else self.lora.add(x, partial))
         return y if self.bias is None else y + self.bias
 
@@ -254,9 +256,10 @@ class ParallelLMHead(VocabParallelEmbedding):
     """Output projection split by vocabulary rows; logits are gathered and trimmed to the real vocab."""
 
     packed: torch.Tensor | None = None  # oneDNN layout of `weight`, set after loading (cpu_gemm.pack_linears)
+    plan: MatmulPlan | None = None  # CPU matmul path per token count, set with `packed`
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[T, hidden] -> [T, vocab] float32 logits on every rank."""
-        local = linear(x, self.weight, packed=self.packed).float()  # [T, rows]
+        local = linear(x, self.weight, packed=self.packed, plan=self.plan).float()  # [T, rows]
         full = self.tp.all_gather(local, dim=-1)  # [T, rows * tp]
         return full[:, :self.vocab_size]

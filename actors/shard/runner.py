@@ -9,11 +9,12 @@ import numpy as np
 import torch
 
 from actors.shard.checkpoint import open_checkpoint
-from actors.shard.cpu_gemm import CpuWeights, pack_linears, packed_bytes
+from actors.shard.cpu_gemm import CpuWeights, packed_bytes
 from actors.shard.kv_cache import AttnMeta, PagedKVCache
 from actors.shard.loader import load_stage
 from actors.shard.lora import StageLora
 from actors.shard.lora_files import Adapter, read_adapter
+from actors.shard.matmul_plan import plan_linears
 from actors.shard.model import StageModel
 from actors.shard.partition import Partition, even_partition
 from actors.shard.sampler import Logprobs, Sampler, SamplingParams, unpack_bitmask
@@ -126,8 +127,7 @@ class StageRunner:
         with torch.device(device):
             self.model = StageModel(self.spec, tp, plan.pp_rank, layers, self.dtype, plan.max_model_len, device)
         load_stage(self.model, reader.keys(), reader.get_slice, self.spec)
-        if device.type == "cpu":
-            pack_linears(self.model, plan.cpu_weights)  # oneDNN's blocked layout, once (see cpu_gemm)
+        self.matmul_plan = plan_linears(self.model, plan.cpu_weights) if device.type == "cpu" else None
         self.lora = StageLora(self.model.model.layers, plan.max_loras, plan.max_lora_rank) \
             if plan.max_loras else None
         self.lora_pending: dict[int, Adapter | None] = {}  # slot -> adapter to load (None: to empty) next step

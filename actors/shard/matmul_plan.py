@@ -1,0 +1,177 @@
+"""Which CPU path runs an fp32 linear of T tokens, chosen by timing every path on this machine when a worker loads.
+
+The fastest path depends on the CPU more than on the model: on an AVX2-only EPYC the C kernels (`native.gemv` /
+`native.gemm`) beat oneDNN's packed GEMM and PyTorch's BLAS at every decode size, while on an AVX-512 Xeon oneDNN
+runs 5-256 tokens up to twice as fast as the AVX2 kernels (BENCHMARKS.md, "Kernels"). Fixed thresholds fit one
+machine; a few hundred timed calls at load fit the one the worker runs on.
+"""
+from __future__ import annotations
+
+import bisect
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from actors.shard import cpu_gemm, native
+
+log = logging.getLogger(__name__)
+Path = Literal["gemv", "gemm", "packed", "split", "torch"]
+BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)  # token counts timed; a count runs on its bucket's winner
+ROUNDS = 3  # interleaved rounds per bucket: the least time of each path counts (other processes preempt some)
+MIN_CALL_S = 1e-3  # calls per timing: enough to fill this, so the clock's resolution does not decide
+MAX_ROWS = 4096  # calibration weight rows: the MLP's shape up to this, so a large model calibrates in seconds
+
+
+@dataclass(frozen=True)
+class MatmulPlan:
+    """The path per token-count bucket: `paths[i]` runs counts up to `bounds[i]`; larger counts run `paths[-1]`."""
+
+    bounds: tuple[int, ...]
+    paths: tuple[Path, ...]
+
+    def path(self, tokens: int) -> Path:
+        """The path for a linear of `tokens` tokens."""
+        return self.paths[min(bisect.bisect_left(self.bounds, tokens), len(self.paths) - 1)]
+
+    @property
+    def needs_packed(self) -> bool:
+        """Whether some bucket runs oneDNN's packed weight."""
+        return "packed" in self.paths
+
+    @property
+    def needs_plain(self) -> bool:
+        """Whether some bucket reads the plain [out, in] weight."""
+        return any(p != "packed" for p in self.paths)
+
+    def describe(self) -> str:
+        """One line for the worker's log, e.g. '1-2 torch, 4 gemv, 8-512+ packed'."""
+        parts, lo = [], 1
+        for i, (bound, path) in enumerate(zip(self.bounds, self.paths)):
+            last = i == len(self.paths) - 1
+            if not last and self.paths[i + 1] == path:
+                continue
+            span = f"{lo}" if lo == bound else f"{lo}-{bound}"
+            parts.append(f"{span}{'+' if last else ''} {path}")
+            lo = bound + 1
+        return ", ".join(parts)
+
+
+def plan_linears(model: nn.Module, mode: cpu_gemm.CpuWeights) -> MatmulPlan | None:
+    """With 'auto' and fp32 weights: time every path here, pack for oneDNN only where it wins somewhere (the plain
+    copy kept while other token counts run on it and it costs at most cpu_gemm.KEEP_PLAIN_MAX_BYTES), and give
+    every linear the plan. Other modes keep their fixed layout (`cpu_gemm.pack_linears`) and get no plan."""
+    linears = [(m, w) for m in model.modules() if hasattr(m, "plan") and isinstance(w := getattr(m, "weight", None),
+               nn.Parameter) and w.dim() == 2 and w.numel() and w.dtype == torch.float32]
+    if mode != "auto" or not linears:
+        cpu_gemm.pack_linears(model, mode)
+        return None
+    targets = cpu_gemm.pack_targets(model)
+    hidden = Counter(w.shape[1] for _, w in linears).most_common(1)[0][0]
+    rows = max(w.shape[0] for _, w in linears if w.shape[1] == hidden)
+    plan = _calibrated(hidden, min(rows, MAX_ROWS), tuple(candidates(bool(targets))), torch.get_num_threads())
+    if plan.needs_packed:
+        keep = plan.needs_plain and cpu_gemm.weight_bytes(targets) <= cpu_gemm.KEEP_PLAIN_MAX_BYTES
+        cpu_gemm.pack_into(model, targets, keep)  # without the plain copy every count runs oneDNN's (layers.linear)
+    for m, _ in linears:
+        setattr(m, "plan", plan)  # noqa: B010 (nn.Module's __setattr__ is typed for tensors/modules only)
+    log.info("matmul paths by tokens per step, timed on [%d, %d] x %d threads: %s", min(rows, MAX_ROWS), hidden,
+             torch.get_num_threads(), plan.describe())
+    return plan
+
+
+def candidates(packed: bool) -> list[Path]:
+    """The paths this build can run: the C kernels where they built, oneDNN's where `packed`, PyTorch's, and
+    PyTorch's split by output rows over the threads where there are several."""
+    paths: list[Path] = ["torch"]
+    if torch.get_num_threads() > 1:
+        paths.append("split")
+    if native.matmuls_available():
+        paths += ["gemv", "gemm"]
+    if packed and cpu_gemm.available():
+        paths.append("packed")
+    return paths
+
+
+def choose(times: Mapping[Path, Sequence[float]], bounds: Sequence[int] = BUCKETS) -> MatmulPlan:
+    """The plan that takes the fastest path in each bucket (`times[path][i]`: seconds at `bounds[i]` tokens)."""
+    winners = tuple(min(times, key=lambda p: times[p][i]) for i in range(len(bounds)))
+    return MatmulPlan(tuple(bounds), winners)
+
+
+@lru_cache(maxsize=8)
+def _calibrated(hidden: int, rows: int, paths: tuple[Path, ...], threads: int) -> MatmulPlan:
+    """`calibrate`, once per shape, paths and thread count in a process (tests load many small models)."""
+    return calibrate(hidden, rows, paths)
+
+
+def calibrate(hidden: int, rows: int, paths: Sequence[Path], bounds: Sequence[int] = BUCKETS) -> MatmulPlan:
+    """Time every path on a random [min(rows, MAX_ROWS), hidden] weight at each bucket's token count, on the
+    threads torch has now (the worker's), and keep the fastest per bucket."""
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(min(rows, MAX_ROWS), hidden, generator=gen)
+    packed = cpu_gemm.pack(weight) if "packed" in paths else None
+    paths = [p for p in paths if (p != "packed" or packed is not None) and (p != "split" or not weight.shape[0]
+                                                                         % torch.get_num_threads())]
+    times: dict[Path, list[float]] = {p: [] for p in paths}
+    for tokens in bounds:
+        x = torch.randn(tokens, hidden, generator=gen)
+        calls = {p: _call(p, x, weight, packed) for p in paths}
+        reps = max(1, int(MIN_CALL_S / max(_once(calls["torch"]), 1e-6)))
+        best = {p: float("inf") for p in paths}
+        for _ in range(ROUNDS):
+            for p, fn in calls.items():
+                best[p] = min(best[p], _timed(fn, reps))
+        for p in paths:
+            times[p].append(best[p])
+    return choose(times, bounds)
+
+
+def run(path: Path, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+        packed: torch.Tensor | None) -> torch.Tensor:
+    """x [T, in] @ weight[out, in].T (+ bias) on `path` (`packed`: oneDNN's copy of weight, for 'packed')."""
+    if path == "gemv":
+        return native.gemv(x, weight, bias)
+    if path == "gemm":
+        return native.gemm(x, weight, bias)
+    if path == "packed":
+        assert packed is not None, "the plan chose oneDNN's path for a weight that has no packed copy"
+        return cpu_gemm.packed_linear(x, packed, bias)
+    if path == "split" and weight.shape[0] % torch.get_num_threads() == 0:
+        return split_linear(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+def split_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [T, in] @ weight[out, in].T (+ bias) as one batched matmul over one block of output rows per torch thread
+    (out must divide by the thread count): every core reads weights where PyTorch's GEMM streams few tokens on one."""
+    splits, rows, tokens = torch.get_num_threads(), weight.shape[0], x.shape[0]
+    blocks = weight.view(splits, rows // splits, weight.shape[1]).transpose(1, 2)  # [S, in, out / S]
+    out = torch.bmm(x.expand(splits, tokens, x.shape[1]), blocks)  # [S, T, out / S]
+    out = out.transpose(0, 1).reshape(tokens, rows)  # [T, out], rows back in order
+    return out if bias is None else out.add_(bias)
+
+
+def _call(path: Path, x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None) -> Callable[[], object]:
+    return lambda: run(path, x, weight, None, packed)
+
+
+def _once(fn: Callable[[], object]) -> float:
+    """Seconds of one call, after one warm-up call."""
+    fn()
+    return _timed(fn, 1)
+
+
+def _timed(fn: Callable[[], object], reps: int) -> float:
+    """Mean seconds per call over `reps` calls."""
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - start) / reps
