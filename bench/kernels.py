@@ -5,12 +5,14 @@ weights vs `F.linear` at prefill sizes; the per-head block gather vs per-token i
 kernel vs gather + matmul; then where the time of one engine step goes at the throughput benchmark's sizes (one
 tp=1 shard, no Ray).
 
-python -m bench.kernels
+python -m bench.kernels          (every table)
+python -m bench.kernels plan     (each matmul path per token count on SmolLM2's shapes, and what `matmul_plan` picks)
 """
 from __future__ import annotations
 
 import os
 import platform
+import sys
 import time
 from collections.abc import Callable, Iterator
 
@@ -18,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from actors.shard import cpu_gemm, native
+from actors.shard import cpu_gemm, matmul_plan, native
 from actors.shard.cpu_gemm import pack, packed_linear
 from actors.shard.kv_cache import AttnMeta, PagedKVCache, gathered_decode
 from actors.shard.layers import GEMM_MAX_TOKENS, GEMV_MAX_TOKENS, split_linear
@@ -223,11 +225,36 @@ def step_anatomy() -> None:
            "does not see"])
 
 
+SMOL_SHAPES = [(960, 576), (3072, 576), (576, 1536), (49152, 576)]  # SmolLM2-135M: qkv, gate_up, down, head
+
+
+def plan_paths() -> None:
+    """GFLOP/s of every matmul path `matmul_plan` times, on SmolLM2's weights, beside the plan it picks here."""
+    paths = matmul_plan.candidates(packed=True)
+    plan = matmul_plan.calibrate(576, 3072, paths)
+    rows = []
+    for out, width in SMOL_SHAPES:
+        w = torch.randn(out, width)
+        packed = pack(w)
+        for tokens in (1, 4, 16, 32, 64, 256, 2048):
+            x, flop = torch.randn(tokens, width), 2 * tokens * out * width
+            reps = max(2, int(2e8 / flop))
+            rate = {p: flop / seconds(lambda p=p: matmul_plan.run(p, x, w, None, packed), reps) / 1e9 for p in paths}
+            best = max(rate, key=lambda p: rate[p])
+            rows.append([f"{out}x{width}", tokens, *(f"{rate[p]:.0f}" for p in paths), best, plan.path(tokens)])
+    table(f"matmul paths, {torch.get_num_threads()} threads, GFLOP/s", ["weight", "tokens", *paths, "fastest",
+                                                                          "plan"], rows,
+          [f"plan (timed on [3072, 576]): {plan.describe()}"])
+
+
 def main() -> None:
-    """All tables, with the machine line."""
+    """All tables (or, with the argument `plan`, the matmul paths alone), with the machine line."""
     torch.set_num_threads(os.cpu_count() or 1)
     print(f"machine: {platform.machine()} {os.cpu_count()} cores; torch {torch.__version__}")
     with torch.inference_mode():
+        if sys.argv[1:] == ["plan"]:
+            plan_paths()
+            return
         few_token_matmuls()
         batch_matmuls()
         matmuls()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import math
@@ -81,6 +82,8 @@ class AsyncEngine:
         if self.dead:
             raise RuntimeError(f"this replica's grid failed ({self.dead}); retry on another replica")
         stops = (frozenset() if ignore_eos else self.eos) | frozenset(stop_token_ids)
+        if sampling.min_tokens and stops:  # the sampler keeps these out until min_tokens are generated
+            sampling = dataclasses.replace(sampling, stop_ids=tuple(sorted(stops)))
         seq = Sequence(next(self._ids), list(prompt_ids), sampling, max_tokens, stops, list(resume or []),
                        arrival=time.perf_counter(), grammar=grammar, priority=priority)
         if lora is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from actors.shard.sampler import SamplingParams
 from cluster.structured import GrammarSpec
@@ -35,10 +35,21 @@ class SamplingOptions(BaseModel):
     stop_token_ids: list[int] = Field(default_factory=list, max_length=64, description="vLLM extension: token ids "
                                       "that end the generation.")
     ignore_eos: bool = Field(False, description="vLLM extension: keep generating past the end-of-sequence token.")
+    min_tokens: int = Field(0, ge=0, description="vLLM extension: the end-of-sequence token and stop_token_ids "
+                            "cannot be sampled before this many tokens (stop strings still end the text).")
     logit_bias: dict[str, float] | None = Field(None, description="Token id (as a string) -> bias in [-100, 100], "
                                                 "added to its logit before sampling.")
     priority: int = Field(0, ge=-(2**31), le=2**31 - 1, description="vLLM extension: lower is admitted first and "
                           "preempted last under KV pressure; ties go in arrival order.")
+
+    @field_validator("min_tokens")
+    @classmethod
+    def _min_tokens(cls, v: int, info: ValidationInfo) -> int:
+        """Within max_tokens, when that is given."""
+        most = info.data.get("max_tokens")
+        if most is not None and v > most:
+            raise ValueError(f"min_tokens ({v}) is above max_tokens ({most}); lower min_tokens or raise max_tokens")
+        return v
 
     @field_validator("logit_bias")
     @classmethod
@@ -99,7 +110,8 @@ class GenerationParams(SamplingOptions):
         seed = None if self.seed is None else self.seed + index
         return SamplingParams(self.temperature, self.top_p, self.top_k, self.min_p, seed, self.repetition_penalty,
                               self.presence_penalty, self.frequency_penalty, self.logprobs,
-                              tuple((int(k), float(v)) for k, v in (self.logit_bias or {}).items()))
+                              tuple((int(k), float(v)) for k, v in (self.logit_bias or {}).items()),
+                              min_tokens=self.min_tokens)
 
     def check(self, prompt_ids: list[int], limits: Limits) -> int:
         """The one check against what a replica can serve; returns the tokens to generate (RequestError if never)."""

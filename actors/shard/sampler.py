@@ -20,6 +20,12 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # subtracted per occurrence in the generated tokens
     logprobs: int | None = None  # also return the sampled token's log-probability and this many top ones
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token, bias) added to the logits before sampling
+    min_tokens: int = 0  # `stop_ids` cannot be sampled at output indices below this
+    stop_ids: tuple[int, ...] = ()  # the tokens that end the sequence (EOS, stop_token_ids), set by the engine
+
+    def holds_stops(self, step: int) -> bool:
+        """Whether the token at output index `step` must not be a stop token (min_tokens not reached)."""
+        return step < self.min_tokens and bool(self.stop_ids)
 
     @property
     def needs_history(self) -> bool:
@@ -89,7 +95,9 @@ class Sampler:
         """Token ids and (where asked) logprobs; `histories` holds (prompt, output) for rows with penalties,
         `allowed` (rows, bool [G, V]) the grammar masks of structured-output rows."""
         raw = logits
-        if any(h is not None for h in histories) or any(p.logit_bias for p in params) or allowed is not None:
+        held = [p.holds_stops(step) for p, step in zip(params, steps)]
+        if (any(h is not None for h in histories) or any(p.logit_bias for p in params) or allowed is not None
+                or any(held)):
             logits = logits.clone()
         for row, (p, h) in enumerate(zip(params, histories)):
             if h is not None:
@@ -97,6 +105,8 @@ class Sampler:
             if p.logit_bias:
                 ids, bias = zip(*p.logit_bias)
                 logits[row, list(ids)] += torch.tensor(bias, dtype=logits.dtype, device=logits.device)
+            if held[row]:
+                logits[row, list(p.stop_ids)] = float("-inf")
         if allowed is not None:
             rows, mask = allowed
             logits[rows] = logits[rows].masked_fill(~mask.to(logits.device), float("-inf"))
@@ -140,6 +150,10 @@ class Sampler:
         draft); after all d, one more from p_d. Every emitted token is then distributed exactly as when drawn one
         step at a time. Uniforms come from (seed, output index) as in `sample`, so seeded rows stay reproducible.
         """
+        held = [j for j in range(len(drafts) + 1) if p.holds_stops(step + j)]
+        if held:  # min_tokens not reached at these positions: no stop token there
+            logits = logits.clone()
+            logits[torch.tensor(held)[:, None], torch.tensor(p.stop_ids)[None, :]] = float("-inf")
         if p.greedy:
             targets = logits.argmax(-1).tolist()
             n = 0

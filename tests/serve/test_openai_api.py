@@ -36,6 +36,19 @@ def test_completion_token_ids_equal_hf_greedy(client: openai.OpenAI, chat_model:
     assert out.choices[0].finish_reason == "length"
 
 
+def test_min_tokens_holds_back_a_stop_token(client: openai.OpenAI, chat_model: str) -> None:
+    """vLLM's min_tokens through the openai client: the greedy first token as a stop token ends the answer at
+    once, unless min_tokens asks for more first."""
+    prompt = [3, 17, 5, 42, 8]
+    ref, _ = hf_greedy(chat_model, prompt, 1)
+    kwargs = dict(model="tiny", prompt=prompt, max_tokens=6, temperature=0)
+    stopped = client.completions.create(**kwargs, extra_body={"ignore_eos": True, "stop_token_ids": ref})
+    held = client.completions.create(**kwargs, extra_body={"ignore_eos": True, "stop_token_ids": ref,
+                                                           "min_tokens": 4})
+    assert stopped.usage.completion_tokens == 1 and stopped.choices[0].finish_reason == "stop"
+    assert held.usage.completion_tokens >= 5  # the stop token could come 5th at the earliest, else 6 (length)
+
+
 def test_streaming_chat_reassembles_to_the_whole_answer(client: openai.OpenAI) -> None:
     """Streamed chat deltas concatenate to the non-streamed answer (same seed)."""
     kwargs = dict(model="tiny", messages=[{"role": "user", "content": "hello there"}], max_tokens=12,
@@ -54,6 +67,7 @@ def test_streaming_chat_reassembles_to_the_whole_answer(client: openai.OpenAI) -
     ({"model": "other", "prompt": "hi"}, 404, "model"),
     ({"model": "tiny", "prompt": [1, 2, 999999]}, 400, "prompt"),
     ({"model": "tiny", "prompt": "hi", "bogus": 1}, 400, "bogus"),
+    ({"model": "tiny", "prompt": "hi", "max_tokens": 2, "min_tokens": 5}, 400, "min_tokens"),
 ])
 def test_bad_requests_get_openai_errors(server: str, body: dict, status: int, param: str) -> None:
     """Bad fields answer 4xx with an OpenAI error body naming the field."""
