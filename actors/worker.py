@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from actors.comm_timer import tp_group
-from actors.shard import host_memory, native
+from actors.shard import host_memory, matmul_plan, native
 from actors.shard.channel import StepServer
 from actors.shard.runner import ShardPlan, StageRunner, StepInput, StepOutput
 from actors.shard.sampler import Sampler
@@ -109,9 +109,9 @@ class Worker:
             host_memory.keep_step_buffers()  # after loading: the loader's temporaries go back to the kernel first
             native.available()  # loads (or, without an install-time build, compiles) the kernels now, not in a step
         host_memory.freeze_startup_heap()
-        plan = self.runner.matmul_plan
+        plans = self.runner.matmul_plans
         return {"weight_bytes": self.runner.weight_bytes(), "block_bytes": self.runner.block_bytes(),
-                "load_s": self.runner.load_seconds, "matmul": plan.describe() if plan is not None else None}
+                "load_s": self.runner.load_seconds, "matmul": matmul_plan.describe(plans) if plans else None}
 
     def _open_shm(self, path: str, slot_bytes: int, timeout_s: float) -> ShmGroup:
         """Rank 0 creates the segment, the others map it, then its name is removed (nothing left on a crash)."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 import bisect
 import logging
 import time
-from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -25,9 +24,10 @@ from actors.shard import cpu_gemm, native
 log = logging.getLogger(__name__)
 Path = Literal["gemv", "gemm", "packed", "split", "torch"]
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)  # token counts timed; a count runs on its bucket's winner
-ROUNDS = 3  # interleaved rounds per bucket: the least time of each path counts (other processes preempt some)
-MIN_CALL_S = 1e-3  # calls per timing: enough to fill this, so the clock's resolution does not decide
-MAX_ROWS = 4096  # calibration weight rows: the MLP's shape up to this, so a large model calibrates in seconds
+ROUNDS = 4  # interleaved rounds per bucket: the least time of each path counts (other processes preempt some)
+MIN_CALL_S = 2e-3  # calls per timing: enough to fill this, so the clock's resolution does not decide
+MAX_ELEMENTS = 2**26  # calibration weight size, at most (256 MiB): whole for small models' LM heads, which stream
+MAX_CALL_FLOP = 8e9  # larger buckets are not timed: they keep the last timed winner among torch / packed
 
 
 @dataclass(frozen=True)
@@ -64,27 +64,40 @@ class MatmulPlan:
         return ", ".join(parts)
 
 
-def plan_linears(model: nn.Module, mode: cpu_gemm.CpuWeights) -> MatmulPlan | None:
-    """With 'auto' and fp32 weights: time every path here, pack for oneDNN only where it wins somewhere (the plain
-    copy kept while other token counts run on it and it costs at most cpu_gemm.KEEP_PLAIN_MAX_BYTES), and give
-    every linear the plan. Other modes keep their fixed layout (`cpu_gemm.pack_linears`) and get no plan."""
+def plan_linears(model: nn.Module, mode: cpu_gemm.CpuWeights) -> dict[tuple[int, int], MatmulPlan]:
+    """With 'auto': time every path here for each large fp32 weight shape of `model`, give each linear its shape's plan,
+    and pack a weight for oneDNN only where its plan runs it (its plain copy kept while other token counts still
+    run on it and all such copies cost at most cpu_gemm.KEEP_PLAIN_MAX_BYTES). Other modes keep their fixed layout
+    (`cpu_gemm.pack_linears`) and get no plan. Returns the plans by weight shape [out, in]."""
+    # Smaller weights (a tiny model's) keep layers.linear's fixed paths: timing them would cost more than it wins.
     linears = [(m, w) for m in model.modules() if hasattr(m, "plan") and isinstance(w := getattr(m, "weight", None),
-               nn.Parameter) and w.dim() == 2 and w.numel() and w.dtype == torch.float32]
+               nn.Parameter) and w.dim() == 2 and w.numel() >= cpu_gemm.PACK_MIN_ELEMENTS
+               and w.dtype == torch.float32]
     if mode != "auto" or not linears:
         cpu_gemm.pack_linears(model, mode)
-        return None
+        return {}
     targets = cpu_gemm.pack_targets(model)
-    hidden = Counter(w.shape[1] for _, w in linears).most_common(1)[0][0]
-    rows = max(w.shape[0] for _, w in linears if w.shape[1] == hidden)
-    plan = _calibrated(hidden, min(rows, MAX_ROWS), tuple(candidates(bool(targets))), torch.get_num_threads())
-    if plan.needs_packed:
-        keep = plan.needs_plain and cpu_gemm.weight_bytes(targets) <= cpu_gemm.KEEP_PLAIN_MAX_BYTES
-        cpu_gemm.pack_into(model, targets, keep)  # without the plain copy every count runs oneDNN's (layers.linear)
-    for m, _ in linears:
-        setattr(m, "plan", plan)  # noqa: B010 (nn.Module's __setattr__ is typed for tensors/modules only)
-    log.info("matmul paths by tokens per step, timed on [%d, %d] x %d threads: %s", min(rows, MAX_ROWS), hidden,
-             torch.get_num_threads(), plan.describe())
-    return plan
+    packable = {id(m) for m, _ in targets}
+    plans: dict[tuple[int, int], MatmulPlan] = {}
+    plan_of: dict[int, MatmulPlan] = {}
+    for m, w in linears:
+        rows, width = w.shape
+        if (rows, width) not in plans:
+            paths = tuple(candidates(id(m) in packable))
+            plans[rows, width] = _calibrated(width, rows, paths, torch.get_num_threads())
+        plan_of[id(m)] = plans[rows, width]
+        setattr(m, "plan", plans[rows, width])  # noqa: B010 (nn.Module's __setattr__ is typed for tensors/modules)
+    both = [(m, w) for m, w in targets if plan_of[id(m)].needs_packed and plan_of[id(m)].needs_plain]
+    only = [(m, w) for m, w in targets if plan_of[id(m)].needs_packed and not plan_of[id(m)].needs_plain]
+    cpu_gemm.pack_into(model, both, cpu_gemm.weight_bytes(both) <= cpu_gemm.KEEP_PLAIN_MAX_BYTES)
+    cpu_gemm.pack_into(model, only, keep=False)  # a freed plain copy: every count runs oneDNN's (layers.linear)
+    log.info("matmul paths by tokens per step, %d threads: %s", torch.get_num_threads(), describe(plans))
+    return plans
+
+
+def describe(plans: dict[tuple[int, int], MatmulPlan]) -> str:
+    """Each weight shape's plan on one line, e.g. '3072x576: 1-2 torch, 3-8 gemv, 9+ packed; 576x576: ...'."""
+    return "; ".join(f"{rows}x{width}: {plan.describe()}" for (rows, width), plan in plans.items())
 
 
 def candidates(packed: bool) -> list[Path]:
@@ -113,15 +126,23 @@ def _calibrated(hidden: int, rows: int, paths: tuple[Path, ...], threads: int) -
 
 
 def calibrate(hidden: int, rows: int, paths: Sequence[Path], bounds: Sequence[int] = BUCKETS) -> MatmulPlan:
-    """Time every path on a random [min(rows, MAX_ROWS), hidden] weight at each bucket's token count, on the
-    threads torch has now (the worker's), and keep the fastest per bucket."""
+    """Time every path on a random [rows, hidden] weight (rows capped at MAX_ELEMENTS) at each bucket's token
+    count, on the threads torch has now (the worker's), and keep the fastest per bucket. Buckets whose call would
+    exceed MAX_CALL_FLOP keep the last timed winner if it is PyTorch's or oneDNN's GEMM (they only get better
+    with more tokens), else PyTorch's."""
     gen = torch.Generator().manual_seed(0)
-    weight = torch.randn(min(rows, MAX_ROWS), hidden, generator=gen)
+    weight = torch.randn(max(1, min(rows, MAX_ELEMENTS // hidden)), hidden, generator=gen)
     packed = cpu_gemm.pack(weight) if "packed" in paths else None
     paths = [p for p in paths if (p != "packed" or packed is not None) and (p != "split" or not weight.shape[0]
                                                                          % torch.get_num_threads())]
     times: dict[Path, list[float]] = {p: [] for p in paths}
     for tokens in bounds:
+        if times["torch"] and 2 * tokens * weight.numel() > MAX_CALL_FLOP:
+            last = min(times, key=lambda p: times[p][-1])
+            keep = last if last in ("torch", "packed") else "torch"
+            for p in paths:
+                times[p].append(0.0 if p == keep else 1.0)
+            continue
         x = torch.randn(tokens, hidden, generator=gen)
         calls = {p: _call(p, x, weight, packed) for p in paths}
         reps = max(1, int(MIN_CALL_S / max(_once(calls["torch"]), 1e-6)))

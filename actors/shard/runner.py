@@ -127,7 +127,7 @@ class StageRunner:
         with torch.device(device):
             self.model = StageModel(self.spec, tp, plan.pp_rank, layers, self.dtype, plan.max_model_len, device)
         load_stage(self.model, reader.keys(), reader.get_slice, self.spec)
-        self.matmul_plan = plan_linears(self.model, plan.cpu_weights) if device.type == "cpu" else None
+        self.matmul_plans = plan_linears(self.model, plan.cpu_weights) if device.type == "cpu" else {}
         self.lora = StageLora(self.model.model.layers, plan.max_loras, plan.max_lora_rank) \
             if plan.max_loras else None
         self.lora_pending: dict[int, Adapter | None] = {}  # slot -> adapter to load (None: to empty) next step

@@ -81,8 +81,9 @@ def test_auto_packs_only_where_the_plan_runs_onednn(monkeypatch: pytest.MonkeyPa
     m = Tied()
     x = torch.randn(20, 16)
     want = m(x)
-    plan = matmul_plan.plan_linears(m, "auto")
-    assert plan is not None and m.up.plan is plan and m.down.plan is plan and m.head.plan is plan
+    plans = matmul_plan.plan_linears(m, "auto")
+    assert set(plans) == {(32, 16), (16, 32), (50, 16)}  # each weight shape timed once
+    assert m.up.plan is plans[32, 16] and m.down.plan is plans[16, 32] and m.head.plan is plans[50, 16]
     assert (m.up.packed is not None) == packed and (m.up.weight.numel() > 0) == plain_kept
     assert m.head.weight.numel() > 0  # shared with the embedding: never freed
     for tokens in (1, 3, 8, 20):  # each bucket's path, and past the last bound
@@ -92,4 +93,9 @@ def test_auto_packs_only_where_the_plan_runs_onednn(monkeypatch: pytest.MonkeyPa
 def test_fixed_modes_get_no_plan(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cpu_gemm, "PACK_MIN_ELEMENTS", 1)
     m = Tied()
-    assert matmul_plan.plan_linears(m, "plain") is None and m.up.plan is None and m.up.packed is None
+    assert matmul_plan.plan_linears(m, "plain") == {} and m.up.plan is None and m.up.packed is None
+
+
+def test_small_weights_keep_the_fixed_paths_untimed() -> None:
+    m = Tied()  # weights far below cpu_gemm.PACK_MIN_ELEMENTS (a tiny model's)
+    assert matmul_plan.plan_linears(m, "auto") == {} and m.up.plan is None
