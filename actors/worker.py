@@ -109,9 +109,8 @@ class Worker:
             host_memory.keep_step_buffers()  # after loading: the loader's temporaries go back to the kernel first
             native.available()  # loads (or, without an install-time build, compiles) the kernels now, not in a step
         host_memory.freeze_startup_heap()
-        plans = self.runner.matmul_plans
         return {"weight_bytes": self.runner.weight_bytes(), "block_bytes": self.runner.block_bytes(),
-                "load_s": self.runner.load_seconds, "matmul": matmul_plan.describe(plans) if plans else None}
+                "load_s": self.runner.load_seconds, "matmul": matmul_plan.describe(self.runner.matmul_plans) or None}
 
     def _open_shm(self, path: str, slot_bytes: int, timeout_s: float) -> ShmGroup:
         """Rank 0 creates the segment, the others map it, then its name is removed (nothing left on a crash)."""
@@ -206,7 +205,8 @@ class Worker:
         assert self.runner is not None
         kv = self.runner.cache.num_blocks * self.runner.block_bytes() if self.runner.cache is not None else 0
         return {**self.where(), **memory_bytes(self.device), **self.window.summary(),
-                "weight_bytes": self.runner.weight_bytes(), "kv_bytes": kv, "torch_threads": len(self.torch_threads)}
+                "weight_bytes": self.runner.weight_bytes(), "kv_bytes": kv, "torch_threads": len(self.torch_threads),
+                "matmul_paths": matmul_plan.describe(self.runner.matmul_plans) or None}
 
     def shutdown(self) -> None:
         """Leave the process group so the actor can exit cleanly."""
