@@ -62,14 +62,16 @@ class LLMServer:
     """Token ids in, coalesced text deltas out. The workers are actors this replica actor owns: Ray ends them
     with it."""
 
-    def __init__(self, args: dict[str, Any]) -> None:
+    def __init__(self, args: dict[str, Any], hand_back: bool = True) -> None:
+        """`hand_back`: a failed grid's choices end at once for the caller to continue elsewhere (the ingress over
+        a handle does); False keeps them waiting for this replica's rebuild (colocated: no other replica to ask)."""
         cfg = GridServeConfig.from_args(args)
         context = serve.get_replica_context()
         tag, self.board = context.replica_tag, board(context.app_name)
         pg = get_current_placement_group()  # Serve's group: bundle 0 is this actor, 1.. the workers
         lookup = catalog_lookup(context.app_name) if cfg.allow_runtime_lora_updating else None
         self.replica = Replica(cfg, tag, pg, bundle_offset=1 if pg is not None else 0, lora_lookup=lookup)
-        self.replica.resumable.hand_back = True  # the ingress moves a failed grid's choices (ChunkStream._migrate)
+        self.replica.resumable.hand_back = hand_back  # the ingress moves them (ChunkStream._migrate)
         self.watch = LoopWatch()
         self.ray_metrics = RayMetrics()
         freeze_startup_heap()

@@ -45,7 +45,7 @@ class OpenAIIngress:
         self.llm = llm
         # Colocated: bundle 0 of this actor's placement group is itself, the workers take the rest.
         # from @serve.deployment, which mypy does not apply to the class
-        self.local = LLMServer.func_or_class(args) if llm is None else None  # type: ignore[attr-defined]
+        self.local = LLMServer.func_or_class(args, hand_back=False) if llm is None else None  # type: ignore[attr-defined]
         self.tokenizer = self.local.replica.tokenizer if self.local is not None else load_tokenizer(self.cfg.model)
         self.model_info: dict[str, Any] | None = None  # from a replica: max_model_len fitted to its KV cache
         self.board = board(serve.get_replica_context().app_name)
