@@ -2,7 +2,7 @@
 
 The fastest path depends on the CPU more than on the model: on an AVX2-only EPYC the C kernels (`native.gemv` /
 `native.gemm`) beat oneDNN's packed GEMM and PyTorch's BLAS at every decode size, while on an AVX-512 Xeon oneDNN
-runs 5-256 tokens up to twice as fast as the AVX2 kernels (BENCHMARKS.md, "Kernels"). Fixed thresholds fit one
+runs 16-64 tokens 1.2-2.2x as fast as the AVX2 kernels (BENCHMARKS.md, "Kernels"). Fixed thresholds fit one
 machine; a few hundred timed calls at load fit the one the worker runs on.
 """
 from __future__ import annotations
@@ -52,7 +52,7 @@ class MatmulPlan:
         return any(p != "packed" for p in self.paths)
 
     def describe(self) -> str:
-        """One line for the worker's log, e.g. '1-2 torch, 4 gemv, 8-512+ packed'."""
+        """One line for logs and /status, e.g. '1-2 torch, 3-4 gemv, 5-512+ packed'."""
         parts, lo = [], 1
         for i, (bound, path) in enumerate(zip(self.bounds, self.paths)):
             last = i == len(self.paths) - 1
@@ -126,7 +126,7 @@ def _calibrated(hidden: int, rows: int, paths: tuple[Path, ...], threads: int) -
 
 
 def calibrate(hidden: int, rows: int, paths: Sequence[Path], bounds: Sequence[int] = BUCKETS) -> MatmulPlan:
-    """Time every path on a random [rows, hidden] weight (rows capped at MAX_ELEMENTS) at each bucket's token
+    """Time every path on a random [rows, hidden] weight (rows cut to MAX_ELEMENTS in all) at each bucket's token
     count, on the threads torch has now (the worker's), and keep the fastest per bucket. Buckets whose call would
     exceed MAX_CALL_FLOP keep the last timed winner if it is PyTorch's or oneDNN's GEMM (they only get better
     with more tokens), else PyTorch's."""
