@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -105,19 +106,25 @@ class Load:
         assert "ok" in self.outcomes and set(self.outcomes) <= allowed, [o for o in self.outcomes if o not in allowed]
 
 
+def fault_under_load(url: str, fault: Callable[[], None], allowed: frozenset[str] = frozenset({"ok"})) -> None:
+    """Eight clients on `url`; after 8 answers `fault()`; then 16 more answers; every outcome in `allowed`."""
+    load = Load(url)
+    try:
+        wait_until(lambda: load.oks_since(0) >= 8, 120, "8 answers before the fault")
+        before = len(load.outcomes)
+        fault()
+        wait_until(lambda: load.oks_since(before) >= 16, 180, "16 answers after the fault")
+    finally:
+        load.finish(allowed)
+
+
 @pytest.mark.timeout(600)
 def test_killing_one_replica_loses_nothing_and_shows_no_error(two_replicas: str) -> None:
     """Every request, streamed or not, ends with the same greedy text an undisturbed run gives; none fails."""
     pids = replica_pids(two_replicas)
     assert len(pids) == 2
-    load = Load(two_replicas)
-    try:
-        wait_until(lambda: load.oks_since(0) >= 8, 120, "8 answers before the kill")
-        before_kill = len(load.outcomes)
-        os.kill(next(iter(pids.values())), signal.SIGKILL)  # a replica process of the cluster this test started
-        wait_until(lambda: load.oks_since(before_kill) >= 16, 180, "16 answers after the kill")
-    finally:
-        load.finish()
+    # a replica process of the cluster this test started
+    fault_under_load(two_replicas, lambda: os.kill(next(iter(pids.values())), signal.SIGKILL))
     wait_until(lambda: running_replicas() == 2, 180, "Serve to replace the killed replica", poll_s=1)
     r = httpx.post(f"{two_replicas}/v1/completions", json={"model": "tiny", "prompt": [5], "max_tokens": 3}, timeout=60)
     assert r.status_code == 200
@@ -138,14 +145,7 @@ def test_a_killed_model_worker_hands_its_requests_to_the_ingress(two_replicas: s
     wait_until(lambda: running_replicas() == 2, 180, "both replicas running", poll_s=1)
     worker = httpx.get(f"{two_replicas}/status", timeout=30).json()["workers"][0]["pid"]
     continued = continued_choices()
-    load = Load(two_replicas)
-    try:
-        wait_until(lambda: load.oks_since(0) >= 8, 120, "8 answers before the kill")
-        before_kill = len(load.outcomes)
-        os.kill(worker, signal.SIGKILL)  # a model worker of the cluster this test started
-        wait_until(lambda: load.oks_since(before_kill) >= 16, 180, "16 answers after the kill")
-    finally:
-        load.finish()
+    fault_under_load(two_replicas, lambda: os.kill(worker, signal.SIGKILL))  # a model worker this test's cluster ran
     assert continued_choices() > continued, "no request was handed back to the ingress"
 
 
@@ -156,14 +156,8 @@ def test_killing_the_serve_controller_shows_no_error(two_replicas: str) -> None:
     import ray
 
     wait_until(lambda: running_replicas() == 2, 180, "both replicas running", poll_s=1)
-    load = Load(two_replicas)
-    try:
-        wait_until(lambda: load.oks_since(0) >= 8, 120, "8 answers before the kill")
-        before_kill = len(load.outcomes)
-        ray.kill(ray.get_actor(CONTROLLER, namespace="serve"), no_restart=False)  # a crash: Ray restarts it
-        wait_until(lambda: load.oks_since(before_kill) >= 16, 180, "16 answers after the kill")
-    finally:
-        load.finish()
+    # a crash: Ray restarts it
+    fault_under_load(two_replicas, lambda: ray.kill(ray.get_actor(CONTROLLER, namespace="serve"), no_restart=False))
     wait_until(lambda: running_replicas() == 2, 180, "the restarted controller to see both replicas", poll_s=1)
 
 
@@ -173,12 +167,5 @@ def test_a_colocated_replica_continues_its_requests_on_its_rebuilt_grid(two_repl
     none in flight fails; new ones meanwhile are refused with 503 + Retry-After (this app's only replica)."""
     url = f"{two_replicas}/colocated"
     worker = httpx.get(f"{url}/status", timeout=30).json()["workers"][0]["pid"]
-    load = Load(url)
-    try:
-        wait_until(lambda: load.oks_since(0) >= 8, 120, "8 answers before the kill")
-        before_kill = len(load.outcomes)
-        os.kill(worker, signal.SIGKILL)  # a model worker of the cluster this test started
-        wait_until(lambda: load.oks_since(before_kill) >= 16, 180, "16 answers after the kill")
-    finally:
-        load.finish(frozenset({"ok", "http 503 rebuilding"}))
+    fault_under_load(url, lambda: os.kill(worker, signal.SIGKILL), frozenset({"ok", "http 503 rebuilding"}))
     assert httpx.get(f"{url}/status", timeout=30).json()["rebuilds"] >= 1
