@@ -14,18 +14,27 @@ from cluster.config import GridServeConfig
 PROBE = """
 import os, threading
 from actors.worker import set_nice
+
+def nice_of(task):
+    try:  # a thread may end between listing and reading
+        with open(f"/proc/self/task/{task}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[16])
+    except FileNotFoundError:
+        return None
+
 stop = threading.Event()
-running = threading.Thread(target=stop.wait)
+running = threading.Thread(target=stop.wait, daemon=True)  # daemon: an error below cannot leave it waiting
 running.start()
-base = os.getpriority(os.PRIO_PROCESS, 0)
-set_nice(base + 3)
-later = []
-started = threading.Thread(target=lambda: later.append(os.getpriority(os.PRIO_PROCESS, 0)))
-started.start()
-started.join()
-stats = [open(f"/proc/self/task/{t}/stat").read() for t in os.listdir("/proc/self/task")]
-nices = [int(st.rsplit(")", 1)[1].split()[16]) for st in stats]
-stop.set()
+try:
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    set_nice(base + 3)
+    later = []
+    started = threading.Thread(target=lambda: later.append(os.getpriority(os.PRIO_PROCESS, 0)))
+    started.start()
+    started.join()
+    nices = [n for t in os.listdir("/proc/self/task") if (n := nice_of(t)) is not None]
+finally:
+    stop.set()
 running.join()
 print(base, min(nices), max(nices), later[0], len(nices))
 """
@@ -34,7 +43,7 @@ print(base, min(nices), max(nices), later[0], len(nices))
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs Linux's per-thread /proc")
 def test_every_thread_and_later_ones_get_the_niceness() -> None:
     """Raising niceness needs no privilege: all threads (not just the caller) move, and new threads inherit it."""
-    out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, check=True,
+    out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, check=True, timeout=120,
                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
     base, low, high, later, threads = map(int, out.stdout.split())
     want = min(base + 3, 19)
