@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from actors.shard import cpu_gemm, matmul_plan, native
 from actors.shard.cpu_gemm import pack, packed_linear
 from actors.shard.kv_cache import AttnMeta, PagedKVCache, gathered_decode
-from actors.shard.layers import GEMM_MAX_TOKENS, GEMV_MAX_TOKENS, split_linear
+from actors.shard.layers import GEMM_MAX_TOKENS, GEMV_MAX_TOKENS
+from actors.shard.matmul_plan import split_linear
 from actors.shard.runner import ShardPlan, StageRunner, StepInput
 from actors.shard.sampler import SamplingParams
 from actors.shard.tp import TPGroup
