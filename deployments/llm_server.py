@@ -22,6 +22,7 @@ from cluster.engine import AsyncEngine
 from cluster.replica import RETRY_AFTER_REBUILD_S, Replica, ReplicaUnavailable
 from cluster.request import ChoiceDelta, GenerationParams, RequestError
 from deployments.lora_api import catalog_lookup
+from deployments.mailbox import END, Inbox, Mailed, Outboxes
 from deployments.metrics_board import board
 from deployments.ray_metrics import RayMetrics
 from deployments.remote_stream import Refusal
@@ -73,13 +74,15 @@ class LLMServer:
         self.replica = Replica(cfg, tag, pg, bundle_offset=1 if pg is not None else 0, lora_lookup=lookup)
         self.replica.resumable.hand_back = hand_back  # the ingress moves them (ChunkStream._migrate)
         self.watch = LoopWatch()
+        self.outboxes = Outboxes()
         self.ray_metrics = RayMetrics()
         freeze_startup_heap()
 
-    async def generate(self, prompt_ids: list[int], params: GenerationParams
-                       ) -> AsyncIterator[list[ChoiceDelta] | Refusal]:
-        """First a Refusal, or an empty list (accepted: the ingress may start its answer); then the choices'
-        deltas, batched per wake-up."""
+    async def generate(self, prompt_ids: list[int], params: GenerationParams, inbox: Inbox | None = None
+                       ) -> AsyncIterator[list[ChoiceDelta] | Refusal | Mailed]:
+        """First a Refusal, or the acceptance (the ingress may start its answer): `Mailed` when the choices'
+        deltas go to the ingress's mailbox (`inbox`, on this host), else an empty list and the deltas on this
+        stream, batched per wake-up. Either way the call ends when the generation does."""
         try:
             if params.lora is not None:  # an unknown adapter is refused here (404), before the answer starts
                 await self.replica.loras.resolve(params.lora)
@@ -87,10 +90,17 @@ class LLMServer:
         except (RequestError, ReplicaUnavailable) as exc:
             yield Refusal.of(exc)
             return
-        yield []
+        outbox = await self.outboxes.get(inbox)
+        yield [] if outbox is None else Mailed()
         async with aclosing(chunks):  # Serve cancelling this generator aborts the choices at once
+            if outbox is None or inbox is None:
+                async for chunk in chunks:
+                    yield chunk
+                return
             async for chunk in chunks:
-                yield chunk
+                outbox.put(inbox.key, chunk)
+            outbox.put(inbox.key, END)
+            await outbox.drain()  # written before the call ends: the ingress reads END after whatever came first
 
     async def embed(self, prompts: list[list[int]]) -> list[np.ndarray] | Refusal:
         """Each prompt's last-token final hidden state (`Replica.embed`), or the Refusal."""

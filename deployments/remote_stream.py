@@ -13,6 +13,7 @@ from typing import Any
 from cluster.migration import MAX_GRIDS
 from cluster.replica import ReplicaUnavailable
 from cluster.request import ChoiceDelta, GenerationParams, RequestError, Resume
+from deployments.mailbox import END, Inbox, Mailbox, MailboxLost, Mailed
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ def replica_lost(exc: BaseException) -> bool:
     from ray.exceptions import RayError, RayTaskError
     from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
-    if isinstance(exc, (BackPressureError, DeploymentUnavailableError)):
+    if isinstance(exc, (BackPressureError, DeploymentUnavailableError, MailboxLost)):
         return True
     return isinstance(exc, RayError) and not isinstance(exc, RayTaskError)
 
@@ -62,12 +63,18 @@ class ChunkStream:
     """One request's chunks: `start()` reads the replica's first answer (a refusal raises there, before any
     response is sent), iterating yields the chunks. A replica lost mid-way: with `reopen` (a new call on the
     model deployment, which routes to a live replica) each open choice continues there from the tokens and text
-    it already sent (`GenerationParams.resume`), within `migrate_s` of the loss; otherwise it ends with an error."""
+    it already sent (`GenerationParams.resume`), within `migrate_s` of the loss; otherwise it ends with an error.
+    With a `mailbox`, a replica on this host sends the chunks there (`deployments.mailbox`) and the call only
+    tells its end or its failure."""
 
     def __init__(self, source: Any, params: GenerationParams, reopen: Reopen | None = None,
-                 migrate_s: float = 0.0) -> None:
+                 migrate_s: float = 0.0, mailbox: tuple[Mailbox, Inbox] | None = None,
+                 reask: Reopen | None = None) -> None:
         self.source = source  # a Serve DeploymentResponseGenerator, or the replica's own async generator
         self.params, self.reopen, self.migrate_s = params, reopen, migrate_s
+        self.mailbox, self.reask = mailbox, reask or reopen  # reask: the first call again, with the same inbox
+        self.mailed: asyncio.Queue[Any] | None = None  # the inbox's queue once the replica accepted by mailbox
+        self.watcher: asyncio.Future[None] | None = None
         self.open = set(range(params.n))  # choices whose last delta has not arrived
         self.sent: dict[int, tuple[list[int], int]] = {i: ([], 0) for i in self.open}  # tokens, text chars
         self.ended = False  # the replica's stream ran out
@@ -91,10 +98,39 @@ class ChunkStream:
                         and time.monotonic() < deadline):
                     break
             await asyncio.sleep(RETRY_PAUSE_S)
-            self.source = self.reopen(self.params)
+            assert self.reask is not None
+            self.source = self.reask(self.params)
         if isinstance(first, Refusal):
+            self._forget()
             raise first.exception()
+        if isinstance(first, Mailed) and self.mailbox is not None:
+            self.mailed = self.mailbox[0].queue(self.mailbox[1])
+            self.watcher = asyncio.ensure_future(self._watch(self.mailed))
+        else:
+            self._forget()
         return self
+
+    async def _watch(self, queue: asyncio.Queue[Any]) -> None:
+        """Follow the call while the chunks come by mailbox: a failure there (the replica lost, or an error its
+        code raised) reaches the reader through the queue; its normal end says nothing (END comes by mailbox)."""
+        try:
+            async for _ in self.source:
+                pass
+        except Exception as exc:
+            queue.put_nowait(exc)
+
+    async def _from_mailbox(self, queue: asyncio.Queue[Any]) -> AsyncIterator[list[ChoiceDelta]]:
+        """The chunks the replica mailed, until END; a failure raises."""
+        while (item := await queue.get()) is not END:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def _forget(self) -> None:
+        """Unregister the inbox (the request ended, failed, was refused or cancelled); the watcher ends with the
+        call, which the replica ends, or the cancel ended."""
+        if self.mailbox is not None:
+            self.mailbox[0].drop(self.mailbox[1])
 
     def __aiter__(self) -> AsyncIterator[list[ChoiceDelta]]:
         return self._read()
@@ -111,7 +147,7 @@ class ChunkStream:
     async def _read(self) -> AsyncIterator[list[ChoiceDelta]]:
         lost = "the stream ended early"
         try:
-            async for chunk in self.source:
+            async for chunk in (self.source if self.mailed is None else self._from_mailbox(self.mailed)):
                 self._note(chunk)
                 yield chunk
             self.ended = True
@@ -119,6 +155,8 @@ class ChunkStream:
             if not replica_lost(exc):
                 raise
             lost = type(exc).__name__
+        finally:
+            self._forget()
         if self.open and self.reopen is not None and self.migrate_s > 0:
             async for chunk in self._migrate(time.monotonic() + self.migrate_s):
                 yield chunk
@@ -191,6 +229,7 @@ class ChunkStream:
         """Abort the generation on the replica (the client went away); a no-op once it ended."""
         if self.ended:
             return
+        self._forget()
         if hasattr(self.source, "cancel"):
             self.source.cancel()  # Serve cancels the replica's generator
         else:
@@ -204,14 +243,25 @@ class ChunkStream:
 
 
 async def open_chunks(local: Any, llm: Any, ids: list[int], params: GenerationParams,
-                      migrate_s: float = 0.0) -> ChunkStream:
+                      migrate_s: float = 0.0, mailbox: Mailbox | None = None) -> ChunkStream:
     """A request's chunks from the colocated replica (`local`) or over the model deployment's handle (`llm`),
     accepted: a refusal raises here (400 / 503). Over the handle, a replica lost under the request is replaced by
-    another within `migrate_s` (the config's migration_timeout_s) without the client seeing it."""
+    another within `migrate_s` (the config's migration_timeout_s) without the client seeing it; a replica on this
+    host sends the chunks to `mailbox` (a choice continued elsewhere after a loss streams over its call)."""
     if local is not None:
         return await ChunkStream(local.generate(ids, params), params).start()
+    inbox = await mailbox.inbox() if mailbox is not None else None
 
-    def call(p: GenerationParams) -> Any:
-        # Deltas over Serve's gRPC transport instead of one Ray object per chunk (a message per token per request).
-        return llm.options(stream=True, _by_reference=False).generate.remote(ids, p)
-    return await ChunkStream(call(params), params, call, migrate_s).start()
+    def call(p: GenerationParams, to: Inbox | None = None) -> Any:
+        # Deltas over Serve's gRPC transport instead of one Ray object per chunk, where they do not go by mailbox.
+        return llm.options(stream=True, _by_reference=False).generate.remote(ids, p, to)
+
+    def first(p: GenerationParams) -> Any:
+        return call(p, inbox)
+    boxed = None if mailbox is None or inbox is None else (mailbox, inbox)
+    try:
+        return await ChunkStream(first(params), params, call, migrate_s, boxed, first).start()
+    except BaseException:
+        if boxed is not None:
+            boxed[0].drop(boxed[1])
+        raise

@@ -42,8 +42,8 @@ async def create_response(request: Request, ingress: Ingress) -> Any:
     turns = await history(ingress, body.previous_response_id) + body.turns()
     ids = chat_prompt_ids(ingress.tokenizer, body.messages(turns), body.chat_tools())
     params = selected(ingress.cfg, body.model, body.params())  # the LoRA adapter `model` names, if it names one
-    chunks = await open_chunks(ingress.local, ingress.llm, ids, params,
-                               ingress.cfg.migration_timeout_s)  # a refusal raises here: 400 / 503
+    chunks = await open_chunks(ingress.local, ingress.llm, ids, params, ingress.cfg.migration_timeout_s,
+                               ingress.mailbox)  # a refusal raises here: 400 / 503
     run = ResponseRun(body, len(ids), turns, store_of(ingress))
     if body.stream:
         return StreamingResponse(run.events(chunks), media_type="text/event-stream")

@@ -28,6 +28,7 @@ from deployments.chat import chat_prompt_ids
 from deployments.http import APIError, api, parse_body
 from deployments.llm_server import LLMServer
 from deployments.lora_api import model_cards, selected, served_model
+from deployments.mailbox import Mailbox
 from deployments.metrics_board import board, merge
 from deployments.openai_schema import ChatRequest, CompletionRequest, SamplingFields, new_id, now
 from deployments.remote_stream import RETRY_AFTER_LOST_S, Refusal, open_chunks, replica_lost
@@ -46,6 +47,7 @@ class OpenAIIngress:
         # Colocated: bundle 0 of this actor's placement group is itself, the workers take the rest.
         # from @serve.deployment, which mypy does not apply to the class
         self.local = LLMServer.func_or_class(args, hand_back=False) if llm is None else None  # type: ignore[attr-defined]
+        self.mailbox = Mailbox() if llm is not None else None  # model replicas on this host mail their deltas
         self.tokenizer = self.local.replica.tokenizer if self.local is not None else load_tokenizer(self.cfg.model)
         self.model_info: dict[str, Any] | None = None  # from a replica: max_model_len fitted to its KV cache
         self.board = board(serve.get_replica_context().app_name)
@@ -154,7 +156,8 @@ class OpenAIIngress:
     async def _respond(self, body: SamplingFields, ids: list[int], chat: bool, tools: ToolFactory = None) -> Any:
         """Run the request's n choices; answer as one body or as an SSE stream."""
         start, params = time.perf_counter(), selected(self.cfg, body.model, body.params())
-        chunks = await open_chunks(self.local, self.llm, ids, params, self.cfg.migration_timeout_s)  # refusal: 4xx/503
+        chunks = await open_chunks(self.local, self.llm, ids, params, self.cfg.migration_timeout_s,
+                                   self.mailbox)  # a refusal raises here: 4xx / 503
         rid = new_id("chatcmpl" if chat else "cmpl")
         if body.stream:
             usage_of = len(ids) if body.stream_options is not None and body.stream_options.include_usage else None
