@@ -80,9 +80,9 @@ class ChunkStream:
         self.ended = False  # the replica's stream ran out
 
     async def start(self) -> ChunkStream:
-        """Wait for the replica's acceptance (an empty chunk) or refusal; a replica lost before it answered, or
-        one rebuilding its grid, is asked again through `reopen` (the request has not started; Serve may route it
-        to another replica) until `migrate_s` runs out."""
+        """Wait for the replica's acceptance (an empty chunk, or Mailed) or refusal; a replica lost before it
+        answered, or one rebuilding its grid, is asked again (`reask`: the request has not started; Serve may route
+        it to another replica) until `migrate_s` runs out."""
         deadline = time.monotonic() + self.migrate_s
         while True:
             try:
