@@ -135,8 +135,11 @@ class LLMServer:
             raise ReplicaUnavailable(f"{why}; the grid is being rebuilt", RETRY_AFTER_REBUILD_S, rebuilding=True)
 
     async def status(self) -> dict[str, Any] | Refusal:
-        """The replica's grid and engine state (GET /status)."""
-        return await guarded(self.replica.snapshot())
+        """The replica's grid and engine state (GET /status), and how many ingresses it mails deltas to."""
+        snapshot = await guarded(self.replica.snapshot())
+        if isinstance(snapshot, dict):
+            snapshot["mailbox_connections"] = self.outboxes.connected()
+        return snapshot
 
     async def metrics_text(self) -> bytes | Refusal:
         """Prometheus text of this replica as of now, also posted to the app's board (GET /metrics then merges

@@ -196,6 +196,10 @@ class Outboxes:
         self.node_id = node_id
         self.lock = asyncio.Lock()
 
+    def connected(self) -> int:
+        """Ingresses this replica mails deltas to now."""
+        return sum(not box.broken for box in self.boxes.values())
+
     async def get(self, inbox: Inbox | None) -> Outbox | None:
         """The outbox for `inbox`'s ingress, or None: chunks go on the Serve call (other host, or no connection)."""
         if inbox is None:

@@ -46,6 +46,7 @@ def test_status_shows_the_grid(faulty_server: str, ray_metrics_port: int, tmp_pa
     assert all(w["weight_bytes"] > 0 and w["kv_bytes"] > 0 and w["host_rss_bytes"] > 0 for w in st["workers"])
     assert all(w["steps"] >= 8 and 0 < w["busy_pct"] <= 100 for w in st["workers"])
     assert all((w["handoff_ms"] > 0) == (w["pp_rank"] == 1) for w in st["workers"])  # stage 1 times its input
+    assert st["mailbox_connections"] == 1  # the answer came back through the ingress's mailbox, not the call
     families = {f.name: f for f in text_string_to_metric_families(httpx.get(f"{faulty_server}/metrics",
                                                                              timeout=30).text)}
     for name in ("gridserve_time_to_first_token_seconds", "gridserve_e2e_request_latency_seconds",

@@ -38,9 +38,14 @@ def test_one_frame_per_loop_turn_carries_every_request() -> None:
         assert a is not None and b is not None
         out = await outboxes.get(a)
         assert out is not None and await outboxes.get(b) is out  # one connection per ingress
-        frames = []
+        assert outboxes.connected() == 1
+        frames: list[bytes] = []
         write = out.writer.write
-        out.writer.write = lambda data: (frames.append(data), write(data))  # type: ignore[method-assign]
+
+        def counted(data: bytes) -> None:
+            frames.append(data)
+            write(data)
+        out.writer.write = counted  # type: ignore[method-assign,assignment]
         for step in range(3):
             out.put(a.key, delta(0, f"a{step}"))
             out.put(b.key, delta(0, f"b{step}"))
@@ -69,6 +74,7 @@ def test_a_closed_connection_fails_only_the_requests_it_still_owed() -> None:
         out.put(cut.key, delta(0, "y"))
         await out.drain()
         out.writer.close()
+        assert outboxes.connected() == 0
         got_cut = await drain_queue(box.queue(cut))
         assert got_cut[0][0].text == "y" and isinstance(got_cut[1], MailboxLost)
         got_done = await drain_queue(box.queue(done))
