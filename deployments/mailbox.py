@@ -116,13 +116,16 @@ class Mailbox:
                     queue.put_nowait(MailboxLost("the model replica's connection closed"))
 
     def _put(self, key: str, item: list[ChoiceDelta] | None, open_keys: set[str]) -> None:
-        """Hand one item to its request, tracking which requests this connection still owes an END."""
-        if item is END:
+        """Hand one item to its request, tracking which live requests this connection still owes an END."""
+        queue = self.queues.get(key)
+        if item is END or queue is None:  # ended, or dropped (its client left): nothing more is owed to it
             open_keys.discard(key)
         else:
             open_keys.add(key)
-        if (queue := self.queues.get(key)) is not None:
+        if queue is not None:
             queue.put_nowait(item)
+        if len(open_keys) > 2 * len(self.queues) + 64:  # requests dropped with nothing more sent for them
+            open_keys.intersection_update(self.queues)
 
     def close(self) -> None:
         """Stop accepting connections."""
