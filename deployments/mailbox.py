@@ -92,7 +92,7 @@ class Mailbox:
                 self.node_id = self.node_id or ray_node_id()
                 self.address = f"\0gridserve-mailbox-{secrets.token_hex(8)}"
                 listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                listener.bind(self.address)  # bound here: uvloop (Serve's loop) mishandles abstract names
+                listener.bind(self.address)  # bound by hand, as Outbox.connect connects by hand
                 self.server = await asyncio.start_unix_server(self._serve, sock=listener)
         return True
 
@@ -148,7 +148,7 @@ class Outbox:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(CONNECT_TIMEOUT_S)
         try:
-            sock.connect(inbox.address)  # a local socket: it connects at once or fails
+            sock.connect(inbox.address)  # by hand: uvloop (Serve's loop) rejects abstract names (EINVAL)
         except OSError:
             sock.close()
             raise
