@@ -20,6 +20,13 @@ def delta(index: int, text: str, finish: str | None = None) -> list[ChoiceDelta]
     return [ChoiceDelta(index, text, [len(text)], finish)]
 
 
+async def inboxes(box: Mailbox, n: int) -> list[mb.Inbox]:
+    """`n` registered requests of `box`."""
+    out = [await box.inbox() for _ in range(n)]
+    assert all(i is not None for i in out)
+    return [i for i in out if i is not None]
+
+
 async def drain_queue(queue: asyncio.Queue[Any]) -> list[Any]:
     """Items until END or a failure (included)."""
     items = []
@@ -34,8 +41,7 @@ def test_one_frame_per_loop_turn_carries_every_request() -> None:
     """Chunks of two requests put in one turn leave as one frame; each request reads its own, in order, to END."""
     async def main() -> None:
         box, outboxes = Mailbox("node-a"), Outboxes("node-a")
-        a, b = await box.inbox(), await box.inbox()
-        assert a is not None and b is not None
+        a, b = await inboxes(box, 2)
         out = await outboxes.get(a)
         assert out is not None and await outboxes.get(b) is out  # one connection per ingress
         assert outboxes.connected() == 1
@@ -65,8 +71,7 @@ def test_a_closed_connection_fails_only_the_requests_it_still_owed() -> None:
     """The replica hangs up: a request it had started and not ended gets MailboxLost; an ended one nothing more."""
     async def main() -> None:
         box, outboxes = Mailbox("n"), Outboxes("n")
-        done, cut = await box.inbox(), await box.inbox()
-        assert done is not None and cut is not None
+        done, cut = await inboxes(box, 2)
         out = await outboxes.get(done)
         assert out is not None
         out.put(done.key, delta(0, "x", "length"))
@@ -91,8 +96,7 @@ def test_a_connection_without_the_secret_delivers_nothing() -> None:
     """Only a replica given the inbox's secret can write to it."""
     async def main() -> None:
         box = Mailbox("n")
-        inbox = await box.inbox()
-        assert inbox is not None
+        inbox, = await inboxes(box, 1)
         forged = mb.Inbox(inbox.node_id, inbox.address, b"x" * len(inbox.token), inbox.key)
         out = await Outbox.connect(forged)
         out.put(inbox.key, delta(0, "forged"))
@@ -107,8 +111,7 @@ def test_other_hosts_and_unreachable_mailboxes_stream_over_the_call(caplog: pyte
     """No outbox for another node's ingress, nor for one that cannot be reached (tried once, said once)."""
     async def main() -> None:
         box = Mailbox("node-a")
-        inbox = await box.inbox()
-        assert inbox is not None
+        inbox, = await inboxes(box, 1)
         assert await Outboxes("node-b").get(inbox) is None
         assert await Outboxes("node-a").get(None) is None
         gone = mb.Inbox("node-a", "\0gridserve-mailbox-nobody", inbox.token, "k")
@@ -147,8 +150,7 @@ def test_chunk_stream_reads_the_mailbox_and_a_lost_replica_ends_open_choices() -
     """Mailed chunks reach the reader; the connection closing mid-way ends the open choice with an error."""
     async def main() -> None:
         box, outboxes = Mailbox("n"), Outboxes("n")
-        ok, cut = await box.inbox(), await box.inbox()
-        assert ok is not None and cut is not None
+        ok, cut = await inboxes(box, 2)
         out = await outboxes.get(ok)
         assert out is not None
         params = GenerationParams(max_tokens=2)
@@ -176,8 +178,7 @@ def test_chunk_stream_raises_what_the_call_raised() -> None:
     """An error the replica's code raised (not a lost replica) reaches the reader through the watcher."""
     async def main() -> None:
         box = Mailbox("n")
-        inbox = await box.inbox()
-        assert inbox is not None
+        inbox, = await inboxes(box, 1)
         call = FakeCall(fail=ValueError("a bug in the replica"))
         stream = await ChunkStream(call, GenerationParams(max_tokens=2), mailbox=(box, inbox)).start()
         call.release.set()
