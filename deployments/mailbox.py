@@ -181,9 +181,8 @@ class Outbox:
         self.writer.write(HEADER.pack(len(data)) + data)
 
     async def drain(self) -> None:
-        """Wait until what was put has been written (raises MailboxLost if the ingress went away)."""
-        while self.flush_scheduled:
-            await asyncio.sleep(0)
+        """Write what is pending now and wait until it left (raises MailboxLost if the ingress went away)."""
+        self._flush()  # the flush still scheduled for this turn then finds nothing to write
         if self.broken:
             raise MailboxLost("the ingress's mailbox connection closed")
         await self.writer.drain()

@@ -82,7 +82,21 @@ class ChunkStream:
     async def start(self) -> ChunkStream:
         """Wait for the replica's acceptance (an empty chunk, or Mailed) or refusal; a replica lost before it
         answered, or one rebuilding its grid, is asked again (`reask`: the request has not started; Serve may route
-        it to another replica) until `migrate_s` runs out."""
+        it to another replica) until `migrate_s` runs out. Unless the chunks come by mailbox, its inbox is dropped."""
+        try:
+            first = await self._first()
+        except BaseException:
+            self._forget()
+            raise
+        if isinstance(first, Mailed) and self.mailbox is not None:
+            self.mailed = self.mailbox[0].queue(self.mailbox[1])
+            self.watcher = asyncio.ensure_future(self._watch(self.mailed))
+        else:
+            self._forget()
+        return self
+
+    async def _first(self) -> Any:
+        """The replica's acceptance; a refusal raises (400 / 503)."""
         deadline = time.monotonic() + self.migrate_s
         while True:
             try:
@@ -101,14 +115,8 @@ class ChunkStream:
             assert self.reask is not None
             self.source = self.reask(self.params)
         if isinstance(first, Refusal):
-            self._forget()
             raise first.exception()
-        if isinstance(first, Mailed) and self.mailbox is not None:
-            self.mailed = self.mailbox[0].queue(self.mailbox[1])
-            self.watcher = asyncio.ensure_future(self._watch(self.mailed))
-        else:
-            self._forget()
-        return self
+        return first
 
     async def _watch(self, queue: asyncio.Queue[Any]) -> None:
         """Follow the call while the chunks come by mailbox: a failure there (the replica lost, or an error its
@@ -259,9 +267,4 @@ async def open_chunks(local: Any, llm: Any, ids: list[int], params: GenerationPa
     def first(p: GenerationParams) -> Any:
         return call(p, inbox)
     boxed = None if mailbox is None or inbox is None else (mailbox, inbox)
-    try:
-        return await ChunkStream(first(params), params, call, migrate_s, boxed, first).start()
-    except BaseException:
-        if boxed is not None:
-            boxed[0].drop(boxed[1])
-        raise
+    return await ChunkStream(first(params), params, call, migrate_s, boxed, first).start()
