@@ -101,6 +101,8 @@ class TextStream:
                 if safe > self.sent:
                     delta, self.sent = text[self.sent:safe], safe
                     yield self._delta(delta)
+                elif self.ids:  # its text waits (a partial character, a stop string's start): sent empty, as
+                    yield self._delta("")  # vLLM does, so clients see each token when the engine makes it
         finally:
             await self.events.aclose()
 

@@ -69,8 +69,8 @@ def event(payload: dict[str, Any]) -> str:
 def chat_parts(parser: ToolOutput | None, delta: ChoiceDelta) -> tuple[list[dict[str, Any]], str | None]:
     """A choice's chat deltas for new text (tool calls parsed out when tools are on) and its finish reason."""
     text, reason = delta.text, delta.finish_reason
-    if parser is None:
-        return ([{"content": text}] if text else []), reason
+    if parser is None:  # a token whose text waits still gets its (empty) chunk
+        return ([{"content": text}] if text or delta.token_ids else []), reason
     parts = parser.feed(text)
     if reason is None or reason == "error":
         return parts, reason

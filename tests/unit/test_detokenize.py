@@ -113,3 +113,23 @@ async def tail(ids: list[int], start: int) -> AsyncIterator[TokenEvent]:
     """The engine stream of a resumed choice: the tokens after `start`, the last with finish reason 'length'."""
     for i in range(start, len(ids)):
         yield TokenEvent(ids[i], "length" if i == len(ids) - 1 else None)
+
+
+def test_every_token_gets_its_delta_even_when_its_text_waits(tokenizer: Any) -> None:
+    """A character split over two tokens: the first token's delta is empty (as vLLM streams it), the second's
+    carries the character; a stream whose prefix may start a stop string sends empty deltas meanwhile."""
+    ids = tokenizer.encode("é", add_special_tokens=False)
+    if len(ids) < 2:  # some tokenizers hold é whole; a CJK character is split by every byte-level BPE
+        ids = tokenizer.encode("語", add_special_tokens=False)
+    assert len(ids) >= 2
+
+    async def deltas(ids: list[int], stop: list[str]) -> list[tuple[str, list[int]]]:
+        return [(d.text, d.token_ids) async for d in TextStream(events(ids), tokenizer, stop)]
+
+    out = asyncio.run(deltas(ids, []))
+    assert [ids_ for _, ids_ in out] == [[t] for t in ids]
+    assert [text for text, _ in out[:-1]] == [""] * (len(ids) - 1) and out[-1][0] == tokenizer.decode(ids)
+    ab = tokenizer.encode("ab ab", add_special_tokens=False)
+    out = asyncio.run(deltas(ab, ["ab!"]))  # "ab" may start the stop string: held until the end shows it is not
+    assert [ids_ for _, ids_ in out] == [[t] for t in ab]
+    assert "".join(text for text, _ in out) == "ab ab" and out[0][0] == ""
