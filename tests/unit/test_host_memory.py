@@ -7,8 +7,8 @@ import pytest
 
 # Runs a layer-shaped "step" (6, 48 and 24 MiB activations of 2048 tokens) a few times, then prints, from glibc's
 # own counters (mallinfo2), the bytes of mapped chunks while the 48 MiB buffer lives and the free bytes the heap keeps
-# after the step. Page-fault counts were the first probe, but the kernel's fault batching on these VMs made them
-# swing 4x between runs; the counters are exact. A fresh interpreter, so the malloc setting does not leak.
+# after the step. Counters, not page faults: the kernel batches faults differently from run to run on these VMs
+# (counts swing 4x), while the counters are exact. A fresh interpreter, so the malloc setting does not leak.
 PROBE = """
 import ctypes, ctypes.util, sys, torch
 from actors.shard.host_memory import keep_step_buffers
