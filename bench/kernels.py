@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from actors.shard import cpu_gemm, matmul_plan, native
+from actors.shard import cpu_gemm, matmul_plan, native, quant
 from actors.shard.cpu_gemm import pack, packed_linear
 from actors.shard.kv_cache import AttnMeta, PagedKVCache, gathered_decode
 from actors.shard.layers import GEMM_MAX_TOKENS, GEMV_MAX_TOKENS
@@ -227,21 +227,24 @@ def step_anatomy() -> None:
 
 
 SMOL_SHAPES = [(960, 576), (3072, 576), (576, 1536), (49152, 576)]  # SmolLM2-135M: qkv, gate_up, down, head
+SMOL_QTYPES = {49152: "Q8_0"}  # the bundled GGUF's block types by rows (the tied head is its Q8_0 embedding)
 
 
 def plan_paths() -> None:
-    """GFLOP/s of every matmul path `matmul_plan` times, on SmolLM2's weights, beside the plan it picks for each
-    (timed apart from the table, as a worker does when it loads)."""
-    paths = matmul_plan.candidates(packed=True)
+    """GFLOP/s of every matmul path `matmul_plan` times, on SmolLM2's weights (as the bundled GGUF's blocks for
+    'quant'), beside the plan it picks for each (timed apart from the table, as a worker does when it loads)."""
+    paths = matmul_plan.candidates(packed=True) + (["quant"] if quant.available() else [])
     rows = []
     for out, width in SMOL_SHAPES:
-        plan = matmul_plan.calibrate(width, out, paths)
+        qtype = SMOL_QTYPES.get(out, "Q4_1")
+        plan = matmul_plan.calibrate(width, out, paths, qtype=qtype)
         w = torch.randn(out, width)
-        packed = pack(w)
+        packed, blocks = pack(w), quant.quantize(w, qtype)
         for tokens in (1, 4, 16, 32, 64, 256, 2048):
             x, flop = torch.randn(tokens, width), 2 * tokens * out * width
             reps = max(2, int(2e8 / flop))
-            rate = {p: flop / seconds(lambda p=p: matmul_plan.run(p, x, w, None, packed), reps) / 1e9 for p in paths}
+            rate = {p: flop / seconds(lambda p=p: matmul_plan.run(p, x, w, None, packed, blocks), reps) / 1e9
+                    for p in paths}
             best = max(rate, key=lambda p: rate[p])
             rows.append([f"{out}x{width}", tokens, *(f"{rate[p]:.0f}" for p in paths), best, plan.path(tokens)])
     table(f"matmul paths, {torch.get_num_threads()} threads, GFLOP/s", ["weight", "tokens", *paths, "fastest",

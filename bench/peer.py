@@ -153,7 +153,8 @@ def main() -> None:
     ap.add_argument("--online-layouts", nargs="+", choices=list(LAYOUTS), default=["shipped", "pp1"],
                     help="gridserve servers: ray_config.yaml as shipped, the same at pp=1, colocated (model inside "
                     "the ingress), or both, or as shipped with libgomp's spinning wait (spin) or one step at a time "
-                    "(sync: async_scheduling off); each also serves the tiny row")
+                    "(sync: async_scheduling off), or as shipped on the bundled GGUF itself (gguf: the same weights, "
+                    "kept as blocks); each but gguf also serves the tiny row")
     ap.add_argument("--online-bindings", nargs="+", choices=["auto", "0-1"], default=["auto", "0-1"],
                     help="vLLM server thread bindings (the faster is the reference)")
     ap.add_argument("--online-rounds", type=int, help="interleaved rounds of every server (default 2; --quick 1)")

@@ -23,6 +23,7 @@ from bench.common import ROOT, cpu_snapshot, foreign_cores, peer_env, settle
 from bench.online_report import LOADED_CORES, best_of_rounds, shape_table, targets
 from bench.online_server import ensure_smol, ensure_tiny, serve_doc, start, stop, vllm_cmd
 from bench.online_shapes import SHAPES, SLO, TINY, Run, Shape, client_args, estimate_s, mixed_lengths, plan_runs
+from deployments import smollm2
 
 OUT = ROOT / "bench" / "out"
 PORT = 18765
@@ -57,7 +58,9 @@ LAYOUTS: dict[str, tuple[str, int | None, bool, dict[str, str], dict[str, Any]]]
     # libgomp's own default wait (spin ~300k rounds at each barrier) instead of the shipped 10k rounds
     "spin": ("gridserve shipped, spinning OpenMP", None, False, {"GOMP_SPINCOUNT": "300000"}, {}),
     # one step at a time: the engine waits for each step's answer before sending the next
-    "sync": ("gridserve shipped, sync scheduling", None, False, {}, {"async_scheduling": False})}
+    "sync": ("gridserve shipped, sync scheduling", None, False, {}, {"async_scheduling": False}),
+    # the shipped model as shipped: the bundled Q4_1 GGUF, whose blocks few-token steps read (actors/shard/quant.py)
+    "gguf": ("gridserve shipped, bundled GGUF", None, False, {}, {})}
 
 
 def gridserve(label: str, group: str, model: Path, tree: Path, pp: int | None, colocate: bool = False,
@@ -85,6 +88,8 @@ def servers(python: Path, layouts: list[str], bindings: list[str], shapes: list[
                        peer_env(None if b == "auto" else b), smol, shapes, concs) for b in bindings]
         for layout in layouts:
             label, pp, co, extra, changed = LAYOUTS[layout]
+            if layout == "gguf":  # the same weights as `smol`, as blocks; served under its name for the client
+                changed = {"model": str(smollm2.fetch(ROOT / "models")), "served_model_name": smol.name}
             out.append(gridserve(label, "smol", smol, ROOT, pp, co, extra, changed, shapes=shapes, concs=concs))
         if base is not None:
             out.append(gridserve("gridserve@base shipped", "smol", smol, base.resolve(), None, shapes=shapes,
@@ -93,7 +98,7 @@ def servers(python: Path, layouts: list[str], bindings: list[str], shapes: list[
         tiny = ensure_tiny()
         out += [Server(f"vLLM {b}", "vllm", b, "tiny", vllm_cmd(python, tiny, PORT),
                        peer_env(None if b == "auto" else b), tiny, [TINY], tiny_concs) for b in bindings]
-        for layout in layouts:
+        for layout in (x for x in layouts if x != "gguf"):  # the tiny model has no GGUF of its own
             label, pp, co, extra, changed = LAYOUTS[layout]
             out.append(gridserve(label, "tiny", tiny, ROOT, pp, co, extra, changed, shapes=[TINY], concs=tiny_concs))
     for i, s in enumerate(out):

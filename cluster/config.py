@@ -80,11 +80,11 @@ class GridServeConfig(BaseModel):
         "compiled_graph, when on, takes precedence.")
     cpu_weights: Literal["auto", "packed", "packed+plain", "plain"] = Field(
         "auto", description="Layout of large fp32 linear weights on CPU workers: 'auto' = every path (the C "
-        "kernels, oneDNN's packed copy, PyTorch's GEMM) timed per token count on the worker's CPU when it loads and "
-        "the fastest taken, the packed copy made only where it wins and the plain one kept beside it while that "
-        "costs at most 1 GiB per worker; fixed layouts: 'plain' = as loaded, the C kernels up to 256 tokens per step "
-        "and PyTorch's GEMM above; 'packed' = oneDNN's copy only (as vLLM's CPU path); 'packed+plain' = both, the C "
-        "kernels up to 256 tokens and oneDNN above. Ignored on CUDA.")
+        "kernels, oneDNN's packed copy, PyTorch's GEMM, a GGUF's Q4_1/Q8_0 blocks) timed per token count on the "
+        "worker's CPU when it loads and the fastest taken, the packed copy made only where it wins and the plain "
+        "one kept beside it while that costs at most 1 GiB per worker; fixed layouts: 'plain' = as loaded, the C "
+        "kernels up to 256 tokens per step and PyTorch's GEMM above; 'packed' = oneDNN's copy only (as vLLM's CPU "
+        "path); 'packed+plain' = both, the C kernels up to 256 tokens and oneDNN above. Ignored on CUDA.")
     shm_allreduce: bool = Field(True, description="CPU TP ranks on one host sum through shared memory (x86-64) "
                                 "instead of gloo over loopback TCP; false forces gloo. CUDA always uses NCCL.")
     enable_prefix_caching: bool = Field(True, description="Reuse the KV blocks of prompt prefixes already computed "

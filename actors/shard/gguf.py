@@ -145,6 +145,16 @@ class GGUFSlice:
         lo = int(order.min())  # a rank's whole heads: exactly its own rows, reordered
         return torch.from_numpy(self._read(lo, int(order.max()) + 1, cols)[order - lo])
 
+    def raw_blocks(self, rows: tuple[int, int], cols: tuple[int, int]) -> tuple[str, np.ndarray] | None:
+        """(type name, raw bytes [rows, blocks]) of HF rows/cols [r0, r1) x [c0, c1) of a matrix, as stored: for
+        quant.keep. None where the columns do not fall on block boundaries."""
+        elems, nbytes = GGML_QUANT_SIZES[self.qtype]
+        (r0, r1), (c0, c1) = rows, cols
+        if len(self.shape) != 2 or c0 % elems or c1 % elems:
+            return None
+        order = np.arange(r0, r1) if self.row_order is None else self.row_order[r0:r1]
+        return self.qtype.name, np.ascontiguousarray(self.raw[order, c0 // elems * nbytes:c1 // elems * nbytes])
+
     def _read(self, r0: int, r1: int, cols: tuple[int, int]) -> np.ndarray:
         """Dequantize rows [r0, r1), columns [c0, c1), touching only the blocks that cover those columns.
 

@@ -15,7 +15,8 @@ import tempfile
 from pathlib import Path
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = [CSRC / name for name in ("paged_decode.c", "gemv.c", "gemm.c", "pointwise.c", "build_key.c")]
+SOURCES = [CSRC / name for name in (
+    "paged_decode.c", "gemv.c", "gemm.c", "pointwise.c", "quant_gemm.c", "build_key.c")]
 HEADERS = [CSRC / "simd.h"]  # included by the sources: part of the key
 # -march=native: built for the CPU that runs it, so the CPU's flags are part of the key.
 COMPILE_FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC"]

@@ -8,9 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from actors.shard import matmul_plan, native
+from actors.shard import matmul_plan, native, quant
 from actors.shard.cpu_gemm import packed_linear
 from actors.shard.matmul_plan import MatmulPlan, split_linear
+from actors.shard.quant import QuantWeight
 from actors.shard.spec import HeadSplit
 from actors.shard.tp import TPGroup
 
@@ -55,11 +56,13 @@ GEMM_MAX_TOKENS = 256  # up to this many the C matmul (native.gemm) beats or tie
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           packed: torch.Tensor | None = None, plan: MatmulPlan | None = None) -> torch.Tensor:
+           packed: torch.Tensor | None = None, plan: MatmulPlan | None = None,
+           quant_weight: QuantWeight | None = None) -> torch.Tensor:
     """x [T, in] @ weight[out, in].T (+ bias) -> [T, out], on the fastest path for T (python -m bench.kernels).
 
     With `plan` (timed on this machine when the worker loaded: `matmul_plan`), fp32 CPU steps take the plan's path
-    for T, falling back to the copy that exists. Without one (a fixed `cpu_weights` layout), on CPU in fp32 with
+    for T (its 'quant' path reads `quant_weight`, the GGUF blocks), falling back to the copy that exists. Without
+    one (a fixed `cpu_weights` layout), on CPU in fp32 with
     the plain weight the C kernels take every step up to GEMM_MAX_TOKENS: with one to GEMV_MAX_TOKENS tokens the
     step is bound by reading the weight and `native.gemv` streams it; with more it is bound by arithmetic and
     `native.gemm`'s register-blocked loop runs it (on an AVX2 machine). Above that PyTorch's threaded GEMM is as
@@ -77,9 +80,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         path = plan.path(tokens)
         if path == "packed" and packed is None:
             path = "torch"
+        elif path == "quant" and quant_weight is None:
+            path = "torch"
         elif path != "packed" and weight.numel() == 0 and packed is not None:
             path = "packed"  # the plain copy was freed: oneDNN's is the only one
-        return matmul_plan.run(path, x, weight, bias, packed)
+        return matmul_plan.run(path, x, weight, bias, packed, quant_weight)
     if (tokens <= GEMM_MAX_TOKENS and weight.numel() and x.dim() == 2 and x.dtype == weight.dtype == torch.float32
             and x.device.type == "cpu" and native.matmuls_available()):
         return native.gemv(x, weight, bias) if tokens <= GEMV_MAX_TOKENS else native.gemm(x, weight, bias)
@@ -139,11 +144,12 @@ class ColumnParallelLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(local, dtype=dtype), requires_grad=False) if bias else None
         self.packed: torch.Tensor | None = None  # oneDNN layout of `weight`, set after loading (cpu_gemm.pack_linears)
         self.plan: MatmulPlan | None = None  # CPU matmul path per token count, set with `packed`
+        self.quant: QuantWeight | None = None  # the weight's GGUF blocks, set after loading (quant.finalize)
         self.lora: LowRankDelta | None = None  # LoRA slots, when the server enables LoRA
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[T, in] -> [T, local_out]."""
-        y = linear(x, self.weight, self.bias, self.packed, self.plan)
+        y = linear(x, self.weight, self.bias, self.packed, self.plan, self.quant)
         return y if self.lora is None else self.lora.add(x, y)
 
     def part_rows(self, part: int) -> tuple[int, int, int]:
@@ -158,6 +164,7 @@ class ColumnParallelLinear(nn.Module):
         full = [self.out_sizes[part]] + list(param.shape[1:])
         check_shape(key, src, full)
         param.data[offset:offset + rows].copy_(read_rows(src, start, start + rows))
+        quant.keep(self, part, src, (start, start + rows), (0, self.in_features))
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -188,6 +195,7 @@ class QKVParallelLinear(ColumnParallelLinear):
         offset, start, rows = self.part_rows(part)
         check_shape(key, src, [self.full_sizes[part]] + list(param.shape[1:]))
         param.data[offset:offset + rows].copy_(read_rows(src, start, start + rows))
+        quant.keep(self, part, src, (start, start + rows), (0, self.in_features))
 
 
 class RowParallelLinear(nn.Module):
@@ -205,11 +213,12 @@ class RowParallelLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
         self.packed: torch.Tensor | None = None  # oneDNN layout of `weight`, set after loading (cpu_gemm.pack_linears)
         self.plan: MatmulPlan | None = None  # CPU matmul path per token count, set with `packed`
+        self.quant: QuantWeight | None = None  # the weight's GGUF blocks, set after loading (quant.finalize)
         self.lora: LowRankDelta | None = None  # LoRA slots: their partial sums ride the same all-reduce
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[T, local_in] -> [T, out], summed over the TP group."""
-        partial = linear(x, self.weight, packed=self.packed, plan=self.plan)
+        partial = linear(x, self.weight, packed=self.packed, plan=self.plan, quant_weight=self.quant)
         y = self.tp.all_reduce(partial if self.lora is None else self.lora.add(x, partial))
         return y if self.bias is None else y + self.bias
 
@@ -220,6 +229,7 @@ class RowParallelLinear(nn.Module):
         check_shape(key, src, [param.shape[0], self.in_features])
         cols = param.shape[1]
         param.data.copy_(read_cols(src, self.tp.rank * cols, (self.tp.rank + 1) * cols))
+        quant.keep(self, 0, src, (0, param.shape[0]), (self.tp.rank * cols, (self.tp.rank + 1) * cols))
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -257,9 +267,17 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     packed: torch.Tensor | None = None  # oneDNN layout of `weight`, set after loading (cpu_gemm.pack_linears)
     plan: MatmulPlan | None = None  # CPU matmul path per token count, set with `packed`
+    quant: QuantWeight | None = None  # the weight's GGUF blocks, set after loading (quant.finalize)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[T, hidden] -> [T, vocab] float32 logits on every rank."""
-        local = linear(x, self.weight, packed=self.packed, plan=self.plan).float()  # [T, rows]
-        full = self.tp.all_gather(local, dim=-1)  # [T, rows * tp]
+        local = linear(x, self.weight, packed=self.packed, plan=self.plan, quant_weight=self.quant)  # [T, rows]
+        full = self.tp.all_gather(local.float(), dim=-1)  # [T, rows * tp]
         return full[:, :self.vocab_size]
+
+    def weight_loader(self, param: nn.Parameter, src: LazySlice, key: str) -> None:
+        """Load this rank's vocabulary rows (and keep their GGUF blocks)."""
+        super().weight_loader(param, src, key)
+        stop = min(self.start + self.rows, self.vocab_size)
+        if stop > self.start:
+            quant.keep(self, 0, src, (self.start, stop), (0, self.hidden))

@@ -19,10 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from actors.shard import cpu_gemm, native
+from actors.shard import cpu_gemm, native, quant
+from actors.shard.quant import QuantWeight
 
 log = logging.getLogger(__name__)
-Path = Literal["gemv", "gemm", "packed", "split", "torch"]
+Path = Literal["gemv", "gemm", "packed", "split", "torch", "quant"]
+PlanKey = tuple[int, int] | tuple[int, int, str]  # a weight shape [out, in], and its GGUF type where kept as blocks
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)  # token counts timed; a count runs on its bucket's winner
 ROUNDS = 4  # interleaved rounds per bucket: the least time of each path counts (other processes preempt some)
 MIN_CALL_S = 2e-3  # calls per timing: enough to fill this, so the clock's resolution does not decide
@@ -64,7 +66,7 @@ class MatmulPlan:
         return ", ".join(parts)
 
 
-def plan_linears(model: nn.Module, mode: cpu_gemm.CpuWeights) -> dict[tuple[int, int], MatmulPlan]:
+def plan_linears(model: nn.Module, mode: cpu_gemm.CpuWeights) -> dict[PlanKey, MatmulPlan]:
     """With 'auto': time every path here for each large fp32 weight shape of `model`, give each linear its shape's plan,
     and pack a weight for oneDNN only where its plan runs it (its plain copy kept while other token counts still
     run on it and all such copies cost at most cpu_gemm.KEEP_PLAIN_MAX_BYTES). Other modes keep their fixed layout
@@ -75,18 +77,23 @@ def plan_linears(model: nn.Module, mode: cpu_gemm.CpuWeights) -> dict[tuple[int,
                and w.dtype == torch.float32]
     if mode != "auto" or not linears:
         cpu_gemm.pack_linears(model, mode)
+        _drop_unused_blocks(model)
         return {}
     targets = cpu_gemm.pack_targets(model)
     packable = {id(m) for m, _ in targets}
-    plans: dict[tuple[int, int], MatmulPlan] = {}
+    plans: dict[PlanKey, MatmulPlan] = {}
     plan_of: dict[int, MatmulPlan] = {}
     for m, w in linears:
         rows, width = w.shape
-        if (rows, width) not in plans:
-            paths = tuple(candidates(id(m) in packable))
-            plans[rows, width] = _calibrated(width, rows, paths, torch.get_num_threads())
-        plan_of[id(m)] = plans[rows, width]
-        setattr(m, "plan", plans[rows, width])  # noqa: B010 (nn.Module's __setattr__ is typed for tensors/modules)
+        blocks: QuantWeight | None = getattr(m, "quant", None)
+        qtype = blocks.qtype if blocks is not None and quant.available() else None
+        key: PlanKey = (rows, width) if qtype is None else (rows, width, qtype)
+        if key not in plans:
+            paths = tuple(candidates(id(m) in packable)) + (("quant",) if qtype else ())
+            plans[key] = _calibrated(width, rows, paths, torch.get_num_threads(), qtype)
+        plan_of[id(m)] = plans[key]
+        setattr(m, "plan", plans[key])  # noqa: B010 (nn.Module's __setattr__ is typed for tensors/modules)
+    _drop_unused_blocks(model)
     both = [(m, w) for m, w in targets if plan_of[id(m)].needs_packed and plan_of[id(m)].needs_plain]
     only = [(m, w) for m, w in targets if plan_of[id(m)].needs_packed and not plan_of[id(m)].needs_plain]
     cpu_gemm.pack_into(model, both, cpu_gemm.weight_bytes(both) <= cpu_gemm.KEEP_PLAIN_MAX_BYTES)
@@ -95,9 +102,18 @@ def plan_linears(model: nn.Module, mode: cpu_gemm.CpuWeights) -> dict[tuple[int,
     return plans
 
 
-def describe(plans: dict[tuple[int, int], MatmulPlan]) -> str:
-    """Each weight shape's plan on one line, e.g. '3072x576: 1-2 torch, 3-8 gemv, 9+ packed; 576x576: ...'."""
-    return "; ".join(f"{rows}x{width}: {plan.describe()}" for (rows, width), plan in plans.items())
+def _drop_unused_blocks(model: nn.Module) -> None:
+    """Free the GGUF blocks of every linear whose plan never runs them (or that has no plan: fixed paths)."""
+    for m in model.modules():
+        plan = getattr(m, "plan", None)
+        if getattr(m, "quant", None) is not None and (plan is None or "quant" not in plan.paths):
+            setattr(m, "quant", None)  # noqa: B010 (nn.Module's __setattr__ is typed for tensors/modules)
+
+
+def describe(plans: dict[PlanKey, MatmulPlan]) -> str:
+    """Each weight shape's plan on one line, e.g. '3072x576: 1-2 torch, 3-8 gemv, 9+ packed; 576x576 Q4_1: ...'."""
+    return "; ".join(f"{key[0]}x{key[1]}{''.join(f' {t}' for t in key[2:])}: {plan.describe()}"
+                     for key, plan in plans.items())
 
 
 def candidates(packed: bool) -> list[Path]:
@@ -120,21 +136,24 @@ def choose(times: Mapping[Path, Sequence[float]], bounds: Sequence[int] = BUCKET
 
 
 @lru_cache(maxsize=8)
-def _calibrated(hidden: int, rows: int, paths: tuple[Path, ...], threads: int) -> MatmulPlan:
-    """`calibrate`, once per shape, paths and thread count in a process (tests load many small models)."""
-    return calibrate(hidden, rows, paths)
+def _calibrated(hidden: int, rows: int, paths: tuple[Path, ...], threads: int, qtype: str | None) -> MatmulPlan:
+    """`calibrate`, once per shape, paths, thread count and GGUF type in a process (tests load many small models)."""
+    return calibrate(hidden, rows, paths, qtype=qtype)
 
 
-def calibrate(hidden: int, rows: int, paths: Sequence[Path], bounds: Sequence[int] = BUCKETS) -> MatmulPlan:
+def calibrate(hidden: int, rows: int, paths: Sequence[Path], bounds: Sequence[int] = BUCKETS,
+              qtype: str | None = None) -> MatmulPlan:
     """Time every path on a random [rows, hidden] weight (rows cut to MAX_ELEMENTS in all) at each bucket's token
     count, on the threads torch has now (the worker's), and keep the fastest per bucket. Buckets whose call would
     exceed MAX_CALL_FLOP keep the last timed winner if it is PyTorch's or oneDNN's GEMM (they only get better
-    with more tokens), else PyTorch's."""
+    with more tokens), else PyTorch's. 'quant' is timed on the same weight in `qtype`'s blocks."""
     gen = torch.Generator().manual_seed(0)
     weight = torch.randn(max(1, min(rows, MAX_ELEMENTS // hidden)), hidden, generator=gen)
     packed = cpu_gemm.pack(weight) if "packed" in paths else None
+    blocks = quant.quantize(weight, qtype) if qtype is not None and "quant" in paths else None
     paths = [p for p in paths if (p != "packed" or packed is not None) and (p != "split" or not weight.shape[0]
-                                                                         % torch.get_num_threads())]
+                                                                         % torch.get_num_threads())
+             and (p != "quant" or blocks is not None)]
     times: dict[Path, list[float]] = {p: [] for p in paths}
     for tokens in bounds:
         if times["torch"] and 2 * tokens * weight.numel() > MAX_CALL_FLOP:
@@ -144,7 +163,7 @@ def calibrate(hidden: int, rows: int, paths: Sequence[Path], bounds: Sequence[in
                 times[p].append(0.0 if p == keep else 1.0)
             continue
         x = torch.randn(tokens, hidden, generator=gen)
-        calls = {p: _call(p, x, weight, packed) for p in paths}
+        calls = {p: _call(p, x, weight, packed, blocks) for p in paths}
         reps = max(1, int(MIN_CALL_S / max(_once(calls["torch"]), 1e-6)))
         best = {p: float("inf") for p in paths}
         for _ in range(ROUNDS):
@@ -156,8 +175,12 @@ def calibrate(hidden: int, rows: int, paths: Sequence[Path], bounds: Sequence[in
 
 
 def run(path: Path, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-        packed: torch.Tensor | None) -> torch.Tensor:
-    """x [T, in] @ weight[out, in].T (+ bias) on `path` (`packed`: oneDNN's copy of weight, for 'packed')."""
+        packed: torch.Tensor | None, blocks: QuantWeight | None = None) -> torch.Tensor:
+    """x [T, in] @ weight[out, in].T (+ bias) on `path` (`packed`: oneDNN's copy of weight, for 'packed';
+    `blocks`: its GGUF blocks, for 'quant')."""
+    if path == "quant":
+        assert blocks is not None, "the plan chose the GGUF block path for a weight that has no blocks"
+        return quant.matmul(x, blocks, bias)
     if path == "gemv":
         return native.gemv(x, weight, bias)
     if path == "gemm":
@@ -180,8 +203,9 @@ def split_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return out if bias is None else out.add_(bias)
 
 
-def _call(path: Path, x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None) -> Callable[[], object]:
-    return lambda: run(path, x, weight, None, packed)
+def _call(path: Path, x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None,
+          blocks: QuantWeight | None) -> Callable[[], object]:
+    return lambda: run(path, x, weight, None, packed, blocks)
 
 
 def _once(fn: Callable[[], object]) -> float:

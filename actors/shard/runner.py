@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from actors.shard import quant
 from actors.shard.checkpoint import open_checkpoint
 from actors.shard.cpu_gemm import CpuWeights, packed_bytes
 from actors.shard.kv_cache import AttnMeta, PagedKVCache
@@ -127,6 +128,8 @@ class StageRunner:
         with torch.device(device):
             self.model = StageModel(self.spec, tp, plan.pp_rank, layers, self.dtype, plan.max_model_len, device)
         load_stage(self.model, reader.keys(), reader.get_slice, self.spec)
+        if device.type == "cpu":
+            quant.finalize(self.model)  # the GGUF blocks of every linear read whole from them, for plan_linears
         self.matmul_plans = plan_linears(self.model, plan.cpu_weights) if device.type == "cpu" else {}
         self.lora = StageLora(self.model.model.layers, plan.max_loras, plan.max_lora_rank) \
             if plan.max_loras else None
@@ -148,10 +151,11 @@ class StageRunner:
         return [where[r] for r in mask_rows], unpack_bitmask(torch.from_numpy(bits), self.spec.vocab_size)
 
     def weight_bytes(self) -> int:
-        """Bytes of parameters this shard holds (shared tensors counted once), packed CPU copies and LoRA slots
-        included."""
+        """Bytes of parameters this shard holds (shared tensors counted once), packed and GGUF-block CPU copies and
+        LoRA slots included."""
         lora = self.lora.nbytes() if self.lora is not None else 0
-        return sum(p.numel() * p.element_size() for p in self.model.parameters()) + packed_bytes(self.model) + lora
+        copies = packed_bytes(self.model) + quant.quant_bytes(self.model)
+        return sum(p.numel() * p.element_size() for p in self.model.parameters()) + copies + lora
 
     def load_lora(self, slot: int, name: str, path: str) -> None:
         """Read and check a PEFT adapter for `slot` (ValueError naming it if bad; the slot is then as before). The

@@ -65,7 +65,7 @@ def test_a_plan_path_whose_copy_is_missing_falls_back_to_the_one_that_exists() -
 
 def fixed(paths: tuple[Path, ...]) -> object:
     """A stand-in for the timing: the plan `paths` whatever the machine."""
-    return lambda hidden, rows, candidates, threads: MatmulPlan(BOUNDS, paths)
+    return lambda hidden, rows, candidates, threads, qtype: MatmulPlan(BOUNDS, paths)
 
 
 @pytest.mark.skipif(not cpu_gemm.available(), reason="this PyTorch build has no oneDNN")
