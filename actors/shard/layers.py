@@ -62,13 +62,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
     With `plan` (timed on this machine when the worker loaded: `matmul_plan`), fp32 CPU steps take the plan's path
     for T (its 'quant' path reads `quant_weight`, the GGUF blocks), falling back to the copy that exists. Without
-    one (a fixed `cpu_weights` layout), on CPU in fp32 with
-    the plain weight the C kernels take every step up to GEMM_MAX_TOKENS: with one to GEMV_MAX_TOKENS tokens the
-    step is bound by reading the weight and `native.gemv` streams it; with more it is bound by arithmetic and
-    `native.gemm`'s register-blocked loop runs it (on an AVX2 machine). Above that PyTorch's threaded GEMM is as
-    fast. With `packed` (the weight packed by cpu_gemm) oneDNN runs what the kernels do not, except prefill-sized
-    steps (over SPLIT_MAX_TOKENS) on 2+ threads, where PyTorch's own GEMM is faster. The figures behind each
-    threshold: BENCHMARKS.md, "Kernels" (`python -m bench.kernels`).
+    one (a fixed `cpu_weights` layout), on CPU in fp32 with the plain weight the C kernels take every step up to
+    GEMM_MAX_TOKENS: with one to GEMV_MAX_TOKENS tokens the step is bound by reading the weight and `native.gemv`
+    streams it; with more it is bound by arithmetic and `native.gemm`'s register-blocked loop runs it (on an AVX2
+    machine). Above that PyTorch's threaded GEMM is as fast. With `packed` (the weight packed by cpu_gemm) oneDNN
+    runs what the kernels do not, except prefill-sized steps (over SPLIT_MAX_TOKENS) on 2+ threads, where PyTorch's
+    own GEMM is faster. The figures behind each threshold: BENCHMARKS.md, "Kernels" (`python -m bench.kernels`).
 
     Without the C kernels or a packed copy, few tokens on 2+ threads cut the output rows into one block per thread
     and run them as one batched matmul, which keeps every core reading weights where PyTorch's GEMM streams them

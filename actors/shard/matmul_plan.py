@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from actors.shard import cpu_gemm, native, quant
+from actors.shard import cpu_gemm, native, plan_times, quant
 from actors.shard.quant import QuantWeight
 
 log = logging.getLogger(__name__)
@@ -137,16 +137,23 @@ def choose(times: Mapping[Path, Sequence[float]], bounds: Sequence[int] = BUCKET
 
 @lru_cache(maxsize=8)
 def _calibrated(hidden: int, rows: int, paths: tuple[Path, ...], threads: int, qtype: str | None) -> MatmulPlan:
-    """`calibrate`, once per shape, paths, thread count and GGUF type in a process (tests load many small models)."""
-    return calibrate(hidden, rows, paths, qtype=qtype)
+    """`calibrate`, once per shape, paths, thread count and GGUF type in a process (tests load many small models),
+    on the least times every start on this machine has seen (plan_times)."""
+    entry = f"{rows}x{hidden} {qtype or 'f32'} threads={threads} paths={','.join(sorted(paths))}"
+    def remember(times: dict[Path, list[float]]) -> dict[str, list[float]]:
+        return plan_times.merged(entry, {str(p): t for p, t in times.items()})
+
+    return calibrate(hidden, rows, paths, qtype=qtype, remember=remember)
 
 
 def calibrate(hidden: int, rows: int, paths: Sequence[Path], bounds: Sequence[int] = BUCKETS,
-              qtype: str | None = None) -> MatmulPlan:
+              qtype: str | None = None,
+              remember: Callable[[dict[Path, list[float]]], Mapping[str, list[float]]] | None = None) -> MatmulPlan:
     """Time every path on a random [rows, hidden] weight (rows cut to MAX_ELEMENTS in all) at each bucket's token
-    count, on the threads torch has now (the worker's), and keep the fastest per bucket. Buckets whose call would
-    exceed MAX_CALL_FLOP keep the last timed winner if it is PyTorch's or oneDNN's GEMM (they only get better
-    with more tokens), else PyTorch's. 'quant' is timed on the same weight in `qtype`'s blocks."""
+    count, on the threads torch has now (the worker's), and keep the fastest per bucket ('quant' is timed on the
+    same weight in `qtype`'s blocks; `remember` may replace the timings, e.g. by the least ever seen). Buckets
+    whose call would exceed MAX_CALL_FLOP are not timed: they keep the last timed winner if it is PyTorch's or
+    oneDNN's GEMM (they only get better with more tokens), else PyTorch's."""
     gen = torch.Generator().manual_seed(0)
     weight = torch.randn(max(1, min(rows, MAX_ELEMENTS // hidden)), hidden, generator=gen)
     packed = cpu_gemm.pack(weight) if "packed" in paths else None
@@ -154,14 +161,9 @@ def calibrate(hidden: int, rows: int, paths: Sequence[Path], bounds: Sequence[in
     paths = [p for p in paths if (p != "packed" or packed is not None) and (p != "split" or not weight.shape[0]
                                                                          % torch.get_num_threads())
              and (p != "quant" or blocks is not None)]
+    timed = [t for i, t in enumerate(bounds) if i == 0 or 2 * t * weight.numel() <= MAX_CALL_FLOP]
     times: dict[Path, list[float]] = {p: [] for p in paths}
-    for tokens in bounds:
-        if times["torch"] and 2 * tokens * weight.numel() > MAX_CALL_FLOP:
-            last = min(times, key=lambda p: times[p][-1])
-            keep = last if last in ("torch", "packed") else "torch"
-            for p in paths:
-                times[p].append(0.0 if p == keep else 1.0)
-            continue
+    for tokens in timed:
         x = torch.randn(tokens, hidden, generator=gen)
         calls = {p: _call(p, x, weight, packed, blocks) for p in paths}
         reps = max(1, int(MIN_CALL_S / max(_once(calls["torch"]), 1e-6)))
@@ -171,6 +173,14 @@ def calibrate(hidden: int, rows: int, paths: Sequence[Path], bounds: Sequence[in
                 best[p] = min(best[p], _timed(fn, reps))
         for p in paths:
             times[p].append(best[p])
+    if remember is not None:
+        remembered = remember(times)
+        times = {p: remembered[p] for p in times}
+    last = min(times, key=lambda p: times[p][-1])
+    keep = last if last in ("torch", "packed") else "torch"
+    for _ in bounds[len(timed):]:
+        for p in paths:
+            times[p].append(0.0 if p == keep else 1.0)
     return choose(times, bounds)
 
 
