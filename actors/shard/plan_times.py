@@ -14,7 +14,9 @@ import json
 import logging
 import os
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -22,6 +24,7 @@ import torch
 from actors.shard import kernel_build
 
 log = logging.getLogger(__name__)
+READ_BYTES = 512 << 20  # read_bandwidth's buffer
 SOURCES = [Path(__file__).with_name(name) for name in ("matmul_plan.py", "quant.py", "cpu_gemm.py")]
 
 
@@ -40,6 +43,20 @@ def cpu_model() -> str:
     except OSError:
         return ""
     return next((line for line in text.splitlines() if line.startswith("model name")), "")
+
+
+@lru_cache(maxsize=1)
+def read_bandwidth() -> float:
+    """Bytes per second the torch threads read from memory here: the best of three sums over 512 MiB (more than
+    the caches of the machines we run on), measured once per process."""
+    data = torch.ones(READ_BYTES // 4)
+    data.sum()
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        data.sum()
+        best = min(best, time.perf_counter() - start)
+    return READ_BYTES / best
 
 
 def merged(entry: str, times: Mapping[str, Sequence[float]], path: Path | None = None) -> dict[str, list[float]]:

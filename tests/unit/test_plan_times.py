@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from actors.shard import matmul_plan, plan_times
 
 
@@ -49,3 +51,13 @@ def test_the_plan_follows_the_remembered_times() -> None:
 def test_the_store_is_per_machine_and_code() -> None:
     path = plan_times.store_path()
     assert path.parent.name == "plans" and path.name.startswith("matmul-times-")
+
+
+def test_read_floors_charge_each_path_its_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cached fp32 timing below what reading its weight from memory takes loses to blocks of 1/6 the bytes;
+    fp32 paths tied at the floor keep their timed order."""
+    monkeypatch.setattr(plan_times, "read_bandwidth", lambda: 1e9)  # 1 GB/s: 6 MB take 6 ms, 1 MB 1 ms
+    times = {"gemm": [0.002, 0.020], "torch": [0.003, 0.030], "quant": [0.004, 0.040]}
+    floored = matmul_plan.read_floors(times, 6_000_000, 1_000_000)
+    assert matmul_plan.choose(floored, (1, 64)).paths == ("quant", "gemm")
+    assert floored["gemm"][0] < floored["torch"][0]
