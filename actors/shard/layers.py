@@ -76,13 +76,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     splits = torch.get_num_threads()
     rows, tokens = weight.shape[0], x.shape[0]
     if plan is not None and x.dtype == weight.dtype == torch.float32 and x.device.type == "cpu" and x.dim() == 2:
-        path = plan.path(tokens)
-        if path == "packed" and packed is None:
-            path = "torch"
-        elif path == "quant" and quant_weight is None:
-            path = "torch"
-        elif path != "packed" and weight.numel() == 0 and packed is not None:
-            path = "packed"  # the plain copy was freed: oneDNN's is the only one
+        path = matmul_plan.resolve(plan.path(tokens), weight, packed, quant_weight)
         return matmul_plan.run(path, x, weight, bias, packed, quant_weight)
     if (tokens <= GEMM_MAX_TOKENS and weight.numel() and x.dim() == 2 and x.dtype == weight.dtype == torch.float32
             and x.device.type == "cpu" and native.matmuls_available()):

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,7 @@ BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)  # token counts timed; a count
 ROUNDS = 4  # interleaved rounds per bucket: the least time of each path counts (other processes preempt some)
 MIN_CALL_S = 2e-3  # calls per timing: enough to fill this, so the clock's resolution does not decide
 MAX_ELEMENTS = 2**26  # calibration weight size, at most (256 MiB): whole for small models' LM heads, which stream
+PASS_MAX_TOKENS = 32  # buckets up to this many tokens also get a whole-model pass (_blocks_by_pass)
 MAX_CALL_FLOP = 8e9  # larger buckets are not timed: they keep the last timed winner among torch / packed
 
 
@@ -77,12 +78,13 @@ def plan_linears(model: nn.Module, mode: cpu_gemm.CpuWeights) -> dict[PlanKey, M
                and w.dtype == torch.float32]
     if mode != "auto" or not linears:
         cpu_gemm.pack_linears(model, mode)
-        _drop_unused_blocks(model)
+        _drop_unused_copies(model)
         return {}
     targets = cpu_gemm.pack_targets(model)
     packable = {id(m) for m, _ in targets}
     plans: dict[PlanKey, MatmulPlan] = {}
     plan_of: dict[int, MatmulPlan] = {}
+    key_of: dict[int, PlanKey] = {}
     for m, w in linears:
         rows, width = w.shape
         blocks: QuantWeight | None = getattr(m, "quant", None)
@@ -91,23 +93,76 @@ def plan_linears(model: nn.Module, mode: cpu_gemm.CpuWeights) -> dict[PlanKey, M
         if key not in plans:
             paths = tuple(candidates(id(m) in packable)) + (("quant",) if qtype else ())
             plans[key] = _calibrated(width, rows, paths, torch.get_num_threads(), qtype)
-        plan_of[id(m)] = plans[key]
+        plan_of[id(m)], key_of[id(m)] = plans[key], key
         setattr(m, "plan", plans[key])  # noqa: B010 (nn.Module's __setattr__ is typed for tensors/modules)
-    _drop_unused_blocks(model)
     both = [(m, w) for m, w in targets if plan_of[id(m)].needs_packed and plan_of[id(m)].needs_plain]
     only = [(m, w) for m, w in targets if plan_of[id(m)].needs_packed and not plan_of[id(m)].needs_plain]
     cpu_gemm.pack_into(model, both, cpu_gemm.weight_bytes(both) <= cpu_gemm.KEEP_PLAIN_MAX_BYTES)
     cpu_gemm.pack_into(model, only, keep=False)  # a freed plain copy: every count runs oneDNN's (layers.linear)
+    plans = _blocks_by_pass([m for m, _ in linears], plans, key_of)
+    _drop_unused_copies(model)
     log.info("matmul paths by tokens per step, %d threads: %s", torch.get_num_threads(), describe(plans))
     return plans
 
 
-def _drop_unused_blocks(model: nn.Module) -> None:
-    """Free the GGUF blocks of every linear whose plan never runs them (or that has no plan: fixed paths)."""
+def _blocks_by_pass(mods: list[nn.Module], plans: dict[PlanKey, MatmulPlan],
+                    key_of: dict[int, PlanKey]) -> dict[PlanKey, MatmulPlan]:
+    """Per bucket up to PASS_MAX_TOKENS, time one pass over every planned linear in model order (what a step reads)
+    on their timed plans and with each linear that has blocks on them; where the blocks' pass is faster (the least of
+    every start's, plan_times), their plans run the blocks there. A step reads every weight once, from memory, which
+    timing one weight again and again (in cache) does not show."""
+    if not any(getattr(m, "quant", None) is not None for m in mods):
+        return plans
+    bounds = next(iter(plans.values())).bounds
+    buckets = [t for t in bounds if t <= PASS_MAX_TOKENS]
+    gen = torch.Generator().manual_seed(0)
+    times: dict[str, list[float]] = {"timed": [], "blocks": []}
+    for tokens in buckets:
+        xs = {key[1]: torch.randn(tokens, key[1], generator=gen) for key in plans}
+        best = dict.fromkeys(times, float("inf"))
+        for _ in range(ROUNDS):
+            for variant in best:
+                start = time.perf_counter()
+                for m in mods:
+                    weight, packed = cast(torch.Tensor, m.weight), cast("torch.Tensor | None", m.packed)
+                    blocks, plan = getattr(m, "quant", None), cast(MatmulPlan, m.plan)
+                    path = "quant" if variant == "blocks" and blocks is not None else plan.path(tokens)
+                    run(resolve(path, weight, packed, blocks), xs[key_of[id(m)][1]], weight, None, packed, blocks)
+                best[variant] = min(best[variant], time.perf_counter() - start)
+        for variant, seconds in best.items():
+            times[variant].append(seconds)
+    entry = "step pass " + "; ".join(f"{k}" for k in sorted(plans, key=str)) + f" threads={torch.get_num_threads()}"
+    times = plan_times.merged(entry, times)
+    faster = [i for i in range(len(buckets)) if times["blocks"][i] < times["timed"][i]]
+    out = {key: MatmulPlan(plan.bounds, tuple("quant" if i in faster else p for i, p in enumerate(plan.paths)))
+           if len(key) > 2 else plan for key, plan in plans.items()}
+    for m in mods:
+        setattr(m, "plan", out[key_of[id(m)]])  # noqa: B010 (nn.Module's __setattr__ is typed for tensors/modules)
+    return out
+
+
+def resolve(path: Path, weight: torch.Tensor, packed: torch.Tensor | None, blocks: QuantWeight | None) -> Path:
+    """`path`, or the path that runs the copy this linear has where the plan's copy is absent."""
+    if path == "packed" and packed is None:
+        return "torch"
+    if path == "quant" and blocks is None:
+        return "torch"
+    if path != "packed" and weight.numel() == 0 and packed is not None:
+        return "packed"  # the plain copy was freed: oneDNN's is the only one
+    return path
+
+
+def _drop_unused_copies(model: nn.Module) -> None:
+    """Free the GGUF blocks of every linear whose plan never runs them (or that has no plan: fixed paths), and the
+    packed copy where the plan moved its token counts onto the blocks and the plain copy is still there."""
     for m in model.modules():
         plan = getattr(m, "plan", None)
         if getattr(m, "quant", None) is not None and (plan is None or "quant" not in plan.paths):
             setattr(m, "quant", None)  # noqa: B010 (nn.Module's __setattr__ is typed for tensors/modules)
+        weight = getattr(m, "weight", None)
+        if (plan is not None and getattr(m, "packed", None) is not None and not plan.needs_packed
+                and isinstance(weight, torch.Tensor) and weight.numel()):
+            setattr(m, "packed", None)  # noqa: B010
 
 
 def describe(plans: dict[PlanKey, MatmulPlan]) -> str:

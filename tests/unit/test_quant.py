@@ -96,3 +96,28 @@ def test_a_float32_checkpoint_keeps_no_blocks(hf_dirs: dict[str, Path], monkeypa
     monkeypatch.setattr(cpu_gemm, "PACK_MIN_ELEMENTS", 1)
     grid = LocalGrid(str(hf_dirs["qwen2_bias"]), 1, 1)
     assert quant.quant_bytes(grid.stages[0][0].model) == 0
+
+
+@pytest.mark.parametrize("blocks_faster", [True, False])
+def test_a_whole_model_pass_moves_few_token_counts_onto_the_blocks(
+        hf_dirs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, blocks_faster: bool) -> None:
+    """Timed per weight, PyTorch's GEMM won everywhere; where a pass over every linear runs faster on the blocks
+    (here: says so), the buckets up to PASS_MAX_TOKENS take them, and only those."""
+    path = write_gguf(hf_dirs["qwen2_bias"], tmp_path / "q.gguf", qtype=block_types)
+    monkeypatch.setattr(cpu_gemm, "PACK_MIN_ELEMENTS", 1)
+    monkeypatch.setattr(matmul_plan, "_calibrated", lambda hidden, rows, paths, threads, qtype: MatmulPlan(
+        matmul_plan.BUCKETS, ("torch",) * len(matmul_plan.BUCKETS)))
+    seen = []
+
+    def verdict(entry: str, times: dict) -> dict:
+        seen.append(entry)
+        n = len(times["timed"])
+        return {"timed": [1.0] * n, "blocks": [0.5 if blocks_faster else 2.0] * n}
+
+    monkeypatch.setattr(matmul_plan.plan_times, "merged", verdict)
+    runner = LocalGrid(str(path), 1, 1).stages[0][0]
+    want = tuple("quant" if blocks_faster and t <= matmul_plan.PASS_MAX_TOKENS else "torch"
+                 for t in matmul_plan.BUCKETS)
+    linears = [m for m in runner.model.modules() if isinstance(m, ColumnParallelLinear | RowParallelLinear)]
+    assert seen and all(m.plan is not None and m.plan.paths == want for m in linears)
+    assert all((m.quant is not None) == blocks_faster for m in linears)  # unused blocks freed
