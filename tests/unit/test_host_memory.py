@@ -52,8 +52,9 @@ def test_keep_step_buffers_serves_repeated_steps_from_the_heap() -> None:
     kept_mapped, kept_free = probe("keep")
     assert kept_mapped < 48 * MIB, kept_mapped  # served from the heap ...
     # ... which keeps it, already faulted in, for the next step: free on top of what the default keeps (the smaller
-    # buffers, ~56 MiB measured here).
-    assert kept_free >= plain_free + 48 * MIB, (kept_free, plain_free)
+    # buffers, 56-63 MiB measured here). The heap's own bookkeeping moves the difference by a few KiB around 48 MiB
+    # (a CI run: 47.99 MiB), so the bound is most of the buffer; without the setting the difference is ~0.
+    assert kept_free >= plain_free + 40 * MIB, (kept_free, plain_free)
 
 
 def test_cpu_cache_budget_is_capped_by_half_the_available_memory(tmp_path) -> None:
