@@ -108,14 +108,16 @@ def keep(module: nn.Module, part: int, src: object, rows: tuple[int, int], cols:
     parts[part] = raw
 
 
-def finalize(model: nn.Module) -> int:
+def finalize(model: nn.Module, use: bool = True) -> int:
     """Give every linear whose parts were all kept in one type its `quant` weight (rows past the checkpoint's,
-    a padded vocabulary's, as zero blocks); drop the recorded parts. Returns how many linears got one."""
+    a padded vocabulary's, as zero blocks); drop the recorded parts (only that, with `use` False: a CUDA worker).
+    Returns how many linears got one."""
     count = 0
     for module in model.modules():
         parts: dict[int, tuple[str, np.ndarray]] | None = module.__dict__.pop(PARTS, None)
         weight = getattr(module, "weight", None)
-        if not parts or not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not hasattr(module, "quant"):
+        if not use or not parts or not isinstance(weight, torch.Tensor) or weight.dim() != 2 \
+                or not hasattr(module, "quant"):
             continue
         types = {qtype for qtype, _ in parts.values()}
         expected = len(getattr(module, "out_sizes", [0]))

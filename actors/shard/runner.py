@@ -128,8 +128,8 @@ class StageRunner:
         with torch.device(device):
             self.model = StageModel(self.spec, tp, plan.pp_rank, layers, self.dtype, plan.max_model_len, device)
         load_stage(self.model, reader.keys(), reader.get_slice, self.spec)
-        if device.type == "cpu":
-            quant.finalize(self.model)  # the GGUF blocks of every linear read whole from them, for plan_linears
+        # The GGUF blocks of every linear read whole from them, for plan_linears (CPU only: CUDA drops them).
+        quant.finalize(self.model, use=device.type == "cpu")
         self.matmul_plans = plan_linears(self.model, plan.cpu_weights) if device.type == "cpu" else {}
         self.lora = StageLora(self.model.model.layers, plan.max_loras, plan.max_lora_rank) \
             if plan.max_loras else None

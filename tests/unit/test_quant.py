@@ -121,3 +121,21 @@ def test_a_whole_model_pass_moves_few_token_counts_onto_the_blocks(
     linears = [m for m in runner.model.modules() if isinstance(m, ColumnParallelLinear | RowParallelLinear)]
     assert seen and all(m.plan is not None and m.plan.paths == want for m in linears)
     assert all((m.quant is not None) == blocks_faster for m in linears)  # unused blocks freed
+
+
+@pytest.mark.parametrize("use", [True, False])
+def test_recorded_blocks_are_joined_or_dropped(use: bool) -> None:
+    """A CPU worker joins the recorded parts into the linear's blocks; a CUDA one (use=False) only drops them."""
+    blocks = quant.quantize(torch.randn(8, 64), "Q8_0")
+
+    class Source:
+        def raw_blocks(self, rows: tuple[int, int], cols: tuple[int, int]) -> tuple[str, np.ndarray]:
+            return "Q8_0", blocks.data.numpy()[rows[0]:rows[1]]
+
+    m = torch.nn.Module()
+    m.weight = torch.nn.Parameter(quant.dequantize(blocks), requires_grad=False)
+    m.quant = None
+    quant.keep(m, 0, Source(), (0, 8), (0, 64))
+    assert quant.finalize(m, use=use) == int(use)
+    assert quant.PARTS not in m.__dict__
+    assert (m.quant is not None) == use and (not use or torch.equal(m.quant.data, blocks.data))
