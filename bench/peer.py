@@ -161,7 +161,7 @@ def main() -> None:
     ap.add_argument("--online-tiny-concurrency", nargs="*", type=int, help="concurrencies of the tiny-model row "
                     "(default 1 16; --quick 16; none: no tiny row)")
     ap.add_argument("--base", type=Path, help="a previous gridserve checkout, timed by the same script (online: "
-                    "its shipped config)")
+                    "its shipped config, on the bundled GGUF when the gguf layout runs)")
     ap.add_argument("--venv", type=Path, default=ROOT / ".peer" / "vllm", help="the peer's venv (built if absent)")
     ap.add_argument("--quick", action="store_true", help="short workloads, fewer prompts and rounds")
     args = ap.parse_args()

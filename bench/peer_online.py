@@ -86,14 +86,16 @@ def servers(python: Path, layouts: list[str], bindings: list[str], shapes: list[
         smol = ensure_smol(python)
         out += [Server(f"vLLM {b}", "vllm", b, "smol", vllm_cmd(python, smol, PORT),
                        peer_env(None if b == "auto" else b), smol, shapes, concs) for b in bindings]
+        # the same weights as `smol`, as blocks; served under its name for the client
+        gguf = {"model": str(smollm2.fetch(ROOT / "models")), "served_model_name": smol.name}
         for layout in layouts:
             label, pp, co, extra, changed = LAYOUTS[layout]
-            if layout == "gguf":  # the same weights as `smol`, as blocks; served under its name for the client
-                changed = {"model": str(smollm2.fetch(ROOT / "models")), "served_model_name": smol.name}
+            changed = gguf if layout == "gguf" else changed
             out.append(gridserve(label, "smol", smol, ROOT, pp, co, extra, changed, shapes=shapes, concs=concs))
-        if base is not None:
-            out.append(gridserve("gridserve@base shipped", "smol", smol, base.resolve(), None, shapes=shapes,
-                                 concs=concs))
+        if base is not None:  # on the GGUF when that layout runs, else on the folder
+            on_gguf = "gguf" in layouts
+            out.append(gridserve("gridserve@base " + ("gguf" if on_gguf else "shipped"), "smol", smol,
+                                 base.resolve(), None, args=gguf if on_gguf else None, shapes=shapes, concs=concs))
     if tiny_concs:
         tiny = ensure_tiny()
         out += [Server(f"vLLM {b}", "vllm", b, "tiny", vllm_cmd(python, tiny, PORT),

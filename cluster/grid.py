@@ -114,7 +114,10 @@ class WorkerGrid:
         if num_blocks < 1:
             raise ValueError("no memory left for the KV cache after loading weights; raise kv_cache_memory_bytes "
                              "or gpu_memory_utilization, or spread the model over more workers")
-        ray.get([w.allocate_cache.options(concurrency_group=group).remote(num_blocks)
+        # What a full batch of the longest sequences can hold comes in now; the rest (prefix-cache room) on use.
+        assert self.cfg.max_model_len is not None, "GridServeConfig's validator fills max_model_len"
+        full_batch = -(-self.cfg.max_num_seqs * self.cfg.max_model_len // self.cfg.block_size)
+        ray.get([w.allocate_cache.options(concurrency_group=group).remote(num_blocks, full_batch)
                  for stage in self.stages for w in stage])
         log.info("grid tp=%d pp=%d ready: %d KV blocks of %d tokens, weights %.1f MiB per worker (max); CPU matmuls "
                  "by tokens per step: %s", self.tp, self.pp, num_blocks, self.cfg.block_size,

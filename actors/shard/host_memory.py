@@ -12,11 +12,22 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import gc
+import mmap
 
 M_TRIM_THRESHOLD = -1  # mallopt parameters, from glibc's malloc.h
 M_MMAP_THRESHOLD = -3
 STEP_BUFFER_MAX_BYTES = 256 * 2**20  # larger single buffers still get their own mapping (returned when freed)
 KEEP_FREE_MAX_BYTES = 512 * 2**20  # free heap top kept for the next step; beyond it the heap is trimmed
+MADV_POPULATE_WRITE = 23  # Linux >= 5.14: map pages in, writable, without writing to them
+
+
+def _libc() -> ctypes.CDLL | None:
+    """The C library, or None where there is none to load."""
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name) if name is not None else None
+    except OSError:
+        return None
 
 
 def keep_step_buffers() -> bool:
@@ -24,13 +35,9 @@ def keep_step_buffers() -> bool:
 
     Called once the shard is loaded: set before, the loader's freed temporaries would stay resident.
     """
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return False
-    try:
-        libc = ctypes.CDLL(name)
-        mallopt, malloc_trim = libc.mallopt, libc.malloc_trim
-    except (OSError, AttributeError):  # musl or another libc without these
+    libc = _libc()
+    mallopt, malloc_trim = getattr(libc, "mallopt", None), getattr(libc, "malloc_trim", None)
+    if mallopt is None or malloc_trim is None:  # no libc, or musl or another libc without these
         return False
     malloc_trim(0)
     # mallopt answers 1 when it took the value; fixing the threshold also stops glibc from adapting it.
@@ -63,3 +70,16 @@ def freeze_startup_heap() -> None:
     """
     gc.collect()
     gc.freeze()
+
+
+def populate(address: int, nbytes: int) -> bool:
+    """Fault the pages of [address, address + nbytes) in, writable, leaving their contents as they are.
+
+    False where the kernel cannot (not Linux, or before 5.14): the pages then come in when first written.
+    """
+    libc = _libc()
+    if libc is None or nbytes <= 0:
+        return libc is not None
+    start = address - address % mmap.PAGESIZE
+    done = libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(address + nbytes - start), MADV_POPULATE_WRITE)
+    return bool(done == 0)

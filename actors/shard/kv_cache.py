@@ -1,16 +1,22 @@
 """Paged KV cache of one worker (its layers, its KV heads) and the per-step attention metadata."""
 from __future__ import annotations
 
+import logging
 import math
+import os
+import threading
+import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from actors.shard import native
+from actors.shard import host_memory, native
 
+log = logging.getLogger(__name__)
 GATHER_CAP_BYTES = 256 * 2**20  # decode gathers K and V in chunks of sequences no bigger than this (bounded memory)
+PREFAULT_BLOCKS_PER_PASS = 256  # blocks faulted in per pass over the runs: low ids (handed out first) come first
 
 
 class PagedKVCache:
@@ -36,6 +42,14 @@ class PagedKVCache:
         """Memory one block costs on one worker (K and V, all its layers)."""
         item = torch.empty((), dtype=dtype).element_size()
         return 2 * num_layers * block_size * kv_heads * head_dim * item
+
+    def block_spans(self, first: int, last: int) -> list[tuple[int, int]]:
+        """(address, bytes) of blocks [first, last) in every (layer, K|V, kv_head) run of slots, one span per run."""
+        row = self.kv.shape[-1] * self.kv.element_size()  # bytes of one slot
+        run = self.num_blocks * self.block_size * row
+        start, size = first * self.block_size * row, (last - first) * self.block_size * row
+        return [(self.kv.data_ptr() + r * run + start, size) for r in range(self.kv.numel() * self.kv.element_size()
+                                                                               // run)]
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
         """Store new keys/values [T, kv_heads, d] in place at `slots` [T]."""
@@ -74,6 +88,36 @@ def zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
     item = torch.empty((), dtype=dtype).element_size()
     raw = torch.from_numpy(np.zeros(math.prod(shape) * item, dtype=np.uint8))  # numpy zeros = calloc
     return raw.view(dtype).view(shape)
+
+
+def prefault(cache: PagedKVCache, num_blocks: int) -> bool:
+    """Fault in the pages of blocks [0, num_blocks), lowest ids first; False where the kernel cannot.
+
+    Contents stay as they are, so this may run beside steps writing the same blocks.
+    """
+    for first in range(0, num_blocks, PREFAULT_BLOCKS_PER_PASS):
+        last = min(num_blocks, first + PREFAULT_BLOCKS_PER_PASS)
+        if not all(host_memory.populate(address, size) for address, size in cache.block_spans(first, last)):
+            return False
+    return True
+
+
+def prefault_in_background(cache: PagedKVCache, num_blocks: int) -> threading.Thread:
+    """Run `prefault` on a thread of the lowest priority: serving starts at once and steps come first.
+
+    A block's first write otherwise faults a page per (layer, K|V, head) run inside a step: ~10 us a page where the
+    host backs a VM's memory lazily, +9% on a 2048-token prefill step of SmolLM2 (23k pages).
+    """
+    def run() -> None:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        start = time.perf_counter()
+        done = prefault(cache, num_blocks)
+        log.info("KV cache: %d blocks %s in %.1f s", num_blocks, "faulted in" if done else "left to fault in on use "
+                 "(no MADV_POPULATE_WRITE here)", time.perf_counter() - start)
+
+    thread = threading.Thread(target=run, name="kv-prefault", daemon=True)
+    thread.start()
+    return thread
 
 
 @dataclass
