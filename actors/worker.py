@@ -131,12 +131,12 @@ class Worker:
         used = total - free
         return max(0, int(total * gpu_utilization) - used)
 
-    def allocate_cache(self, num_blocks: int, prefault_blocks: int = 0) -> None:
-        """Allocate the KV cache (same block count on every worker of the replica); on CPU the first
-        `prefault_blocks` are faulted in from a background thread."""
+    def allocate_cache(self, num_blocks: int, prefault_blocks: int = 0) -> float | None:
+        """Allocate the KV cache (same block count on every worker of the replica); on CPU fault the first
+        `prefault_blocks` in. Returns the seconds that took (None: nothing faulted in)."""
         assert self.runner is not None
         self.torch_threads.add(threading.get_ident())
-        self.runner.allocate_cache(num_blocks, prefault_blocks)
+        return self.runner.allocate_cache(num_blocks, prefault_blocks)
 
     def execute(self, step: StepInput, hidden: tuple[np.ndarray, float, list[float]] | None,
                 ) -> tuple[np.ndarray, float, list[float]] | StepOutput | None:

@@ -117,10 +117,12 @@ class WorkerGrid:
         # What a full batch of the longest sequences can hold comes in now; the rest (prefix-cache room) on use.
         assert self.cfg.max_model_len is not None, "GridServeConfig's validator fills max_model_len"
         full_batch = -(-self.cfg.max_num_seqs * self.cfg.max_model_len // self.cfg.block_size)
-        ray.get([w.allocate_cache.options(concurrency_group=group).remote(num_blocks, full_batch)
-                 for stage in self.stages for w in stage])
-        log.info("grid tp=%d pp=%d ready: %d KV blocks of %d tokens, weights %.1f MiB per worker (max); CPU matmuls "
-                 "by tokens per step: %s", self.tp, self.pp, num_blocks, self.cfg.block_size,
+        faulted = ray.get([w.allocate_cache.options(concurrency_group=group).remote(num_blocks, full_batch)
+                           for stage in self.stages for w in stage])
+        log.info("grid tp=%d pp=%d ready: %d KV blocks of %d tokens (%s), weights %.1f MiB per worker (max); CPU "
+                 "matmuls by tokens per step: %s", self.tp, self.pp, num_blocks, self.cfg.block_size,
+                 "left to fault in on first write" if None in faulted else
+                 f"{min(num_blocks, full_batch)} faulted in, {max(faulted):.1f} s",
                  max(r["weight_bytes"] for r in self.reports) / 2**20,
                  "; ".join(sorted({r.get("matmul") or "fixed" for r in self.reports})))
         return num_blocks

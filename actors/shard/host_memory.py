@@ -49,8 +49,8 @@ def keep_step_buffers() -> bool:
 def cpu_cache_budget(configured: int, meminfo: str = "/proc/meminfo") -> int:
     """The KV-cache bytes a CPU worker takes: `configured`, at most half the host memory available now.
 
-    The cache's pages are only taken as tokens fill it, so an oversized budget does not fail at start; it would
-    fail later, under load, as the host runs out. Half leaves room for the weights and the other processes.
+    Half leaves room for the weights and the other processes. What a full batch holds is faulted in at start, the
+    rest as tokens fill it, so a budget the host cannot hold fails under load.
     """
     try:
         with open(meminfo) as f:

@@ -11,7 +11,7 @@ import torch
 from actors.shard import quant
 from actors.shard.checkpoint import open_checkpoint
 from actors.shard.cpu_gemm import CpuWeights, packed_bytes
-from actors.shard.kv_cache import AttnMeta, PagedKVCache, prefault_in_background
+from actors.shard.kv_cache import AttnMeta, PagedKVCache, prefault
 from actors.shard.loader import load_stage
 from actors.shard.lora import StageLora
 from actors.shard.lora_files import Adapter, read_adapter
@@ -188,13 +188,18 @@ class StageRunner:
         return PagedKVCache.bytes_per_block(len(self.model.model.layer_ids), self.plan.block_size,
                                             self.split.num_kv_heads, self.spec.head_dim, self.dtype)
 
-    def allocate_cache(self, num_blocks: int, prefault_blocks: int = 0) -> None:
-        """Allocate this worker's share of `num_blocks` KV blocks; on CPU fault the first `prefault_blocks` in
-        from a background thread."""
+    def allocate_cache(self, num_blocks: int, prefault_blocks: int = 0) -> float | None:
+        """Allocate this worker's share of `num_blocks` KV blocks; on CPU fault the first `prefault_blocks` in.
+
+        Returns the seconds that took, or None where nothing was faulted in (nothing asked, CUDA, an old kernel).
+        """
         self.cache = PagedKVCache(len(self.model.model.layer_ids), num_blocks, self.plan.block_size,
                                   self.split.num_kv_heads, self.spec.head_dim, self.dtype, self.device)
-        if self.device.type == "cpu" and prefault_blocks > 0:
-            prefault_in_background(self.cache, min(num_blocks, prefault_blocks))
+        if self.device.type != "cpu" or prefault_blocks <= 0:
+            return None
+        start = time.perf_counter()
+        done = prefault(self.cache, min(num_blocks, prefault_blocks), torch.get_num_threads())
+        return time.perf_counter() - start if done else None
 
     @torch.inference_mode()
     def execute(self, step: StepInput, hidden: np.ndarray | None = None) -> np.ndarray | StepOutput | None:

@@ -134,7 +134,7 @@ def test_prefault_brings_in_the_first_blocks_only_and_keeps_their_contents() -> 
     spans = cache.block_spans(0, 300)
     assert len(spans) == 4 * 2 * 2 and all(size == 300 * 16 * 64 * 4 for _, size in spans)
     assert resident_share(*cache.block_spans(1024, 3072)[0]) == 0.0  # fresh calloc pages: not in yet
-    if not prefault(cache, 300):
+    if not prefault(cache, 300, 2):
         pytest.skip("kernel before 5.14: no MADV_POPULATE_WRITE")
     assert min(resident_share(a, s) for a, s in spans) == 1.0
     # numpy asks for huge pages: the kernel may bring a page in as part of a 2 MiB folio (512 blocks of a run, the
