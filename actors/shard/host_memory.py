@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import gc
 import mmap
 
@@ -21,6 +22,7 @@ KEEP_FREE_MAX_BYTES = 512 * 2**20  # free heap top kept for the next step; beyon
 MADV_POPULATE_WRITE = 23  # Linux >= 5.14: map pages in, writable, without writing to them
 
 
+@functools.cache
 def _libc() -> ctypes.CDLL | None:
     """The C library, or None where there is none to load."""
     name = ctypes.util.find_library("c")

@@ -43,8 +43,8 @@ class PagedKVCache:
         row = self.kv.shape[-1] * self.kv.element_size()  # bytes of one slot
         run = self.num_blocks * self.block_size * row
         start, size = first * self.block_size * row, (last - first) * self.block_size * row
-        return [(self.kv.data_ptr() + r * run + start, size) for r in range(self.kv.numel() * self.kv.element_size()
-                                                                               // run)]
+        runs = self.kv.numel() * self.kv.element_size() // run
+        return [(self.kv.data_ptr() + r * run + start, size) for r in range(runs)]
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
         """Store new keys/values [T, kv_heads, d] in place at `slots` [T]."""

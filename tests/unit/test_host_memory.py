@@ -130,7 +130,7 @@ def test_prefault_brings_in_the_first_blocks_only_and_keeps_their_contents() -> 
     cache = PagedKVCache(4, 4096, 16, 2, 64, torch.float32, torch.device("cpu"))  # 4 KiB per block per run
     if not populate(cache.kv.data_ptr(), 0):
         pytest.skip("no libc")
-    cache.k[2, 1, :16].fill_(3.0)  # block 0 of layer 2's K, head 1 (run 9): written before, as by a step beside it
+    cache.k[2, 1, :16].fill_(3.0)  # block 0 of layer 2's K, head 1 (run 9): faulting in must leave it as it is
     spans = cache.block_spans(0, 300)
     assert len(spans) == 4 * 2 * 2 and all(size == 300 * 16 * 64 * 4 for _, size in spans)
     assert resident_share(*cache.block_spans(1024, 3072)[0]) == 0.0  # fresh calloc pages: not in yet

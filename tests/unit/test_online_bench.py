@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench.online_report import GRIDSERVE, best_of_rounds, reference, targets
+from bench.online_report import SHIPPED, best_of_rounds, reference, targets
 from bench.online_shapes import MAX_LEN, SHAPES, client_args, mixed_lengths, plan_runs
 
 
@@ -42,11 +42,20 @@ def row(server: str, engine: str, tok_s: float, loaded: bool = False, **kw: Any)
 
 def test_best_round_is_the_fastest_quiet_one_and_the_faster_binding_is_the_reference() -> None:
     """A loaded round never wins over a quiet one; the reference is vLLM's faster binding."""
+    folder = SHIPPED[-1]  # the shipped config on the fp32 folder
     rows = [row("vLLM auto", "vllm", 90.0, binding="auto"), row("vLLM 0-1", "vllm", 150.0, binding="0-1"),
-            row(GRIDSERVE, "gridserve", 200.0, loaded=True), row(GRIDSERVE, "gridserve", 120.0)]
+            row(folder, "gridserve", 200.0, loaded=True), row(folder, "gridserve", 120.0)]
     best = best_of_rounds(rows)
-    assert best[("smol", GRIDSERVE, "short", 16)]["output_throughput"] == 120.0
+    assert best[("smol", folder, "short", 16)]["output_throughput"] == 120.0
     assert reference(best, "smol", "short", 16)["binding"] == "0-1"
     lines = "\n".join(targets(best, ["short"], None))
     assert "**NOT met**: short @ 16: tok/s 0.80x" in lines and "**met**: short @ 16: TTFT 1.00x" in lines
     assert "not measured: short @ 4" in lines
+
+
+def test_targets_read_the_bundled_gguf_row_where_it_ran() -> None:
+    """ray_config.yaml ships on its GGUF: that row is the one the targets judge, the folder's only without it."""
+    rows = [row("vLLM 0-1", "vllm", 150.0, binding="0-1"), row(SHIPPED[-1], "gridserve", 120.0),
+            row(SHIPPED[0], "gridserve", 165.0)]
+    lines = "\n".join(targets(best_of_rounds(rows), ["short"], None))
+    assert "**met**: short @ 16: tok/s 1.10x" in lines
