@@ -56,9 +56,8 @@ class GridServeConfig(BaseModel):
                                                "max_num_seqs.")
     block_size: int = Field(16, ge=1, le=1024, description="Tokens per KV-cache block.")
     kv_cache_memory_bytes: int = Field(4 * 2**30, ge=1, description="KV-cache budget per worker on CPU, in bytes "
-                                       "(vLLM's CPU default), at most half the host memory available at start; "
-                                       "what a full batch of max_model_len sequences holds is faulted in at start, "
-                                       "the rest as tokens fill it.")
+                                       "(vLLM's CPU default), at most half the host memory free at start; a full "
+                                       "batch's blocks come in at start, the rest as tokens fill it.")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="Share of GPU memory a worker may use (CUDA).")
     placement_timeout_s: float = Field(60.0, gt=0, description="Give up waiting for the grid's resources after this.")
     step_timeout_s: float = Field(30.0, gt=0, description="A grid step slower than this declares the grid "
