@@ -21,6 +21,7 @@ from actors.shard.runner import ShardPlan, StageRunner, StepInput, StepOutput
 from actors.shard.sampler import Sampler
 from actors.shard.shm import ShmGroup
 from actors.shard.shm import supported as shm_supported
+from actors.shard.step_threads import StepThreads
 from actors.shard.tp import TPGroup
 from actors.shard.usage import StepWindow, memory_bytes
 
@@ -57,6 +58,8 @@ class Worker:
         if use_cuda:
             torch.cuda.set_device(self.device)
         torch.set_num_threads(num_threads)
+        self.num_threads = num_threads  # what the stepping thread's OpenMP pool runs on now
+        self.step_threads = StepThreads(num_threads) if num_threads > 1 and not use_cuda else None
         self.runner: StageRunner | None = None
         self.window = StepWindow()
         self.listener: socket.socket | None = None  # rank 0's rendezvous socket until `load` hands it on
@@ -153,6 +156,8 @@ class Worker:
         if hidden is not None:
             states, done_at, before = hidden
             handoff = time.time() - done_at  # wall clocks: comparable across hosts to NTP precision
+        if self.step_threads is not None:
+            self._set_threads(self.step_threads.choose(int(sum(step.query_lens))))
         start, comm = time.perf_counter(), self.runner.tp.comm_seconds
         out = self.runner.execute(step, states)
         end = time.perf_counter()
@@ -162,6 +167,12 @@ class Worker:
         if isinstance(out, StepOutput):
             out.timings.update({f"stage_{k}_s": s for k, s in enumerate([*before, end - start])})
         return out
+
+    def _set_threads(self, threads: int) -> None:
+        """Run the coming step on `threads` OpenMP threads (the setting is the calling thread's own)."""
+        if threads != self.num_threads:
+            torch.set_num_threads(threads)
+            self.num_threads = threads
 
     def open_channel(self, timeout_s: float) -> tuple[str, bytes]:
         """Listen for the grid's direct step channel and serve it from a thread; returns (address, secret)."""
@@ -207,7 +218,8 @@ class Worker:
         kv = self.runner.cache.num_blocks * self.runner.block_bytes() if self.runner.cache is not None else 0
         return {**self.where(), **memory_bytes(self.device), **self.window.summary(),
                 "weight_bytes": self.runner.weight_bytes(), "kv_bytes": kv, "torch_threads": len(self.torch_threads),
-                "matmul_paths": matmul_plan.describe(self.runner.matmul_plans) or None}
+                "matmul_paths": matmul_plan.describe(self.runner.matmul_plans) or None,
+                "step_threads": self.step_threads.picks() if self.step_threads is not None else None}
 
     def shutdown(self) -> None:
         """Leave the process group so the actor can exit cleanly."""
