@@ -17,7 +17,11 @@ from collections.abc import Callable
 
 SAMPLES = 5  # cycles kept per (size class, thread count); the median decides
 REVISIT = 32  # one step in this many replays the count not picked
-WHOLE_BELOW_S = 0.025  # a class whose smallest step takes this long on all threads is compute-bound: not measured
+# A class is compute-bound, and runs on all threads unmeasured, where its smallest step takes this long on them, or
+# each of its tokens this long: ten times what the HTTP side spends per token here (~0.5 ms), so freeing it a core
+# cannot pay for a slower step.
+WHOLE_BELOW_S = 0.025
+TOKEN_BELOW_S = 0.005
 MARGIN = 1.05  # fewer threads stay picked unless more threads are this much faster per token
 
 
@@ -76,9 +80,9 @@ class StepThreads:
         return self.best(cls)
 
     def _compute_bound(self, cls: int) -> bool:
-        """Whether the class's smallest step takes WHOLE_BELOW_S or more on every thread."""
+        """Whether the class's steps take WHOLE_BELOW_S or its tokens TOKEN_BELOW_S or more on every thread."""
         whole = self._median(cls, self.counts[-1])
-        return whole is not None and whole * (1 << (cls - 1)) >= WHOLE_BELOW_S
+        return whole is not None and (whole * (1 << (cls - 1)) >= WHOLE_BELOW_S or whole >= TOKEN_BELOW_S)
 
     def best(self, cls: int) -> int:
         """The measured count with the fastest cycles per token; more threads must win by MARGIN."""

@@ -59,6 +59,12 @@ def test_long_steps_never_leave_every_thread() -> None:
     assert set(box.run(300, 16)) == {2}
 
 
+def test_slow_tokens_never_leave_every_thread() -> None:
+    # a real model's decode step of one sequence: short, but each token costs far more than serving it
+    box = Box(2, lambda threads, tokens: {1: 0.034, 2: 0.022}[threads])
+    assert set(box.run(300, 1)) == {2}
+
+
 def test_each_size_class_learns_its_own_count() -> None:
     box = Box(2, lambda threads, tokens: 0.0005 * tokens * (1.0 if threads == 1 else 0.55 if tokens >= 64 else 1.3))
     box.run(80, 4)
