@@ -100,9 +100,13 @@ def servers(python: Path, layouts: list[str], bindings: list[str], shapes: list[
         tiny = ensure_tiny()
         out += [Server(f"vLLM {b}", "vllm", b, "tiny", vllm_cmd(python, tiny, PORT),
                        peer_env(None if b == "auto" else b), tiny, [TINY], tiny_concs) for b in bindings]
-        for layout in (x for x in layouts if x != "gguf"):  # the tiny model has no GGUF of its own
+        # the tiny model has no GGUF of its own: as shipped means the shipped config on its folder
+        for layout in dict.fromkeys("shipped" if x == "gguf" else x for x in layouts):
             label, pp, co, extra, changed = LAYOUTS[layout]
             out.append(gridserve(label, "tiny", tiny, ROOT, pp, co, extra, changed, shapes=[TINY], concs=tiny_concs))
+        if base is not None:
+            out.append(gridserve("gridserve@base shipped", "tiny", tiny, base.resolve(), None, shapes=[TINY],
+                                 concs=tiny_concs))
     for i, s in enumerate(out):
         s.order = i
     return out

@@ -1,8 +1,10 @@
 """The online comparison's plan and report (bench.online_shapes, bench.online_report): no server, no vLLM."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+from bench import peer_online
 from bench.online_report import SHIPPED, best_of_rounds, reference, targets
 from bench.online_shapes import MAX_LEN, SHAPES, client_args, mixed_lengths, plan_runs
 
@@ -59,3 +61,18 @@ def test_targets_read_the_bundled_gguf_row_where_it_ran() -> None:
             row(SHIPPED[0], "gridserve", 165.0)]
     lines = "\n".join(targets(best_of_rounds(rows), ["short"], None))
     assert "**met**: short @ 16: tok/s 1.10x" in lines
+
+
+def test_the_tiny_row_serves_the_shipped_config_beside_the_base(monkeypatch: Any, tmp_path: Path) -> None:
+    """With only the bundled-GGUF layout asked, the tiny model (no GGUF of its own) still gets the shipped config's
+    row, and `--base` a row of its own on the tiny model too."""
+    monkeypatch.setattr(peer_online, "ensure_tiny", lambda: tmp_path / "tiny")
+    monkeypatch.setattr(peer_online, "OUT", tmp_path)  # where each server's config is written
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "ray_config.yaml").write_text((peer_online.ROOT / "ray_config.yaml").read_text())
+    order = peer_online.servers(Path("python"), ["gguf"], ["0-1", "auto"], [], [], [16], base)
+    assert [(s.label, s.group) for s in order] == [
+        ("vLLM 0-1", "tiny"), ("vLLM auto", "tiny"), ("gridserve shipped", "tiny"),
+        ("gridserve@base shipped", "tiny")]
+    assert order[-1].cwd == base.resolve()
