@@ -195,10 +195,8 @@ def _calibrated(hidden: int, rows: int, paths: tuple[Path, ...], threads: int, q
     """`calibrate`, once per shape, paths, thread count and GGUF type in a process (tests load many small models),
     on the least times every start on this machine has seen (plan_times)."""
     entry = f"{rows}x{hidden} {qtype or 'f32'} threads={threads} paths={','.join(sorted(paths))}"
-    def remember(times: dict[Path, list[float]]) -> dict[str, list[float]]:
-        return plan_times.merged(entry, {str(p): t for p, t in times.items()})
-
-    return calibrate(hidden, rows, paths, qtype=qtype, remember=remember)
+    return calibrate(hidden, rows, paths, qtype=qtype,
+                     remember=lambda times: plan_times.merged(entry, {str(p): t for p, t in times.items()}))
 
 
 def calibrate(hidden: int, rows: int, paths: Sequence[Path], bounds: Sequence[int] = BUCKETS,
@@ -245,8 +243,7 @@ def read_floors(times: Mapping[Path, list[float]], plain_bytes: int, block_bytes
     """Each path's times raised to the least it can take in a step: its weight's bytes over this machine's read
     bandwidth. The timing repeats one weight, which then sits in cache, but a decode step reads every weight of
     the model once, from memory, where GGUF blocks (5/32 of the fp32 bytes for Q4_1) count: on the bundled SmolLM2,
-    steps of 1 sequence took 19-28 ms with every linear on its blocks and 34-36 ms on the plan of cached timings
-    alone. Ties at a floor keep the order of the timed figures."""
+    1-sequence steps took 19-28 ms on blocks, 34-36 ms on cached timings alone. Ties keep the timed order."""
     rate = plan_times.read_bandwidth()
     out: dict[Path, list[float]] = {}
     for path, seconds in times.items():
