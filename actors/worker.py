@@ -58,7 +58,6 @@ class Worker:
         if use_cuda:
             torch.cuda.set_device(self.device)
         torch.set_num_threads(num_threads)
-        self.num_threads = num_threads  # what the stepping thread's OpenMP pool runs on now
         self.step_threads = StepThreads(num_threads) if num_threads > 1 and not use_cuda else None
         self.runner: StageRunner | None = None
         self.window = StepWindow()
@@ -168,11 +167,11 @@ class Worker:
             out.timings.update({f"stage_{k}_s": s for k, s in enumerate([*before, end - start])})
         return out
 
-    def _set_threads(self, threads: int) -> None:
-        """Run the coming step on `threads` OpenMP threads (the setting is the calling thread's own)."""
-        if threads != self.num_threads:
+    @staticmethod
+    def _set_threads(threads: int) -> None:
+        """Run the coming step on `threads` OpenMP threads (OpenMP keeps the count per calling thread)."""
+        if threads != torch.get_num_threads():
             torch.set_num_threads(threads)
-            self.num_threads = threads
 
     def open_channel(self, timeout_s: float) -> tuple[str, bytes]:
         """Listen for the grid's direct step channel and serve it from a thread; returns (address, secret)."""

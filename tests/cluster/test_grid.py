@@ -54,6 +54,18 @@ def test_channel_steps_run_on_the_thread_that_loaded(local_ray: None, model_dirs
         grid.shutdown()
 
 
+def test_a_cpu_worker_with_two_threads_picks_a_count_per_step_size(local_ray: None, model_dirs: dict) -> None:
+    """Steps of one size class are measured on 1 and 2 threads, then run on the faster; tokens stay HF's."""
+    grid = make_grid(str(model_dirs["llama_gqa"]), 1, 1, resource="CPU", cpus_per_worker=2)
+    try:
+        assert grid_greedy(grid, PROMPTS, 24, block_size=4) == [t for t, _ in (hf_greedy(
+            model_dirs["llama_gqa"], p, 24) for p in PROMPTS)]
+        picks = grid.worker_stats()[0]["step_threads"]
+        assert picks and set(picks.values()) <= {1, 2}, picks  # at least the decode steps' class settled
+    finally:
+        grid.shutdown()
+
+
 def test_stage_outputs_never_reach_the_driver(local_ray: None, model_dirs: dict) -> None:
     """Only the last stage's refs come back from submit(); the stage-0 refs are consumed actor to actor."""
     import ray
