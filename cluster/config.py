@@ -157,8 +157,7 @@ class GridServeConfig(BaseModel):
     @field_validator("lora_modules", mode="before")
     @classmethod
     def _lora_list(cls, value: Any) -> Any:
-        """vLLM's forms (a list of 'name=path' strings or {name, path} objects) or a mapping; folders made
-        absolute, so workers with another working directory find them too."""
+        """vLLM's forms ('name=path' strings or {name, path} objects) or a mapping; folders made absolute."""
         value = lora_module_map(value) if isinstance(value, list) else value
         if not isinstance(value, dict):
             return value
