@@ -121,7 +121,7 @@ class WorkerGrid:
                            for stage in self.stages for w in stage])
         log.info("grid tp=%d pp=%d ready: %d KV blocks of %d tokens (%s), weights %.1f MiB per worker (max); CPU "
                  "matmuls by tokens per step: %s", self.tp, self.pp, num_blocks, self.cfg.block_size,
-                 "left to fault in on first write" if None in faulted else
+                 "none faulted in: CUDA memory, or no MADV_POPULATE_WRITE" if None in faulted else
                  f"{min(num_blocks, full_batch)} faulted in, {max(faulted):.1f} s",
                  max(r["weight_bytes"] for r in self.reports) / 2**20,
                  "; ".join(sorted({r.get("matmul") or "fixed" for r in self.reports})))

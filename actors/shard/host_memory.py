@@ -52,7 +52,7 @@ def cpu_cache_budget(configured: int, meminfo: str = "/proc/meminfo") -> int:
     """The KV-cache bytes a CPU worker takes: `configured`, at most half the host memory available now.
 
     Half leaves room for the weights and the other processes. What a full batch holds is faulted in at start, the
-    rest as tokens fill it, so a budget the host cannot hold fails under load.
+    rest (prefix-cache room) as tokens fill it: that part, if the host cannot hold it, would fail under load.
     """
     try:
         with open(meminfo) as f:

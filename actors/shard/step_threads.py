@@ -59,7 +59,7 @@ class StepThreads:
         settled = self.settled(cls)
         if settled is None:  # all threads first (how the worker ran before), then the others upwards
             most = self.counts[-1]
-            todo = [t for t in [most, *self.counts] if len(self.cycles.get((cls, t), ())) < 3]
+            todo = [t for t in [most, *self.counts] if self._kept(cls, t) < 3]
             return todo[0]
         if not self._compute_bound(cls) and len(self.counts) > 1 and self.played.get(cls, 0) % REVISIT == 0:
             others = [t for t in self.counts if t != settled]
@@ -71,11 +71,11 @@ class StepThreads:
         most = self.counts[-1]
         if len(self.counts) == 1:
             return most
-        if len(self.cycles.get((cls, most), ())) < 3:
+        if self._kept(cls, most) < 3:
             return None
         if self._compute_bound(cls):
             return most
-        if any(len(self.cycles.get((cls, t), ())) < 3 for t in self.counts):
+        if any(self._kept(cls, t) < 3 for t in self.counts):
             return None
         return self.best(cls)
 
@@ -92,6 +92,10 @@ class StepThreads:
             if cost * MARGIN < best_cost:
                 best, best_cost = threads, cost
         return best
+
+    def _kept(self, cls: int, threads: int) -> int:
+        """Cycles kept for (class, thread count)."""
+        return len(self.cycles.get((cls, threads), ()))
 
     def _median(self, cls: int, threads: int) -> float | None:
         """Median seconds per token of the kept cycles, None before any."""
