@@ -17,6 +17,7 @@ import torch.distributed as dist
 from actors.comm_timer import tp_group
 from actors.shard import host_memory, matmul_plan, native
 from actors.shard.channel import StepServer
+from actors.shard.niceness import set_nice
 from actors.shard.runner import ShardPlan, StageRunner, StepInput, StepOutput
 from actors.shard.sampler import Sampler
 from actors.shard.shm import ShmGroup
@@ -28,29 +29,14 @@ from actors.shard.usage import StepWindow, memory_bytes
 log = logging.getLogger("gridserve.worker")
 
 
-def set_nice(nice: int) -> None:
-    """Give every thread of this process niceness `nice` (Linux keeps one per thread; threads started later
-    inherit their creator's). Each step is what requests wait on, and one of its OpenMP threads preempted by the
-    HTTP side stalls the other at the next barrier. Lowering it needs CAP_SYS_NICE: without, Ray's stays."""
-    for tid in os.listdir("/proc/self/task"):
-        try:
-            os.setpriority(os.PRIO_PROCESS, int(tid), nice)
-        except PermissionError:
-            log.warning("worker_nice=%d: not permitted here (needs CAP_SYS_NICE); the worker keeps niceness %d",
-                        nice, os.getpriority(os.PRIO_PROCESS, 0))
-            return
-        except OSError:
-            continue  # a thread that ended meanwhile
-
-
 # stats answer from their own thread, even in a long step; the step channel is served from a Ray thread of its own
 @ray.remote(concurrency_groups={"probe": 1, "channel": 1})  # type: ignore[call-overload]  # ray's overloads omit it
 class Worker:
     """One (pp_rank, tp_rank) shard: joins its stage's process group, loads its slices, runs steps."""
 
     def __init__(self, plan: ShardPlan, device: str, num_threads: int, seed: int = 0, nice: int | None = None) -> None:
-        if nice is not None:
-            set_nice(nice)
+        if nice is not None:  # each step is what requests wait on: Ray's 15 puts it behind every other process
+            set_nice(nice, "worker_nice")
         self.plan = plan
         self.seed = seed  # GridServeConfig.seed: the sampler's generator for requests without their own seed
         use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())

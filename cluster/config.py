@@ -47,6 +47,10 @@ class GridServeConfig(BaseModel):
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs a worker's bundle asks for when resource is CPU.")
     worker_nice: int | None = Field(0, ge=-20, le=19, description="Nice value of the model workers (Ray starts them "
                                     "at 15, behind every other process of the box); None keeps Ray's.")
+    serve_nice: int | None = Field(0, ge=-20, le=19, description="Nice value of the Serve replicas on the request "
+                                   "path (OpenAIIngress, LLMServer; Ray starts them at 15): behind a step on every "
+                                   "core they take requests in one by one, each then prefilled in a step of its "
+                                   "own; None keeps Ray's.")
     max_model_len: int | None = Field(None, ge=2, description="Longest prompt + completion, in tokens; default: "
                                       "the model's context length, capped by what the KV cache holds.")
     max_num_seqs: int = Field(32, ge=1, description="Most sequences in one running batch.")
@@ -69,10 +73,8 @@ class GridServeConfig(BaseModel):
     allow_tp_across_nodes: bool = Field(False, description="Let one TP group span nodes (slow: all-reduce crosses "
                                         "the network).")
     compiled_graph: bool = Field(False, description="Drive engine steps through a Ray Compiled Graph (shared-memory "
-                                 "channels) when the whole grid sits on one node; ignored when it spans nodes. Its "
-                                 "channel readers busy-wait, so each worker keeps up to a core busy even while idle: "
-                                 "pick it only with a spare core per worker; otherwise step_channel is the cheaper "
-                                 "hand-off.")
+                                 "channels) when the whole grid sits on one node (ignored across nodes). Its readers "
+                                 "busy-wait, a core per worker even idle: pick it only with spare cores.")
     step_channel: Literal["auto", "socket", "ray"] = Field(
         "auto", description="How the engine hands each step to its workers: 'socket' = one Unix socket per worker "
         "and per stage hand-off (no Ray call per step; the driver and every worker on one Linux host), 'ray' = "
@@ -119,10 +121,8 @@ class GridServeConfig(BaseModel):
     api_key: str | None = Field(None, description="If set, HTTP clients must send `Authorization: Bearer <key>`.")
     max_waiting_requests: int = Field(256, ge=1, description="Queue limit per replica; beyond it HTTP 503 + "
                                       "Retry-After.")
-    replica_cpus: float = Field(1.0, ge=0, description="CPUs of the Serve replica actor (bundle 0 of its placement "
-                                "group).")
-    ingress_cpus: float = Field(0.0, ge=0, description="CPUs reserved for the HTTP ingress actor (parses, tokenizes, "
-                                "formats answers; mostly waiting), like Serve's own proxy: 0 by default.")
+    replica_cpus: float = Field(1.0, ge=0, description="CPUs of the Serve replica actor (placement bundle 0).")
+    ingress_cpus: float = Field(0.0, ge=0, description="CPUs reserved for the HTTP ingress actor (it mostly waits).")
     ingress_on_head: bool = Field(True, description="Place the HTTP ingress (not colocated) on the Ray head node, "
                                   "which every worker host's loss spares: its client connections survive and their "
                                   "requests move to another model replica. Off: Serve places it on any node.")

@@ -17,6 +17,7 @@ from ray.exceptions import RayActorError
 from ray.util import get_current_placement_group
 
 from actors.shard.host_memory import freeze_startup_heap
+from actors.shard.niceness import set_nice
 from cluster.config import GridServeConfig
 from cluster.engine import AsyncEngine
 from cluster.replica import RETRY_AFTER_REBUILD_S, Replica, ReplicaUnavailable
@@ -67,6 +68,8 @@ class LLMServer:
         """`hand_back`: a failed grid's choices end at once for the caller to continue elsewhere (the ingress over
         a handle does); False keeps them waiting for this replica's rebuild (colocated: no other replica to ask)."""
         cfg = GridServeConfig.from_args(args)
+        if cfg.serve_nice is not None:
+            set_nice(cfg.serve_nice, "serve_nice")
         context = serve.get_replica_context()
         tag, self.board = context.replica_tag, board(context.app_name)
         pg = get_current_placement_group()  # Serve's group: bundle 0 is this actor, 1.. the workers

@@ -20,6 +20,7 @@ import deployments.embeddings_api  # noqa: F401  (registers /v1/embeddings on `a
 import deployments.lora_api  # noqa: F401  (registers the LoRA load/unload routes on `api` before Serve freezes it)
 import deployments.responses_routes  # noqa: F401  (registers /v1/responses on `api` before Serve freezes it)
 from actors.shard.host_memory import freeze_startup_heap
+from actors.shard.niceness import set_nice
 from cluster.config import GridServeConfig
 from cluster.metrics import CONTENT_TYPE
 from cluster.replica import ReplicaUnavailable
@@ -43,6 +44,8 @@ class OpenAIIngress:
 
     def __init__(self, llm: DeploymentHandle | None, args: dict[str, Any]) -> None:
         self.cfg = GridServeConfig.from_args(args)
+        if self.cfg.serve_nice is not None:
+            set_nice(self.cfg.serve_nice, "serve_nice")
         self.llm = llm
         # Colocated: bundle 0 of this actor's placement group is itself, the workers take the rest.
         # from @serve.deployment, which mypy does not apply to the class

@@ -180,3 +180,31 @@ def test_bad_embedding_requests_name_the_field(server: str, body: dict, status: 
     r = httpx.post(f"{server}/v1/embeddings", json=body, timeout=30)
     assert r.status_code == status, r.text
     assert r.json()["error"]["param"] == param
+
+
+def thread_nices() -> list[int]:
+    """Niceness of every thread of the calling process (run inside a replica actor)."""
+    import os
+
+    out = []
+    for task in os.listdir("/proc/self/task"):
+        try:
+            out.append(os.getpriority(os.PRIO_PROCESS, int(task)))
+        except OSError:
+            continue  # a thread that ended meanwhile
+    return out
+
+
+def test_request_path_replicas_run_at_serve_nice(server: str, client: openai.OpenAI) -> None:
+    """Ray starts actors at niceness 15; the ingress and the model replica move every thread to serve_nice (0), so
+    a step holding every core does not keep arriving requests from the engine."""
+    import ray
+
+    client.completions.create(model="tiny", prompt=[5, 6, 7], max_tokens=2)  # threads the serving path started
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["name"].startswith("SERVE_REPLICA::gridserve#")]
+    assert {name.split("#")[1] for name in names} == {"OpenAIIngress", "LLMServer"}
+    for name in names:
+        actor = ray.get_actor(name, namespace="serve")
+        nices = ray.get(actor.__ray_call__.remote(lambda _: thread_nices()), timeout=60)
+        assert len(nices) > 1 and set(nices) == {0}, (name, nices)

@@ -1,5 +1,5 @@
-"""The model worker's niceness: every thread of its process, threads started later too, and a refusal that only
-warns."""
+"""Niceness of the model workers and the Serve replicas: every thread of the process, threads started later too,
+and a refusal that only warns."""
 from __future__ import annotations
 
 import logging
@@ -13,7 +13,7 @@ from cluster.config import GridServeConfig
 
 PROBE = """
 import os, threading
-from actors.worker import set_nice
+from actors.shard.niceness import set_nice
 
 def nice_of(task):
     try:  # a thread may end between listing and reading
@@ -27,7 +27,7 @@ running = threading.Thread(target=stop.wait, daemon=True)  # daemon: an error be
 running.start()
 try:
     base = os.getpriority(os.PRIO_PROCESS, 0)
-    set_nice(base + 3)
+    set_nice(base + 3, "worker_nice")
     later = []
     started = threading.Thread(target=lambda: later.append(os.getpriority(os.PRIO_PROCESS, 0)))
     started.start()
@@ -53,24 +53,25 @@ def test_every_thread_and_later_ones_get_the_niceness() -> None:
 
 def test_a_refused_niceness_warns_and_goes_on(monkeypatch: pytest.MonkeyPatch,
                                               caplog: pytest.LogCaptureFixture) -> None:
-    """Without CAP_SYS_NICE the worker keeps Ray's niceness and says so; it never fails to start."""
-    from actors import worker
+    """Without CAP_SYS_NICE the process keeps Ray's niceness and says which setting; it never fails to start."""
+    from actors.shard import niceness
 
     def refuse(which: int, who: int, value: int) -> None:
         raise PermissionError(1, "Operation not permitted")
 
-    monkeypatch.setattr(worker.os, "setpriority", refuse)
-    with caplog.at_level(logging.WARNING, logger="gridserve.worker"):
-        worker.set_nice(0)
-    assert "worker_nice=0" in caplog.text and "CAP_SYS_NICE" in caplog.text
+    monkeypatch.setattr(niceness.os, "setpriority", refuse)
+    with caplog.at_level(logging.WARNING, logger="gridserve.nice"):
+        niceness.set_nice(0, "serve_nice")
+    assert "serve_nice=0" in caplog.text and "CAP_SYS_NICE" in caplog.text
 
 
-def test_worker_nice_is_checked_and_optional(model_dirs: dict) -> None:
-    """Out-of-range values are refused by name; None keeps Ray's; the default brings workers back to 0."""
+@pytest.mark.parametrize("field", ["worker_nice", "serve_nice"])
+def test_nice_settings_are_checked_and_optional(model_dirs: dict, field: str) -> None:
+    """Out-of-range values are refused by name; None keeps Ray's; the default brings the processes back to 0."""
     from pydantic import ValidationError
 
     model = str(model_dirs["llama_gqa"])
-    assert GridServeConfig(model=model).worker_nice == 0
-    assert GridServeConfig(model=model, worker_nice=None).worker_nice is None
-    with pytest.raises(ValidationError, match="worker_nice"):
-        GridServeConfig(model=model, worker_nice=20)
+    assert getattr(GridServeConfig(model=model), field) == 0
+    assert getattr(GridServeConfig(model=model, **{field: None}), field) is None
+    with pytest.raises(ValidationError, match=field):
+        GridServeConfig(model=model, **{field: 20})
