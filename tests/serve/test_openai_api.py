@@ -202,7 +202,7 @@ def test_request_path_replicas_run_at_serve_nice(server: str, client: openai.Ope
     a step holding every core does not keep arriving requests from the engine."""
     import ray
 
-    client.completions.create(model="tiny", prompt=[5, 6, 7], max_tokens=2)  # threads the serving path started
+    client.completions.create(model="tiny", prompt=[5, 6, 7], max_tokens=2)  # threads started lazily must inherit it
     names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
              if a["name"].startswith("SERVE_REPLICA::gridserve#")]
     assert {name.split("#")[1] for name in names} == {"OpenAIIngress", "LLMServer"}
